@@ -1,0 +1,172 @@
+"""The functional API: argument checks, then dispatch to one backend.
+
+Every function here takes the arguments of its reference in qipo_kernels.reference plus
+``backend`` ("auto" | "torch" | "triton" | "cpp") and returns the same thing. Input is checked
+before any kernel runs. ``qipo_kernels.backends.explain(op, device)`` says why a backend is
+not used.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import backends as _b
+from .reference import consistency as _cons
+from .reference import loss as _loss
+from .reference import ode as _ode
+from .reference import paths as _paths
+from .reference import select as _sel
+from .reference.consistency import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, consistency_loss, karras_sigmas  # noqa: F401
+
+OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "consistency_sample",
+       "select_action", "act")
+
+
+def flow_path(actions, noise, t, path: str = "ot", backend: str = "auto"):
+    """(x_t, target) on a probability path; see reference.paths.flow_path. Shapes [..., D], t [...]."""
+    _paths.check_flow_path(actions, noise, t, path)
+    _, fn = _b.choose("flow_path", backend, actions.device, _paths._flow_path,
+                      actions=actions, noise=noise, t=t, path=path)
+    return fn(actions, noise, t, path)
+
+
+def weighted_fm_loss(pred, target, energy=None, beta: float = 1.0, normalize: str = "support",
+                     pair_weight=None, backend: str = "auto"):
+    """Energy-weighted flow-matching loss; see reference.loss.weighted_fm_loss. pred/target [B, M, D]."""
+    _loss.check_weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight)
+    _, fn = _b.choose("weighted_fm_loss", backend, pred.device, _loss._weighted_fm_loss,
+                      pred=pred, target=target, energy=energy, normalize=normalize, pair_weight=pair_weight)
+    return fn(pred, target, energy, float(beta), normalize, pair_weight)
+
+
+def flow_matching_loss(pred, actions, noise, t, path: str = "ot", energy=None, beta: float = 1.0,
+                       normalize: str = "support", pair_weight=None, backend: str = "auto"):
+    """Weighted FM loss with the target formed from (actions, noise, t); see reference.loss."""
+    _loss.check_flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, pair_weight)
+    _, fn = _b.choose("flow_matching_loss", backend, pred.device, _loss._flow_matching_loss,
+                      pred=pred, actions=actions, noise=noise, t=t, path=path, energy=energy,
+                      normalize=normalize, pair_weight=pair_weight)
+    return fn(pred, actions, noise, t, path, energy, float(beta), normalize, pair_weight)
+
+
+def integrate(net: Callable, x0, obs, steps: int = 10, solver: str = "euler", t0: float = 0.0, t1: float = 1.0,
+              path: Optional[str] = None, return_trajectory: bool = False, backend: str = "auto"):
+    """Fixed-step ODE sampling from noise to actions; see reference.ode.integrate.
+
+    x0 [N, A] with obs [N, S], or x0 [B, K, A] with obs [B, S]; returns x0's shape.
+    """
+    _ode.check_integrate(net, x0, obs, steps, solver, t0, t1, path)
+    _, fn = _b.choose("integrate", backend, x0.device, _ode._integrate, net=net, x0=x0, obs=obs, steps=steps,
+                      solver=solver, path=path, return_trajectory=return_trajectory)
+    return fn(net, x0, obs, steps, solver, t0, t1, path, return_trajectory)
+
+
+def consistency_sample(net: Callable, noise, obs, sigmas: Optional[Sequence[float]] = None, step_noise=None,
+                       sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, sigma_data: float = SIGMA_DATA,
+                       clip: bool = True, generator: Optional[torch.Generator] = None, backend: str = "auto"):
+    """One-step / multistep consistency sampling; see reference.consistency.consistency_sample."""
+    _cons.check_consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data)
+    sig = [float(s) for s in sigmas] if sigmas is not None else None
+    _, fn = _b.choose("consistency_sample", backend, noise.device, _cons._consistency_sample, net=net, noise=noise,
+                      obs=obs, sigmas=sig, step_noise=step_noise, clip=clip)
+    return fn(net, noise, obs, sig, step_noise, float(sigma_max), float(sigma_min), float(sigma_data), clip, generator)
+
+
+def consistency_denoise(net, x, sigma, obs, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN, clip: bool = True):
+    """One consistency-function evaluation (reference only: it is one network call)."""
+    return _cons.consistency_denoise(net, x, sigma, obs, sigma_data, sigma_min, clip)
+
+
+def _select_ref(q_values, candidates, mode, temperature, uniform, generator):
+    idx = _sel.select_index(q_values, mode, temperature, uniform, generator)
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), idx]
+
+
+def select_action(q_values, candidates, mode: str = "argmax", temperature: float = 1.0, uniform=None,
+                  generator: Optional[torch.Generator] = None, backend: str = "auto"):
+    """Pick one of K candidates per state by Q; q_values [B, K], candidates [B, K, D] -> [B, D]."""
+    _sel.check_select_action(q_values, candidates, mode, temperature, uniform)
+    _, fn = _b.choose("select_action", backend, q_values.device, _select_ref, q_values=q_values,
+                      candidates=candidates, mode=mode)
+    return fn(q_values, candidates, mode, float(temperature), uniform, generator)
+
+
+SAMPLERS = ("flow", "consistency")
+
+
+def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
+               noise, step_noise, uniform):
+    from . import _checks as C
+
+    if not callable(net):
+        raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
+    if not (hasattr(critic, "q_min") and callable(critic.q_min)):
+        raise TypeError(f"critic must have a q_min(obs, act) method (e.g. a DoubleCritic), got {type(critic).__name__}")
+    C.tensor("obs", obs, ndim=2)
+    C.positive_int("num_candidates", num_candidates)
+    C.choice("sampler", sampler, SAMPLERS)
+    C.choice("mode", mode, _sel.SELECT_MODES)
+    C.positive_float("temperature", temperature)
+    act_dim = getattr(net, "act_dim", None)
+    if noise is not None:
+        C.tensor("noise", noise, ndim=3)
+        if noise.shape[:2] != (obs.shape[0], num_candidates) or (act_dim is not None and noise.shape[2] != act_dim):
+            raise ValueError(f"noise must be [{obs.shape[0]}, {num_candidates}, {act_dim or 'A'}], got {tuple(noise.shape)}")
+        C.same_device(obs=obs, noise=noise)
+    elif act_dim is None:
+        raise ValueError("noise must be given when net has no act_dim attribute")
+    if uniform is not None:
+        C.tensor("uniform", uniform, shape=(obs.shape[0],))
+    if sampler == "flow":
+        C.positive_int("steps", steps)
+        C.choice("solver", solver, _ode.SOLVERS)
+    elif sigmas is not None or step_noise is not None:
+        shape = (obs.shape[0], num_candidates, act_dim if act_dim is not None else noise.shape[2])
+        _cons.check_consistency_sample(net, torch.empty(shape, device=obs.device), obs, sigmas, step_noise,
+                                       SIGMA_MAX, SIGMA_MIN, SIGMA_DATA)
+
+
+def _act_ref(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
+             noise, step_noise, uniform, generator, clip):
+    B = obs.shape[0]
+    if noise is None:
+        noise = torch.randn((B, num_candidates, net.act_dim), dtype=obs.dtype, device=obs.device, generator=generator)
+    if sampler == "flow":
+        cand = _ode._integrate(net, noise, obs, steps, solver, 0.0, 1.0, path, False)
+    else:
+        cand = _cons._consistency_sample(net, noise, obs, sigmas, step_noise, SIGMA_MAX, SIGMA_MIN, SIGMA_DATA,
+                                         True, generator)
+    if clip:
+        cand = cand.clamp(-1.0, 1.0)
+    A = cand.shape[-1]
+    q = critic.q_min(obs.repeat_interleave(num_candidates, dim=0), cand.reshape(B * num_candidates, A))
+    q = q.reshape(B, num_candidates)
+    return _select_ref(q, cand, mode, temperature, uniform, generator)
+
+
+def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: str = "flow", steps: int = 10,
+        solver: str = "euler", path: Optional[str] = None, sigmas: Optional[Sequence[float]] = None,
+        mode: str = "argmax", temperature: float = 1.0, noise=None, step_noise=None, uniform=None,
+        generator: Optional[torch.Generator] = None, clip: bool = True, backend: str = "auto"):
+    """Sample K candidates per state, score them by min(Q1, Q2), pick one: B states in, B actions out.
+
+    Args:
+        net: the policy network (a ConditionalMLP for the fused backends).
+        critic: a DoubleCritic (anything with q_min(obs [N, S], act [N, A]) -> [N] for the reference).
+        obs: [B, S].
+        num_candidates: K (Diffusion-QL / CPQL evaluate 50).
+        sampler: "flow" (integrate with steps/solver/path) or "consistency" (sigmas: None = one step).
+        mode, temperature, uniform: see select_action.
+        noise: optional initial noise [B, K, A]; step_noise: consistency re-noise [len(sigmas), B, K, A].
+        clip: clamp candidates to [-1, 1] before scoring (the consistency sampler clamps anyway).
+    Returns: [B, A] actions.
+    """
+    _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
+               noise, step_noise, uniform)
+    sig = [float(s) for s in sigmas] if sigmas is not None else None
+    _, fn = _b.choose("act", backend, obs.device, _act_ref, net=net, critic=critic, obs=obs,
+                      num_candidates=num_candidates, sampler=sampler, steps=steps, solver=solver, path=path,
+                      sigmas=sig, mode=mode, noise=noise)
+    return fn(net, critic, obs, num_candidates, sampler, steps, solver, path, sig, mode, float(temperature),
+              noise, step_noise, uniform, generator, clip)

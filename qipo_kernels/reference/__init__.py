@@ -1,0 +1,21 @@
+"""Plain-PyTorch reference implementations of every op: the specification the fast backends match.
+
+All are autograd-capable, run on any device, and accept float32 and float64 (float16/bfloat16 too,
+computed in that precision). Each validates its arguments like the dispatched op in qipo_kernels.ops.
+"""
+from .consistency import (
+    SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, RHO, NUM_SCALES, consistency_denoise, consistency_loss,
+    consistency_sample, karras_sigmas, scalings, time_input,
+)
+from .loss import NORMALIZE, energy_weights, flow_matching_loss, weighted_fm_loss
+from .ode import NOISE_SOLVERS, SOLVERS, STAGES, VELOCITY_SOLVERS, integrate
+from .paths import PATHS, alpha_sigma, flow_path, inverse_log_snr, log_snr
+from .select import SELECT_MODES, select_action, select_index
+
+__all__ = [
+    "SIGMA_DATA", "SIGMA_MAX", "SIGMA_MIN", "RHO", "NUM_SCALES", "consistency_denoise", "consistency_loss",
+    "consistency_sample", "karras_sigmas", "scalings", "time_input", "NORMALIZE", "energy_weights",
+    "flow_matching_loss", "weighted_fm_loss", "NOISE_SOLVERS", "SOLVERS", "STAGES", "VELOCITY_SOLVERS",
+    "integrate", "PATHS", "alpha_sigma", "flow_path", "inverse_log_snr", "log_snr", "SELECT_MODES",
+    "select_action", "select_index",
+]

@@ -1,0 +1,112 @@
+"""Energy-weighted flow-matching loss (QIPO / EFM), plain PyTorch reference."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _checks as C
+
+NORMALIZE = ("support", "batch")
+
+
+def energy_weights(energy: torch.Tensor, beta: float, normalize: str = "support") -> torch.Tensor:
+    """w = exp(beta * energy) normalised, [B, M] -> [B, M].
+
+    "support": softmax over each state's M support actions; the weights of one state sum to 1,
+               the loss then averages states (QIPO official code).
+    "batch":   softmax over all B*M pairs, multiplied by B*M so the weights average to 1
+               (w = exp(beta Q) / E_batch[exp(beta Q)], the paper's Algorithm 1).
+    Computed with the max subtracted, so beta * energy in the thousands is fine.
+    """
+    z = beta * energy
+    if normalize == "support":
+        return torch.softmax(z, dim=1)
+    n = z.numel()
+    return torch.softmax(z.reshape(-1), dim=0).reshape(z.shape) * n
+
+
+def _weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
+    B, M, _ = pred.shape
+    per_pair = ((pred - target) ** 2).sum(-1)  # [B, M]
+    if pair_weight is not None:
+        per_pair = per_pair * pair_weight
+    if energy is None:
+        return per_pair.mean()  # uniform weights: the same under both normalisations
+    w = energy_weights(energy.to(per_pair.dtype), beta, normalize).detach()
+    if normalize == "support":
+        return (per_pair * w).sum(1).mean()
+    return (per_pair * w).mean()
+
+
+def check_weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
+    C.tensor("pred", pred, ndim=3)
+    B, M, D = pred.shape
+    if B == 0 or M == 0 or D == 0:
+        raise ValueError(f"pred must be non-empty [B, M, D], got {tuple(pred.shape)}")
+    C.tensor("target", target, shape=(B, M, D))
+    C.same_dtype(pred=pred, target=target)
+    if energy is not None:
+        C.tensor("energy", energy, shape=(B, M))
+        C.finite("energy", energy)
+    if pair_weight is not None:
+        C.tensor("pair_weight", pair_weight, shape=(B, M))
+        C.finite("pair_weight", pair_weight)
+    C.same_device(pred=pred, target=target, energy=energy, pair_weight=pair_weight)
+    C.positive_float("beta", beta)
+    C.choice("normalize", normalize, NORMALIZE)
+
+
+def weighted_fm_loss(pred: torch.Tensor, target: torch.Tensor, energy: Optional[torch.Tensor] = None,
+                     beta: float = 1.0, normalize: str = "support",
+                     pair_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Energy-weighted flow-matching loss.
+
+        per_pair[b, m] = lambda[b, m] * sum_d (pred - target)^2           [B, M]
+        "support": loss = mean_b sum_m softmax_m(beta * energy)[b, m] * per_pair[b, m]
+        "batch":   loss = mean_{b,m} (B M softmax_{b,m}(beta * energy)) * per_pair
+        energy None: loss = mean_{b,m} per_pair  (both normalisations; plain flow matching)
+
+    Args:
+        pred, target: [B, M, D] (M support actions per state; M = 1 for plain batches).
+        energy: Q values [B, M] (higher is better); finite. The weights are detached.
+        beta: inverse temperature > 0 (QIPO default 3.0).
+        normalize: "support" | "batch".
+        pair_weight: optional lambda(t) per pair [B, M].
+    Returns:
+        scalar loss (differentiable w.r.t. pred and target).
+    """
+    check_weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight)
+    return _weighted_fm_loss(pred, target, energy, float(beta), normalize, pair_weight)
+
+
+def check_flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, pair_weight):
+    from .paths import check_flow_path
+
+    C.tensor("pred", pred, ndim=3)
+    check_flow_path(actions, noise, t, path)
+    if actions.shape != pred.shape:
+        raise ValueError(f"actions must have the shape of pred {tuple(pred.shape)}, got {tuple(actions.shape)}")
+    check_weighted_fm_loss(pred, pred, energy, beta, normalize, pair_weight)
+    C.same_device(pred=pred, actions=actions)
+    C.same_dtype(pred=pred, actions=actions)
+
+
+def _flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, pair_weight):
+    from .paths import _flow_path
+
+    _, target = _flow_path(actions, noise, t, path)
+    return _weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight)
+
+
+def flow_matching_loss(pred: torch.Tensor, actions: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                       path: str = "ot", energy: Optional[torch.Tensor] = None, beta: float = 1.0,
+                       normalize: str = "support", pair_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """weighted_fm_loss(pred, flow_path(actions, noise, t, path).target, energy, beta, normalize, pair_weight).
+
+    The network saw x_t = flow_path(...)[0]; this forms the target from (actions, noise, t) so a
+    fused kernel never materialises it. Shapes: pred/actions/noise [B, M, D], t/energy [B, M].
+    Gradient flows to pred only through this function's use (actions, noise and t are data).
+    """
+    check_flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, pair_weight)
+    return _flow_matching_loss(pred, actions, noise, t, path, energy, float(beta), normalize, pair_weight)
