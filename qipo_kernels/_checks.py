@@ -60,7 +60,21 @@ def same_dtype(**tensors) -> torch.dtype:
     return dt
 
 
+def _capturing() -> bool:
+    """True while a CUDA graph is being captured or torch.compile is tracing: value checks that
+    need a device-to-host copy are skipped there (shape/dtype/device checks still run)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return True
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # older torch
+        return False
+
+
 def finite(name: str, x: torch.Tensor) -> None:
+    """Raise if x has NaN/inf. Skipped during CUDA-graph capture / compilation (it would sync)."""
+    if _capturing():
+        return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf values; finite values are required")
 
