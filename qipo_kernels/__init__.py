@@ -9,11 +9,12 @@ from .ops import (
     act, consistency_denoise, consistency_loss, consistency_sample, flow_matching_loss, flow_path, integrate,
     karras_sigmas, select_action, weighted_fm_loss,
 )
+from .policies import ConsistencyPolicy, FlowPolicy, Sampler, make_sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backends", "nets", "ops", "reference", "ConditionalMLP", "DoubleCritic", "act", "consistency_denoise",
     "consistency_loss", "consistency_sample", "flow_matching_loss", "flow_path", "integrate", "karras_sigmas",
-    "select_action", "weighted_fm_loss", "__version__",
+    "select_action", "weighted_fm_loss", "FlowPolicy", "ConsistencyPolicy", "Sampler", "make_sampler", "__version__",
 ]
