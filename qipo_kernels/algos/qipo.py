@@ -1,0 +1,292 @@
+"""QIPO: energy-weighted flow matching for offline RL (Zhang, Zhang, Gu, ICLR 2025).
+
+Three stages over one global step counter (see /work/shared/ALGORITHMS.md section 1):
+
+1. behaviour pre-training, steps [0, P): plain (unweighted) flow-matching loss on dataset actions.
+2. in-support softmax Q learning, steps [P, P + Q): for every next state M behaviour samples
+   (refreshed every ``q_support_refresh`` steps); V(s') = sum_j softmax_j(q_alpha Q'(s', a'_j)) Q'(s', a'_j)
+   with Q' = min of the twin target critics; y = r + gamma (1 - d) V(s'); twin Q by MSE; Polyak tau.
+3. policy improvement, steps [P + Q, P + Q + I): the policy starts from the behaviour model; every
+   ``renew_every`` steps, M support actions per dataset state are re-sampled from an EMA copy of the
+   policy (the batched fast sampler, in chunks) and scored once by the frozen critic; the loss is the
+   energy-weighted FM loss with weights softmax_j(beta min(Q1, Q2)) over each state's support
+   (``normalize="support"``, official code) or over the batch (``"batch"``, the paper's Algorithm 1).
+   ``keep_data_action`` puts the dataset action in slot 0 of every support set (Algorithm 2).
+
+Networks: the policy / behaviour model is a ConditionalMLP (Gaussian Fourier time features, as QGPO's
+ScoreNet; the official U-Net-shaped residual MLP is not reproduced), the critic a twin ReLU MLP.
+Paths: "ot" (velocity), "ot-eps" (noise on the OT path, the official QIPO-OT) and "vp" (QIPO-Diff).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks as C
+from ..nets import DoubleCritic
+from ..policies import FlowPolicy
+from ..reference.ode import NOISE_SOLVERS, VELOCITY_SOLVERS
+from ..reference.paths import PATHS
+from .common import Trainer, hard_update, polyak, progress, seed_everything
+
+
+@dataclass
+class QIPOConfig:
+    """QIPO hyperparameters; defaults are the official code's (steps = epochs x 1000)."""
+    # networks
+    path: str = "ot-eps"
+    hidden: int = 256
+    depth: int = 3
+    activation: str = "mish"
+    time_embedding: str = "fourier"
+    critic_hidden: int = 256
+    critic_depth: int = 3
+    critic_activation: str = "relu"
+    # sampling (support renewal, Q-learning support, evaluation)
+    solver: Optional[str] = None      # None: "euler" on "ot", "dpm2" (DPM-Solver++(2S)) on noise paths
+    sample_steps: int = 8             # dpm2: 2 evaluations per step (16 network evaluations ~ official 15)
+    # stage 1: behaviour pre-training
+    pretrain_steps: int = 600_000
+    pretrain_batch: int = 4096
+    pretrain_lr: float = 1e-4
+    # stage 2: in-support softmax Q learning
+    q_steps: int = 500_000
+    q_batch: int = 256
+    q_lr: float = 3e-4
+    q_support: int = 64               # M behaviour samples per next state
+    q_support_refresh: int = 100_000  # re-sample them every this many Q steps
+    q_alpha: float = 1.0              # 1 locomotion, 20 AntMaze
+    gamma: float = 0.99
+    tau: float = 0.005
+    # stage 3: policy improvement
+    policy_steps: int = 100_000
+    policy_batch: int = 256
+    policy_lr: float = 1e-4
+    num_support: int = 64             # M support actions per dataset state
+    renew_every: int = 10_000         # K_renew
+    ema_tau: float = 0.005
+    beta: float = 3.0
+    normalize: str = "support"        # "support" (official code) | "batch" (paper's Algorithm 1)
+    keep_data_action: bool = False
+    renew_chunk: int = 4096           # states per batched sampler call during renewal
+    store_support_max: int = 50_000_000  # keep support sets in checkpoints up to this many numbers
+    # data
+    reward_scale: Any = "auto"
+    normalize_obs: bool = True
+    # evaluation / logging
+    eval_every: int = 5_000
+    eval_episodes: int = 10
+    eval_seeds: tuple = (0,)
+    eval_candidates: int = 1          # 1: one sample per state (official); K > 1: argmax min-Q of K
+    log_every: int = 100
+    checkpoint_every: int = 10_000
+    tensorboard: bool = True
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        C.choice("path", self.path, PATHS)
+        if self.solver is not None:
+            C.choice("solver", self.solver, VELOCITY_SOLVERS if self.path == "ot" else NOISE_SOLVERS)
+        C.choice("normalize", self.normalize, ("support", "batch"))
+        for name in ("hidden", "depth", "critic_hidden", "critic_depth", "sample_steps", "pretrain_batch", "q_batch",
+                     "q_support", "q_support_refresh", "policy_batch", "num_support", "renew_every", "renew_chunk",
+                     "log_every"):
+            C.positive_int(name, getattr(self, name))
+        for name in ("pretrain_steps", "q_steps", "policy_steps", "eval_every", "eval_episodes", "checkpoint_every"):
+            C.positive_int(name, getattr(self, name), minimum=0)
+        for name in ("pretrain_lr", "q_lr", "policy_lr", "tau", "ema_tau", "beta", "q_alpha"):
+            C.positive_float(name, getattr(self, name))
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        C.positive_int("eval_candidates", self.eval_candidates)
+        self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
+
+
+class QIPO(Trainer):
+    """QIPO trainer on an OfflineDataset (qipo_kernels.data). ``fit()`` runs all three stages."""
+
+    algo = "qipo"
+
+    def __init__(self, dataset, cfg: Optional[QIPOConfig] = None, out_dir: str = "runs/qipo", device: str = "cpu",
+                 progress_bar: bool = True, callback=None):
+        cfg = cfg or QIPOConfig()
+        if not isinstance(cfg, QIPOConfig):
+            raise TypeError(f"cfg must be a QIPOConfig, got {type(cfg).__name__}")
+        super().__init__(cfg, out_dir, device, progress_bar, callback)
+        self.dataset = dataset
+        seed_everything(cfg.seed)
+        S, A = dataset.obs_dim, dataset.act_dim
+        mk = dict(hidden=cfg.hidden, depth=cfg.depth, activation=cfg.activation, time_embedding=cfg.time_embedding,
+                  path=cfg.path, steps=cfg.sample_steps, solver=cfg.solver)
+        self.behaviour = FlowPolicy(S, A, **mk).to(self.device)
+        self.policy = FlowPolicy(S, A, **mk).to(self.device)
+        self.ema = copy.deepcopy(self.policy).requires_grad_(False)
+        self.critic = DoubleCritic(S, A, cfg.critic_hidden, cfg.critic_depth, cfg.critic_activation).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.modules = {"behaviour": self.behaviour, "policy": self.policy, "ema": self.ema, "critic": self.critic,
+                        "critic_target": self.critic_target}
+        self.optims = {
+            "behaviour": torch.optim.Adam(self.behaviour.parameters(), lr=cfg.pretrain_lr),
+            "critic": torch.optim.Adam(self.critic.parameters(), lr=cfg.q_lr),
+            "policy": torch.optim.Adam(self.policy.parameters(), lr=cfg.policy_lr),
+        }
+        self.P, self.Q, self.I = cfg.pretrain_steps, cfg.q_steps, cfg.policy_steps
+        self.total_steps = self.P + self.Q + self.I
+        self.q_support_actions: Optional[torch.Tensor] = None   # [N, Mq, A] behaviour samples at next_obs
+        self.support: Optional[torch.Tensor] = None             # [N, M, A] policy-improvement support
+        self.support_q: Optional[torch.Tensor] = None           # [N, M] min Q of the support
+        self._q_support_step = -1                               # step at which each was last drawn
+        self._support_step = -1
+        self.N = len(dataset)
+        self._eval_gen = torch.Generator(device=self.device)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def stage(self) -> str:
+        if self.step < self.P:
+            return "pretrain"
+        if self.step < self.P + self.Q:
+            return "q"
+        return "policy"
+
+    def _idx(self, n: int) -> torch.Tensor:
+        return torch.randint(0, self.N, (n,), generator=self.gen, device=self.device)
+
+    @torch.no_grad()
+    def sample_support(self, policy: FlowPolicy, obs: torch.Tensor, M: int, desc: str, critic=None):
+        """M actions per state from ``policy`` with the batched sampler (ops.integrate on [B, M, A] noise,
+        backend=cfg.backend), in chunks of ``renew_chunk`` states: obs [N, S] -> ([N, M, A], [N, M] min Q or None)."""
+        N, A = obs.shape[0], policy.act_dim
+        out = torch.empty((N, M, A), dtype=obs.dtype, device=obs.device)
+        q = torch.empty((N, M), dtype=obs.dtype, device=obs.device) if critic is not None else None
+        chunk = self.cfg.renew_chunk
+        starts = range(0, N, chunk)
+        bar = progress(starts, total=len(starts), desc=desc, enabled=self.progress_bar, leave=False)
+        for i in bar:
+            o = obs[i:i + chunk]
+            noise = torch.randn((o.shape[0], M, A), dtype=obs.dtype, device=obs.device, generator=self.gen)
+            a = policy.sample(o, M, noise=noise, backend=self.cfg.backend)
+            out[i:i + chunk] = a
+            if critic is not None:
+                q[i:i + chunk] = critic.q_min(o.repeat_interleave(M, 0), a.reshape(-1, A)).reshape(-1, M)
+        bar.close()
+        return out, q
+
+    def _refresh_q_support(self):
+        self.q_support_actions, _ = self.sample_support(self.behaviour, self.dataset.next_obs, self.cfg.q_support,
+                                                        "q-support")
+        self._q_support_step = self.step
+
+    def _renew_support(self):
+        obs = self.dataset.obs
+        M = self.cfg.num_support
+        sup, q = self.sample_support(self.ema, obs, M, "renew-support", critic=self.critic)
+        if self.cfg.keep_data_action:
+            sup[:, 0] = self.dataset.actions
+            with torch.no_grad():
+                q[:, 0] = self.critic.q_min(obs, self.dataset.actions)
+        self.support, self.support_q = sup, q
+        self._support_step = self.step
+
+    # ---- one step -----------------------------------------------------------------------------
+    def train_step(self):
+        cfg, d = self.cfg, self.dataset
+        s = self.step
+        if s < self.P:  # behaviour pre-training
+            idx = self._idx(cfg.pretrain_batch)
+            loss = self.behaviour.loss(d.obs[idx], d.actions[idx], generator=self.gen)
+            self.optims["behaviour"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optims["behaviour"].step()
+            return {"bc_loss": loss.detach()}, cfg.pretrain_batch
+        if s < self.P + self.Q:  # in-support softmax Q learning
+            k = s - self.P
+            if k % cfg.q_support_refresh == 0 or self.q_support_actions is None:
+                self._refresh_q_support()
+            idx = self._idx(cfg.q_batch)
+            obs, act, rew = d.obs[idx], d.actions[idx], d.rewards[idx]
+            nobs, done = d.next_obs[idx], d.terminations[idx]
+            Mq = cfg.q_support
+            with torch.no_grad():
+                na = self.q_support_actions[idx]                                  # [B, Mq, A]
+                qn = self.critic_target.q_min(nobs.repeat_interleave(Mq, 0), na.reshape(-1, d.act_dim)).reshape(-1, Mq)
+                v = (torch.softmax(cfg.q_alpha * qn, dim=1) * qn).sum(1)
+                y = rew + cfg.gamma * (1.0 - done) * v
+            q1, q2 = self.critic(obs, act)
+            loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+            self.optims["critic"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optims["critic"].step()
+            polyak(self.critic_target, self.critic, cfg.tau)
+            return {"q_loss": loss.detach(), "q_mean": q1.detach().mean()}, cfg.q_batch * (1 + Mq)
+        # policy improvement
+        k = s - self.P - self.Q
+        if k == 0:
+            hard_update(self.policy, self.behaviour)
+            hard_update(self.ema, self.behaviour)
+            self.q_support_actions = None  # not needed any more
+        if k % cfg.renew_every == 0 or self.support is None:
+            self._renew_support()
+        idx = self._idx(cfg.policy_batch)
+        loss = self.policy.loss(d.obs[idx], self.support[idx], energy=self.support_q[idx], beta=cfg.beta,
+                                normalize=cfg.normalize, generator=self.gen, backend=cfg.backend)
+        self.optims["policy"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optims["policy"].step()
+        polyak(self.ema, self.policy, cfg.ema_tau)
+        return {"policy_loss": loss.detach()}, cfg.policy_batch * cfg.num_support
+
+    # ---- state beyond modules / optimizers -----------------------------------------------------
+    def _state(self) -> Dict[str, Any]:
+        st: Dict[str, Any] = {"q_support_step": self._q_support_step, "support_step": self._support_step}
+        lim = self.cfg.store_support_max
+        if self.q_support_actions is not None and self.q_support_actions.numel() <= lim:
+            st["q_support_actions"] = self.q_support_actions
+        if self.support is not None and self.support.numel() + self.support_q.numel() <= lim:
+            st["support"], st["support_q"] = self.support, self.support_q
+        return st
+
+    def _load_state(self, st: Dict[str, Any]) -> None:
+        self._q_support_step = st.get("q_support_step", -1)
+        self._support_step = st.get("support_step", -1)
+        self.q_support_actions = st.get("q_support_actions")
+        self.support, self.support_q = st.get("support"), st.get("support_q")
+        # A support set too large to store is regenerated now, from the restored networks: the run
+        # then goes on with a fresh draw (nothing lost; not bit-identical to an uninterrupted run).
+        stage = self.stage()
+        if stage == "q" and self.q_support_actions is None and self.step > self.P:
+            self._refresh_q_support()
+        if stage == "policy" and self.support is None and self.step > self.P + self.Q:
+            self._renew_support()
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def policy_fn(self, policy: Optional[FlowPolicy] = None):
+        """obs [n, S] (normalised) -> actions [n, A]: one sample per state from the EMA policy, or the
+        argmax-min-Q of ``eval_candidates`` samples when that is > 1."""
+        pol = policy if policy is not None else (self.ema if self.step > self.P + self.Q else self.behaviour)
+        K, gen = self.cfg.eval_candidates, self._eval_gen
+
+        @torch.no_grad()
+        def fn(obs):
+            obs = obs.to(self.device, torch.float32)
+            if K > 1:
+                return pol.act(obs, self.critic, num_candidates=K, select="argmax", generator=gen, backend=self.cfg.backend)
+            return pol.sample(obs, 1, generator=gen, backend=self.cfg.backend)[:, 0]
+        return fn
+
+    def should_eval(self) -> bool:
+        return self.step > self.P + self.Q  # evaluate during policy improvement, as the official code
+
+    def evaluate(self, num_episodes: Optional[int] = None, seeds=None, policy: Optional[FlowPolicy] = None):
+        from ..evaluation import evaluate
+
+        self._eval_gen.manual_seed(int(self.cfg.seed) + 7919 * (self.step + 1))
+        return evaluate(self.policy_fn(policy), dataset=self.dataset,
+                        num_episodes=num_episodes or self.cfg.eval_episodes,
+                        seeds=tuple(seeds) if seeds is not None else self.cfg.eval_seeds)
