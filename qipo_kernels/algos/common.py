@@ -342,6 +342,7 @@ class Trainer:
         return {
             "algo": self.algo,
             "config": dataclasses.asdict(self.cfg),
+            "dataset_id": getattr(getattr(self, "dataset", None), "dataset_id", None),
             "step": self.step,
             "train_time": self.train_time,
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
