@@ -34,9 +34,9 @@ DEMO_CPQL: Dict[str, Any] = dict(
     grad_norm=5.0, step_start_ema=200, eval_every=0, eval_episodes=10, eval_candidates=50, log_every=50,
     checkpoint_every=500, tensorboard=True,
 )
-QUICK = dict(qipo=dict(pretrain_steps=60, q_steps=60, policy_steps=40, renew_every=20, q_support_refresh=30,
-                       eval_episodes=2, checkpoint_every=50),
-             cpql=dict(steps=60, eval_episodes=2, checkpoint_every=50, step_start_ema=20))
+QUICK = dict(qipo=dict(pretrain_steps=30, q_steps=30, policy_steps=20, renew_every=20, q_support_refresh=30,
+                       q_support=2, num_support=4, sample_steps=2, eval_episodes=2, checkpoint_every=25),
+             cpql=dict(steps=40, eval_episodes=2, eval_candidates=8, checkpoint_every=25, step_start_ema=20))
 
 
 def _bench(fn: Callable[[], Any], min_time: float = 0.3, max_reps: int = 50) -> float:

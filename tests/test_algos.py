@@ -1,0 +1,259 @@
+"""QIPO / CPQL trainers: configs, per-task defaults, resumable checkpoints, end-to-end improvement."""
+import csv
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from qipo_kernels import data
+from qipo_kernels.algos import (CPQL, CPQL_TASK_DEFAULTS, QIPO, CPQLConfig, CPQLOnline, CPQLOnlineConfig, QIPOConfig,
+                                StopTraining, cpql_config_for, task_key)
+from qipo_kernels.algos.common import RunLogger, atomic_torch_save, atomic_write_json, parse_value
+from qipo_kernels.demo import DEMO_CPQL, DEMO_QIPO
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small nets on a shared 2-core machine run faster (and steadier) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_ds(tmp_path_factory):
+    root = str(tmp_path_factory.getbasetemp() / "minari")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", root)
+        data.make_local_dataset()
+        yield data.load_minari(data.DEMO_DATASET_ID)
+
+
+@pytest.fixture(scope="module")
+def tiny_ds():
+    """300 synthetic Pendulum-like transitions (no env needed for training)."""
+    rng = np.random.default_rng(0)
+    n = 300
+    th = rng.uniform(-np.pi, np.pi, n)
+    obs = np.stack([np.cos(th), np.sin(th), rng.normal(size=n)], 1)
+    nobs = obs + 0.05 * rng.normal(size=obs.shape)
+    act = rng.uniform(-2, 2, (n, 1))
+    rew = -(th ** 2) - 0.001 * act[:, 0] ** 2
+    term = np.zeros(n)
+    trunc = np.zeros(n)
+    trunc[199::200] = 1
+    return data.OfflineDataset.from_arrays(obs, act, rew, nobs, term, trunc, action_low=np.array([-2.0]),
+                                           action_high=np.array([2.0]), dataset_id="tiny", env_id="Pendulum-v1")
+
+
+def _qcfg(**kw):
+    c = dict(hidden=16, depth=2, critic_hidden=16, critic_depth=2, pretrain_steps=12, pretrain_batch=32, q_steps=12,
+             q_batch=32, q_support=3, q_support_refresh=5, policy_steps=12, policy_batch=16, num_support=4,
+             renew_every=5, renew_chunk=64, sample_steps=2, eval_episodes=0, log_every=4, checkpoint_every=5,
+             tensorboard=False)
+    c.update(kw)
+    return QIPOConfig(**c)
+
+
+def _ccfg(**kw):
+    c = dict(hidden=16, depth=2, critic_hidden=16, critic_depth=2, steps=25, batch=32, step_start_ema=10,
+             eval_episodes=0, log_every=4, checkpoint_every=6, tensorboard=False)
+    c.update(kw)
+    return CPQLConfig(**c)
+
+
+def _same_modules(a, b):
+    for k in a.modules:
+        for (n1, p1), (n2, p2) in zip(a.modules[k].state_dict().items(), b.modules[k].state_dict().items()):
+            assert n1 == n2
+            assert torch.equal(p1, p2), f"{k}.{n1} differs"
+
+
+def _kill_at(k):
+    def cb(tr, metrics):
+        if tr.step == k:
+            raise StopTraining(f"killed at {k}")
+    return cb
+
+
+@pytest.mark.parametrize("algo,kill", [("qipo", 8), ("qipo", 19), ("qipo", 31), ("cpql", 14)])
+def test_killed_run_resumes_identically(tiny_ds, tmp_path, algo, kill):
+    """Kill after `kill` steps (checkpoints every 5/6 steps), resume: bit-identical to an uninterrupted run."""
+    cls, cfg = (QIPO, _qcfg) if algo == "qipo" else (CPQL, _ccfg)
+    full = cls(tiny_ds, cfg(), out_dir=str(tmp_path / "full"), progress_bar=False)
+    full.fit()
+    run = cls(tiny_ds, cfg(), out_dir=str(tmp_path / "run"), progress_bar=False, callback=_kill_at(kill))
+    with pytest.raises(StopTraining):
+        run.fit()
+    ck = torch.load(str(tmp_path / "run" / "checkpoint.pt"), weights_only=False)
+    assert ck["step"] < kill and ck["step"] % cfg().checkpoint_every == 0
+    resumed = cls(tiny_ds, cfg(), out_dir=str(tmp_path / "run"), progress_bar=False)
+    summary = resumed.fit()
+    assert summary["steps"] == full.total_steps
+    _same_modules(full, resumed)
+    for k in full.optims:
+        s1, s2 = full.optims[k].state_dict()["state"], resumed.optims[k].state_dict()["state"]
+        for i in s1:
+            assert torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"])
+    # the CSV logs of the resumed run hold each logged step once, as the uninterrupted run's do
+    for name in os.listdir(tmp_path / "full"):
+        if name.endswith(".csv"):
+            a = [r["step"] for r in csv.DictReader(open(tmp_path / "full" / name))]
+            b = [r["step"] for r in csv.DictReader(open(tmp_path / "run" / name))]
+            assert a == b, name
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+
+
+def test_qipo_resume_regenerates_a_support_set_too_big_to_store(tiny_ds, tmp_path):
+    """With store_support_max=0 the support set is redrawn on resume: nothing lost, the run completes."""
+    cfg = _qcfg(store_support_max=0)
+    run = QIPO(tiny_ds, cfg, out_dir=str(tmp_path), progress_bar=False, callback=_kill_at(33))
+    with pytest.raises(StopTraining):
+        run.fit()
+    ck = torch.load(str(tmp_path / "checkpoint.pt"), weights_only=False)
+    assert "support" not in ck["algo_state"] and ck["step"] == 30
+    resumed = QIPO(tiny_ds, cfg, out_dir=str(tmp_path), progress_bar=False)
+    assert resumed.try_resume()
+    assert resumed.support is not None and resumed.support.shape == (len(tiny_ds), 4, 1)
+    assert resumed.step == 30
+    summary = resumed.fit()
+    assert summary["steps"] == 36
+
+
+def test_qipo_support_and_options(tiny_ds, tmp_path):
+    cfg = _qcfg(keep_data_action=True, normalize="batch", path="vp", pretrain_steps=2, q_steps=2, policy_steps=3)
+    tr = QIPO(tiny_ds, cfg, out_dir=str(tmp_path), progress_bar=False)
+    tr.fit()
+    assert torch.equal(tr.support[:, 0], tiny_ds.actions)
+    with torch.no_grad():
+        torch.testing.assert_close(tr.support_q[:, 0], tr.critic.q_min(tiny_ds.obs, tiny_ds.actions))
+    assert tr.support.abs().max() <= 1
+    # the Q backup: V(s') = sum softmax(q_alpha Q') Q' over the behaviour samples
+    assert tr.stage() == "policy"
+
+
+def test_configs_reject_bad_values():
+    with pytest.raises(ValueError, match="path"):
+        QIPOConfig(path="flow")
+    with pytest.raises(ValueError, match="solver"):
+        QIPOConfig(path="vp", solver="euler")
+    with pytest.raises(ValueError, match="normalize"):
+        QIPOConfig(normalize="all")
+    with pytest.raises(ValueError, match="beta"):
+        QIPOConfig(beta=-1)
+    with pytest.raises(ValueError, match="num_support"):
+        QIPOConfig(num_support=0)
+    with pytest.raises(ValueError, match="gamma"):
+        CPQLConfig(gamma=1.5)
+    with pytest.raises(ValueError, match="ema_decay"):
+        CPQLConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="eval_select"):
+        CPQLConfig(eval_select="max")
+    with pytest.raises(ValueError, match="env_id"):
+        CPQLOnlineConfig(env_id="")
+    with pytest.raises(TypeError, match="QIPOConfig"):
+        QIPO(None, CPQLConfig())
+    with pytest.raises(TypeError, match="CPQLConfig"):
+        CPQL(None, QIPOConfig())
+
+
+def test_cpql_task_defaults():
+    assert task_key("mujoco/halfcheetah/medium-v0") == "halfcheetah-medium"
+    assert task_key("hopper-medium-replay-v2") == "hopper-medium-replay"
+    assert task_key("antmaze-umaze-diverse-v0") == "antmaze-umaze-diverse"
+    assert task_key("qipo/pendulum/mixed-v0") is None
+    c = cpql_config_for("halfcheetah-medium")
+    assert (c.lr, c.eta, c.grad_norm, c.steps) == (3e-4, 2.0, 9.0, 2_000_000)
+    c = cpql_config_for("mujoco/walker2d/medium-v0", batch=64)
+    assert (c.eta, c.grad_norm, c.batch, c.task) == (1.0, 1.0, 64, "walker2d-medium")
+    c = cpql_config_for("antmaze-medium-play")
+    assert c.lr == 1e-3 and c.eta == 4.0 and c.max_q_backup and c.reward_scale == "cpql-antmaze" and c.steps == 1_000_000
+    assert cpql_config_for("pen-human").lr == 3e-5
+    assert len(CPQL_TASK_DEFAULTS) == 17
+    with pytest.raises(ValueError, match="known tasks"):
+        cpql_config_for("pendulum-mixed")
+    with pytest.raises(ValueError, match="unknown CPQLConfig"):
+        cpql_config_for("hopper-medium", etaa=1.0)
+
+
+def test_cpql_max_q_backup_and_multistep(tiny_ds, tmp_path):
+    cfg = _ccfg(steps=4, max_q_backup=True, num_max_q=3, q_norm=False, sigmas=(2.0, 0.5), layer_norm=False,
+                grad_norm=0.0)
+    tr = CPQL(tiny_ds, cfg, out_dir=str(tmp_path), progress_bar=False)
+    s = tr.fit()
+    assert s["steps"] == 4
+    rows = list(csv.DictReader(open(tmp_path / "train.csv")))
+    assert all(np.isfinite(float(r["critic_loss"])) for r in rows)
+
+
+def test_atomic_writes_and_logger(tmp_path):
+    p = atomic_write_json({"a": float("inf"), "b": np.float32(2.0), "t": torch.tensor([1.0])}, str(tmp_path / "x.json"))
+    assert json.load(open(p)) == {"a": None, "b": 2.0, "t": [1.0]}
+    atomic_torch_save({"w": torch.ones(2)}, str(tmp_path / "c.pt"))
+    assert torch.equal(torch.load(str(tmp_path / "c.pt"))["w"], torch.ones(2))
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        atomic_torch_save({"w": Boom()}, str(tmp_path / "c.pt"))
+    assert torch.equal(torch.load(str(tmp_path / "c.pt"))["w"], torch.ones(2))  # old file intact
+    assert sorted(os.listdir(tmp_path)) == ["c.pt", "x.json"]  # no temp files left
+    lg = RunLogger(str(tmp_path / "logs"), tensorboard=False)
+    for s in range(1, 6):
+        lg.log("train", s, {"loss": s * 0.5})
+    lg.truncate_after(3)
+    lg.log("train", 4, {"loss": 9.0})
+    lg.close()
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "train.csv")))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and rows[-1]["loss"] == "9.0"
+    assert parse_value("1e5", 3) == 100000 and parse_value("false", True) is False and parse_value("0.5", 1.0) == 0.5
+
+
+def test_cpql_online_smoke_and_resume(tmp_path):
+    cfg = CPQLOnlineConfig(env_id="Pendulum-v1", hidden=16, depth=2, critic_hidden=16, critic_depth=2, steps=40,
+                           warmup_steps=20, batch=8, buffer_size=100, eval_episodes=1, log_every=10,
+                           checkpoint_every=15, tensorboard=False)
+    run = CPQLOnline(cfg, out_dir=str(tmp_path), progress_bar=False, callback=_kill_at(33))
+    with pytest.raises(StopTraining):
+        run.fit()
+    resumed = CPQLOnline(cfg, out_dir=str(tmp_path), progress_bar=False)
+    assert resumed.try_resume() and resumed.step == 30 and len(resumed.buffer) == 30 and resumed.updates == 10
+    s = resumed.fit()
+    assert s["steps"] == 40 and len(resumed.buffer) == 40 and np.isfinite(s["final_eval"]["mean"])
+
+
+def test_e2e_cpql_beats_behaviour(demo_ds, tmp_path):
+    """CPQL on the embedded Pendulum dataset, fixed seed, 800 steps: return above the behaviour policy's."""
+    t = time.perf_counter()
+    cfg = CPQLConfig(**dict(DEMO_CPQL, steps=800, eval_episodes=5, checkpoint_every=0, tensorboard=False, seed=0))
+    s = CPQL(demo_ds, cfg, out_dir=str(tmp_path), progress_bar=False).fit()
+    behaviour = float(np.mean(demo_ds.episode_returns))
+    print(f"CPQL e2e: {s['final_eval']['mean']:.1f} vs behaviour {behaviour:.1f} in {time.perf_counter() - t:.0f} s")
+    assert s["final_eval"]["mean"] > behaviour + 100
+
+
+def test_e2e_smoke_qipo(demo_ds, tmp_path):
+    """A short QIPO run on the embedded dataset: all three stages, evaluation, summary on disk."""
+    cfg = QIPOConfig(**dict(DEMO_QIPO, pretrain_steps=20, q_steps=20, q_support_refresh=20, q_support=2,
+                            policy_steps=10, renew_every=10, num_support=4, sample_steps=2, eval_episodes=2,
+                            checkpoint_every=0, tensorboard=False))
+    s = QIPO(demo_ds, cfg, out_dir=str(tmp_path), progress_bar=False).fit()
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["steps"] == 50 and np.isfinite(summary["final_eval"]["mean"]) and s["final_eval"]["episodes"] == 2
+
+
+@pytest.mark.slow
+def test_e2e_qipo_beats_behaviour(demo_ds, tmp_path):
+    """QIPO with the demo's hyperparameters (about 2 min on 1 core): return above the behaviour policy's."""
+    t = time.perf_counter()
+    cfg = QIPOConfig(**dict(DEMO_QIPO, eval_episodes=5, checkpoint_every=0, tensorboard=False, seed=0))
+    s = QIPO(demo_ds, cfg, out_dir=str(tmp_path), progress_bar=False).fit()
+    behaviour = float(np.mean(demo_ds.episode_returns))
+    print(f"QIPO e2e: {s['final_eval']['mean']:.1f} vs behaviour {behaviour:.1f} in {time.perf_counter() - t:.0f} s")
+    assert s["final_eval"]["mean"] > behaviour + 100

@@ -1,0 +1,290 @@
+"""FlowPolicy / ConsistencyPolicy / make_sampler: shapes, agreement with the references, bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qipo_kernels import ConditionalMLP, ConsistencyPolicy, DoubleCritic, FlowPolicy, make_sampler, reference
+from qipo_kernels.reference.paths import VP_EPS
+
+S, A = 5, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small nets on a shared 2-core machine run faster (and steadier) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _obs(B=7, seed=0, dtype=torch.float32):
+    return torch.randn(B, S, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("path", ["ot", "ot-eps", "vp"])
+def test_flow_policy_shapes_and_gradients(path):
+    torch.manual_seed(0)
+    p = FlowPolicy(S, A, hidden=17, depth=2, path=path)
+    obs = _obs()
+    acts = torch.rand(7, 6, A) * 2 - 1
+    loss = p.loss(obs, acts, energy=torch.randn(7, 6), beta=3.0)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in p.net.parameters())
+    assert p.loss(obs, acts[:, 0]).dim() == 0  # [B, A] actions
+    assert p.loss(obs, acts, energy=torch.randn(7, 6), normalize="batch").dim() == 0
+    out = p.sample(obs, num_samples=4, steps=3)
+    assert out.shape == (7, 4, A) and out.abs().max() <= 1.0
+    crit = DoubleCritic(S, A, hidden=9, depth=1)
+    a = p.act(obs, crit, num_candidates=5, steps=2)
+    assert a.shape == (7, A)
+    assert p.act(obs, crit, num_candidates=5, steps=2, select="softmax", generator=torch.Generator().manual_seed(1)).shape == (7, A)
+
+
+@pytest.mark.parametrize("path", ["ot", "ot-eps", "vp"])
+def test_flow_policy_loss_matches_reference(path):
+    torch.manual_seed(1)
+    p = FlowPolicy(S, A, hidden=16, depth=2, path=path)
+    B, M = 6, 4
+    obs, acts = _obs(B), torch.rand(B, M, A) * 2 - 1
+    t, z, e = torch.rand(B, M) * (1 - VP_EPS), torch.randn(B, M, A), torch.randn(B, M)
+    got = p.loss(obs, acts, energy=e, beta=2.0, t=t, noise=z)
+    x_t, target = reference.flow_path(acts, z, t, path)
+    pred = p.net(x_t.reshape(-1, A), t.reshape(-1), obs.repeat_interleave(M, 0)).reshape(B, M, A)
+    want = reference.weighted_fm_loss(pred, target, e, 2.0, "support")
+    torch.testing.assert_close(got, want)
+
+
+def test_flow_policy_draws_t_in_the_right_range():
+    p = FlowPolicy(S, A, hidden=8, depth=1, path="vp")
+    seen = []
+    orig = p.net.forward
+
+    def spy(x, t, o):
+        seen.append(t.detach().clone())
+        return orig(x, t, o)
+
+    p.net.forward = spy
+    p.loss(_obs(50), torch.zeros(50, 20, A), generator=torch.Generator().manual_seed(0))
+    t = torch.cat(seen)
+    assert t.min() >= 0 and t.max() <= 1 - VP_EPS and t.numel() == 1000
+
+
+@pytest.mark.parametrize("path,solver", [("ot", "euler"), ("ot", "rk4"), ("ot-eps", "dpm2"), ("vp", "ddim")])
+def test_flow_policy_sample_matches_reference_integrate(path, solver):
+    torch.manual_seed(2)
+    p = FlowPolicy(S, A, hidden=16, depth=2, path=path)
+    obs, z = _obs(4), torch.randn(4, 3, A)
+    got = p.sample(obs, 3, steps=4, solver=solver, noise=z, backend="torch")
+    want = reference.integrate(p.net, z, obs, steps=4, solver=solver, path=None if path == "ot" else path).clamp(-1, 1)
+    torch.testing.assert_close(got, want)
+    got_auto = p.sample(obs, 3, steps=4, solver=solver, noise=z)
+    torch.testing.assert_close(got_auto, want, atol=2e-5, rtol=2e-5)
+
+
+def test_flow_policy_default_solvers():
+    assert FlowPolicy(S, A, hidden=4, depth=1, path="ot").solver == "euler"
+    assert FlowPolicy(S, A, hidden=4, depth=1, path="vp").solver == "dpm2"
+    assert FlowPolicy(S, A, hidden=4, depth=1, path="ot-eps").solver == "dpm2"
+
+
+def test_flow_policy_bad_input():
+    p = FlowPolicy(S, A, hidden=8, depth=1)
+    obs = _obs(4)
+    acts = torch.zeros(4, 2, A)
+    with pytest.raises(ValueError, match="path"):
+        FlowPolicy(S, A, path="rectified")
+    with pytest.raises(ValueError, match="solver"):
+        FlowPolicy(S, A, path="vp", solver="euler")
+    with pytest.raises(ValueError, match="obs"):
+        p.loss(obs[:, :3], acts)
+    with pytest.raises(ValueError, match="obs"):
+        p.loss(obs[0], acts)
+    with pytest.raises(TypeError, match="obs"):
+        p.loss(obs.numpy(), acts)
+    with pytest.raises(ValueError, match="actions"):
+        p.loss(obs, torch.zeros(3, 2, A))
+    with pytest.raises(ValueError, match="actions"):
+        p.loss(obs, torch.zeros(4, 2, A + 1))
+    with pytest.raises(ValueError, match="energy"):
+        p.loss(obs, acts, energy=torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="energy"):
+        p.loss(obs, acts, energy=torch.tensor([[0.0, float("nan")]] * 4))
+    with pytest.raises(ValueError, match="beta"):
+        p.loss(obs, acts, energy=torch.zeros(4, 2), beta=0.0)
+    with pytest.raises(ValueError, match="normalize"):
+        p.loss(obs, acts, energy=torch.zeros(4, 2), normalize="global")
+    with pytest.raises(TypeError, match="dtype"):
+        p.loss(obs.double(), acts.double())
+    with pytest.raises(ValueError, match="num_samples"):
+        p.sample(obs, 0)
+    with pytest.raises(ValueError, match="solver"):
+        p.sample(obs, 1, solver="dpm2")
+    with pytest.raises(ValueError, match="solver"):
+        p.sample(obs, 1, solver="magic")
+    with pytest.raises(ValueError, match="noise"):
+        p.sample(obs, 2, noise=torch.zeros(4, 3, A))
+    with pytest.raises(ValueError, match="steps"):
+        p.sample(obs, 1, steps=0)
+    crit = DoubleCritic(S, A, hidden=4, depth=1)
+    with pytest.raises(ValueError, match="select"):
+        p.act(obs, crit, select="best")
+    with pytest.raises(TypeError, match="critic"):
+        p.act(obs, object())
+    with pytest.raises(ValueError, match="num_candidates"):
+        p.act(obs, crit, num_candidates=0)
+
+
+def test_consistency_policy_shapes_loss_and_bad_input():
+    torch.manual_seed(3)
+    p = ConsistencyPolicy(S, A, hidden=16, depth=2)
+    obs, acts = _obs(6), torch.rand(6, A) * 2 - 1
+    idx, z = torch.randint(0, 39, (6,)), torch.randn(6, A)
+    got = p.loss(obs, acts, sigma_idx=idx, noise=z)
+    want = reference.consistency_loss(p.net, acts, obs, sigma_idx=idx, noise=z)
+    torch.testing.assert_close(got, want)
+    assert p.loss(obs, acts, reduction="none").shape == (6,)
+    out = p.sample(obs, 5)
+    assert out.shape == (6, 5, A) and out.abs().max() <= 1
+    zz = torch.randn(6, 2, A)
+    torch.testing.assert_close(p.sample(obs, 2, noise=zz, backend="torch"),
+                               reference.consistency_sample(p.net, zz, obs))
+    steps = torch.randn(2, 6, 2, A)
+    torch.testing.assert_close(p.sample(obs, 2, sigmas=[2.0, 0.5], noise=zz, step_noise=steps, backend="torch"),
+                               reference.consistency_sample(p.net, zz, obs, sigmas=[2.0, 0.5], step_noise=steps))
+    crit = DoubleCritic(S, A, hidden=8, depth=1)
+    assert p.act(obs, crit, num_candidates=4).shape == (6, A)
+    assert p.act(obs, crit, num_candidates=4, select="argmax", sigmas=[1.0]).shape == (6, A)
+    # a sample taken while autograd records is differentiable (CPQL's Q loss needs it)
+    p.sample(obs, 1).sum().backward()
+    assert p.net.out.weight.grad is not None
+    with pytest.raises(ValueError, match="actions"):
+        p.loss(obs, torch.zeros(6, 2, A))
+    with pytest.raises(ValueError, match="actions"):
+        p.loss(obs, torch.zeros(5, A))
+    with pytest.raises(ValueError, match="sigma"):
+        p.sample(obs, 1, sigmas=[200.0])
+    with pytest.raises(ValueError, match="sigma_min"):
+        ConsistencyPolicy(S, A, sigma_min=2.0, sigma_max=1.0)
+    with pytest.raises(ValueError, match="obs"):
+        p.sample(obs[:, :2], 1)
+    with pytest.raises(ValueError, match="select"):
+        p.act(obs, crit, select="max")
+
+
+def test_consistency_policy_custom_sigmas_act_uses_them():
+    torch.manual_seed(4)
+    p = ConsistencyPolicy(S, A, hidden=8, depth=1, sigma_max=10.0)
+    crit = DoubleCritic(S, A, hidden=8, depth=1)
+    obs, z = _obs(3), torch.randn(3, 4, A)
+    got = p.act(obs, crit, num_candidates=4, select="argmax", noise=z)
+    cand = reference.consistency_sample(p.net, z, obs, sigma_max=10.0)
+    q = crit.q_min(obs.repeat_interleave(4, 0), cand.reshape(-1, A)).reshape(3, 4)
+    torch.testing.assert_close(got, cand[torch.arange(3), q.argmax(1)])
+
+
+# ---- make_sampler ----------------------------------------------------------------------------
+
+class _CPQLSinusoidalPosEmb(nn.Module):
+    """Written from CPQL's agents/helpers.py description (not our nets.SinusoidalPosEmb)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        half = self.dim // 2
+        emb = math.log(10000) / (half - 1)
+        emb = torch.exp(torch.arange(half, device=x.device) * -emb)
+        emb = x[:, None] * emb[None, :]
+        return torch.cat((emb.sin(), emb.cos()), dim=-1)
+
+
+class _CPQLMLP(nn.Module):
+    """A stand-in for CPQL's agents/model.py MLP (same module names and forward)."""
+
+    def __init__(self, state_dim, action_dim, t_dim=16, hidden=256):
+        super().__init__()
+        self.time_mlp = nn.Sequential(_CPQLSinusoidalPosEmb(t_dim), nn.Linear(t_dim, t_dim * 2), nn.Mish(),
+                                      nn.Linear(t_dim * 2, t_dim))
+        self.mid_layer = nn.Sequential(nn.Linear(state_dim + action_dim + t_dim, hidden), nn.Mish(),
+                                       nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish())
+        self.final_layer = nn.Linear(hidden, action_dim)
+
+    def forward(self, x, time, state):
+        t = self.time_mlp(time)
+        return self.final_layer(self.mid_layer(torch.cat([x, t, state], dim=1)))
+
+
+def _cpql_one_step(model, obs, z, sigma_max=80.0, sigma_min=0.002, sigma_data=0.5):
+    """CPQL's one-step sample written out: a = clamp(c_skip x + c_out F(c_in x, 250 ln sigma, s), -1, 1)."""
+    x = sigma_max * z
+    c_skip = sigma_data ** 2 / ((sigma_max - sigma_min) ** 2 + sigma_data ** 2)
+    c_out = (sigma_max - sigma_min) * sigma_data / (sigma_max ** 2 + sigma_data ** 2) ** 0.5
+    c_in = 1 / (sigma_max ** 2 + sigma_data ** 2) ** 0.5
+    t = torch.full((x.shape[0],), 250.0 * math.log(sigma_max + 1e-44))
+    return (c_skip * x + c_out * model(c_in * x, t, obs)).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_make_sampler_from_cpql_state_dict_matches_cpql(prefix):
+    torch.manual_seed(5)
+    S_, A_ = 11, 6
+    model = _CPQLMLP(S_, A_, hidden=37)
+    sd = {prefix + k: v for k, v in model.state_dict().items()}
+    sampler = make_sampler(sd, kind="consistency", obs_dim=S_, act_dim=A_, generator=torch.Generator().manual_seed(9))
+    obs = torch.randn(17, S_)
+    got = sampler(obs)
+    z = torch.randn((17, 1, A_), generator=torch.Generator().manual_seed(9))[:, 0]
+    with torch.no_grad():
+        want = _cpql_one_step(model, obs, z)
+    assert got.shape == (17, A_)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert sampler(obs[0]).shape == (A_,)
+    assert sampler.backend_used(obs) in ("torch", "cpp", "triton")
+
+
+def test_make_sampler_flow_from_conditional_mlp():
+    torch.manual_seed(6)
+    net = ConditionalMLP(A, S, hidden=19, depth=2, time_embedding="fourier")
+    req = [p.requires_grad for p in net.parameters()]
+    s = make_sampler(net, kind="flow", num_samples=4, steps=3, generator=torch.Generator().manual_seed(2))
+    obs = _obs(6)
+    got = s(obs)
+    z = torch.randn((6, 4, A), generator=torch.Generator().manual_seed(2))
+    want = reference.integrate(net, z, obs, steps=3).clamp(-1, 1)
+    assert got.shape == (6, 4, A) and not got.requires_grad
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert [p.requires_grad for p in net.parameters()] == req  # the caller's network is left alone
+    # a policy object goes straight through
+    pol = FlowPolicy(S, A, hidden=8, depth=1, path="vp")
+    assert make_sampler(pol, kind="flow", steps=2)(obs).shape == (6, A)
+
+
+def test_make_sampler_bad_input():
+    net = ConditionalMLP(A, S, hidden=8, depth=1)
+    sd = _CPQLMLP(S, A, hidden=8).state_dict()
+    with pytest.raises(ValueError, match="obs_dim and act_dim"):
+        make_sampler(sd, kind="consistency")
+    with pytest.raises(ValueError, match="mid_layer.0"):
+        make_sampler(sd, kind="consistency", obs_dim=S + 1, act_dim=A)
+    with pytest.raises(ValueError, match="missing keys"):
+        make_sampler({"foo": torch.zeros(1)}, kind="consistency", obs_dim=S, act_dim=A)
+    with pytest.raises(ValueError, match="kind"):
+        make_sampler(net, kind="ddpm")
+    with pytest.raises(TypeError, match="actor"):
+        make_sampler(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="obs_dim"):
+        make_sampler(net, obs_dim=S + 2)
+    with pytest.raises(ValueError, match="kind"):
+        make_sampler(ConsistencyPolicy(S, A, hidden=4, depth=1), kind="flow")
+    with pytest.raises(ValueError, match="solver"):
+        make_sampler(net, kind="flow", path="vp", solver="euler")
+    with pytest.raises(ValueError, match="backend"):
+        make_sampler(net, backend="cuda")
+    with pytest.raises(TypeError, match="obs"):
+        make_sampler(net)([[0.0] * S])
