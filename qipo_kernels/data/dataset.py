@@ -140,8 +140,9 @@ class DatasetInfo:
         self.normalize_obs = bool(normalize_obs)
         self.obs_keys = None if obs_keys is None else list(obs_keys)
         finite = np.isfinite(self.action_low) & np.isfinite(self.action_high)
-        self._act_center = np.where(finite, (self.action_high + self.action_low) / 2, 0.0)
-        self._act_half = np.where(finite, (self.action_high - self.action_low) / 2, 1.0)
+        lo, hi = np.where(finite, self.action_low, -1.0), np.where(finite, self.action_high, 1.0)
+        self._act_center = np.where(finite, (hi + lo) / 2, 0.0)
+        self._act_half = np.where(finite, (hi - lo) / 2, 1.0)
         self._act_finite = finite
 
     @property

@@ -42,7 +42,7 @@ def check_dataset_id(dataset_id) -> str:
 
     try:
         parse_dataset_id(dataset_id)
-    except ValueError:
+    except (ValueError, TypeError):  # minari raises TypeError for an id without a version
         raise ValueError(f"dataset_id {dataset_id!r} is not a Minari dataset id; expected "
                          "'(namespace/)name-v<version>', e.g. 'mujoco/halfcheetah/medium-v0'") from None
     if dataset_id.startswith("/") or ".." in dataset_id.split("/"):
