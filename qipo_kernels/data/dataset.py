@@ -144,6 +144,7 @@ class DatasetInfo:
         self._act_center = np.where(finite, (hi + lo) / 2, 0.0)
         self._act_half = np.where(finite, (hi - lo) / 2, 1.0)
         self._act_finite = finite
+        self._stats_cache: Dict = {}
 
     @property
     def obs_dim(self) -> int:
@@ -161,8 +162,11 @@ class DatasetInfo:
                 raise ValueError(f"obs must have last dimension {self.obs_dim}, got shape {tuple(obs.shape)}")
             if not self.normalize_obs:
                 return obs
-            mean = torch.as_tensor(self.obs_mean, device=obs.device, dtype=obs.dtype)
-            std = torch.as_tensor(self.obs_std, device=obs.device, dtype=obs.dtype)
+            key = (obs.device, obs.dtype)
+            if key not in self._stats_cache:  # one host-to-device copy per (device, dtype)
+                self._stats_cache[key] = (torch.as_tensor(self.obs_mean, device=obs.device, dtype=obs.dtype),
+                                          torch.as_tensor(self.obs_std, device=obs.device, dtype=obs.dtype))
+            mean, std = self._stats_cache[key]
             return (obs - mean) / std
         arr = np.asarray(obs)
         if arr.shape[-1:] != (self.obs_dim,):

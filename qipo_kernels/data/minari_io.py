@@ -58,8 +58,8 @@ def missing_dataset_message(dataset_id: str) -> str:
         msg += (f"It is made locally, with no network: run `python -c \"from qipo_kernels.data import "
                 f"make_local_dataset; make_local_dataset({dataset_id!r})\"` (qipo_kernels.data.make_local_dataset).")
     else:
-        msg += (f"Download it with `minari download {dataset_id}` (needs network; "
-                f"`minari list remote` shows the ids).")
+        msg += (f"Download it with `minari download {dataset_id}` (needs network and huggingface_hub, "
+                "which pip install 'qipo_kernels[rl]' brings; `minari list remote` shows the ids).")
     return msg
 
 
