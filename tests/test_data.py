@@ -177,6 +177,8 @@ def test_reward_scale_resolution_and_errors():
     assert resolve_reward_scale("auto", "hopper-medium-replay-v2", np.array([0.0, 1000.0]))[0] == "locomotion"
     assert resolve_reward_scale("auto", "D4RL/antmaze/large-play-v1")[0] == "antmaze"
     assert resolve_reward_scale("auto", "D4RL/pen/human-v2")[0] == "none"
+    assert resolve_reward_scale("auto", "mujoco/pusher/expert-v0")[0] == "none"
+    assert resolve_reward_scale("auto", "mujoco/ant/medium-v0", np.array([0.0, 1.0]))[0] == "locomotion"
     with pytest.raises(ValueError, match="reward_scale"):
         resolve_reward_scale("locomotion", "x-v0", np.array([5.0]))
     with pytest.raises(ValueError, match="reward_scale"):
@@ -354,14 +356,22 @@ def test_interrupted_build_leaves_no_dataset(empty_root, monkeypatch):
     monkeypatch.setattr(hdf5_storage.HDF5Storage, "update_episodes", boom)
     with pytest.raises(KeyboardInterrupt):
         make_local_dataset("test/killed-v0", num_episodes=2)
+    assert os.environ["MINARI_DATASETS_PATH"] == str(empty_root)  # restored after the failure
     assert not (empty_root / "test" / "killed-v0").exists()
     assert not [p for p in os.listdir(empty_root) if p.startswith(".qipo")]
     with pytest.raises(FileNotFoundError, match="make_local_dataset|minari download"):
         load_minari("test/killed-v0")
     monkeypatch.undo()
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(empty_root))
+    # what a SIGKILL leaves behind (a temp dir with a full-looking dataset) is never loaded, and old ones are removed
+    stale = empty_root / ".qipo-tmp-dead" / "test" / "killed-v0" / "data"
+    stale.mkdir(parents=True)
+    os.utime(empty_root / ".qipo-tmp-dead", (1, 1))
+    with pytest.raises(FileNotFoundError):
+        load_minari("test/killed-v0")
     make_local_dataset("test/killed-v0", num_episodes=2)
     assert len(load_minari("test/killed-v0")) == 400
+    assert not (empty_root / ".qipo-tmp-dead").exists()
 
 
 def test_demo_dataset_is_mixed_quality(demo_root, monkeypatch):

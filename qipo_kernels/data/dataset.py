@@ -30,7 +30,7 @@ REWARD_SCALES = ("auto", "locomotion", "antmaze", "cpql-antmaze", "none")
 
 # Environment names whose datasets get locomotion-style reward scaling under reward_scale="auto".
 _LOCOMOTION_RE = re.compile(
-    r"(^|/)mujoco/|(^|[/_-])(halfcheetah|hopper|walker2d|ant|humanoid|swimmer)([/_-]|$)", re.IGNORECASE)
+    r"(^|[/_-])(halfcheetah|hopper|walker2d|ant|humanoid|humanoidstandup|swimmer)([/_-]|$)", re.IGNORECASE)
 
 
 def _check_device(device) -> torch.device:
@@ -65,8 +65,9 @@ def resolve_reward_scale(reward_scale, dataset_id: str = "", episode_returns: Op
 
     reward_scale:
       - ``"auto"``: ``"antmaze"`` when the id names AntMaze, ``"locomotion"`` for MuJoCo locomotion
-        ids (namespace ``mujoco/`` or a halfcheetah/hopper/walker2d/ant/humanoid/swimmer name),
-        ``"none"`` otherwise (the embedded Pendulum task included).
+        ids (a halfcheetah/hopper/walker2d/ant/humanoid/swimmer component, e.g.
+        "mujoco/hopper/medium-v0" or "hopper-medium-v2"), ``"none"`` otherwise (the embedded
+        Pendulum task, "mujoco/pusher/...", Adroit, Kitchen included).
       - ``"locomotion"``: r * 1000 / (max episode return - min episode return) (IQL / QIPO style).
       - ``"antmaze"``: r - 1 (QIPO, IQL).   ``"cpql-antmaze"``: (r - 0.5) * 4 (CPQL).
       - ``"none"``: unchanged.   a float: r * float.

@@ -191,6 +191,7 @@ def make_local_dataset(dataset_id: str = DEMO_DATASET_ID, num_episodes: int = 10
 
     root = datasets_root()
     os.makedirs(root, exist_ok=True)
+    _remove_stale_temp_dirs(root)
     tmp_root = tempfile.mkdtemp(prefix=".qipo-tmp-", dir=root)  # hidden: minari's listing skips it
     try:
         with _env_lock:  # minari reads $MINARI_DATASETS_PATH when it writes: point it at the temp dir
@@ -239,6 +240,25 @@ def make_local_dataset(dataset_id: str = DEMO_DATASET_ID, num_episodes: int = 10
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return dataset_id
+
+
+def _remove_stale_temp_dirs(root: str, max_age_s: float = 6 * 3600) -> None:
+    """Delete temp directories that a killed build left behind (hidden, so minari never lists them)."""
+    import time
+
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        if name.startswith((".qipo-tmp-", ".qipo-old-")):
+            path = os.path.join(root, name)
+            try:
+                if now - os.path.getmtime(path) > max_age_s:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def _copy_namespace_files(tmp_root: str, root: str, namespace: str) -> None:
