@@ -205,7 +205,9 @@ class DatasetInfo:
     # ---- environment ----
     def env_spec(self):
         """The gymnasium EnvSpec recorded with the dataset (eval env first), or one made from env_id."""
-        import gymnasium as gym
+        from .minari_io import require
+
+        gym = require("gymnasium")
         from gymnasium.envs.registration import EnvSpec
 
         if self.env_spec_json is not None:
@@ -220,8 +222,9 @@ class DatasetInfo:
         With ``seed`` the env is reset once with per-copy seeds derived from it (and its action space
         seeded), so the following ``reset()`` without a seed is deterministic.
         """
-        import gymnasium as gym
+        from .minari_io import require
 
+        gym = require("gymnasium")
         positive_int("num_envs", num_envs)
         if max_episode_steps is not None:
             positive_int("max_episode_steps", max_episode_steps)

@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .._checks import positive_int
-from .minari_io import DEMO_DATASET_ID, check_dataset_id, datasets_root, dataset_dir
+from .minari_io import DEMO_DATASET_ID, check_dataset_id, datasets_root, dataset_dir, require
 
 PENDULUM_ID = "Pendulum-v1"
 MAX_TORQUE = 2.0
@@ -174,7 +174,9 @@ def make_local_dataset(dataset_id: str = DEMO_DATASET_ID, num_episodes: int = 10
     seed = int(seed)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-    import minari
+    minari = require("minari")
+    require("h5py")
+    require("PIL")
     from minari.dataset.minari_dataset import parse_dataset_id
 
     target = dataset_dir(dataset_id)

@@ -33,11 +33,23 @@ def dataset_dir(dataset_id: str) -> str:
     return os.path.join(datasets_root(), dataset_id)
 
 
+def require(module: str):
+    """Import an optional dependency of the 'rl' extra, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is needed here but cannot be imported ({e}); "
+                          "pip install 'qipo_kernels[rl]'") from e
+
+
 def check_dataset_id(dataset_id) -> str:
     """Validate a Minari dataset id ``(namespace/)name-v<version>``; returns it."""
     if not isinstance(dataset_id, str):
         raise TypeError(f"dataset_id must be a str such as 'mujoco/halfcheetah/medium-v0', "
                         f"got {type(dataset_id).__name__}")
+    require("minari")
     from minari.dataset.minari_dataset import parse_dataset_id
 
     try:
@@ -143,10 +155,7 @@ def flatten_episodes(episodes: Iterable, obs_keys: Optional[Sequence[str]] = Non
 def open_minari(dataset_id: str):
     """minari.load_dataset with a clear error when the dataset is missing or unreadable."""
     check_dataset_id(dataset_id)
-    try:
-        import minari
-    except ImportError as e:
-        raise ImportError("qipo_kernels.data needs minari: pip install 'qipo_kernels[rl]'") from e
+    minari = require("minari")
     if not os.path.isdir(os.path.join(dataset_dir(dataset_id), "data")):
         raise FileNotFoundError(missing_dataset_message(dataset_id))
     try:
@@ -201,11 +210,10 @@ def load_minari(dataset_id: str, device="cpu", reward_scale="auto", normalize_ob
         FileNotFoundError naming ``minari download <id>`` (or make_local_dataset for the demo id)
         when the dataset is not on this machine.
     """
-    import gymnasium as gym
-
     from .dataset import _check_device, _check_dtype, check_reward_scale
 
     check_dataset_id(dataset_id)
+    gym = require("gymnasium")
     _check_device(device)
     _check_dtype(dtype)
     check_reward_scale(reward_scale)
