@@ -150,6 +150,10 @@ def test_evaluate_bad_input(demo):
         evaluate(zero_policy)
     with pytest.raises(TypeError, match="dataset"):
         evaluate(zero_policy, dataset=[1, 2])
+    with pytest.raises(ValueError, match="env_id"):
+        evaluate(zero_policy, env_id="NoSuchEnv-v0")
+    with pytest.raises(TypeError, match="dtype"):
+        evaluate(zero_policy, demo, dtype=torch.int64)
     with pytest.raises(ValueError, match="observations"):
         evaluate(zero_policy, demo, env_id="MountainCarContinuous-v0", num_episodes=1)
 
