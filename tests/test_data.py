@@ -173,7 +173,8 @@ def test_reward_scale_modes(mode, dataset_id, expect):
 
 
 def test_reward_scale_resolution_and_errors():
-    assert resolve_reward_scale("auto", "mujoco/halfcheetah/expert-v0", np.array([0.0, 500.0]))[:2] == ("locomotion", 2.0)
+    mode, mult, _ = resolve_reward_scale("auto", "mujoco/halfcheetah/expert-v0", np.array([0.0, 500.0]))
+    assert (mode, mult) == ("locomotion", 2.0)
     assert resolve_reward_scale("auto", "hopper-medium-replay-v2", np.array([0.0, 1000.0]))[0] == "locomotion"
     assert resolve_reward_scale("auto", "D4RL/antmaze/large-play-v1")[0] == "antmaze"
     assert resolve_reward_scale("auto", "D4RL/pen/human-v2")[0] == "none"

@@ -8,7 +8,9 @@ import torch
 pytest.importorskip("minari")
 gym = pytest.importorskip("gymnasium")
 
-from qipo_kernels.data import DEMO_DATASET_ID, DatasetInfo, load_minari, make_local_dataset, pendulum_controller  # noqa: E402
+from qipo_kernels.data import (  # noqa: E402
+    DEMO_DATASET_ID, DatasetInfo, load_minari, make_local_dataset, pendulum_controller,
+)
 from qipo_kernels.data.dataset import env_seeds  # noqa: E402
 from qipo_kernels.evaluation import D4RL_REF_SCORES, evaluate, normalized_score, reference_scores  # noqa: E402
 
