@@ -5,21 +5,21 @@ with a PD law near the top; noiseless it scores about -120 per 200-step episode 
 policy scores about -1200). Each dataset episode gets one behaviour profile, in fixed proportions
 (largest-remainder rounding of the fractions, then shuffled with the seed):
 
-=========  ========  ===================================================  ==============
-profile    fraction  actions                                              typical return
-=========  ========  ===================================================  ==============
-expert     20 %      controller + N(0, (0.05 * 2)^2) torque noise         ~ -130
-medium     30 %      controller + N(0, (0.25 * 2)^2), 10 % uniform random ~ -200
-poor       30 %      controller + N(0, (0.5 * 2)^2), 40 % uniform random  ~ -550
-random     20 %      uniform in [-2, 2]                                   ~ -1200
-=========  ========  ===================================================  ==============
+=========  ========  ===================================================  ===================
+profile    fraction  actions                                              mean return (seed 0)
+=========  ========  ===================================================  ===================
+expert     20 %      controller + N(0, (0.05 * 2)^2) torque noise         -149
+medium     30 %      controller + N(0, (0.25 * 2)^2), 10 % uniform random -165
+poor       30 %      controller + N(0, (0.5 * 2)^2), 40 % uniform random  -517
+random     20 %      uniform in [-2, 2]                                   -1266
+=========  ========  ===================================================  ===================
 
-so the behaviour policy averages about -500 and an offline RL algorithm that stitches the good
+(100 episodes, seed 0), so the behaviour policy averages -488 (normalised score 63) and an offline RL algorithm that stitches the good
 actions together can approach the controller. Reference scores, stored in the dataset metadata and
 used for the normalised score (100 * (R - ref_min) / (ref_max - ref_min)), are measured when the
 dataset is made, on 20 fixed reset seeds (10000..10019) independent of ``seed``:
-``ref_min_score`` = mean return of the uniform random policy (action RNG seed 10000),
-``ref_max_score`` = mean return of the noiseless controller.
+``ref_min_score`` = mean return of the uniform random policy (action RNG seed 10000), -1117.7;
+``ref_max_score`` = mean return of the noiseless controller, -121.8.
 Each episode's profile is stored in its Minari episode metadata (``profile``, ``noise``,
 ``epsilon``) together with its reset ``seed``. Same (num_episodes, seed) -> identical data.
 """
