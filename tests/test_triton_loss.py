@@ -100,6 +100,13 @@ def test_extreme_beta(normalize, beta, energy_scale, gen):
     _check_fm(pred, a, z, t, "ot", e, beta, normalize, None)
 
 
+def test_energy_and_t_in_other_dtypes(gen):
+    """energy (and t) may be float64 with float32 pred: the reference rounds energy to pred's dtype."""
+    pred, a, z, t, e, pw = _inputs(3, 10, 4, gen, with_pw=True)
+    for norm in ("support", "batch"):
+        _check_fm(pred, a, z, t.double(), "ot", e.double() * 30, 3.0, norm, pw)
+
+
 def test_energy_offset_invariance(gen):
     """Adding a constant to a state's energies must not change support weights (max subtraction)."""
     pred, a, z, t, e, _ = _inputs(3, 9, 5, gen)

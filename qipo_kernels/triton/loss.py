@@ -51,7 +51,7 @@ _NORM = {"uniform": 0, "support": 1, "batch": 2}
 _TARGET_MODE = {"ot": 1, "ot-eps": 2, "vp": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "n_iter", "n_prog"])
 def _batch_stats_kernel(e_ptr, stats_ptr, N, beta, n_iter, n_prog, BLOCK: tl.constexpr):
     """Per program: running (max, sum exp(z - max)) of z = beta * energy over its chunks.
 
@@ -77,7 +77,8 @@ def _batch_stats_kernel(e_ptr, stats_ptr, N, beta, n_iter, n_prog, BLOCK: tl.con
     tl.store(stats_ptr + n_prog + pid, s)
 
 
-@triton.jit
+# batch-like sizes are not specialised on (no recompilation for every new batch size)
+@triton.jit(do_not_specialize=["S", "n_stats"])
 def _fm_loss_kernel(
     pred_ptr, x1_ptr, x2_ptr, e_ptr, pw_ptr, stats_ptr,
     grad_ptr, dpw_ptr, part_ptr,
@@ -316,7 +317,7 @@ def _supports_weighted_fm_loss(pred=None, target=None, energy=None, normalize=No
 
 # ---- flow_path: x_t (and the "ot" target) in one launch ----
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _flow_path_kernel(a_ptr, z_ptr, t_ptr, x_ptr, tgt_ptr, N, D, beta0, beta1,
                       PATH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """PATH 0 "ot": x = t a + (1 - t) z, target = a - z; 1 "ot-eps": x as "ot"; 2 "vp": x = alpha a + sigma z."""

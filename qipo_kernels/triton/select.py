@@ -33,7 +33,7 @@ MAX_BLOCK_K = 256
 MAX_BLOCK_D = 128
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _select_kernel(q_ptr, c_ptr, u_ptr, out_ptr, B, K, D, inv_temp,
                    SOFTMAX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
