@@ -165,6 +165,16 @@ def test_grad_output_scaling_and_accumulation(gen):
     torch.testing.assert_close(p.grad.double(), p64.grad, rtol=2e-5, atol=1e-7)
 
 
+def test_double_backward_refused(gen):
+    """backward(create_graph=True) would need the second derivative; the fused loss refuses loudly
+    rather than returning a gradient that silently does not depend on pred."""
+    pred, a, z, t, e, _ = _inputs(2, 3, 4, gen)
+    p = pred.clone().requires_grad_()
+    loss = qk.flow_matching_loss(p, a, z, t, "ot", e, 3.0, backend="triton")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, p, create_graph=True)
+
+
 def test_chunked_tiles_and_batch_partials(monkeypatch, gen):
     """Small tiles force the support loop over M in chunks, many programs, several batch partials
     per program and a partial count that is not a power of two."""

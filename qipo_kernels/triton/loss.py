@@ -20,7 +20,7 @@ combines those partials itself (no host round trip, nothing to synchronise).
 Gradients: the same as the reference's autograd: pred; target (weighted_fm_loss); actions
 ("ot") and noise (flow_matching_loss) through the target; pair_weight. Energy gets none (the
 reference detaches the weights) and neither does t (the target does not depend on t). Double
-backward is not supported. flow_path has no backward: its supports() declines inputs that need
+backward (create_graph=True) raises: the saved gradient is a constant of pred. flow_path has no backward: its supports() declines inputs that need
 a gradient, so backend="auto" falls back to the reference there.
 
 Each forward is a torch.library custom op with a fake (meta) implementation, and the loss has
@@ -245,6 +245,10 @@ def _fm_setup_context(ctx, inputs, output):
 
 
 def _fm_backward(ctx, g_loss, _g_grad, _g_dpw):
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the saved gradient is a constant here, so a second derivative
+        # (a gradient penalty, a Hessian-vector product) would silently be zero. Refuse instead.
+        raise RuntimeError("the Triton flow-matching loss does not support double backward; use backend='torch'")
     grad, dpw = ctx.saved_tensors
     need = ctx.needs_input_grad
     g_pred = g_x1 = g_x2 = g_pw = None
