@@ -20,8 +20,9 @@ combines those partials itself (no host round trip, nothing to synchronise).
 Gradients: the same as the reference's autograd: pred; target (weighted_fm_loss); actions
 ("ot") and noise (flow_matching_loss) through the target; pair_weight. Energy gets none (the
 reference detaches the weights) and neither does t (the target does not depend on t). Double
-backward (create_graph=True) raises: the saved gradient is a constant of pred. flow_path has no backward: its supports() declines inputs that need
-a gradient, so backend="auto" falls back to the reference there.
+backward (create_graph=True) raises: the saved gradient is a constant of pred. flow_path has no
+backward: its supports() declines inputs that need a gradient, so backend="auto" falls back to
+the reference there.
 
 Each forward is a torch.library custom op with a fake (meta) implementation, and the loss has
 an autograd formula registered on it, so torch.compile traces through without graph breaks and
