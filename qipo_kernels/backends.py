@@ -38,6 +38,9 @@ def register(op: str, backend: str, impl: Callable, supports: Optional[Callable[
         _SUPPORTS[(op, backend)] = supports
 
 
+# Run eagerly even while torch.compile traces a caller: Dynamo refuses to trace importlib, so the
+# first dispatch of a compiled function would otherwise break the graph (fullgraph=True fails).
+@torch.compiler.assume_constant_result
 def _load(backend: str) -> None:
     if backend in _LOADED or backend not in _MODULES:
         return
