@@ -241,7 +241,7 @@ def _policy_kernel(
         amask = valid[:, None] & (offs_a[None, :] < A)
         xoff = rows[:, None] * A + offs_a[None, :]
         x = tl.load(x0_ptr + xoff, mask=amask, other=0.0).to(tl.float32)
-        if MODE == 0 or MODE == 2:
+        if MODE % 2 == 0:  # MODE 0 (integrate) or 2 (act with the flow sampler)
             # ---------------- ODE solver, all steps ----------------
             if TRAJ:
                 tl.store(traj_ptr + xoff, x.to(traj_ptr.dtype.element_ty), mask=amask)
