@@ -570,30 +570,46 @@ def _prec(dtype) -> int:
     return 2
 
 
-def _block_choices(hp_min: int):
-    return [bn for bn in (32, 64, 128) if bn <= hp_min] or [hp_min]
+def _autotune_enabled() -> bool:
+    return os.environ.get("QIPO_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _tuned_kernel(group: bool, hp: int, hpq: int, bm_fixed: Optional[int]):
-    """The autotuned kernel for a width class (created lazily; never at import). Keys: stable
-    dimensions and the constexpr configuration only, never the batch size."""
-    key = (group, hp, hpq, bm_fixed)
+def _tuned_kernel(hp: int, hpq: int):
+    """The autotuned kernel for a width class, created lazily on first CUDA use (never at import).
+
+    Tuned: BN (column block), num_warps, num_stages. The key holds stable dimensions and the
+    constexpr configuration only; BM (rows per tile) is chosen on the host from a few size
+    buckets (see ``_choose_bm``), so a new batch size never recompiles or retunes.
+    """
+    key = (hp, hpq)
     if key in _TUNED:
         return _TUNED[key]
     hmin = min(hp, hpq)
-    cfgs = []
-    bms = [bm_fixed] if group else [bm for bm in (32, 64, 128) if bm * max(hp, hpq) <= 128 * 256]
-    for bm in bms:
-        for bn in _block_choices(hmin):
-            if hp % bn or hpq % bn:
-                continue
-            for w in (4, 8):
-                kw = {"BN": bn} if group else {"BM": bm, "BN": bn}
-                cfgs.append(triton.Config(kw, num_warps=w, num_stages=1))
+    bn_big = 128 if hp % 128 == 0 and hpq % 128 == 0 else min(32, hmin)
+    bn = min(64, hmin)
+    cfgs = [triton.Config({"BN": bn}, num_warps=4, num_stages=1),
+            triton.Config({"BN": bn}, num_warps=8, num_stages=1),
+            triton.Config({"BN": bn}, num_warps=4, num_stages=2)]
+    if bn_big != bn:
+        cfgs.append(triton.Config({"BN": bn_big}, num_warps=8 if bn_big == 128 else 4, num_stages=2))
+    if not _autotune_enabled():
+        cfgs = cfgs[:1]
     k = triton.autotune(cfgs, key=["HP", "AP", "SP", "DEPTH", "ACT", "HPQ", "DEPTHQ", "ACTQ", "KP", "MODE",
-                                    "SOLVER", "CLIP", "TRAJ", "SOFTMAX", "PREC"])(_policy_kernel)
-    _TUNED[key] = (k, tuple(bms))
-    return _TUNED[key]
+                                    "SOLVER", "CLIP", "TRAJ", "SOFTMAX", "PREC", "BM"])(_policy_kernel)
+    _TUNED[key] = k
+    return k
+
+
+def _choose_bm(rows: int, min_rows: int, hs: int, programs: int) -> int:
+    """Rows per tile: the largest of 16..128 that still gives every SM a tile (a bigger
+    tile re-reads the weights fewer times; a smaller one spreads a small batch over more SMs).
+    Only these few buckets exist, so the batch size never triggers more than 4 compilations."""
+    cap = 128 if hs <= 256 else 64
+    bm = 16
+    for cand in (32, 64, 128):
+        if cand <= cap and triton.cdiv(rows, cand) >= programs:
+            bm = cand
+    return max(bm, min_rows)
 
 
 def _launch(mode, pack: _PolicyPack, cpack: Optional[_CriticPack], x0, obs, snoise, u, out, traj, tvec, coef,
@@ -616,35 +632,58 @@ def _launch(mode, pack: _PolicyPack, cpack: Optional[_CriticPack], x0, obs, snoi
                   HP=mlp.HP, AP=mlp.AP, SP=mlp.SP, DEPTH=mlp.depth, ACT=act_code, HPQ=hpq, DEPTHQ=dq,
                   ACTQ=act_code_q, HS=HS, KP=KP, BK=BK, BKS=BKS, PREC=_prec(dtype))
     nprog = _programs(device)
-    units = B if group else N
-
-    def n_tiles(bm):
-        return triton.cdiv(units, max(bm // KP, 1)) if group else triton.cdiv(units, bm)
-
-    bm_group = max(KP, 16 if _interpret() else 32)
-    if _interpret() or device.type != "cuda":
-        bm = bm_group if group else 16
-        kernel, meta = _policy_kernel, dict(BM=bm, BN=min(64, mlp.HP, hpq))
-        bm_min = bm_max = bm
-        grid = (max(1, min(n_tiles(bm), nprog)),)
+    if group:  # a tile holds whole states: BM // KP states x KP candidate slots
+        units, rows = B, B * KP
     else:
-        kernel, bms = _tuned_kernel(group, mlp.HP, hpq, bm_group if group else None)
-        bm_min, bm_max = min(bms), max(bms)
-        meta = dict(BM=bm_group) if group else {}
-
-        def grid(m):
-            return (max(1, min(n_tiles(m["BM"]), nprog)),)
-    # scratch for the largest grid (smallest tile) times the largest tile
-    progs = max(1, min(n_tiles(bm_min), nprog))
-    osh = _new_buffer((progs * bm_max * HS,), torch.float32, device)
-    hbuf = _new_buffer((progs * 2 * bm_max * HS,), dtype, device)
-    kernel[grid](
+        units, rows = N, N
+    interp = _interpret() or device.type != "cuda"
+    bm = max(16, KP) if interp else _choose_bm(rows, KP, HS, max(1, nprog // 2))  # tiles >= SMs
+    n_tiles = triton.cdiv(units, bm // KP) if group else triton.cdiv(units, bm)
+    progs = max(1, min(n_tiles, nprog))
+    if interp:
+        kernel, meta = _policy_kernel, dict(BM=bm, BN=min(64, mlp.HP, hpq))
+    else:
+        kernel, meta = _tuned_kernel(mlp.HP, hpq), dict(BM=bm)
+    osh = _new_buffer((progs * bm * HS,), torch.float32, device)
+    hbuf = _new_buffer((progs * 2 * bm * HS,), dtype, device)
+    kernel[(progs,)](
         x0, obs, snoise if snoise is not None else x0, u if u is not None else coef, out,
         traj if traj is not None else out, tvec, coef, osh, hbuf,
         *mlp.args(), *qargs,
         N, B, K, A, S, steps, n_evals, float(temperature),
         **common, **meta,
     )
+
+
+def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, traj=False, kp=1, bm=64, bn=64,
+                        hp=256, depth=3, arch=90, num_warps=4):
+    """Compile the fused kernel for a CUDA architecture without a GPU (Triton's bundled ptxas);
+    a development check that the interpreter cannot make. Needs TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _policy_kernel
+    names = fn.arg_names
+    f32 = {"osh_ptr", "tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2"}
+    ints = {"N", "B", "K", "A", "S", "steps", "n_evals"}
+    const = dict(MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32, DEPTH=depth,
+                 ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, HS=hp, KP=kp, BM=bm, BN=bn, BK=64, BKS=32, PREC=prec)
+    sig = {}
+    for n in names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n == "u_ptr":
+            sig[n] = "*fp64"
+        elif n in f32:
+            sig[n] = "*fp32"
+        elif n in ints:
+            sig[n] = "i32"
+        elif n == "temperature":
+            sig[n] = "fp32"
+        else:
+            sig[n] = "*" + dtype
+    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=1))
 
 
 # ----------------------------------------------------------------------------------------------
