@@ -176,9 +176,9 @@ def test_act_matches_reference(sampler, mode, K):
     sn = torch.randn(1, B, K, 6, generator=g).to(DEV) if sigmas else None
     solver, path = ("euler", None) if sampler == "flow" else ("euler", None)
     q = _ref_q(net, critic, obs, K, sampler, 3, solver, path, sigmas, noise, sn)
-    u = _safe_uniform(q.cpu(), 0.7, g).to(DEV) if mode == "softmax" else None
-    ref = ops._act_ref(net, critic, obs, K, sampler, 3, solver, path, sigmas, mode, 0.7, noise, sn, u, None, True)
-    out = ts.act(net, critic, obs, K, sampler, 3, solver, path, sigmas, mode, 0.7, noise, sn, u, None, True)
+    u = _safe_uniform(q.cpu(), 0.05, g).to(DEV) if mode == "softmax" else None
+    ref = ops._act_ref(net, critic, obs, K, sampler, 3, solver, path, sigmas, mode, 0.05, noise, sn, u, None, True)
+    out = ts.act(net, critic, obs, K, sampler, 3, solver, path, sigmas, mode, 0.05, noise, sn, u, None, True)
     _close(out, ref)
     if mode == "argmax" and K > 1:
         # the pick is really the best candidate (not e.g. always index 0)
@@ -196,6 +196,27 @@ def test_act_dpm2_and_generator_stream():
                   backend="torch")
     out = ops.act(net, critic, obs, num_candidates=4, steps=2, solver="dpm2", path="vp", generator=g2,
                   backend="triton")
+    _close(out, ref)
+
+
+@pytest.mark.parametrize("mode", ["argmax", "softmax"])
+def test_act_layer_norm_critic(mode):
+    # CPQL's offline critic: Linear -> LayerNorm -> Mish; gamma / beta made non-trivial.
+    net = _net(A=6, S=17, H=24, depth=2, act="mish")
+    torch.manual_seed(13)
+    critic = DoubleCritic(17, 6, hidden=40, depth=3, activation="mish", layer_norm=True).to(DEV)
+    for m in critic.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.3, 0.3)
+    g = torch.Generator().manual_seed(14)
+    B, K = 6, 7
+    obs = torch.randn(B, 17, generator=g).to(DEV)
+    noise = torch.randn(B, K, 6, generator=g).to(DEV)
+    q = _ref_q(net, critic, obs, K, "flow", 2, "midpoint", None, None, noise, None)
+    u = _safe_uniform(q.cpu(), 0.02, g).to(DEV) if mode == "softmax" else None
+    ref = ops._act_ref(net, critic, obs, K, "flow", 2, "midpoint", None, None, mode, 0.02, noise, None, u, None, True)
+    out = ops.act(net, critic, obs, K, "flow", 2, "midpoint", None, None, mode, 0.02, noise, None, u, backend="triton")
     _close(out, ref)
 
 
@@ -240,8 +261,7 @@ def test_supports_reasons():
         assert any("float32 only" in s for s in ts.supports_integrate(net=net, x0=x0.bfloat16(), obs=obs.bfloat16()))
     critic = DoubleCritic(17, 6, hidden=24, depth=2)
     assert ts.supports_act(net=net, critic=critic, obs=obs, num_candidates=4) == []
-    assert any("layer_norm" in s for s in
-               ts.supports_act(net=net, critic=DoubleCritic(17, 6, hidden=24, layer_norm=True), obs=obs))
+    assert ts.supports_act(net=net, critic=DoubleCritic(17, 6, hidden=24, layer_norm=True), obs=obs) == []
     assert any("not a qipo_kernels.nets.DoubleCritic" in s for s in ts.supports_act(net=net, critic=object(), obs=obs))
     assert any("num_candidates" in s for s in ts.supports_act(net=net, critic=critic, obs=obs, num_candidates=300))
     # dispatch: explain lists the reason; an explicit triton request fails with it
@@ -360,14 +380,14 @@ for case in eval(sys.argv[1]):
 def test_kernel_compiles_for_sm90_without_a_gpu():
     """The interpreter does not compile; this builds real sm_90 binaries (Triton's bundled ptxas,
     in a subprocess without TRITON_INTERPRET) so code-generation errors show up without a GPU too:
-    act in bf16 with the softmax draw, and rk4 in float32 with the trajectory."""
+    act in bf16 with the softmax draw and a LayerNorm critic, and rk4 in float32 with the trajectory."""
     import os
     import subprocess
     import sys
 
     import qipo_kernels
 
-    cases = [dict(mode=2, solver=0, dtype="bf16", prec=2, softmax=True, kp=64, bm=64),
+    cases = [dict(mode=2, solver=0, dtype="bf16", prec=2, softmax=True, kp=64, bm=64, ln=True),
              dict(mode=0, solver=3, dtype="fp32", prec=0, traj=True, bm=32, depth=2, hp=128)]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)

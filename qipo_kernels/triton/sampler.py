@@ -150,14 +150,39 @@ def _obs_share(obs_ptr, state, valid, S, w1o, b1, osh,
 
 
 @triton.jit
-def _mlp_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo,
+def _ln_act(buf, rowsum, lnw, lnb, HT, ln_eps, HP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+            ACT: tl.constexpr):
+    """In place on buf [BM, HP] (pre-activations): LayerNorm over the first HT columns (biased
+    variance, two passes), affine, activation. Padded columns stay 0 (gamma = beta = 0 there)."""
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    mean = rowsum / HT
+    var = tl.zeros((BM,), tl.float32)
+    for n0 in range(0, HP, BN):
+        cols = n0 + offs_n
+        v = tl.load(buf + offs_m[:, None] * HP + cols[None, :]).to(tl.float32)
+        d = tl.where(cols[None, :] < HT, v - mean[:, None], 0.0)
+        var += tl.sum(d * d, axis=1)
+    rstd = 1.0 / tl.sqrt(var / HT + ln_eps)
+    for n0 in range(0, HP, BN):
+        cols = n0 + offs_n
+        ptrs = buf + offs_m[:, None] * HP + cols[None, :]
+        v = tl.load(ptrs).to(tl.float32)
+        y = (v - mean[:, None]) * rstd[:, None] * tl.load(lnw + cols)[None, :] + tl.load(lnb + cols)[None, :]
+        tl.store(ptrs, _activation(y, ACT).to(buf.dtype.element_ty))
+    tl.debug_barrier()
+
+
+@triton.jit
+def _mlp_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo, lnw, lnb, HT, ln_eps,
               HP: tl.constexpr, HS: tl.constexpr, IN_PAD: tl.constexpr, OUT_PAD: tl.constexpr,
-              DEPTH: tl.constexpr, ACT: tl.constexpr, HAS_T: tl.constexpr,
+              DEPTH: tl.constexpr, ACT: tl.constexpr, HAS_T: tl.constexpr, LN: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """One network evaluation for a tile: xin [BM, IN_PAD] float32 -> [BM, OUT_PAD] float32.
 
     Layer 1 = osh (obs share + b1) + trow (time share, when HAS_T) + xin @ W1x; hidden layers
     and the output layer read their input from the scratch ``hbuf`` ([2, BM, HS] ping-pong).
+    With LN, every hidden layer is Linear -> LayerNorm(HT, eps, lnw[l], lnb[l]) -> activation.
     """
     offs_m = tl.arange(0, BM)
     offs_i = tl.arange(0, IN_PAD)
@@ -166,6 +191,7 @@ def _mlp_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo,
     offs_k = tl.arange(0, BK)
     cdt = w1x.dtype.element_ty
     xa = xin.to(cdt)
+    rs = tl.zeros((BM,), tl.float32)
     for n0 in range(0, HP, BN):
         cols = n0 + offs_n
         acc = tl.load(osh + offs_m[:, None] * HP + cols[None, :])
@@ -173,12 +199,19 @@ def _mlp_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo,
             acc += tl.load(trow + cols)[None, :]
         w = tl.load(w1x + offs_i[:, None] * HP + cols[None, :])
         acc = _dot(xa, w, acc, PREC)
-        acc = _activation(acc, ACT)
-        tl.store(hbuf + offs_m[:, None] * HP + cols[None, :], acc.to(cdt))
+        if LN:
+            acc = acc.to(cdt)
+            rs += tl.sum(acc.to(tl.float32), axis=1)
+        else:
+            acc = _activation(acc, ACT).to(cdt)
+        tl.store(hbuf + offs_m[:, None] * HP + cols[None, :], acc)
     tl.debug_barrier()
+    if LN:
+        _ln_act(hbuf, rs, lnw, lnb, HT, ln_eps, HP, BM, BN, ACT)
     for l in range(DEPTH - 1):
         src = hbuf + (l % 2) * (BM * HS)
         dst = hbuf + ((l + 1) % 2) * (BM * HS)
+        rs = tl.zeros((BM,), tl.float32)
         for n0 in range(0, HP, BN):
             cols = n0 + offs_n
             acc = tl.zeros((BM, BN), tl.float32) + tl.load(bh + l * HP + cols)[None, :]
@@ -187,9 +220,15 @@ def _mlp_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo,
                 a = tl.load(src + offs_m[:, None] * HP + ks[None, :])
                 w = tl.load(wh + l * (HP * HP) + ks[:, None] * HP + cols[None, :])
                 acc = _dot(a, w, acc, PREC)
-            acc = _activation(acc, ACT)
-            tl.store(dst + offs_m[:, None] * HP + cols[None, :], acc.to(cdt))
+            if LN:
+                acc = acc.to(cdt)
+                rs += tl.sum(acc.to(tl.float32), axis=1)
+            else:
+                acc = _activation(acc, ACT).to(cdt)
+            tl.store(dst + offs_m[:, None] * HP + cols[None, :], acc)
         tl.debug_barrier()
+        if LN:
+            _ln_act(dst, rs, lnw + (l + 1) * HP, lnb + (l + 1) * HP, HT, ln_eps, HP, BM, BN, ACT)
     src = hbuf + ((DEPTH - 1) % 2) * (BM * HS)
     out = tl.zeros((BM, OUT_PAD), tl.float32) + tl.load(bo + offs_o)[None, :]
     for k0 in range(0, HP, BK):
@@ -201,15 +240,25 @@ def _mlp_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo,
     return out
 
 
-@triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature"])
+@triton.jit
+def _net_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo,
+              HP: tl.constexpr, HS: tl.constexpr, IN_PAD: tl.constexpr, OUT_PAD: tl.constexpr,
+              DEPTH: tl.constexpr, ACT: tl.constexpr, HAS_T: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """The policy network (no LayerNorm)."""
+    return _mlp_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo, bh, bh, 1, 0.0,
+                     HP, HS, IN_PAD, OUT_PAD, DEPTH, ACT, HAS_T, False, BM, BN, BK, PREC)
+
+
+@triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps"])
 def _policy_kernel(
     x0_ptr, obs_ptr, snoise_ptr, u_ptr, out_ptr, traj_ptr, tvec_ptr, coef_ptr, osh_ptr, hbuf_ptr,
     w1x, w1o, b1, wh, bh, wo, bo,
-    qa1, qo1, qb1, qh1, qhb1, qw1, qwb1,
-    qa2, qo2, qb2, qh2, qhb2, qw2, qwb2,
-    N, B, K, A, S, steps, n_evals, temperature,
+    qa1, qo1, qb1, qh1, qhb1, qw1, qwb1, qlw1, qlb1,
+    qa2, qo2, qb2, qh2, qhb2, qw2, qwb2, qlw2, qlb2,
+    N, B, K, A, S, steps, n_evals, temperature, HQ, ln_eps,
     MODE: tl.constexpr, SOLVER: tl.constexpr, CLIP: tl.constexpr, TRAJ: tl.constexpr,
-    SOFTMAX: tl.constexpr,
+    SOFTMAX: tl.constexpr, LNQ: tl.constexpr,
     HP: tl.constexpr, AP: tl.constexpr, SP: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
     HPQ: tl.constexpr, DEPTHQ: tl.constexpr, ACTQ: tl.constexpr, HS: tl.constexpr, KP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr,
@@ -248,47 +297,47 @@ def _policy_kernel(
             for i in range(steps):
                 c = coef_ptr + i * 8
                 if SOLVER == 0:  # euler
-                    k1 = _mlp_eval(x, tvec_ptr + i * HP, osh, hb, w1x, wh, bh, wo, bo,
+                    k1 = _net_eval(x, tvec_ptr + i * HP, osh, hb, w1x, wh, bh, wo, bo,
                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
                     x = x + tl.load(c) * k1
                 elif SOLVER == 1:  # midpoint
                     e0 = 2 * i
-                    k1 = _mlp_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
+                    k1 = _net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k2 = _mlp_eval(x + tl.load(c + 1) * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
+                    k2 = _net_eval(x + tl.load(c + 1) * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
                                    wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
                     x = x + tl.load(c) * k2
                 elif SOLVER == 2:  # heun
                     e0 = 2 * i
-                    k1 = _mlp_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
+                    k1 = _net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k2 = _mlp_eval(x + tl.load(c) * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
+                    k2 = _net_eval(x + tl.load(c) * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
                                    wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
                     x = x + tl.load(c + 1) * (k1 + k2)
                 elif SOLVER == 3:  # rk4
                     e0 = 4 * i
                     hh = tl.load(c + 1)
-                    k1 = _mlp_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
+                    k1 = _net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k2 = _mlp_eval(x + hh * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
+                    k2 = _net_eval(x + hh * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
                                    wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k3 = _mlp_eval(x + hh * k2, tvec_ptr + (e0 + 2) * HP, osh, hb, w1x, wh, bh,
+                    k3 = _net_eval(x + hh * k2, tvec_ptr + (e0 + 2) * HP, osh, hb, w1x, wh, bh,
                                    wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k4 = _mlp_eval(x + tl.load(c) * k3, tvec_ptr + (e0 + 3) * HP, osh, hb, w1x, wh, bh,
+                    k4 = _net_eval(x + tl.load(c) * k3, tvec_ptr + (e0 + 3) * HP, osh, hb, w1x, wh, bh,
                                    wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
                     x = x + tl.load(c + 2) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
                 elif SOLVER == 4:  # ddim / dpm1 (DPM-Solver++ 1, data prediction)
-                    eps = _mlp_eval(x, tvec_ptr + i * HP, osh, hb, w1x, wh, bh, wo, bo,
+                    eps = _net_eval(x, tvec_ptr + i * HP, osh, hb, w1x, wh, bh, wo, bo,
                                     HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
                     x0t = (x - tl.load(c) * eps) / tl.load(c + 1)
                     x = tl.load(c + 2) * x + tl.load(c + 3) * x0t
                 else:  # dpm2: DPM-Solver++(2S), r1 = 1/2
                     e0 = 2 * i
-                    eps = _mlp_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
+                    eps = _net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
                                     HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
                     x0t = (x - tl.load(c) * eps) / tl.load(c + 1)
                     xm = tl.load(c + 2) * x - tl.load(c + 3) * x0t
-                    epm = _mlp_eval(xm, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh, wo, bo,
+                    epm = _net_eval(xm, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh, wo, bo,
                                     HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
                     x0m = (xm - tl.load(c + 4) * epm) / tl.load(c + 5)
                     cn = tl.load(c + 7)
@@ -305,7 +354,7 @@ def _policy_kernel(
                 else:
                     zk = tl.load(snoise_ptr + (e - 1) * NA + xoff, mask=amask, other=0.0).to(tl.float32)
                     xs = a + tl.load(c + 3) * zk
-                f = _mlp_eval(tl.load(c + 2) * xs, tvec_ptr + e * HP, osh, hb, w1x, wh, bh, wo, bo,
+                f = _net_eval(tl.load(c + 2) * xs, tvec_ptr + e * HP, osh, hb, w1x, wh, bh, wo, bo,
                               HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
                 a = tl.load(c) * xs + tl.load(c + 1) * f
                 if CLIP:
@@ -317,11 +366,11 @@ def _policy_kernel(
             if CLIP:
                 cand = tl.minimum(tl.maximum(cand, -1.0), 1.0)
             _obs_share(obs_ptr, state, valid, S, qo1, qb1, osh, HPQ, SP, BM, BN, BKS, PREC)
-            q1 = _mlp_eval(cand, tvec_ptr, osh, hb, qa1, qh1, qhb1, qw1, qwb1,
-                           HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, BM, BN, BK, PREC)
+            q1 = _mlp_eval(cand, tvec_ptr, osh, hb, qa1, qh1, qhb1, qw1, qwb1, qlw1, qlb1, HQ, ln_eps,
+                           HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, BK, PREC)
             _obs_share(obs_ptr, state, valid, S, qo2, qb2, osh, HPQ, SP, BM, BN, BKS, PREC)
-            q2 = _mlp_eval(cand, tvec_ptr, osh, hb, qa2, qh2, qhb2, qw2, qwb2,
-                           HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, BM, BN, BK, PREC)
+            q2 = _mlp_eval(cand, tvec_ptr, osh, hb, qa2, qh2, qhb2, qw2, qwb2, qlw2, qlb2, HQ, ln_eps,
+                           HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, BK, PREC)
             offs_q = tl.arange(0, 16)
             q = tl.sum(tl.where(offs_q[None, :] == 0, tl.minimum(q1, q2), 0.0), axis=1)  # [BM]
             q2d = tl.reshape(q, (SB, KP))
@@ -377,7 +426,7 @@ class _MLPPack:
     each evaluation) and an obs part (folded with b1 into the per-tile obs share)."""
 
     def __init__(self, linears: List[nn.Linear], free_cols: slice, obs_cols: slice, out_pad: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, norms: Optional[List[nn.LayerNorm]] = None):
         first, hidden, last = linears[0], linears[1:-1], linears[-1]
         H = first.weight.shape[0]
         self.H, self.HP = H, _pad_hidden(H)
@@ -410,9 +459,24 @@ class _MLPPack:
             self.bh[i, :H] = lin.bias.detach().to(device=device, dtype=f32)
         self.wo = padded(last.weight.detach().t(), HP, out_pad, dtype)
         self.bo = padvec(last.bias.detach(), out_pad)
+        # LayerNorm after each hidden Linear (critic with layer_norm=True): gamma / beta [depth, HP]
+        self.ln = bool(norms)
+        self.ln_eps = float(norms[0].eps) if norms else 0.0
+        if norms:
+            self.lnw = torch.zeros(self.depth, HP, dtype=f32, device=device)
+            self.lnb = torch.zeros(self.depth, HP, dtype=f32, device=device)
+            for i, ln in enumerate(norms):
+                self.lnw[i, :H] = ln.weight.detach().float() if ln.weight is not None else 1.0
+                if ln.bias is not None:
+                    self.lnb[i, :H] = ln.bias.detach().float()
+        else:
+            self.lnw = self.lnb = self.b1
 
     def args(self):
         return (self.w1x, self.w1o, self.b1, self.wh, self.bh, self.wo, self.bo)
+
+    def ln_args(self):
+        return (self.lnw, self.lnb)
 
 
 class _PolicyPack:
@@ -451,7 +515,8 @@ class _CriticPack:
             self.heads = []
             for mlp in (critic.q1_net, critic.q2_net):
                 lins = [m for m in mlp.net if isinstance(m, nn.Linear)]
-                self.heads.append(_MLPPack(lins, slice(S, S + A), slice(0, S), 16, dtype, device))
+                norms = [m for m in mlp.net if isinstance(m, nn.LayerNorm)]
+                self.heads.append(_MLPPack(lins, slice(S, S + A), slice(0, S), 16, dtype, device, norms))
 
 
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, Dict]" = weakref.WeakKeyDictionary()
@@ -619,16 +684,16 @@ def _launch(mode, pack: _PolicyPack, cpack: Optional[_CriticPack], x0, obs, snoi
     group = mode >= MODE_ACT_FLOW
     if cpack is not None:
         h1, h2 = cpack.heads
-        qargs = h1.args() + h2.args()
-        hpq, dq = h1.HP, h1.depth
+        qargs = h1.args() + h1.ln_args() + h2.args() + h2.ln_args()
+        hpq, dq, hq, lnq, ln_eps = h1.HP, h1.depth, h1.H, h1.ln, h1.ln_eps
     else:
-        qargs = mlp.args() + mlp.args()
-        hpq, dq = mlp.HP, 1
+        qargs = (mlp.args() + mlp.ln_args()) * 2
+        hpq, dq, hq, lnq, ln_eps = mlp.HP, 1, mlp.H, False, 0.0
     HS = max(mlp.HP, hpq)
     KP = _next_pow2(K) if group else 1
     BK = min(64, mlp.HP, hpq)
     BKS = min(64, mlp.SP)
-    common = dict(MODE=mode, SOLVER=solver_code, CLIP=bool(clip), TRAJ=traj is not None, SOFTMAX=bool(softmax),
+    common = dict(MODE=mode, SOLVER=solver_code, CLIP=bool(clip), TRAJ=traj is not None, SOFTMAX=bool(softmax), LNQ=lnq,
                   HP=mlp.HP, AP=mlp.AP, SP=mlp.SP, DEPTH=mlp.depth, ACT=act_code, HPQ=hpq, DEPTHQ=dq,
                   ACTQ=act_code_q, HS=HS, KP=KP, BK=BK, BKS=BKS, PREC=_prec(dtype))
     nprog = _programs(device)
@@ -650,13 +715,13 @@ def _launch(mode, pack: _PolicyPack, cpack: Optional[_CriticPack], x0, obs, snoi
         x0, obs, snoise if snoise is not None else x0, u if u is not None else coef, out,
         traj if traj is not None else out, tvec, coef, osh, hbuf,
         *mlp.args(), *qargs,
-        N, B, K, A, S, steps, n_evals, float(temperature),
+        N, B, K, A, S, steps, n_evals, float(temperature), hq, float(ln_eps),
         **common, **meta,
     )
 
 
 def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, traj=False, kp=1, bm=64, bn=64,
-                        hp=256, depth=3, arch=90, num_warps=4):
+                        hp=256, depth=3, arch=90, num_warps=4, ln=False):
     """Compile the fused kernel for a CUDA architecture without a GPU (Triton's bundled ptxas);
     a development check that the interpreter cannot make. Needs TRITON_INTERPRET unset."""
     from triton.backends.compiler import GPUTarget
@@ -664,9 +729,10 @@ def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, t
 
     fn = _policy_kernel
     names = fn.arg_names
-    f32 = {"osh_ptr", "tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2"}
-    ints = {"N", "B", "K", "A", "S", "steps", "n_evals"}
-    const = dict(MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32, DEPTH=depth,
+    f32 = {"osh_ptr", "tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2",
+           "qlw1", "qlb1", "qlw2", "qlb2"}
+    ints = {"N", "B", "K", "A", "S", "steps", "n_evals", "HQ"}
+    const = dict(LNQ=ln, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32, DEPTH=depth,
                  ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, HS=hp, KP=kp, BM=bm, BN=bn, BK=64, BKS=32, PREC=prec)
     sig = {}
     for n in names:
@@ -678,7 +744,7 @@ def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, t
             sig[n] = "*fp32"
         elif n in ints:
             sig[n] = "i32"
-        elif n == "temperature":
+        elif n in ("temperature", "ln_eps"):
             sig[n] = "fp32"
         else:
             sig[n] = "*" + dtype
@@ -767,7 +833,12 @@ def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=Non
         out.append(f"critic is a {type(critic).__name__}, not a qipo_kernels.nets.DoubleCritic")
     else:
         if critic.layer_norm:
-            out.append("critic has layer_norm=True: the fused act kernel has no LayerNorm (use backend='torch')")
+            for mlp in (critic.q1_net, critic.q2_net):
+                norms = [m for m in mlp.net if isinstance(m, nn.LayerNorm)]
+                if any(tuple(m.normalized_shape) != (critic.hidden,) for m in norms) or \
+                        len({float(m.eps) for m in norms}) > 1:
+                    out.append("critic's LayerNorms are not LayerNorm(hidden) with one eps")
+                    break
         if critic.hidden > MAX_HIDDEN:
             out.append(f"critic.hidden = {critic.hidden} > {MAX_HIDDEN}")
         if not 1 <= critic.depth <= MAX_DEPTH:
