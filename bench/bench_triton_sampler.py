@@ -231,7 +231,8 @@ def main(argv=None) -> int:
                 "naive_equivalent_tflops": flops_naive / (ms * 1e-3) / 1e12}
         res["cases"][f"renewal_{NS}x{M}x{T}_euler_bf16"] = case
         print(f"[bf16] renewal {NS}x{M}x{T}: {case['seconds']:.3f} s, {case['achieved_tflops']:.1f} TFLOP/s = "
-              f"{100 * case['fraction_of_measured_peak']:.1f}% of measured mm peak {peak / 1e12:.0f} TFLOP/s", flush=True)
+              f"{100 * case['fraction_of_measured_peak']:.1f}% of measured mm peak {peak / 1e12:.0f} TFLOP/s",
+              flush=True)
 
     dev_tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")

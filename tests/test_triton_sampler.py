@@ -6,7 +6,6 @@ element the kernel leaves unwritten (or a scratch value read before it is writte
 bf16/fp16/tf32 checks need a GPU (marked gpu): there the fused result may be at most ~2x as far
 from the float64 truth as PyTorch eager in the same precision.
 """
-import math
 
 import pytest
 import torch
@@ -399,3 +398,31 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
         pytest.skip("no CUDA code generator (ptxas) here")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("CUBIN_BYTES") == 2
+
+
+@pytest.mark.gpu
+def test_gpu_fused_sampler_captures_in_a_cuda_graph():
+    """No host synchronisation in the launch path: after one warm-up call (autotune, packing,
+    tables) integrate and act can be captured and replayed."""
+    net = _net(A=6, S=17, H=256, depth=3, dtype=torch.bfloat16)
+    critic = DoubleCritic(17, 6, hidden=256, depth=3).to("cuda", torch.bfloat16)
+    x0 = torch.randn(64, 50, 6, device="cuda", dtype=torch.bfloat16)
+    obs = torch.randn(64, 17, device="cuda", dtype=torch.bfloat16)
+    u = torch.rand(64, device="cuda", dtype=torch.float64)
+
+    def run():
+        a = ts.integrate(net, x0, obs, 10, "euler", 0.0, 1.0, None, False)
+        b = ts.act(net, critic, obs, 50, "flow", 10, "euler", None, None, "softmax", 1.0, x0, None, u, None, True)
+        return a, b
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        want = run()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = run()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

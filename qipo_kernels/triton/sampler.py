@@ -732,8 +732,8 @@ def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, t
     f32 = {"osh_ptr", "tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2",
            "qlw1", "qlb1", "qlw2", "qlb2"}
     ints = {"N", "B", "K", "A", "S", "steps", "n_evals", "HQ"}
-    const = dict(LNQ=ln, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32, DEPTH=depth,
-                 ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, HS=hp, KP=kp, BM=bm, BN=bn, BK=64, BKS=32, PREC=prec)
+    const = dict(LNQ=ln, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32,
+                 DEPTH=depth, ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, HS=hp, KP=kp, BM=bm, BN=bn, BK=64, BKS=32, PREC=prec)
     sig = {}
     for n in names:
         if n in const:
