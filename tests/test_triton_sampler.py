@@ -91,6 +91,18 @@ def test_integrate_layouts_many_tiles_and_trajectory(layout):
     assert tr.shape == (3,) + tuple(x0.shape)
 
 
+@pytest.mark.parametrize("H,depth", [(512, 6), (300, 2)])
+def test_integrate_widest_and_deepest(H, depth):
+    # the limits (512 wide, 6 deep) and a width that is not a multiple of the 64-column blocks
+    net = _net(A=6, S=17, H=H, depth=depth, act="gelu", emb="sinusoidal")
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.randn(5, 6, generator=g).to(DEV)
+    obs = torch.randn(5, 17, generator=g).to(DEV)
+    ref = ref_ode._integrate(net, x0, obs, 1, "euler", 0.0, 1.0, None, False)
+    out = ts.integrate(net, x0, obs, 1, "euler", 0.0, 1.0, None, False)
+    _close(out, ref)
+
+
 def test_integrate_obs_share_per_state_matches_repeated_obs():
     # [B, K, A] with obs [B, S] must equal [B*K, A] with the obs rows repeated.
     net = _net(H=24, depth=1, act="relu")

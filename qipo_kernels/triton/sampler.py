@@ -629,9 +629,23 @@ def _programs(device) -> int:
     return 2 * _SM_COUNT[idx]
 
 
+def _tf32_enabled() -> bool:
+    """torch's own switch for float32 matmuls: the new ``fp32_precision`` API when it is set,
+    else the legacy ``allow_tf32`` (reading that after the new API was used raises in torch >= 2.9)."""
+    m = torch.backends.cuda.matmul
+    p = getattr(m, "fp32_precision", None)
+    if p in ("tf32", "ieee"):
+        return p == "tf32"
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def _prec(dtype) -> int:
+    """0: IEEE float32 tl.dot, 1: TF32 (only when torch's float32 matmuls use TF32), 2: half inputs."""
     if dtype == torch.float32:
-        return 1 if torch.backends.cuda.matmul.allow_tf32 and not _interpret() else 0
+        return 1 if _tf32_enabled() and not _interpret() else 0
     return 2
 
 
