@@ -34,6 +34,16 @@ Precision: the compute dtype is x0's dtype. float32 uses tl.dot in IEEE float32 
 bfloat16 / float16 use float32 accumulation, float32 bias/activation and a float32 state x.
 float64 is not supported (``supports`` says so and backend="auto" takes the reference).
 
+Tiles and tuning: rows per tile (BM, 16..128) are picked on the host from the problem size (the
+largest tile that still gives every SM work: 4 buckets at most); the column block, warps and
+pipeline stages are autotuned on first CUDA use, keyed on stable dimensions only (hidden, action
+and obs widths, depth, activation, solver, dtype, BM) -- never the batch size. Set
+QIPO_TRITON_AUTOTUNE=0 to skip tuning (one default configuration). act's tile holds whole states:
+BM // KP states x KP candidate slots (KP = next power of two >= K), so K <= 256.
+
+The DoubleCritic in act may have layer_norm=True (CPQL's offline critic): LayerNorm over the
+hidden width is computed in the kernel after each hidden Linear (two-pass, biased variance).
+
 Randomness: every random number is an input (x0 / noise / step_noise / uniform). When act or
 consistency_sample get None for one of them it is drawn on the host from ``generator`` in the same
 order and shape as the reference draws it, so both backends see the same stream.
