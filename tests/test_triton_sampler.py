@@ -9,6 +9,8 @@ from the float64 truth as PyTorch eager in the same precision.
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qipo_kernels import backends, ops
 from qipo_kernels.nets import ConditionalMLP, DoubleCritic
@@ -120,6 +122,22 @@ def test_integrate_through_ops_dispatch():
     obs = torch.randn(5, 17, device=DEV)
     ref = ops.integrate(net, x0, obs, steps=4, solver="rk4", backend="torch")
     out = ops.integrate(net, x0, obs, steps=4, solver="rk4", backend="triton")
+    _close(out, ref)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(A=st.integers(1, 40), S=st.integers(1, 80), H=st.integers(8, 130), depth=st.integers(1, 4),
+       act=st.sampled_from(["mish", "silu", "relu", "gelu", "tanh"]),
+       emb=st.sampled_from(["sinusoidal", "fourier", "raw"]), B=st.integers(1, 9), K=st.integers(1, 20),
+       sp=st.sampled_from(SOLVER_PATHS))
+def test_integrate_random_shapes(A, S, H, depth, act, emb, B, K, sp):
+    net = _net(A=A, S=S, H=H, depth=depth, act=act, emb=emb)
+    g = torch.Generator().manual_seed(A * 1000 + S)
+    x0 = torch.randn(B, K, A, generator=g).to(DEV)
+    obs = torch.randn(B, S, generator=g).to(DEV)
+    with torch.no_grad():
+        ref = ref_ode._integrate(net, x0, obs, 2, sp[0], 0.0, 1.0, sp[1], False)
+        out = ts.integrate(net, x0, obs, 2, sp[0], 0.0, 1.0, sp[1], False)
     _close(out, ref)
 
 

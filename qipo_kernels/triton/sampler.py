@@ -114,8 +114,9 @@ def _activation(x, ACT: tl.constexpr):
         e = tl.exp(tl.minimum(x, 20.0))
         n = e * (e + 2.0)
         y = tl.where(x > 20.0, x, x * n / (n + 2.0))
-    elif ACT == 1:  # silu
-        y = x / (1.0 + tl.exp(-x))
+    elif ACT == 1:  # silu = x sigmoid(x), sigmoid from e^{-|x|} (no overflow)
+        e = tl.exp(-tl.abs(x))
+        y = x * tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     elif ACT == 2:  # relu
         y = tl.maximum(x, 0.0)
     elif ACT == 3:  # gelu, tanh approximation
