@@ -141,6 +141,15 @@ def test_integrate_random_shapes(A, S, H, depth, act, emb, B, K, sp):
     _close(out, ref)
 
 
+def test_integrate_under_torch_compile():
+    """Inside a torch.compile'd function the fused sampler runs as an opaque call (graph break)."""
+    net = _net(H=24, depth=2)
+    x0 = torch.randn(5, 6, device=DEV)
+    obs = torch.randn(5, 17, device=DEV)
+    f = torch.compile(lambda a, b: ops.integrate(net, a, b, steps=2, backend="triton") * 2.0, backend="eager")
+    _close(f(x0, obs), 2.0 * ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
+
+
 # ------------------------------------------------------------------------------------ consistency
 @pytest.mark.parametrize("sigmas,clip,layout", [(None, True, "flat"), ([2.0, 0.5], True, "grouped"),
                                                 ([5.0], False, "flat"), (None, False, "grouped")])

@@ -885,6 +885,14 @@ def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=Non
 # ----------------------------------------------------------------------------------------------
 # Implementations (same arguments as the references' private functions)
 # ----------------------------------------------------------------------------------------------
+def _compiler_opaque(fn):
+    """torch.compile runs the fused samplers as opaque eager calls (a graph break): their host part
+    reads module state (the packed-weight cache keyed on parameter versions) that Dynamo should
+    not trace. Not registered as a torch.library custom op (the network is a module argument)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def _check_dims(net, x, obs, xname):
     if x.shape[-1] != net.act_dim:
         raise ValueError(f"{xname} must have last dim act_dim = {net.act_dim}, got shape {tuple(x.shape)}")
@@ -900,6 +908,7 @@ def _flat(x):
     return x, 1
 
 
+@_compiler_opaque
 def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     """Fused ODE sampling; arguments and result as reference.ode._integrate.
 
@@ -936,6 +945,7 @@ def _draw_step_noise(sigmas, shape, dtype, device, generator):
     return torch.stack([torch.randn(shape, dtype=dtype, device=device, generator=generator) for _ in range(n)])
 
 
+@_compiler_opaque
 def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data, clip, generator):
     """Fused one-step / multistep consistency sampling; as reference.consistency._consistency_sample.
 
@@ -965,6 +975,7 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     return out
 
 
+@_compiler_opaque
 def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
         noise, step_noise, uniform, generator, clip):
     """Sample K candidates per state, score by min(Q1, Q2), choose one -- one launch.
