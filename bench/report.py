@@ -129,7 +129,8 @@ def markdown(run: Dict) -> str:
     for op in ops_seen:
         keys = [k for k in groups if k[0] == op]
         lines += [f"## {op}", ""]
-        others = [v for v in variants if v != "torch"]
+        op_variants = [v for v in variants if any(v in groups[k] for k in keys)]
+        others = [v for v in op_variants if v != "torch"]
         hdr = ["case", "torch"] + [f"{v} (speedup)" for v in others]
         lines.append("| " + " | ".join(hdr) + " |")
         lines.append("|" + "---|" * len(hdr))
@@ -151,13 +152,13 @@ def markdown(run: Dict) -> str:
         method = next((r["peak_mem_method"] for k in keys for r in groups[k].values() if r.get("peak_mem_method")), "")
         lines.append(f"Peak memory per call, MiB ({method}):")
         lines.append("")
-        hdr = ["case"] + variants
+        hdr = ["case"] + op_variants
         lines.append("| " + " | ".join(hdr) + " |")
         lines.append("|" + "---|" * len(hdr))
         for k in keys:
             vs = groups[k]
             lines.append("| " + " | ".join([f"`{k[1]}`"] + [_mib(vs[v]["peak_mem"]) if v in vs else "-"
-                                                            for v in variants]) + " |")
+                                                            for v in op_variants]) + " |")
         lines.append("")
         # roofline
         lines.append("Roofline (compulsory FLOPs and bytes per call, see bench/flops.py; fractions of the peaks above):")
@@ -165,7 +166,7 @@ def markdown(run: Dict) -> str:
         lines.append("| case | variant | GFLOP/call | MB/call | FLOP/byte | GFLOP/s | % matmul peak | GB/s | % copy peak |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for k in keys:
-            for v in variants:
+            for v in op_variants:
                 r = groups[k].get(v)
                 if r is None or not r.get("flops") or not r.get("bytes"):
                     continue
