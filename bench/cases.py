@@ -194,7 +194,8 @@ def prepare(case: Dict, device) -> Dict:
                 return ops.integrate(net, x0, obs, steps=steps, solver=solver, path=path, backend=backend)
 
         def reasons(b):
-            return backends.reasons("integrate", b, device, net=net, x0=args[0], obs=args[1], steps=steps,
+            with torch.no_grad():  # as run() calls it
+                return backends.reasons("integrate", b, device, net=net, x0=args[0], obs=args[1], steps=steps,
                                     solver=solver, path=path, return_trajectory=False)
         fl, by = F.integrate_cost(net, B * K, steps, solver, obs_rows=B, itemsize=itemsize)
         extra.update(rows=B * K, evaluations=F.evaluations(solver, steps))
@@ -210,7 +211,8 @@ def prepare(case: Dict, device) -> Dict:
                 return ops.consistency_sample(net, noise, obs, sigmas=sig, step_noise=step_noise, backend=backend)
 
         def reasons(b):
-            return backends.reasons("consistency_sample", b, device, net=net, noise=args[0], obs=args[1],
+            with torch.no_grad():
+                return backends.reasons("consistency_sample", b, device, net=net, noise=args[0], obs=args[1],
                                     sigmas=sig, step_noise=step_noise, clip=True)
         fl, by = F.consistency_cost(net, B * K, case["n_steps"], obs_rows=B, itemsize=itemsize)
         extra.update(rows=B * K, evaluations=case["n_steps"])
@@ -227,7 +229,8 @@ def prepare(case: Dict, device) -> Dict:
                                noise=noise, backend=backend)
 
         def reasons(b):
-            return backends.reasons("act", b, device, net=net, critic=critic, obs=args[0], num_candidates=K,
+            with torch.no_grad():
+                return backends.reasons("act", b, device, net=net, critic=critic, obs=args[0], num_candidates=K,
                                     sampler=sampler, steps=steps, solver="euler", path=None, sigmas=None,
                                     mode="argmax", noise=args[1])
         if sampler == "flow":
