@@ -405,17 +405,18 @@ def plots(res: Dict, out_dir: str) -> List[str]:
             for s, errs in e["errors"].items():
                 ax.plot(steps, [max(v, 1e-16) for v in errs], STYLE.get(s, "o-"),
                         label=s + (" (vp noise model)" if kind == "noise" else ""))
-            ax.axhline(max(e["ref_self_error"], 1e-16), color="gray" if kind == "velocity" else "silver", ls=":", lw=1,
-                       label=f"reference error ({kind})")
+            ax.axhline(max(e["ref_self_error"], 1e-16), color="black" if kind == "velocity" else "tab:pink", ls=":",
+                       lw=1.2, label=f"reference's own error ({kind} model)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("solver steps")
         ax.set_ylabel("mean ||x - x_ref|| (float64)")
         ax.set_title(f"{which} ConditionalMLP", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    h, lab = axes[0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(f"Which solver, how many steps: error vs steps - {title}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     p = os.path.join(out_dir, "error_vs_steps.png")
     _savefig(fig, p)
     plt.close(fig)
@@ -442,11 +443,12 @@ def plots(res: Dict, out_dir: str) -> List[str]:
         ax.set_yscale("log")
         ax.set_xlabel(f"time per call (ms, {res['time_batch']} samples, float32)")
         ax.set_ylabel("mean ||x - x_ref||")
-        ax.set_title(f"{which} ConditionalMLP", fontsize=10)
+        ax.set_title(f"{which} ConditionalMLP (dashed: noise solvers on the vp model)", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    h, lab = axes[0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="lower center", ncol=8, fontsize=8)
     fig.suptitle(f"Error vs time (lower left is better) - {title}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     p = os.path.join(out_dir, "error_vs_time.png")
     _savefig(fig, p)
     plt.close(fig)
@@ -484,15 +486,14 @@ def plots(res: Dict, out_dir: str) -> List[str]:
             continue
         for s, q in ent["quality"].items():
             ts = [1e3 * t for t in ent["times"][s]]
-            axes[0].plot(ts, [max(v, 1e-6) for v in q["mmd2"]], STYLE.get(s, "o-"), label=s)
+            axes[0].plot(ts, q["mmd2"], STYLE.get(s, "o-"), label=s)
             axes[1].plot(ts, q["q"], STYLE.get(s, "o-"), label=s)
     if c:
         ts = [1e3 * t for t in c["times"]]
-        axes[0].plot(ts, [max(v, 1e-6) for v in c["mmd2"]], "k*-", ms=10, label="consistency 1/2/3 steps")
+        axes[0].plot(ts, c["mmd2"], "k*-", ms=10, label="consistency 1/2/3 steps")
         axes[1].plot(ts, c["q"], "k*-", ms=10, label="consistency 1/2/3 steps")
-    axes[0].axhline(max(res["mmd2_floor"], 1e-6), color="gray", ls=":", label="true vs true (noise floor)")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("MMD^2 to held-out true samples")
+    axes[0].axhline(res["mmd2_floor"], color="gray", ls=":", label="true vs true (noise floor)")
+    axes[0].set_ylabel("MMD^2 to held-out true samples (lower is better)")
     axes[1].axhline(res["q_true"], color="gray", ls=":", label="true behaviour distribution")
     axes[1].set_ylabel("mean Q of sampled actions (analytic)" if "analytic" in res["critic"] else "mean critic value")
     for ax in axes:
@@ -564,7 +565,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=None, help="output dir (default bench/results/<device>/speed_accuracy)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replot", metavar="RESULTS_JSON", default=None,
+                    help="only redraw the plots and the Markdown from a saved results.json")
     a = ap.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as fh:
+            res = json.load(fh)
+        for p in save(res, a.out or os.path.dirname(os.path.abspath(a.replot))):
+            print(p)
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run_study(quick=a.quick, ref_steps=a.ref_steps, n_eval=a.n_eval, time_batch=a.time_batch,
