@@ -161,7 +161,9 @@ def markdown(run: Dict) -> str:
                                                             for v in op_variants]) + " |")
         lines.append("")
         # roofline
-        lines.append("Roofline (compulsory FLOPs and bytes per call, see bench/flops.py; fractions of the peaks above):")
+        lines.append("Roofline (compulsory FLOPs and bytes per call, see bench/flops.py; fractions of the peaks above, "
+                     "which are what torch's matmul / copy reach in this run, not datasheet numbers, so a fused "
+                     "kernel can exceed 100 %):")
         lines.append("")
         lines.append("| case | variant | GFLOP/call | MB/call | FLOP/byte | GFLOP/s | % matmul peak | GB/s | % copy peak |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
@@ -283,9 +285,13 @@ def plots(run: Dict, out_dir: str) -> List[str]:
             for v, s in _sweep_series(rows, op, axis).items():
                 ax.plot([x for x, _ in s], [r["median"] * 1e3 for _, r in s], "o-", label=v, color=colors.get(v))
             base = next((r for r in rows if r["op"] == op and r["base"]), None)
-            ax.set_xscale("log", base=2)
+            if axis == "steps":
+                ax.set_xscale("log", base=2)
+            xs_all = sorted({x for s in _sweep_series(rows, op, axis).values() for x, _ in s})
+            ax.set_xticks(xs_all)
+            ax.set_xticklabels([str(x) for x in xs_all])
             ax.set_yscale("log")
-            ax.set_xlabel("solver steps" if axis == "steps" else "consistency steps")
+            ax.set_xlabel("solver steps" if axis == "steps" else "consistency steps (denoiser calls)")
             ax.set_ylabel("latency per call (ms)")
             sub = ""
             if base is not None:

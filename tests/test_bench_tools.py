@@ -116,9 +116,16 @@ def test_report_ratios_from_fabricated_results(tmp_path):
     # roofline: 1000 FLOP in 2 ms = 5e5 FLOP/s = 0.05 % of the 1e9 peak
     assert "| `B64` | torch | 1e-06 | 0.0004 | 2.5 | 0.0005 | 0.05 |" in md
     out = tmp_path / "out"
-    paths = R.build_report([str(f)], out_dir=str(out))
+    try:
+        import matplotlib  # noqa: F401  (the bench extra; tables are checked without it)
+        plots = True
+    except ImportError:
+        plots = False
+    paths = R.build_report([str(f)], out_dir=str(out), make_plots=plots)
     names = {os.path.basename(p) for p in paths}
-    assert {"report.md", "speed_vs_batch.png", "latency_vs_steps.png", "speedup.png", "SUMMARY.md"} <= names
+    assert {"report.md", "SUMMARY.md"} <= names
+    if plots:
+        assert {"speed_vs_batch.png", "latency_vs_steps.png", "speedup.png"} <= names
     for p in paths:
         if p.endswith(".png"):
             with open(p, "rb") as fh:
@@ -228,7 +235,9 @@ def test_every_op_case_runs_on_tiny_inputs():
 
 
 def test_project_test_run_does_not_collect_bench():
-    import tomllib
+    """`python -m pytest` must not run the benchmarks: pyproject's testpaths is tests/ only."""
+    import re
 
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
-        assert tomllib.load(fh)["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+    with open(os.path.join(ROOT, "pyproject.toml")) as fh:
+        text = fh.read()
+    assert re.search(r'^testpaths\s*=\s*\["tests"\]\s*$', text, re.M)
