@@ -98,8 +98,11 @@ def _peak_for(machine: Dict, dtype: str) -> Optional[float]:
     return machine.get("peaks", {}).get(f"matmul_flops[{dtype}]")
 
 
-def markdown(run: Dict) -> str:
-    """The full Markdown report of one run."""
+PLOT_FILES = ("speed_vs_batch.png", "latency_vs_steps.png", "speedup.png")
+
+
+def markdown(run: Dict, images: Sequence[str] = PLOT_FILES) -> str:
+    """The full Markdown report of one run (``images``: the plot files to link)."""
     from .flops import roofline
 
     m = run["machine"]
@@ -179,8 +182,10 @@ def markdown(run: Dict) -> str:
                              f"{rl['intensity']:.3g} | {rl['gflops']:.3g} | {pct(rl['frac_flops'])} | "
                              f"{rl['gbps']:.3g} | {pct(rl['frac_bw'])} |")
         lines.append("")
-    lines += ["## Plots", "", "![speed vs batch](speed_vs_batch.png)", "", "![latency vs steps](latency_vs_steps.png)",
-              "", "![speedup on base cases](speedup.png)", ""]
+    if images:
+        lines += ["## Plots", ""]
+        for im in images:
+            lines += [f"![{im[:-4].replace('_', ' ')}]({im})", ""]
     return "\n".join(lines)
 
 
@@ -386,11 +391,14 @@ def build_report(inputs: Optional[Sequence[str]] = None, out_dir: Optional[str] 
         run = load(f)
         od = out_dir or os.path.dirname(os.path.abspath(f))
         os.makedirs(od, exist_ok=True)
+        pngs = plots(run, od) if make_plots else []
+        for name in PLOT_FILES:  # a plot this run has no data for must not survive from an older run
+            stale = os.path.join(od, name)
+            if stale not in pngs and os.path.exists(stale):
+                os.remove(stale)
         p = os.path.join(od, "report.md")
-        _atomic_write(p, markdown(run))
-        written.append(p)
-        if make_plots:
-            written += plots(run, od)
+        _atomic_write(p, markdown(run, [os.path.basename(q) for q in pngs]))
+        written += [p] + pngs
         base = os.path.dirname(os.path.abspath(summary_path)) if summary_path else (
             out_dir if out_dir else (RESULTS_DIR if not inputs else os.path.dirname(os.path.abspath(files[0]))))
         summary += summary_lines(run, os.path.relpath(od, base))
