@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 VARIANTS = ("torch", "torch.compile", "cudagraph", "triton", "cpp")
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# QIPO_BENCH_RESULTS moves the results tree (e.g. to a scratch directory); default bench/results.
+RESULTS_DIR = os.environ.get("QIPO_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # ----------------------------------------------------------------------------- device

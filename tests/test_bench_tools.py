@@ -241,3 +241,27 @@ def test_project_test_run_does_not_collect_bench():
     with open(os.path.join(ROOT, "pyproject.toml")) as fh:
         text = fh.read()
     assert re.search(r'^testpaths\s*=\s*\["tests"\]\s*$', text, re.M)
+
+
+def test_pytest_bench_save_writes_results_atomically(tmp_path):
+    """End to end: `pytest bench/ --benchmark-only --bench-save` on one small case writes a complete
+    JSON under <results>/<device>/ (no temp file left), and bench.report turns it into a table."""
+    import subprocess
+
+    env = dict(os.environ, QIPO_BENCH_RESULTS=str(tmp_path), QIPO_BENCH_BUDGET="0.02", QIPO_BENCH_DEVICE="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "bench", "test_bench_sampler.py"), "--benchmark-only",
+           "-q", "-p", "no:cacheprovider", "--bench-save", "--bench-tag", "t", "--bench-note", "unit test",
+           "-k", "test_select_action and B64-K50-D6-argmax-float32"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert len([f for f in files if f.endswith("-t.json")]) == 1, files
+    assert not [f for f in files if f.endswith(".tmp")]
+    data = json.load(open([f for f in files if f.endswith("-t.json")][0]))
+    assert data["machine_info"]["qipo"]["note"] == "unit test"
+    assert data["machine_info"]["qipo"]["peaks"]["copy_bw"] > 0
+    rows = [b["extra_info"] for b in data["benchmarks"]]
+    assert "torch" in [x["variant"] for x in rows] and {x["op"] for x in rows} == {"select_action"}
+    paths = R.build_report([str(tmp_path)], make_plots=False)
+    assert any(p.endswith("report.md") for p in paths)
