@@ -208,6 +208,16 @@ def solver_errors(net: Callable, x0: torch.Tensor, obs: torch.Tensor, ref: torch
     return out
 
 
+def _try_time(fn: Callable[[], object], reps: int):
+    """(best_time, None), or (None, reason) when the backend refuses the call (ops' dispatch error)."""
+    try:
+        return best_time(fn, reps), None
+    except RuntimeError as e:
+        if str(e).startswith("backend="):
+            return None, str(e)
+        raise
+
+
 def best_time(fn: Callable[[], object], reps: int = 3) -> float:
     """Fastest of ``reps`` timed calls after one warm-up call (the minimum is the estimate least
     disturbed by other work on a shared CPU)."""
@@ -259,8 +269,14 @@ def _net_copy(net: ConditionalMLP, dtype) -> ConditionalMLP:
 
 def run_study(quick: bool = False, ref_steps: int = 512, n_eval: int = 256, time_batch: int = 1024,
               train_steps: int = 3000, backend: str = "torch", steps_list: Sequence[int] = STEPS,
-              critic: Optional[Callable] = None, seed: int = 0, log: Callable[[str], None] = _log) -> Dict:
-    """Run the whole study and return its results (a JSON-serialisable dict)."""
+              critic: Optional[Callable] = None, seed: int = 0, log: Callable[[str], None] = _log,
+              also: Sequence[str] = ()) -> Dict:
+    """Run the whole study and return its results (a JSON-serialisable dict).
+
+    backend: the backend of the timed calls used for the Pareto front; ``also``: more backends
+    (e.g. ("cpp",)) timed on the same calls for the cost plot, or recorded as unavailable with the
+    reason qipo_kernels gives. Errors and sample quality always use the reference ("torch").
+    """
     if quick:
         ref_steps, n_eval, time_batch, train_steps = min(ref_steps, 128), min(n_eval, 64), min(time_batch, 256), min(train_steps, 300)
     g = torch.Generator().manual_seed(seed)
@@ -269,6 +285,7 @@ def run_study(quick: bool = False, ref_steps: int = 512, n_eval: int = 256, time
     res: Dict = dict(device=device_name(dev), cpu_model=cpu_model(), date=today(), torch=torch.__version__,
                      threads=torch.get_num_threads(), ref_steps=ref_steps, n_eval=n_eval, time_batch=time_batch,
                      train_steps=train_steps, backend=backend, steps=list(steps_list), models={},
+                     also=list(also), backend_unavailable={},
                      critic="analytic Q(s, a) = -||a - c0(s)||^2 of the synthetic task" if critic is None
                      else "user-supplied critic",
                      env_return="not measured: the synthetic task has no environment")
@@ -312,8 +329,30 @@ def run_study(quick: bool = False, ref_steps: int = 512, n_eval: int = 256, time
                                                                       backend=backend), reps=2 if quick else 3))
             log(f"  {s:8s} err " + " ".join(f"{e:.2e}" for e in errs[s]) + " | ms " +
                 " ".join(f"{1e3 * t:.1f}" for t in times[s]))
+        by_backend: Dict[str, Dict[str, List[float]]] = {}
+        for b in also:
+            if b in res["backend_unavailable"]:
+                continue
+            tb: Dict[str, List[float]] = {}
+            for s in solvers:
+                p = path if s in NOISE_SOLVERS else None
+                tb[s] = []
+                for n in steps_list:
+                    with torch.no_grad():
+                        tm, why = _try_time(lambda: ops.integrate(n32, x0_t, obs_t, steps=n, solver=s, path=p, backend=b),
+                                            reps=2 if quick else 3)
+                    if why:
+                        res["backend_unavailable"][b] = why
+                        log(f"  {b}: unavailable: {why}")
+                        break
+                    tb[s].append(tm)
+                if b in res["backend_unavailable"]:
+                    break
+                log(f"  {s:8s} ms ({b}) " + " ".join(f"{1e3 * t:.1f}" for t in tb[s]))
+            if b not in res["backend_unavailable"]:
+                by_backend[b] = tb
         entry = dict(kind=kind, path=path, config=net.config(), ref_self_error=ref_err, errors=errs, times=times,
-                     evaluations={s: [n * STAGES[s] for n in steps_list] for s in solvers})
+                     times_by_backend=by_backend, evaluations={s: [n * STAGES[s] for n in steps_list] for s in solvers})
         if which == "trained":
             quality: Dict[str, Dict[str, List[float]]] = {}
             for s in solvers:
@@ -334,7 +373,8 @@ def run_study(quick: bool = False, ref_steps: int = 512, n_eval: int = 256, time
     # consistency policy: 1, 2, 3 steps
     log("[consistency] sampling with 1, 2, 3 steps")
     c32 = _net_copy(cm, torch.float32)
-    cons = dict(steps=[], sigmas=[], times=[], mmd2=[], q=[])
+    cons = dict(steps=[], sigmas=[], times=[], mmd2=[], q=[],
+                times_by_backend={b: [] for b in also if b not in res["backend_unavailable"]})
     for n, sig in CM_SIGMAS.items():
         def csample(o, _sig=sig):
             with torch.no_grad():
@@ -343,6 +383,15 @@ def run_study(quick: bool = False, ref_steps: int = 512, n_eval: int = 256, time
         with torch.no_grad():
             tm = best_time(lambda: ops.consistency_sample(c32, x0_t, obs_t, sigmas=sig, generator=g, backend=backend),
                              reps=2 if quick else 3)
+        for b in list(cons["times_by_backend"]):
+            with torch.no_grad():
+                tb, why = _try_time(lambda: ops.consistency_sample(c32, x0_t, obs_t, sigmas=sig, generator=g, backend=b),
+                                    reps=2 if quick else 3)
+            if why:
+                res["backend_unavailable"][f"{b} (consistency_sample)"] = why
+                del cons["times_by_backend"][b]
+            else:
+                cons["times_by_backend"][b].append(tb)
         cons["steps"].append(n)
         cons["sigmas"].append(sig)
         cons["times"].append(tm)
@@ -455,24 +504,33 @@ def plots(res: Dict, out_dir: str) -> List[str]:
     written.append(p)
 
     # 3. cost: time per call vs steps, consistency sampling beside
-    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    fig, ax = plt.subplots(figsize=(8.0, 5.2))
     e = res["models"].get("trained-velocity")
     n = res["models"].get("trained-noise")
+    colors = {}
     for ent in (e, n):
         if not ent:
             continue
         for s in ent["times"]:
-            ax.plot(steps, [1e3 * t for t in ent["times"][s]], STYLE.get(s, "o-"), label=s)
+            line, = ax.plot(steps, [1e3 * t for t in ent["times"][s]], STYLE.get(s, "o-"), label=f"{s} ({res['backend']})")
+            colors[s] = line.get_color()
+            for b, tb in ent.get("times_by_backend", {}).items():
+                if tb.get(s):
+                    ax.plot(steps[:len(tb[s])], [1e3 * t for t in tb[s]], STYLE.get(s, "o-")[0] + ":",
+                            color=colors[s], alpha=0.8, label=f"{s} ({b})")
     c = res.get("consistency")
     if c:
-        ax.plot(c["steps"], [1e3 * t for t in c["times"]], "k*-", ms=10, label="consistency")
+        ax.plot(c["steps"], [1e3 * t for t in c["times"]], "k*-", ms=10, label=f"consistency ({res['backend']})")
+        for b, tb in c.get("times_by_backend", {}).items():
+            if tb:
+                ax.plot(c["steps"][:len(tb)], [1e3 * t for t in tb], "k*:", ms=10, alpha=0.7, label=f"consistency ({b})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("steps")
     ax.set_ylabel(f"time per call (ms, {res['time_batch']} samples)")
-    ax.set_title(f"What it costs (trained models, backend {res['backend']}) - {title}", fontsize=9)
+    ax.set_title(f"What it costs (trained models; dotted: other backends) - {title}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     p = os.path.join(out_dir, "cost.png")
     _savefig(fig, p)
@@ -517,6 +575,7 @@ def markdown(res: Dict) -> str:
          f"{res['n_eval']} samples; times: best of 3 float32 calls on {res['time_batch']} samples, backend "
          f"`{res['backend']}`; training {res['train_steps']} steps per model ({res.get('train_seconds', 0):.0f} s).",
          "", f"- Critic: {res['critic']}.", f"- Environment return: {res['env_return']}.",
+         *[f"- Backend {b} not timed: {why}" for b, why in res.get("backend_unavailable", {}).items()],
          f"- MMD^2 noise floor (true vs true): {res['mmd2_floor']:.2e}; Q of true samples {res['q_true']:.3f}, "
          f"of the best mode centre {res['q_best']:.3f}.", ""]
     for name, e in res["models"].items():
@@ -525,15 +584,21 @@ def markdown(res: Dict) -> str:
         for s in e["errors"]:
             L.append(f"| {s} error | " + " | ".join(f"{v:.1e}" for v in e["errors"][s]) + " |")
             L.append(f"| {s} ms | " + " | ".join(f"{1e3 * t:.2f}" for t in e["times"][s]) + " |")
+            for b, tb in e.get("times_by_backend", {}).items():
+                if tb.get(s):
+                    L.append(f"| {s} ms ({b}) | " + " | ".join(f"{1e3 * t:.2f}" for t in tb[s]) + " |")
             if "quality" in e:
                 L.append(f"| {s} MMD^2 | " + " | ".join(f"{v:.1e}" for v in e["quality"][s]["mmd2"]) + " |")
                 L.append(f"| {s} Q | " + " | ".join(f"{v:.3f}" for v in e["quality"][s]["q"]) + " |")
         L.append("")
     c = res.get("consistency")
     if c:
-        L += ["## consistency policy", "", "| steps | sigmas | ms | MMD^2 | Q |", "|---|---|---|---|---|"]
-        for n, sg, t, m, q in zip(c["steps"], c["sigmas"], c["times"], c["mmd2"], c["q"]):
-            L.append(f"| {n} | {sg} | {1e3 * t:.2f} | {m:.1e} | {q:.3f} |")
+        tbb = {b: tb for b, tb in c.get("times_by_backend", {}).items() if tb}
+        L += ["## consistency policy", "", "| steps | sigmas | ms | " + "".join(f"ms ({b}) | " for b in tbb) +
+              "MMD^2 | Q |", "|---|---|---|" + "---|" * len(tbb) + "---|---|"]
+        for i, (n, sg, t, m, q) in enumerate(zip(c["steps"], c["sigmas"], c["times"], c["mmd2"], c["q"])):
+            L.append(f"| {n} | {sg} | {1e3 * t:.2f} | " + "".join(f"{1e3 * tb[i]:.2f} | " for tb in tbb.values()) +
+                     f"{m:.1e} | {q:.3f} |")
         L.append("")
     L += ["![error vs steps](error_vs_steps.png)", "", "![error vs time](error_vs_time.png)", "",
           "![cost](cost.png)", "", "![quality](quality.png)", ""]
@@ -562,6 +627,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--time-batch", type=int, default=1024, help="samples per timed call")
     ap.add_argument("--train-steps", type=int, default=3000, help="training steps per model")
     ap.add_argument("--backend", default="torch", help="backend of the timed calls (torch|cpp|triton|auto)")
+    ap.add_argument("--also", default="", help="more backends to time on the same calls, comma-separated (e.g. cpp)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=None, help="output dir (default bench/results/<device>/speed_accuracy)")
     ap.add_argument("--seed", type=int, default=0)
@@ -577,7 +643,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run_study(quick=a.quick, ref_steps=a.ref_steps, n_eval=a.n_eval, time_batch=a.time_batch,
-                    train_steps=a.train_steps, backend=a.backend, seed=a.seed)
+                    train_steps=a.train_steps, backend=a.backend, seed=a.seed,
+                    also=[b for b in a.also.split(",") if b])
     out = a.out or os.path.join(results_dir(torch.device("cpu")), "speed_accuracy")
     for p in save(res, out):
         print(p)
