@@ -145,6 +145,16 @@ def loss_cases(op: str) -> List[Dict]:
     return _sweeps(op, base, axes)
 
 
+def flow_path_cases() -> List[Dict]:
+    gpu = bench_device().type == "cuda"
+    full = grid_mode() == "full"
+    base = dict(B=256, M=64, D=6, path="ot", dtype="float32")
+    axes: Dict[str, List] = dict(B=[32, 256, 2048] + ([16384, 65536] if (gpu or full) else []), path=["ot", "vp"])
+    if gpu or full:
+        axes["dtype"] = ["float32", "bfloat16", "float16"] if gpu else ["float32", "float64"]
+    return _sweeps("flow_path", base, axes)
+
+
 def compile_ok(case: Dict) -> bool:
     m = compile_mode()
     if m == "all":
@@ -252,6 +262,19 @@ def prepare(case: Dict, device) -> Dict:
             return backends.reasons("select_action", b, device, q_values=args[0], candidates=args[1], mode=mode)
         fl, by = F.select_cost(B, K, D, itemsize=itemsize)
         extra.update(rows=B)
+    elif op == "flow_path":
+        B, M, D, path = case["B"], case["M"], case["D"], case["path"]
+        t = torch.rand(B, M, generator=g).to(device=device, dtype=dt) * 0.998 + 0.001
+        args = (rnd(B, M, D), rnd(B, M, D), t)
+
+        def run(backend, a, z, tt):
+            return ops.flow_path(a, z, tt, path=path, backend=backend)
+
+        def reasons(b):
+            return backends.reasons("flow_path", b, device, actions=args[0], noise=args[1], t=args[2], path=path)
+        n = B * M * D
+        fl, by = 3 * n, itemsize * (4 * n + B * M)  # x_t = alpha a + sigma z; reads a, z, t; writes x_t, target
+        extra.update(rows=B * M)
     elif op in ("weighted_fm_loss", "flow_matching_loss"):
         B, M, D = case["B"], case["M"], case["D"]
         bwd = case["pass_"] == "fwd+bwd"

@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Sequence
 
 from ._common import RESULTS_DIR, VARIANTS
 
-OP_ORDER = ("integrate", "consistency_sample", "act", "select_action", "weighted_fm_loss", "flow_matching_loss")
+OP_ORDER = ("integrate", "consistency_sample", "act", "select_action", "weighted_fm_loss", "flow_matching_loss",
+            "flow_path")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -215,13 +215,15 @@ def test_every_op_case_runs_on_tiny_inputs():
         dict(op="select_action", B=5, K=3, D=6, mode="softmax", dtype="float32"),
         dict(op="weighted_fm_loss", B=3, M=4, D=6, normalize="batch", pass_="fwd+bwd", dtype="float32"),
         dict(op="flow_matching_loss", B=3, M=4, D=6, normalize="support", pass_="fwd+bwd", dtype="float32", path="vp"),
+        dict(op="flow_path", B=3, M=4, D=6, path="vp", dtype="float32"),
     ]
     for c in tiny:
         c.update(sweeps=["B"], base=False)
         p = C.prepare(c, dev)
         call = build_call("torch", c["op"], p["run"], p["args"], dev, p["reasons"], p["backward"])
         out = call()
-        assert torch.isfinite(out).all()
+        for o in (out if isinstance(out, tuple) else (out,)):
+            assert torch.isfinite(o).all()
         assert p["extra"]["flops"] > 0 and p["extra"]["bytes"] > 0
         with pytest.raises(Skip, match="CUDA"):
             build_call("cudagraph", c["op"], p["run"], p["args"], dev, p["reasons"], p["backward"])
