@@ -141,15 +141,6 @@ def test_integrate_random_shapes(A, S, H, depth, act, emb, B, K, sp):
     _close(out, ref)
 
 
-def test_integrate_under_torch_compile():
-    """Inside a torch.compile'd function the fused sampler runs as an opaque call (graph break)."""
-    net = _net(H=24, depth=2)
-    x0 = torch.randn(5, 6, device=DEV)
-    obs = torch.randn(5, 17, device=DEV)
-    f = torch.compile(lambda a, b: ops.integrate(net, a, b, steps=2, backend="triton") * 2.0, backend="eager")
-    _close(f(x0, obs), 2.0 * ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
-
-
 # ------------------------------------------------------------------------------------ consistency
 @pytest.mark.parametrize("sigmas,clip,layout", [(None, True, "flat"), ([2.0, 0.5], True, "grouped"),
                                                 ([5.0], False, "flat"), (None, False, "grouped")])
@@ -279,6 +270,107 @@ def test_packed_weights_refresh_after_optimizer_step():
     net.time_mlp[1].bias.add_(0.5)
     _close(ts.integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False),
             ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+def test_fake_impls_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    net = _net(H=24, depth=2)
+    critic = DoubleCritic(17, 6, hidden=40, depth=3, layer_norm=True).to(DEV)
+    pol, tvec, coef = ts._flow_inputs(net, 3, "rk4", 0.0, 1.0, None, torch.float32, torch.device(DEV))
+    cw = ts._critic_inputs(critic, torch.float32, torch.device(DEV))
+    assert len(pol) == 7 and len(cw) == 18 and tvec.shape == (12, 32) and coef.shape == (3, ts.NCOEF)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x0, obs = torch.empty(35, 6, device=DEV), torch.empty(7, 17, device=DEV)
+        out, traj = torch.ops.qipo_kernels.triton_policy_sample(
+            x0, obs, None, None, tvec, coef, pol, [], ts.MODE_INTEGRATE, 5, 3, 0, 3, 0, 2, 0, 1, 1, False, 0.0,
+            1.0, False, False, True)
+        assert out.shape == (35, 6) and traj.shape == (4, 35, 6) and out.dtype == torch.float32
+        out, traj = torch.ops.qipo_kernels.triton_policy_sample(
+            x0, obs, None, torch.empty(7, dtype=torch.float64), tvec, coef, pol, cw, ts.MODE_ACT_FLOW, 5, 3, 0, 3,
+            0, 2, 2, 3, 40, True, 1e-5, 0.5, True, True, False)
+        assert out.shape == (7, 6) and traj.shape == (0,)
+        t, c = torch.ops.qipo_kernels.triton_sampler_flow_tables(4, "dpm2", 0.0, 1.0, "vp", torch.device(DEV))
+        assert t.shape == (8,) and t.dtype == torch.float64 and c.shape == (4, ts.NCOEF) and c.dtype == torch.float32
+        t, c = torch.ops.qipo_kernels.triton_sampler_consistency_tables([2.0, 0.5], 80.0, 0.002, 0.5,
+                                                                        torch.float32, torch.device(DEV))
+        assert t.shape == (3,) and c.shape == (3, ts.NCOEF)
+
+
+def test_opcheck():
+    net = _net(H=24, depth=2)
+    torch.manual_seed(3)
+    critic = DoubleCritic(17, 6, hidden=24, depth=2, activation="relu").to(DEV)
+    dev = torch.device(DEV)
+    pol, tvec, coef = ts._flow_inputs(net, 2, "midpoint", 0.0, 1.0, None, torch.float32, dev)
+    cw = ts._critic_inputs(critic, torch.float32, dev)
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.randn(6, 6, generator=g).to(DEV)
+    obs = torch.randn(3, 17, generator=g).to(DEV)
+    op = torch.ops.qipo_kernels.triton_policy_sample.default
+    torch.library.opcheck(op, (x0, obs, None, None, tvec, coef, pol, [], ts.MODE_INTEGRATE, 2, 2, 0, 1, 0, 2,
+                               0, 1, 1, False, 0.0, 1.0, False, False, True))
+    u = torch.rand(3, dtype=torch.float64, generator=g).to(DEV)
+    torch.library.opcheck(op, (x0, obs, None, u, tvec, coef, pol, cw, ts.MODE_ACT_FLOW, 2, 2, 0, 1, 0, 2,
+                               2, 2, 24, False, 0.0, 0.7, True, True, False))
+    torch.library.opcheck(torch.ops.qipo_kernels.triton_sampler_flow_tables.default, (3, "ddim", 0.0, 1.0, "vp", dev))
+    torch.library.opcheck(torch.ops.qipo_kernels.triton_sampler_consistency_tables.default,
+                          ([1.0], 80.0, 0.002, 0.5, torch.float32, dev))
+
+
+def test_torch_compile_fullgraph():
+    """integrate, consistency_sample and act trace with no graph break (fullgraph=True): the packing
+    and the time-share table are traced from the live parameters, the launch and the host tables
+    are custom ops in the graph. Compiled (aot_eager) results equal eager ones, also for a new
+    batch size / step count (no frozen tables) and after an optimizer step between calls."""
+    net = _net(H=24, depth=2)
+    torch.manual_seed(4)
+    critic = DoubleCritic(17, 6, hidden=24, depth=2, layer_norm=True).to(DEV)
+    g = torch.Generator().manual_seed(10)
+    x0 = torch.randn(3, 4, 6, generator=g).to(DEV)
+    obs = torch.randn(3, 17, generator=g).to(DEV)
+    sn = torch.randn(2, 3, 4, 6, generator=g).to(DEV)
+    u = torch.rand(3, dtype=torch.float64, generator=g).to(DEV)
+
+    def f(x0, obs, sn, u):
+        a = ops.integrate(net, x0, obs, steps=2, solver="heun", backend="triton")
+        b = ops.consistency_sample(net, x0, obs, sigmas=[2.0, 0.5], step_noise=sn, backend="triton")
+        c = ops.act(net, critic, obs, 4, steps=2, mode="softmax", temperature=0.5, noise=x0, uniform=u,
+                    backend="triton")
+        return a, b, c
+
+    seen = []
+
+    def recording_backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(f, backend=recording_backend, fullgraph=True)(x0, obs, sn, u)
+        assert sum("triton_policy_sample" in s for s in seen) == 3, seen
+        assert any("triton_sampler_flow_tables" in s for s in seen) and \
+            any("triton_sampler_consistency_tables" in s for s in seen), seen
+        want = f(x0, obs, sn, u)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+        torch._dynamo.reset()
+        cf = torch.compile(lambda x, o, s: ops.integrate(net, x, o, steps=s, solver="rk4", backend="triton"),
+                           backend="aot_eager", fullgraph=True)
+        for n, steps in [(5, 2), (7, 3)]:
+            x = torch.randn(n, 6, generator=g).to(DEV)
+            o = torch.randn(n, 17, generator=g).to(DEV)
+            _close(cf(x, o, steps), ref_ode._integrate(net, x, o, steps, "rk4", 0.0, 1.0, None, False))
+        before = cf(x, o, 3)
+        for p in net.parameters():
+            p.add_(0.05)
+        after = cf(x, o, 3)
+        assert not torch.allclose(before, after)
+        _close(after, ref_ode._integrate(net, x, o, 3, "rk4", 0.0, 1.0, None, False))
+    finally:
+        torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------ reasons / bad input
