@@ -11,6 +11,8 @@ Ops registered here (backend "triton"):
         noise, step_noise, uniform, generator, clip)
         obs [B, S]  ->  actions [B, A]: K candidates per state sampled, scored by min(Q1, Q2) of the
         DoubleCritic and one chosen (argmax or softmax inverse-CDF draw) -- all in ONE launch.
+    sample(net, obs, num_samples, steps, solver, path, seed, return_trajectory)
+        obs [B, S]  ->  [B, num_samples, A]: integrate with the noise drawn in the kernel from ``seed``.
 
 How the kernel is organised (one program = a tile of BM samples, persistent over tiles):
 
@@ -44,9 +46,14 @@ BM // KP states x KP candidate slots (KP = next power of two >= K), so K <= 256.
 The DoubleCritic in act may have layer_norm=True (CPQL's offline critic): LayerNorm over the
 hidden width is computed in the kernel after each hidden Linear (two-pass, biased variance).
 
-Randomness: every random number is an input (x0 / noise / step_noise / uniform). When act or
-consistency_sample get None for one of them it is drawn on the host from ``generator`` in the same
-order and shape as the reference draws it, so both backends see the same stream.
+Randomness: in integrate / consistency_sample / act every random number is an input (x0 / noise /
+step_noise / uniform). When act or consistency_sample get None for one of them it is drawn on the
+host from ``generator`` in the same order and shape as the reference draws it, so both backends see
+the same stream. ``sample`` instead draws x0 inside the kernel (op qipo_kernels::triton_policy_sample_seeded):
+x0[b, k, a] = tl.randn(seed, (b K + k) A + a) (Philox on the global element index, 64-bit, so the
+numbers do not depend on tiles or programs), rounded to obs' dtype; the noise is never stored (QIPO's
+1e6 x 64 support renewal needs no noise tensor). That is another stream than the reference's
+torch.Generator: same distribution, not the same numbers; trajectory[0] returns the noise when asked.
 
 torch.compile: the launch is the torch.library custom op ``qipo_kernels::triton_policy_sample``
 (tensors and plain scalars only: the packed weight tensors, the time-share / coefficient tables,
@@ -272,14 +279,14 @@ def _net_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo,
                      HP, HS, IN_PAD, OUT_PAD, DEPTH, ACT, HAS_T, False, BM, BN, BK, PREC)
 
 
-@triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps"])
+@triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps", "seed"])
 def _policy_kernel(
     x0_ptr, obs_ptr, snoise_ptr, u_ptr, out_ptr, traj_ptr, tvec_ptr, coef_ptr, osh_ptr, hbuf_ptr,
     w1x, w1o, b1, wh, bh, wo, bo,
     qa1, qo1, qb1, qh1, qhb1, qw1, qwb1, qlw1, qlb1,
     qa2, qo2, qb2, qh2, qhb2, qw2, qwb2, qlw2, qlb2,
-    N, B, K, A, S, steps, n_evals, temperature, HQ, ln_eps,
-    MODE: tl.constexpr, SOLVER: tl.constexpr, CLIP: tl.constexpr, TRAJ: tl.constexpr,
+    N, B, K, A, S, steps, n_evals, temperature, HQ, ln_eps, seed,
+    MODE: tl.constexpr, SOLVER: tl.constexpr, CLIP: tl.constexpr, TRAJ: tl.constexpr, SEEDED: tl.constexpr,
     SOFTMAX: tl.constexpr, LNQ: tl.constexpr,
     HP: tl.constexpr, AP: tl.constexpr, SP: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
     HPQ: tl.constexpr, DEPTHQ: tl.constexpr, ACTQ: tl.constexpr, HS: tl.constexpr, KP: tl.constexpr,
@@ -311,7 +318,13 @@ def _policy_kernel(
         _obs_share(obs_ptr, state, valid, S, w1o, b1, osh, HP, SP, BM, BN, BKS, PREC)
         amask = valid[:, None] & (offs_a[None, :] < A)
         xoff = rows[:, None] * A + offs_a[None, :]
-        x = tl.load(x0_ptr + xoff, mask=amask, other=0.0).to(tl.float32)
+        if SEEDED:
+            # x0[row, a] = randn(seed, row * A + a): Philox on the global element index, so the
+            # noise does not depend on the tiling; rounded to the output dtype as a stored x0 would be.
+            z = tl.randn(seed, xoff)
+            x = tl.where(amask, z, 0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x0_ptr + xoff, mask=amask, other=0.0).to(tl.float32)
         if MODE % 2 == 0:  # MODE 0 (integrate) or 2 (act with the flow sampler)
             # ---------------- ODE solver, all steps ----------------
             if TRAJ:
@@ -778,7 +791,7 @@ def _tuned_kernel(hp: int, hpq: int):
         cfgs.append(triton.Config({"BN": bn_big}, num_warps=8 if bn_big == 128 else 4, num_stages=2))
     if not _autotune_enabled():
         cfgs = cfgs[:1]
-    k = triton.autotune(cfgs, key=["HP", "AP", "SP", "DEPTH", "ACT", "HPQ", "DEPTHQ", "ACTQ", "KP", "MODE",
+    k = triton.autotune(cfgs, key=["HP", "AP", "SP", "DEPTH", "ACT", "HPQ", "DEPTHQ", "ACTQ", "KP", "MODE", "SEEDED",
                                     "SOLVER", "CLIP", "TRAJ", "SOFTMAX", "PREC", "BM"])(_policy_kernel)
     _TUNED[key] = k
     return k
@@ -798,9 +811,10 @@ def _choose_bm(rows: int, min_rows: int, hs: int, programs: int) -> int:
 
 def _launch(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], x0, obs, snoise, u, out, traj, tvec, coef,
             N, B, K, A, S, steps, n_evals, temperature, solver_code, act_code, depth, act_code_q, depth_q, hq,
-            lnq, ln_eps, clip, softmax):
-    device = x0.device
-    dtype = x0.dtype
+            lnq, ln_eps, clip, softmax, seed=None):
+    """x0 None: the initial noise is drawn in the kernel from ``seed`` (MODE_INTEGRATE only)."""
+    device = out.device
+    dtype = out.dtype
     HP, AP, SP = pol[0].shape[1], pol[0].shape[0], pol[1].shape[0]
     group = mode >= MODE_ACT_FLOW
     if critic:
@@ -819,6 +833,7 @@ def _launch(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], x0, obs, 
     BK = min(64, HP, hpq)
     BKS = min(64, SP)
     common = dict(MODE=mode, SOLVER=solver_code, CLIP=bool(clip), TRAJ=traj is not None, SOFTMAX=bool(softmax),
+                  SEEDED=x0 is None,
                   LNQ=bool(lnq), HP=HP, AP=AP, SP=SP, DEPTH=depth, ACT=act_code, HPQ=hpq, DEPTHQ=dq,
                   ACTQ=act_code_q, HS=HS, KP=KP, BK=BK, BKS=BKS, PREC=_prec(dtype))
     nprog = _programs(device)
@@ -837,11 +852,12 @@ def _launch(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], x0, obs, 
     osh = _new_buffer((progs * bm * HS,), torch.float32, device)
     hbuf = _new_buffer((progs * 2 * bm * HS,), dtype, device)
     with _host.device_guard(device):
+        xp = x0 if x0 is not None else out  # not read when SEEDED
         kernel[(progs,)](
-            x0, obs, snoise if snoise is not None else x0, u if u is not None else coef, out,
+            xp, obs, snoise if snoise is not None else xp, u if u is not None else coef, out,
             traj if traj is not None else out, tvec, coef, osh, hbuf,
             *pol, *qargs,
-            N, B, K, A, S, steps, n_evals, float(temperature), hq, float(ln_eps),
+            N, B, K, A, S, steps, n_evals, float(temperature), hq, float(ln_eps), int(seed or 0),
             **common, **meta,
         )
 
@@ -885,7 +901,7 @@ def _(x0, obs, step_noise, uniform, tvec, coef, policy, critic, mode, num_candid
     return out, traj
 
 def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, traj=False, kp=1, bm=64, bn=64,
-                        hp=256, depth=3, arch=90, num_warps=4, ln=False):
+                        hp=256, depth=3, arch=90, num_warps=4, ln=False, seeded=False):
     """Compile the fused kernel for a CUDA architecture without a GPU (Triton's bundled ptxas);
     a development check that the interpreter cannot make. Needs TRITON_INTERPRET unset."""
     from triton.backends.compiler import GPUTarget
@@ -896,7 +912,7 @@ def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, t
     f32 = {"osh_ptr", "tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2",
            "qlw1", "qlb1", "qlw2", "qlb2"}
     ints = {"N", "B", "K", "A", "S", "steps", "n_evals", "HQ"}
-    const = dict(LNQ=ln, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32,
+    const = dict(LNQ=ln, SEEDED=seeded, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32,
                  DEPTH=depth, ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, HS=hp, KP=kp, BM=bm, BN=bn, BK=64, BKS=32, PREC=prec)
     sig = {}
     for n in names:
@@ -908,6 +924,8 @@ def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, t
             sig[n] = "*fp32"
         elif n in ints:
             sig[n] = "i32"
+        elif n == "seed":
+            sig[n] = "i64"
         elif n in ("temperature", "ln_eps"):
             sig[n] = "fp32"
         else:
@@ -990,6 +1008,10 @@ def supports_consistency_sample(net=None, noise=None, obs=None, **_) -> List[str
     return _policy_call_reasons(net, noise, obs)
 
 
+def supports_sample(net=None, obs=None, **_) -> List[str]:
+    return _policy_call_reasons(net, None, obs)
+
+
 def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=None, **_) -> List[str]:
     out = _policy_call_reasons(net, noise if noise is not None else obs, obs)
     if not isinstance(critic, DoubleCritic) or type(critic).q_min is not DoubleCritic.q_min \
@@ -1019,6 +1041,34 @@ def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=Non
         out.append(f"num_candidates = {num_candidates} > {MAX_CANDIDATES} (one program holds all of a state's "
                    "candidates)")
     return out
+
+
+@torch.library.custom_op("qipo_kernels::triton_policy_sample_seeded", mutates_args=())
+def _seeded_sample_op(obs: torch.Tensor, tvec: torch.Tensor, coef: torch.Tensor, policy: List[torch.Tensor],
+                      num_samples: int, act_dim: int, seed: int, steps: int, solver_code: int, act_code: int,
+                      depth: int, trajectory: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ODE sampling with the initial noise drawn in the kernel: obs [B, S] -> ([B, num_samples, act_dim],
+    trajectory [steps + 1, B, num_samples, act_dim] or an empty [0]); x0[b, k, a] =
+    tl.randn(seed, (b * num_samples + k) * act_dim + a), never stored (except as trajectory[0])."""
+    B, S = obs.shape
+    N, A = B * num_samples, act_dim
+    dtype, device = obs.dtype, obs.device
+    out = _new_buffer((B, num_samples, A), dtype, device)
+    traj = (_new_buffer((steps + 1, B, num_samples, A), dtype, device) if trajectory
+            else torch.empty(0, dtype=dtype, device=device))
+    if N > 0:
+        _launch(MODE_INTEGRATE, policy, [], None, obs, None, None, out, traj if trajectory else None, tvec, coef,
+                N, B, num_samples, A, S, steps, 0, 1.0, solver_code, act_code, depth, 0, 1, 1, False, 0.0, False,
+                False, seed=seed)
+    return out, traj
+
+
+@_seeded_sample_op.register_fake
+def _(obs, tvec, coef, policy, num_samples, act_dim, seed, steps, solver_code, act_code, depth, trajectory):
+    B = obs.shape[0]
+    out = obs.new_empty((B, num_samples, act_dim))
+    traj = obs.new_empty((steps + 1, B, num_samples, act_dim) if trajectory else (0,))
+    return out, traj
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1059,6 +1109,26 @@ def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     out = out.view(x0.shape)
     if return_trajectory:
         return out, traj.view((steps + 1,) + tuple(x0.shape))
+    return out
+
+
+def sample(net, obs, num_samples, steps, solver, path, seed, return_trajectory):
+    """Fused reference.ode._sample: obs [B, S] -> [B, num_samples, A] (and the trajectory
+    [steps + 1, B, num_samples, A], whose first entry is the noise, when asked).
+
+    The initial noise is drawn inside the kernel (Philox, tl.randn) from ``seed``: it is never
+    materialised in memory, and it is a different stream from the reference's torch.Generator
+    (same distribution: independent standard normals, rounded to obs' dtype).
+    """
+    if obs.shape[1] != net.obs_dim:
+        raise ValueError(f"obs must be [B, {net.obs_dim}] (net.obs_dim), got shape {tuple(obs.shape)}")
+    dtype, device = obs.dtype, obs.device
+    pol, tvec, coef = _flow_inputs(net, steps, solver, 0.0, 1.0, path, dtype, device)
+    out, traj = _seeded_sample_op(obs.contiguous(), tvec, coef, pol, num_samples, net.act_dim, seed, steps,
+                                  SOLVER_CODES[solver], ACT_CODES[net.activation], len(net.layers),
+                                  bool(return_trajectory))
+    if return_trajectory:
+        return out, traj
     return out
 
 
@@ -1137,3 +1207,4 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
 _backends.register("integrate", "triton", integrate, supports_integrate)
 _backends.register("consistency_sample", "triton", consistency_sample, supports_consistency_sample)
 _backends.register("act", "triton", act, supports_act)
+_backends.register("sample", "triton", sample, supports_sample)
