@@ -681,12 +681,30 @@ def _cached_tables(pack: _PolicyPack, key, build):
 # The tables as custom ops: their host float64 math (float() of tensors) cannot be traced by
 # torch.compile, and as ops they are recomputed when steps / solver / sigmas change instead of
 # being frozen into a compiled graph. Eager calls cache them (see _cached_tables).
+_OP_TABLES: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _op_tables(key, build):
+    """Device copies of the tables, built once per configuration; the ops return fresh clones
+    (device-to-device copies: no host transfer inside a CUDA graph captured after a warm-up call,
+    e.g. by torch.compile(mode="reduce-overhead"))."""
+    tab = _OP_TABLES.get(key)
+    if tab is None:
+        if len(_OP_TABLES) >= _MAX_TABLES:
+            _OP_TABLES.clear()
+        tab = _OP_TABLES[key] = build()
+    return tab[0].clone(), tab[1].clone()
+
+
 @torch.library.custom_op("qipo_kernels::triton_sampler_flow_tables", mutates_args=())
 def _flow_tables_op(steps: int, solver: str, t0: float, t1: float, path: Optional[str],
                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(evaluation times [steps * STAGES[solver]] float64, coefficients [steps, NCOEF] float32)."""
-    times, rows = _flow_tables(steps, solver, t0, t1, path)
-    return torch.tensor(times, dtype=torch.float64).to(device), _coef_tensor(rows, device)
+    def build():
+        times, rows = _flow_tables(steps, solver, t0, t1, path)
+        return torch.tensor(times, dtype=torch.float64).to(device), _coef_tensor(rows, device)
+
+    return _op_tables(("flow", steps, solver, t0, t1, path, str(device)), build)
 
 
 @_flow_tables_op.register_fake
@@ -699,8 +717,11 @@ def _(steps, solver, t0, t1, path, device):
 def _consistency_tables_op(sigmas: List[float], sigma_max: float, sigma_min: float, sigma_data: float,
                            dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(network time inputs [1 + len(sigmas)] float64, coefficients [1 + len(sigmas), NCOEF] float32)."""
-    tin, rows, _ = _consistency_tables(sigmas, sigma_max, sigma_min, sigma_data, dtype)
-    return torch.tensor(tin, dtype=torch.float64).to(device), _coef_tensor(rows, device)
+    def build():
+        tin, rows, _ = _consistency_tables(sigmas, sigma_max, sigma_min, sigma_data, dtype)
+        return torch.tensor(tin, dtype=torch.float64).to(device), _coef_tensor(rows, device)
+
+    return _op_tables(("cons", tuple(sigmas), sigma_max, sigma_min, sigma_data, dtype, str(device)), build)
 
 
 @_consistency_tables_op.register_fake
