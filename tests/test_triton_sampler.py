@@ -141,15 +141,6 @@ def test_integrate_random_shapes(A, S, H, depth, act, emb, B, K, sp):
     _close(out, ref)
 
 
-def test_integrate_under_torch_compile():
-    """Inside a torch.compile'd function the fused sampler runs as an opaque call (graph break)."""
-    net = _net(H=24, depth=2)
-    x0 = torch.randn(5, 6, device=DEV)
-    obs = torch.randn(5, 17, device=DEV)
-    f = torch.compile(lambda a, b: ops.integrate(net, a, b, steps=2, backend="triton") * 2.0, backend="eager")
-    _close(f(x0, obs), 2.0 * ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
-
-
 # ------------------------------------------------------------------------------------ consistency
 @pytest.mark.parametrize("sigmas,clip,layout", [(None, True, "flat"), ([2.0, 0.5], True, "grouped"),
                                                 ([5.0], False, "flat"), (None, False, "grouped")])
@@ -279,6 +270,199 @@ def test_packed_weights_refresh_after_optimizer_step():
     net.time_mlp[1].bias.add_(0.5)
     _close(ts.integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False),
             ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
+
+
+# ------------------------------------------------------------------------------------ sample (in-kernel noise)
+def _zero_velocity_net(A, S, seed=0):
+    """A ConditionalMLP whose output layer is zero: velocity 0, so sampling returns the noise itself."""
+    net = _net(A=A, S=S, H=16, depth=1, seed=seed)
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.zero_()
+    return net
+
+
+def _corr(a, b):
+    return torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1].item()
+
+
+def test_sample_in_kernel_noise_is_standard_normal_and_seeded():
+    """With zero velocity the output is the kernel's noise: independent N(0, 1) draws, reproducible
+    per seed, different across seeds, and independent of the tiling (a prefix of the states gets
+    the same numbers)."""
+    net = _zero_velocity_net(6, 17)
+    g = torch.Generator().manual_seed(12)
+    obs = torch.randn(16, 17, generator=g).to(DEV)
+    z = ops.sample(net, obs, 64, steps=1, seed=2024, backend="triton").cpu().double()  # [16, 64, 6]
+    assert z.shape == (16, 64, 6) and torch.isfinite(z).all()
+    n = z.numel()
+    flat = z.flatten()
+    assert abs(flat.mean().item()) < 5 / n ** 0.5
+    assert abs(flat.std().item() - 1) < 5 / (2 * n) ** 0.5
+    # Kolmogorov-Smirnov distance to the standard normal CDF (p ~ 1e-3 threshold)
+    xs = flat.sort().values
+    cdf = torch.special.ndtr(xs)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
+    assert ks < 1.95 / n ** 0.5, ks
+    assert flat.unique().numel() >= n - 2  # no reused Philox offsets
+    # independence: across action dims, across samples of a state, across states, in memory order
+    r = 5 / (16 * 64) ** 0.5
+    c = torch.corrcoef(z.reshape(-1, 6).t())
+    assert (c - torch.eye(6, dtype=c.dtype)).abs().max() < r
+    assert abs(_corr(z[:, :-1], z[:, 1:])) < r
+    assert abs(_corr(z[:-1], z[1:])) < r
+    assert abs(_corr(flat[:-1], flat[1:])) < 5 / n ** 0.5
+    # same seed -> same numbers (also for a prefix of the states: other tiling), other seed -> others
+    z_pre = ops.sample(net, obs[:3], 64, steps=1, seed=2024, backend="triton").cpu().double()
+    assert torch.equal(z_pre, z[:3])
+    z_other = ops.sample(net, obs[:3], 64, steps=1, seed=2025, backend="triton").cpu().double()
+    assert not torch.equal(z_other, z[:3]) and abs(_corr(z_other, z[:3])) < 5 / z_other.numel() ** 0.5
+
+
+@pytest.mark.parametrize("solver,path", [("euler", None), ("dpm2", "vp")])
+def test_sample_matches_reference_on_its_own_noise(solver, path):
+    """The seeded kernel = integrate on the noise it drew: the noise (trajectory[0], the same numbers
+    a zero-velocity net returns for this seed and shape) fed to the reference gives the output."""
+    net = _net(A=3, S=11, H=40, depth=2, act="silu", emb="fourier")
+    g = torch.Generator().manual_seed(13)
+    obs = torch.randn(5, 11, generator=g).to(DEV)
+    out, traj = ops.sample(net, obs, 7, steps=3, solver=solver, path=path, seed=77, return_trajectory=True,
+                           backend="triton")
+    assert out.shape == (5, 7, 3) and traj.shape == (4, 5, 7, 3)
+    noise = ops.sample(_zero_velocity_net(3, 11), obs, 7, steps=1, seed=77, backend="triton")
+    assert torch.equal(traj[0], noise)
+    ref, ref_traj = ref_ode._integrate(net, noise, obs, 3, solver, 0.0, 1.0, path, True)
+    _close(out, ref)
+    _close(traj, ref_traj)
+    assert torch.equal(out, ops.sample(net, obs, 7, steps=3, solver=solver, path=path, seed=77, backend="triton"))
+
+
+def test_sample_reference_and_dispatch():
+    net = _net(A=3, S=11, H=24, depth=2)
+    obs = torch.randn(4, 11, device=DEV)
+    ref = ops.sample(net, obs, 5, steps=2, seed=9, backend="torch")
+    x0 = torch.randn(4, 5, 3, generator=torch.Generator(device=DEV).manual_seed(9), device=DEV)
+    assert torch.equal(ref, ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
+    assert backends.explain("sample", torch.device(DEV), net=net, obs=obs)["triton"] == []
+    assert any("ConditionalMLP" in r for r in backends.explain("sample", torch.device(DEV), net=lambda *a: a[0],
+                                                                obs=obs)["triton"])
+    for bad in [dict(seed=-1), dict(seed=2 ** 63), dict(seed=1.5), dict(seed=True), dict(num_samples=0),
+                dict(steps=0), dict(solver="ddim"), dict(solver="nope"), dict(obs=obs[0])]:
+        kw = dict(num_samples=5, steps=2, seed=0)
+        kw.update(bad)
+        o = kw.pop("obs", obs)
+        with pytest.raises((ValueError, TypeError)):
+            ops.sample(net, o, backend="triton", **kw)
+    with pytest.raises(TypeError):
+        ops.sample(lambda x, t, o: x, obs, 5, backend="torch")  # no act_dim
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+def test_fake_impls_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    net = _net(H=24, depth=2)
+    critic = DoubleCritic(17, 6, hidden=40, depth=3, layer_norm=True).to(DEV)
+    pol, tvec, coef = ts._flow_inputs(net, 3, "rk4", 0.0, 1.0, None, torch.float32, torch.device(DEV))
+    cw = ts._critic_inputs(critic, torch.float32, torch.device(DEV))
+    assert len(pol) == 7 and len(cw) == 18 and tvec.shape == (12, 32) and coef.shape == (3, ts.NCOEF)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x0, obs = torch.empty(35, 6, device=DEV), torch.empty(7, 17, device=DEV)
+        out, traj = torch.ops.qipo_kernels.triton_policy_sample(
+            x0, obs, None, None, tvec, coef, pol, [], ts.MODE_INTEGRATE, 5, 3, 0, 3, 0, 2, 0, 1, 1, False, 0.0,
+            1.0, False, False, True)
+        assert out.shape == (35, 6) and traj.shape == (4, 35, 6) and out.dtype == torch.float32
+        out, traj = torch.ops.qipo_kernels.triton_policy_sample(
+            x0, obs, None, torch.empty(7, dtype=torch.float64), tvec, coef, pol, cw, ts.MODE_ACT_FLOW, 5, 3, 0, 3,
+            0, 2, 2, 3, 40, True, 1e-5, 0.5, True, True, False)
+        assert out.shape == (7, 6) and traj.shape == (0,)
+        out, traj = torch.ops.qipo_kernels.triton_policy_sample_seeded(obs, tvec, coef, pol, 5, 6, 1, 3, 3, 0, 2, True)
+        assert out.shape == (7, 5, 6) and traj.shape == (4, 7, 5, 6) and out.dtype == torch.float32
+        t, c = torch.ops.qipo_kernels.triton_sampler_flow_tables(4, "dpm2", 0.0, 1.0, "vp", torch.device(DEV))
+        assert t.shape == (8,) and t.dtype == torch.float64 and c.shape == (4, ts.NCOEF) and c.dtype == torch.float32
+        t, c = torch.ops.qipo_kernels.triton_sampler_consistency_tables([2.0, 0.5], 80.0, 0.002, 0.5,
+                                                                        torch.float32, torch.device(DEV))
+        assert t.shape == (3,) and c.shape == (3, ts.NCOEF)
+
+
+def test_opcheck():
+    net = _net(H=24, depth=2)
+    torch.manual_seed(3)
+    critic = DoubleCritic(17, 6, hidden=24, depth=2, activation="relu").to(DEV)
+    dev = torch.device(DEV)
+    pol, tvec, coef = ts._flow_inputs(net, 2, "midpoint", 0.0, 1.0, None, torch.float32, dev)
+    cw = ts._critic_inputs(critic, torch.float32, dev)
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.randn(6, 6, generator=g).to(DEV)
+    obs = torch.randn(3, 17, generator=g).to(DEV)
+    op = torch.ops.qipo_kernels.triton_policy_sample.default
+    torch.library.opcheck(op, (x0, obs, None, None, tvec, coef, pol, [], ts.MODE_INTEGRATE, 2, 2, 0, 1, 0, 2,
+                               0, 1, 1, False, 0.0, 1.0, False, False, True))
+    u = torch.rand(3, dtype=torch.float64, generator=g).to(DEV)
+    torch.library.opcheck(op, (x0, obs, None, u, tvec, coef, pol, cw, ts.MODE_ACT_FLOW, 2, 2, 0, 1, 0, 2,
+                               2, 2, 24, False, 0.0, 0.7, True, True, False))
+    torch.library.opcheck(torch.ops.qipo_kernels.triton_policy_sample_seeded.default,
+                          (obs, tvec, coef, pol, 2, 6, 123, 2, 1, 0, 2, True))
+    torch.library.opcheck(torch.ops.qipo_kernels.triton_sampler_flow_tables.default, (3, "ddim", 0.0, 1.0, "vp", dev))
+    torch.library.opcheck(torch.ops.qipo_kernels.triton_sampler_consistency_tables.default,
+                          ([1.0], 80.0, 0.002, 0.5, torch.float32, dev))
+
+
+def test_torch_compile_fullgraph():
+    """integrate, consistency_sample, act and sample trace with no graph break (fullgraph=True): the packing
+    and the time-share table are traced from the live parameters, the launch and the host tables
+    are custom ops in the graph. Compiled (aot_eager) results equal eager ones, also for a new
+    batch size / step count (no frozen tables) and after an optimizer step between calls."""
+    net = _net(H=24, depth=2)
+    torch.manual_seed(4)
+    critic = DoubleCritic(17, 6, hidden=24, depth=2, layer_norm=True).to(DEV)
+    g = torch.Generator().manual_seed(10)
+    x0 = torch.randn(3, 4, 6, generator=g).to(DEV)
+    obs = torch.randn(3, 17, generator=g).to(DEV)
+    sn = torch.randn(2, 3, 4, 6, generator=g).to(DEV)
+    u = torch.rand(3, dtype=torch.float64, generator=g).to(DEV)
+
+    def f(x0, obs, sn, u):
+        a = ops.integrate(net, x0, obs, steps=2, solver="heun", backend="triton")
+        b = ops.consistency_sample(net, x0, obs, sigmas=[2.0, 0.5], step_noise=sn, backend="triton")
+        c = ops.act(net, critic, obs, 4, steps=2, mode="softmax", temperature=0.5, noise=x0, uniform=u,
+                    backend="triton")
+        d = ops.sample(net, obs, 4, steps=2, solver="midpoint", seed=3, backend="triton")
+        return a, b, c, d
+
+    seen = []
+
+    def recording_backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(f, backend=recording_backend, fullgraph=True)(x0, obs, sn, u)
+        assert sum("triton_policy_sample.default" in s for s in seen) == 3, seen
+        assert sum("triton_policy_sample_seeded" in s for s in seen) == 1, seen
+        assert any("triton_sampler_flow_tables" in s for s in seen) and \
+            any("triton_sampler_consistency_tables" in s for s in seen), seen
+        want = f(x0, obs, sn, u)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+        torch._dynamo.reset()
+        cf = torch.compile(lambda x, o, s: ops.integrate(net, x, o, steps=s, solver="rk4", backend="triton"),
+                           backend="aot_eager", fullgraph=True)
+        for n, steps in [(5, 2), (7, 3)]:
+            x = torch.randn(n, 6, generator=g).to(DEV)
+            o = torch.randn(n, 17, generator=g).to(DEV)
+            _close(cf(x, o, steps), ref_ode._integrate(net, x, o, steps, "rk4", 0.0, 1.0, None, False))
+        before = cf(x, o, 3)
+        for p in net.parameters():
+            p.add_(0.05)
+        after = cf(x, o, 3)
+        assert not torch.allclose(before, after)
+        _close(after, ref_ode._integrate(net, x, o, 3, "rk4", 0.0, 1.0, None, False))
+    finally:
+        torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------ reasons / bad input
@@ -418,7 +602,8 @@ for case in eval(sys.argv[1]):
 def test_kernel_compiles_for_sm90_without_a_gpu():
     """The interpreter does not compile; this builds real sm_90 binaries (Triton's bundled ptxas,
     in a subprocess without TRITON_INTERPRET) so code-generation errors show up without a GPU too:
-    act in bf16 with the softmax draw and a LayerNorm critic, and rk4 in float32 with the trajectory."""
+    act in bf16 with the softmax draw and a LayerNorm critic, rk4 in float32 with the trajectory, and
+    the seeded sampler (in-kernel Philox noise) in bf16."""
     import os
     import subprocess
     import sys
@@ -426,7 +611,8 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     import qipo_kernels
 
     cases = [dict(mode=2, solver=0, dtype="bf16", prec=2, softmax=True, kp=64, bm=64, ln=True),
-             dict(mode=0, solver=3, dtype="fp32", prec=0, traj=True, bm=32, depth=2, hp=128)]
+             dict(mode=0, solver=3, dtype="fp32", prec=0, traj=True, bm=32, depth=2, hp=128),
+             dict(mode=0, solver=0, dtype="bf16", prec=2, seeded=True, bm=64, depth=1, hp=64)]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(qipo_kernels.__file__)))
@@ -436,7 +622,7 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     if r.returncode != 0 and "ptxas" in r.stderr.lower() and "not found" in r.stderr.lower():
         pytest.skip("no CUDA code generator (ptxas) here")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("CUBIN_BYTES") == 2
+    assert r.stdout.count("CUBIN_BYTES") == 3
 
 
 @pytest.mark.gpu

@@ -11,6 +11,8 @@ Ops registered here (backend "triton"):
         noise, step_noise, uniform, generator, clip)
         obs [B, S]  ->  actions [B, A]: K candidates per state sampled, scored by min(Q1, Q2) of the
         DoubleCritic and one chosen (argmax or softmax inverse-CDF draw) -- all in ONE launch.
+    sample(net, obs, num_samples, steps, solver, path, seed, return_trajectory)
+        obs [B, S]  ->  [B, num_samples, A]: integrate with the noise drawn in the kernel from ``seed``.
 
 How the kernel is organised (one program = a tile of BM samples, persistent over tiles):
 
@@ -44,9 +46,23 @@ BM // KP states x KP candidate slots (KP = next power of two >= K), so K <= 256.
 The DoubleCritic in act may have layer_norm=True (CPQL's offline critic): LayerNorm over the
 hidden width is computed in the kernel after each hidden Linear (two-pass, biased variance).
 
-Randomness: every random number is an input (x0 / noise / step_noise / uniform). When act or
-consistency_sample get None for one of them it is drawn on the host from ``generator`` in the same
-order and shape as the reference draws it, so both backends see the same stream.
+Randomness: in integrate / consistency_sample / act every random number is an input (x0 / noise /
+step_noise / uniform). When act or consistency_sample get None for one of them it is drawn on the
+host from ``generator`` in the same order and shape as the reference draws it, so both backends see
+the same stream. ``sample`` instead draws x0 inside the kernel (op qipo_kernels::triton_policy_sample_seeded):
+x0[b, k, a] = tl.randn(seed, (b K + k) A + a) (Philox on the global element index, 64-bit, so the
+numbers do not depend on tiles or programs), rounded to obs' dtype; the noise is never stored (QIPO's
+1e6 x 64 support renewal needs no noise tensor). That is another stream than the reference's
+torch.Generator: same distribution, not the same numbers; trajectory[0] returns the noise when asked.
+
+torch.compile: the launch is the torch.library custom op ``qipo_kernels::triton_policy_sample``
+(tensors and plain scalars only: the packed weight tensors, the time-share / coefficient tables,
+x0 / obs / step noise / uniforms, configuration ints and floats) with a fake implementation; the
+host tables are the custom ops ``qipo_kernels::triton_sampler_flow_tables`` and
+``..._consistency_tables``. Under torch.compile the packing (module -> packed tensors) and the
+time-share table are traced as plain torch ops from the live parameters (no cache, so an optimizer
+step between compiled calls is seen); eagerly they are cached as described below. A function
+calling integrate / consistency_sample / act with backend="triton" compiles with fullgraph=True.
 
 CUDA graphs: the launch path does no host synchronisation. The packed weights and the
 coefficient / time tables are cached per (module, dtype, device) and per solver configuration; a
@@ -63,6 +79,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import triton
 import triton.language as tl
@@ -72,6 +89,7 @@ from ..nets import ConditionalMLP, DoubleCritic
 from ..reference import consistency as _cons
 from ..reference import ode as _ode
 from ..reference import paths as _paths
+from . import _host
 
 MAX_HIDDEN = 512
 MAX_DEPTH = 6
@@ -261,14 +279,14 @@ def _net_eval(xin, trow, osh, hbuf, w1x, wh, bh, wo, bo,
                      HP, HS, IN_PAD, OUT_PAD, DEPTH, ACT, HAS_T, False, BM, BN, BK, PREC)
 
 
-@triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps"])
+@triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps", "seed"])
 def _policy_kernel(
     x0_ptr, obs_ptr, snoise_ptr, u_ptr, out_ptr, traj_ptr, tvec_ptr, coef_ptr, osh_ptr, hbuf_ptr,
     w1x, w1o, b1, wh, bh, wo, bo,
     qa1, qo1, qb1, qh1, qhb1, qw1, qwb1, qlw1, qlb1,
     qa2, qo2, qb2, qh2, qhb2, qw2, qwb2, qlw2, qlb2,
-    N, B, K, A, S, steps, n_evals, temperature, HQ, ln_eps,
-    MODE: tl.constexpr, SOLVER: tl.constexpr, CLIP: tl.constexpr, TRAJ: tl.constexpr,
+    N, B, K, A, S, steps, n_evals, temperature, HQ, ln_eps, seed,
+    MODE: tl.constexpr, SOLVER: tl.constexpr, CLIP: tl.constexpr, TRAJ: tl.constexpr, SEEDED: tl.constexpr,
     SOFTMAX: tl.constexpr, LNQ: tl.constexpr,
     HP: tl.constexpr, AP: tl.constexpr, SP: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
     HPQ: tl.constexpr, DEPTHQ: tl.constexpr, ACTQ: tl.constexpr, HS: tl.constexpr, KP: tl.constexpr,
@@ -300,7 +318,13 @@ def _policy_kernel(
         _obs_share(obs_ptr, state, valid, S, w1o, b1, osh, HP, SP, BM, BN, BKS, PREC)
         amask = valid[:, None] & (offs_a[None, :] < A)
         xoff = rows[:, None] * A + offs_a[None, :]
-        x = tl.load(x0_ptr + xoff, mask=amask, other=0.0).to(tl.float32)
+        if SEEDED:
+            # x0[row, a] = randn(seed, row * A + a): Philox on the global element index, so the
+            # noise does not depend on the tiling; rounded to the output dtype as a stored x0 would be.
+            z = tl.randn(seed, xoff)
+            x = tl.where(amask, z, 0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x0_ptr + xoff, mask=amask, other=0.0).to(tl.float32)
         if MODE % 2 == 0:  # MODE 0 (integrate) or 2 (act with the flow sampler)
             # ---------------- ODE solver, all steps ----------------
             if TRAJ:
@@ -411,7 +435,10 @@ def _policy_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Weight packing (cached per module, dtype and device; refreshed when a parameter changes)
+# Weight packing. The packed tensors are built from the modules' current parameters by plain
+# torch ops: in eager mode the result is cached per (module, dtype, device) and rebuilt when a
+# parameter changes; under torch.compile the same functions are traced into the graph (they read
+# the live parameters, so an optimizer step between compiled calls is never missed).
 # ----------------------------------------------------------------------------------------------
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
@@ -432,102 +459,111 @@ def _signature(module: nn.Module) -> Tuple:
                  for t in list(module.parameters()) + list(module.buffers()))
 
 
-class _MLPPack:
-    """Packed weights of one MLP with the first layer split in a 'free' part (x / action, read
-    each evaluation) and an obs part (folded with b1 into the per-tile obs share)."""
+def _pad2(w: torch.Tensor, rows: int, cols: int, dtype, device) -> torch.Tensor:
+    w = w.to(device=device, dtype=dtype)
+    return F.pad(w, (0, cols - w.shape[1], 0, rows - w.shape[0])).contiguous()
 
-    def __init__(self, linears: List[nn.Linear], free_cols: slice, obs_cols: slice, out_pad: int,
-                 dtype: torch.dtype, device: torch.device, norms: Optional[List[nn.LayerNorm]] = None):
-        first, hidden, last = linears[0], linears[1:-1], linears[-1]
-        H = first.weight.shape[0]
-        self.H, self.HP = H, _pad_hidden(H)
-        n_free = free_cols.stop - free_cols.start
-        n_obs = obs_cols.stop - obs_cols.start
-        self.AP, self.SP = _pad_small(n_free), _pad_small(n_obs)
-        self.depth = len(hidden) + 1
-        HP = self.HP
-        f32 = torch.float32
 
-        def padded(w, rows, cols, dt):
-            out = torch.zeros(rows, cols, dtype=dt, device=device)
-            out[: w.shape[0], : w.shape[1]] = w.to(device=device, dtype=dt)
-            return out.contiguous()
+def _pad1(b: torch.Tensor, n: int, device) -> torch.Tensor:
+    return F.pad(b.to(device=device, dtype=torch.float32), (0, n - b.shape[0])).contiguous()
 
-        def padvec(b, n):
-            out = torch.zeros(n, dtype=f32, device=device)
-            out[: b.shape[0]] = b.to(device=device, dtype=f32)
-            return out
 
+def _mlp_tensors(linears: List[nn.Linear], free_cols: slice, obs_cols: slice, out_pad: int,
+                 dtype: torch.dtype, device: torch.device,
+                 norms: Optional[List[nn.LayerNorm]] = None) -> List[torch.Tensor]:
+    """Packed weights of one MLP with the first layer split in a 'free' part (x / action, read each
+    evaluation) and an obs part (folded with b1 into the per-tile obs share):
+
+        [w1x [AP, HP], w1o [SP, HP], b1 [HP], wh [max(depth - 1, 1), HP, HP], bh [.., HP], wo [HP, out_pad],
+         bo [out_pad]]  (+ [lnw, lnb] [depth, HP] when ``norms``: LayerNorm after each hidden Linear)
+
+    Weights in ``dtype``, biases / LayerNorm affine in float32, zero padding.
+    """
+    first, hidden, last = linears[0], linears[1:-1], linears[-1]
+    H = first.weight.shape[0]
+    HP = _pad_hidden(H)
+    AP = _pad_small(free_cols.stop - free_cols.start)
+    SP = _pad_small(obs_cols.stop - obs_cols.start)
+    with torch.no_grad():
         W1 = first.weight.detach()
-        self.w1x = padded(W1[:, free_cols].t(), self.AP, HP, dtype)
-        self.w1o = padded(W1[:, obs_cols].t(), self.SP, HP, dtype)
-        self.b1 = padvec(first.bias.detach(), HP)
-        nh = max(len(hidden), 1)
-        self.wh = torch.zeros(nh, HP, HP, dtype=dtype, device=device)
-        self.bh = torch.zeros(nh, HP, dtype=f32, device=device)
-        for i, lin in enumerate(hidden):
-            self.wh[i, :H, :H] = lin.weight.detach().t().to(device=device, dtype=dtype)
-            self.bh[i, :H] = lin.bias.detach().to(device=device, dtype=f32)
-        self.wo = padded(last.weight.detach().t(), HP, out_pad, dtype)
-        self.bo = padvec(last.bias.detach(), out_pad)
-        # LayerNorm after each hidden Linear (critic with layer_norm=True): gamma / beta [depth, HP]
-        self.ln = bool(norms)
-        self.ln_eps = float(norms[0].eps) if norms else 0.0
-        if norms:
-            self.lnw = torch.zeros(self.depth, HP, dtype=f32, device=device)
-            self.lnb = torch.zeros(self.depth, HP, dtype=f32, device=device)
-            for i, ln in enumerate(norms):
-                self.lnw[i, :H] = ln.weight.detach().float() if ln.weight is not None else 1.0
-                if ln.bias is not None:
-                    self.lnb[i, :H] = ln.bias.detach().float()
+        w1x = _pad2(W1[:, free_cols].t(), AP, HP, dtype, device)
+        w1o = _pad2(W1[:, obs_cols].t(), SP, HP, dtype, device)
+        b1 = _pad1(first.bias.detach(), HP, device)
+        if hidden:
+            wh = torch.stack([_pad2(lin.weight.detach().t(), HP, HP, dtype, device) for lin in hidden])
+            bh = torch.stack([_pad1(lin.bias.detach(), HP, device) for lin in hidden])
         else:
-            self.lnw = self.lnb = self.b1
+            wh = torch.zeros(1, HP, HP, dtype=dtype, device=device)
+            bh = torch.zeros(1, HP, dtype=torch.float32, device=device)
+        wo = _pad2(last.weight.detach().t(), HP, out_pad, dtype, device)
+        bo = _pad1(last.bias.detach(), out_pad, device)
+        out = [w1x, w1o, b1, wh, bh, wo, bo]
+        if norms:
+            ones = torch.ones(H, dtype=torch.float32, device=device)
+            zeros = torch.zeros(H, dtype=torch.float32, device=device)
+            out.append(torch.stack([_pad1(ln.weight.detach() if ln.weight is not None else ones, HP, device)
+                                    for ln in norms]))
+            out.append(torch.stack([_pad1(ln.bias.detach() if ln.bias is not None else zeros, HP, device)
+                                    for ln in norms]))
+    return out
 
-    def args(self):
-        return (self.w1x, self.w1o, self.b1, self.wh, self.bh, self.wo, self.bo)
 
-    def ln_args(self):
-        return (self.lnw, self.lnb)
+def _policy_tensors(net: ConditionalMLP, dtype, device) -> List[torch.Tensor]:
+    """The policy's 7 packed tensors (see _mlp_tensors); depth = len(net.layers)."""
+    A, T, S = net.act_dim, net.t_dim, net.obs_dim
+    return _mlp_tensors(list(net.layers) + [net.out], slice(0, A), slice(A + T, A + T + S), _pad_small(A),
+                        dtype, device)
+
+
+def _critic_tensors(critic: DoubleCritic, dtype, device) -> List[torch.Tensor]:
+    """Both heads' packed tensors, head 1 then head 2 (7 each, 9 with LayerNorm)."""
+    S, A = critic.obs_dim, critic.act_dim
+    out: List[torch.Tensor] = []
+    for mlp in (critic.q1_net, critic.q2_net):
+        lins = [m for m in mlp.net if isinstance(m, nn.Linear)]
+        norms = [m for m in mlp.net if isinstance(m, nn.LayerNorm)]
+        out += _mlp_tensors(lins, slice(S, S + A), slice(0, S), 16, dtype, device, norms)
+    return out
+
+
+def _critic_meta(critic: DoubleCritic) -> Tuple[int, int, bool, float]:
+    """(depth, hidden, layer_norm, LayerNorm eps) of the critic heads."""
+    norms = [m for m in critic.q1_net.net if isinstance(m, nn.LayerNorm)]
+    return critic.depth, critic.hidden, bool(norms), float(norms[0].eps) if norms else 0.0
+
+
+def _time_share(net: ConditionalMLP, times: torch.Tensor, time_dtype: torch.dtype, HP: int) -> torch.Tensor:
+    """[len(times), HP] float32: W1_t @ e(t) for each evaluation time (times float64; rows padded with 0).
+
+    The reference rounds each time to the network's float dtype (float32 at least here); the time
+    embedding is then evaluated in float32."""
+    A, T = net.act_dim, net.t_dim
+    with torch.no_grad():
+        t = times.to(time_dtype).to(torch.float32)
+        if net.time_mlp is None:
+            e = t[:, None]
+        elif all(p.dtype == torch.float32 for p in net.time_mlp.parameters()):
+            e = net.time_mlp(t)
+        else:
+            state = {k: v.float() for k, v in net.time_mlp.named_parameters()}
+            state.update({k: v.float() for k, v in net.time_mlp.named_buffers()})
+            e = torch.func.functional_call(net.time_mlp, state, (t,))
+        w1t = net.layers[0].weight.detach()[:, A:A + T].float()
+        share = e @ w1t.t()
+        return F.pad(share, (0, HP - share.shape[1])).contiguous()
 
 
 class _PolicyPack:
-    def __init__(self, net: ConditionalMLP, dtype: torch.dtype, device: torch.device):
-        A, T, S = net.act_dim, net.t_dim, net.obs_dim
-        lins = list(net.layers) + [net.out]
-        with torch.no_grad():
-            self.mlp = _MLPPack(lins, slice(0, A), slice(A + T, A + T + S), _pad_small(A), dtype, device)
-        self.net_ref = weakref.ref(net)
-        self.tables: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+    """Eager-mode cache entry: the packed policy tensors and its (time share, coefficient) tables."""
 
-    def time_share(self, times: List[float], time_dtype: torch.dtype, device) -> torch.Tensor:
-        """[len(times), HP] float32: W1_t @ e(t) for each evaluation time (rows of zeros padded)."""
-        net = self.net_ref()
-        A, T = net.act_dim, net.t_dim
-        with torch.no_grad():
-            # the reference rounds each time to the network's float dtype (float32 at least here)
-            t = torch.tensor(times, dtype=torch.float64).to(time_dtype).to(device=device, dtype=torch.float32)
-            if net.time_mlp is None:
-                e = t[:, None]
-            else:
-                state = {k: v.float() for k, v in net.time_mlp.named_parameters()}
-                state.update({k: v.float() for k, v in net.time_mlp.named_buffers()})
-                e = torch.func.functional_call(net.time_mlp, state, (t,))
-            w1t = net.layers[0].weight.detach()[:, A:A + T].float()
-            share = e @ w1t.t()
-            out = torch.zeros(len(times), self.mlp.HP, dtype=torch.float32, device=device)
-            out[:, : share.shape[1]] = share
-        return out
+    def __init__(self, net: ConditionalMLP, dtype: torch.dtype, device: torch.device):
+        self.tensors = _policy_tensors(net, dtype, device)
+        self.tables: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class _CriticPack:
     def __init__(self, critic: DoubleCritic, dtype, device):
-        S, A = critic.obs_dim, critic.act_dim
-        with torch.no_grad():
-            self.heads = []
-            for mlp in (critic.q1_net, critic.q2_net):
-                lins = [m for m in mlp.net if isinstance(m, nn.Linear)]
-                norms = [m for m in mlp.net if isinstance(m, nn.LayerNorm)]
-                self.heads.append(_MLPPack(lins, slice(S, S + A), slice(0, S), 16, dtype, device, norms))
+        self.tensors = _critic_tensors(critic, dtype, device)
 
 
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, Dict]" = weakref.WeakKeyDictionary()
@@ -545,6 +581,24 @@ def _get_pack(module: nn.Module, kind, dtype: torch.dtype, device: torch.device)
         entries[key] = ent
     return ent[1]
 
+
+def _compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
+def _policy_inputs(net, dtype, device, key, build_tables):
+    """(packed policy tensors, (time share, coefficients)): cached in eager mode, traced under torch.compile."""
+    if _compiling():
+        tensors = _policy_tensors(net, dtype, device)
+        return tensors, build_tables(tensors)
+    pack = _get_pack(net, _PolicyPack, dtype, device)
+    return pack.tensors, _cached_tables(pack, key, lambda: build_tables(pack.tensors))
+
+
+def _critic_inputs(critic, dtype, device) -> List[torch.Tensor]:
+    if _compiling():
+        return _critic_tensors(critic, dtype, device)
+    return _get_pack(critic, _CriticPack, dtype, device).tensors
 
 # ----------------------------------------------------------------------------------------------
 # Host-side tables (float64 math exactly as the references do it, stored as float32)
@@ -624,6 +678,80 @@ def _cached_tables(pack: _PolicyPack, key, build):
     return tab
 
 
+# The tables as custom ops: their host float64 math (float() of tensors) cannot be traced by
+# torch.compile, and as ops they are recomputed when steps / solver / sigmas change instead of
+# being frozen into a compiled graph. Eager calls cache them (see _cached_tables).
+_OP_TABLES: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _op_tables(key, build):
+    """Device copies of the tables, built once per configuration; the ops return fresh clones
+    (device-to-device copies: no host transfer inside a CUDA graph captured after a warm-up call,
+    e.g. by torch.compile(mode="reduce-overhead"))."""
+    tab = _OP_TABLES.get(key)
+    if tab is None:
+        if len(_OP_TABLES) >= _MAX_TABLES:
+            _OP_TABLES.clear()
+        tab = _OP_TABLES[key] = build()
+    return tab[0].clone(), tab[1].clone()
+
+
+@torch.library.custom_op("qipo_kernels::triton_sampler_flow_tables", mutates_args=())
+def _flow_tables_op(steps: int, solver: str, t0: float, t1: float, path: Optional[str],
+                    device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(evaluation times [steps * STAGES[solver]] float64, coefficients [steps, NCOEF] float32)."""
+    def build():
+        times, rows = _flow_tables(steps, solver, t0, t1, path)
+        return torch.tensor(times, dtype=torch.float64).to(device), _coef_tensor(rows, device)
+
+    return _op_tables(("flow", steps, solver, t0, t1, path, str(device)), build)
+
+
+@_flow_tables_op.register_fake
+def _(steps, solver, t0, t1, path, device):
+    return (torch.empty(steps * _ode.STAGES[solver], dtype=torch.float64, device=device),
+            torch.empty(max(steps, 1), NCOEF, dtype=torch.float32, device=device))
+
+
+@torch.library.custom_op("qipo_kernels::triton_sampler_consistency_tables", mutates_args=())
+def _consistency_tables_op(sigmas: List[float], sigma_max: float, sigma_min: float, sigma_data: float,
+                           dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(network time inputs [1 + len(sigmas)] float64, coefficients [1 + len(sigmas), NCOEF] float32)."""
+    def build():
+        tin, rows, _ = _consistency_tables(sigmas, sigma_max, sigma_min, sigma_data, dtype)
+        return torch.tensor(tin, dtype=torch.float64).to(device), _coef_tensor(rows, device)
+
+    return _op_tables(("cons", tuple(sigmas), sigma_max, sigma_min, sigma_data, dtype, str(device)), build)
+
+
+@_consistency_tables_op.register_fake
+def _(sigmas, sigma_max, sigma_min, sigma_data, dtype, device):
+    n = 1 + len(sigmas)
+    return (torch.empty(n, dtype=torch.float64, device=device),
+            torch.empty(n, NCOEF, dtype=torch.float32, device=device))
+
+
+def _flow_inputs(net, steps, solver, t0, t1, path, dtype, device):
+    """(packed policy tensors, time share [n_evals, HP], coefficients) of one flow configuration."""
+    def build(w):
+        times, coef = _flow_tables_op(steps, solver, float(t0), float(t1), path, device)
+        return _time_share(net, times, torch.promote_types(dtype, torch.float32), w[0].shape[1]), coef
+
+    pol, (tvec, coef) = _policy_inputs(net, dtype, device, ("flow", steps, solver, float(t0), float(t1), path, dtype),
+                                       build)
+    return pol, tvec, coef
+
+
+def _consistency_inputs(net, sig, sigma_max, sigma_min, sigma_data, dtype, device):
+    def build(w):
+        tin, coef = _consistency_tables_op(list(sig), float(sigma_max), float(sigma_min), float(sigma_data),
+                                           dtype, device)
+        return _time_share(net, tin, torch.promote_types(dtype, torch.float32), w[0].shape[1]), coef
+
+    pol, (tvec, coef) = _policy_inputs(net, dtype, device, ("cons", tuple(sig), sigma_max, sigma_min, sigma_data,
+                                                            dtype), build)
+    return pol, tvec, coef
+
 # ----------------------------------------------------------------------------------------------
 # Launch
 # ----------------------------------------------------------------------------------------------
@@ -684,7 +812,7 @@ def _tuned_kernel(hp: int, hpq: int):
         cfgs.append(triton.Config({"BN": bn_big}, num_warps=8 if bn_big == 128 else 4, num_stages=2))
     if not _autotune_enabled():
         cfgs = cfgs[:1]
-    k = triton.autotune(cfgs, key=["HP", "AP", "SP", "DEPTH", "ACT", "HPQ", "DEPTHQ", "ACTQ", "KP", "MODE",
+    k = triton.autotune(cfgs, key=["HP", "AP", "SP", "DEPTH", "ACT", "HPQ", "DEPTHQ", "ACTQ", "KP", "MODE", "SEEDED",
                                     "SOLVER", "CLIP", "TRAJ", "SOFTMAX", "PREC", "BM"])(_policy_kernel)
     _TUNED[key] = k
     return k
@@ -702,24 +830,32 @@ def _choose_bm(rows: int, min_rows: int, hs: int, programs: int) -> int:
     return max(bm, min_rows)
 
 
-def _launch(mode, pack: _PolicyPack, cpack: Optional[_CriticPack], x0, obs, snoise, u, out, traj, tvec, coef,
-            N, B, K, A, S, steps, n_evals, temperature, solver_code, act_code, act_code_q, clip, softmax, dtype):
-    mlp = pack.mlp
-    device = x0.device
+def _launch(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], x0, obs, snoise, u, out, traj, tvec, coef,
+            N, B, K, A, S, steps, n_evals, temperature, solver_code, act_code, depth, act_code_q, depth_q, hq,
+            lnq, ln_eps, clip, softmax, seed=None):
+    """x0 None: the initial noise is drawn in the kernel from ``seed`` (MODE_INTEGRATE only)."""
+    device = out.device
+    dtype = out.dtype
+    HP, AP, SP = pol[0].shape[1], pol[0].shape[0], pol[1].shape[0]
     group = mode >= MODE_ACT_FLOW
-    if cpack is not None:
-        h1, h2 = cpack.heads
-        qargs = h1.args() + h1.ln_args() + h2.args() + h2.ln_args()
-        hpq, dq, hq, lnq, ln_eps = h1.HP, h1.depth, h1.H, h1.ln, h1.ln_eps
+    if critic:
+        n = 9 if lnq else 7
+        h1, h2 = list(critic[:n]), list(critic[n:2 * n])
+        if not lnq:  # unused LayerNorm pointers
+            h1 += [h1[2], h1[2]]
+            h2 += [h2[2], h2[2]]
+        qargs = h1 + h2
+        hpq, dq = h1[0].shape[1], depth_q
     else:
-        qargs = (mlp.args() + mlp.ln_args()) * 2
-        hpq, dq, hq, lnq, ln_eps = mlp.HP, 1, mlp.H, False, 0.0
-    HS = max(mlp.HP, hpq)
+        qargs = (list(pol) + [pol[2], pol[2]]) * 2
+        hpq, dq, hq, lnq, ln_eps = HP, 1, 1, False, 0.0
+    HS = max(HP, hpq)
     KP = _next_pow2(K) if group else 1
-    BK = min(64, mlp.HP, hpq)
-    BKS = min(64, mlp.SP)
-    common = dict(MODE=mode, SOLVER=solver_code, CLIP=bool(clip), TRAJ=traj is not None, SOFTMAX=bool(softmax), LNQ=lnq,
-                  HP=mlp.HP, AP=mlp.AP, SP=mlp.SP, DEPTH=mlp.depth, ACT=act_code, HPQ=hpq, DEPTHQ=dq,
+    BK = min(64, HP, hpq)
+    BKS = min(64, SP)
+    common = dict(MODE=mode, SOLVER=solver_code, CLIP=bool(clip), TRAJ=traj is not None, SOFTMAX=bool(softmax),
+                  SEEDED=x0 is None,
+                  LNQ=bool(lnq), HP=HP, AP=AP, SP=SP, DEPTH=depth, ACT=act_code, HPQ=hpq, DEPTHQ=dq,
                   ACTQ=act_code_q, HS=HS, KP=KP, BK=BK, BKS=BKS, PREC=_prec(dtype))
     nprog = _programs(device)
     if group:  # a tile holds whole states: BM // KP states x KP candidate slots
@@ -731,22 +867,62 @@ def _launch(mode, pack: _PolicyPack, cpack: Optional[_CriticPack], x0, obs, snoi
     n_tiles = triton.cdiv(units, bm // KP) if group else triton.cdiv(units, bm)
     progs = max(1, min(n_tiles, nprog))
     if interp:
-        kernel, meta = _policy_kernel, dict(BM=bm, BN=min(64, mlp.HP, hpq))
+        kernel, meta = _policy_kernel, dict(BM=bm, BN=min(64, HP, hpq))
     else:
-        kernel, meta = _tuned_kernel(mlp.HP, hpq), dict(BM=bm)
+        kernel, meta = _tuned_kernel(HP, hpq), dict(BM=bm)
     osh = _new_buffer((progs * bm * HS,), torch.float32, device)
     hbuf = _new_buffer((progs * 2 * bm * HS,), dtype, device)
-    kernel[(progs,)](
-        x0, obs, snoise if snoise is not None else x0, u if u is not None else coef, out,
-        traj if traj is not None else out, tvec, coef, osh, hbuf,
-        *mlp.args(), *qargs,
-        N, B, K, A, S, steps, n_evals, float(temperature), hq, float(ln_eps),
-        **common, **meta,
-    )
+    with _host.device_guard(device):
+        xp = x0 if x0 is not None else out  # not read when SEEDED
+        kernel[(progs,)](
+            xp, obs, snoise if snoise is not None else xp, u if u is not None else coef, out,
+            traj if traj is not None else out, tvec, coef, osh, hbuf,
+            *pol, *qargs,
+            N, B, K, A, S, steps, n_evals, float(temperature), hq, float(ln_eps), int(seed or 0),
+            **common, **meta,
+        )
 
+
+# ---- the launch as a torch.library custom op (torch.compile traces it; fake impl below) ----
+@torch.library.custom_op("qipo_kernels::triton_policy_sample", mutates_args=())
+def _policy_sample_op(x0: torch.Tensor, obs: torch.Tensor, step_noise: Optional[torch.Tensor],
+                      uniform: Optional[torch.Tensor], tvec: torch.Tensor, coef: torch.Tensor,
+                      policy: List[torch.Tensor], critic: List[torch.Tensor], mode: int, num_candidates: int,
+                      steps: int, n_evals: int, solver_code: int, act_code: int, depth: int, critic_act_code: int,
+                      critic_depth: int, critic_hidden: int, critic_layer_norm: bool, ln_eps: float,
+                      temperature: float, clip: bool, softmax: bool,
+                      trajectory: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One fused launch. x0 [N, A] (N = B * num_candidates in the act modes), obs [B or N, S],
+    step_noise [n_evals - 1, N, A] | None, uniform [B] float64 | None, tvec [n_evals, HP] float32,
+    coef [*, NCOEF] float32, policy: 7 packed tensors, critic: 14 / 18 packed tensors (act modes) or [].
+
+    Returns (actions, trajectory): actions [N, A] (MODE_INTEGRATE / MODE_CONSISTENCY) or [B, A] (act
+    modes); trajectory [steps + 1, N, A] when ``trajectory`` else an empty [0] tensor.
+    """
+    N, A = x0.shape
+    B, S = obs.shape
+    dtype, device = x0.dtype, x0.device
+    group = mode >= MODE_ACT_FLOW
+    out = _new_buffer((B, A) if group else (N, A), dtype, device)
+    traj = _new_buffer((steps + 1, N, A), dtype, device) if trajectory else torch.empty(0, dtype=dtype, device=device)
+    if (B if group else N) > 0:
+        _launch(mode, policy, critic, x0, obs, step_noise, uniform, out, traj if trajectory else None, tvec, coef,
+                N, B, num_candidates, A, S, steps, n_evals, temperature, solver_code, act_code, depth,
+                critic_act_code, critic_depth, critic_hidden, critic_layer_norm, ln_eps, clip, softmax)
+    return out, traj
+
+
+@_policy_sample_op.register_fake
+def _(x0, obs, step_noise, uniform, tvec, coef, policy, critic, mode, num_candidates, steps, n_evals, solver_code,
+      act_code, depth, critic_act_code, critic_depth, critic_hidden, critic_layer_norm, ln_eps, temperature, clip,
+      softmax, trajectory):
+    N, A = x0.shape
+    out = x0.new_empty((obs.shape[0], A) if mode >= MODE_ACT_FLOW else (N, A))
+    traj = x0.new_empty((steps + 1, N, A) if trajectory else (0,))
+    return out, traj
 
 def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, traj=False, kp=1, bm=64, bn=64,
-                        hp=256, depth=3, arch=90, num_warps=4, ln=False):
+                        hp=256, depth=3, arch=90, num_warps=4, ln=False, seeded=False):
     """Compile the fused kernel for a CUDA architecture without a GPU (Triton's bundled ptxas);
     a development check that the interpreter cannot make. Needs TRITON_INTERPRET unset."""
     from triton.backends.compiler import GPUTarget
@@ -757,7 +933,7 @@ def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, t
     f32 = {"osh_ptr", "tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2",
            "qlw1", "qlb1", "qlw2", "qlb2"}
     ints = {"N", "B", "K", "A", "S", "steps", "n_evals", "HQ"}
-    const = dict(LNQ=ln, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32,
+    const = dict(LNQ=ln, SEEDED=seeded, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32,
                  DEPTH=depth, ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, HS=hp, KP=kp, BM=bm, BN=bn, BK=64, BKS=32, PREC=prec)
     sig = {}
     for n in names:
@@ -769,6 +945,8 @@ def _compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, t
             sig[n] = "*fp32"
         elif n in ints:
             sig[n] = "i32"
+        elif n == "seed":
+            sig[n] = "i64"
         elif n in ("temperature", "ln_eps"):
             sig[n] = "fp32"
         else:
@@ -851,6 +1029,10 @@ def supports_consistency_sample(net=None, noise=None, obs=None, **_) -> List[str
     return _policy_call_reasons(net, noise, obs)
 
 
+def supports_sample(net=None, obs=None, **_) -> List[str]:
+    return _policy_call_reasons(net, None, obs)
+
+
 def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=None, **_) -> List[str]:
     out = _policy_call_reasons(net, noise if noise is not None else obs, obs)
     if not isinstance(critic, DoubleCritic) or type(critic).q_min is not DoubleCritic.q_min \
@@ -882,17 +1064,37 @@ def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=Non
     return out
 
 
+@torch.library.custom_op("qipo_kernels::triton_policy_sample_seeded", mutates_args=())
+def _seeded_sample_op(obs: torch.Tensor, tvec: torch.Tensor, coef: torch.Tensor, policy: List[torch.Tensor],
+                      num_samples: int, act_dim: int, seed: int, steps: int, solver_code: int, act_code: int,
+                      depth: int, trajectory: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ODE sampling with the initial noise drawn in the kernel: obs [B, S] -> ([B, num_samples, act_dim],
+    trajectory [steps + 1, B, num_samples, act_dim] or an empty [0]); x0[b, k, a] =
+    tl.randn(seed, (b * num_samples + k) * act_dim + a), never stored (except as trajectory[0])."""
+    B, S = obs.shape
+    N, A = B * num_samples, act_dim
+    dtype, device = obs.dtype, obs.device
+    out = _new_buffer((B, num_samples, A), dtype, device)
+    traj = (_new_buffer((steps + 1, B, num_samples, A), dtype, device) if trajectory
+            else torch.empty(0, dtype=dtype, device=device))
+    if N > 0:
+        _launch(MODE_INTEGRATE, policy, [], None, obs, None, None, out, traj if trajectory else None, tvec, coef,
+                N, B, num_samples, A, S, steps, 0, 1.0, solver_code, act_code, depth, 0, 1, 1, False, 0.0, False,
+                False, seed=seed)
+    return out, traj
+
+
+@_seeded_sample_op.register_fake
+def _(obs, tvec, coef, policy, num_samples, act_dim, seed, steps, solver_code, act_code, depth, trajectory):
+    B = obs.shape[0]
+    out = obs.new_empty((B, num_samples, act_dim))
+    traj = obs.new_empty((steps + 1, B, num_samples, act_dim) if trajectory else (0,))
+    return out, traj
+
+
 # ----------------------------------------------------------------------------------------------
 # Implementations (same arguments as the references' private functions)
 # ----------------------------------------------------------------------------------------------
-def _compiler_opaque(fn):
-    """torch.compile runs the fused samplers as opaque eager calls (a graph break): their host part
-    reads module state (the packed-weight cache keyed on parameter versions) that Dynamo should
-    not trace. Not registered as a torch.library custom op (the network is a module argument)."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
 def _check_dims(net, x, obs, xname):
     if x.shape[-1] != net.act_dim:
         raise ValueError(f"{xname} must have last dim act_dim = {net.act_dim}, got shape {tuple(x.shape)}")
@@ -908,7 +1110,9 @@ def _flat(x):
     return x, 1
 
 
-@_compiler_opaque
+_NO_CRITIC = dict(critic_act_code=0, critic_depth=1, critic_hidden=1, critic_layer_norm=False, ln_eps=0.0)
+
+
 def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     """Fused ODE sampling; arguments and result as reference.ode._integrate.
 
@@ -917,21 +1121,33 @@ def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     """
     _check_dims(net, x0, obs, "x0")
     dtype, device = x0.dtype, x0.device
-    pack = _get_pack(net, _PolicyPack, dtype, device)
+    pol, tvec, coef = _flow_inputs(net, steps, solver, t0, t1, path, dtype, device)
     xf, K = _flat(x0)
-    o = obs.contiguous()
-    N, A = xf.shape
+    out, traj = _policy_sample_op(xf, obs.contiguous(), None, None, tvec, coef, pol, [], MODE_INTEGRATE, K, steps, 0,
+                                  SOLVER_CODES[solver], ACT_CODES[net.activation], len(net.layers),
+                                  temperature=1.0, clip=False, softmax=False, trajectory=bool(return_trajectory),
+                                  **_NO_CRITIC)
+    out = out.view(x0.shape)
+    if return_trajectory:
+        return out, traj.view((steps + 1,) + tuple(x0.shape))
+    return out
 
-    def build():
-        times, rows = _flow_tables(steps, solver, t0, t1, path)
-        return pack.time_share(times, torch.promote_types(dtype, torch.float32), device), _coef_tensor(rows, device)
 
-    tvec, coef = _cached_tables(pack, ("flow", steps, solver, float(t0), float(t1), path, dtype), build)
-    out = _new_buffer(tuple(x0.shape), dtype, device)
-    traj = _new_buffer((steps + 1,) + tuple(x0.shape), dtype, device) if return_trajectory else None
-    if N > 0:
-        _launch(MODE_INTEGRATE, pack, None, xf, o, None, None, out, traj, tvec, coef, N, o.shape[0], K, A,
-                o.shape[1], steps, 0, 1.0, SOLVER_CODES[solver], ACT_CODES[net.activation], 0, False, False, dtype)
+def sample(net, obs, num_samples, steps, solver, path, seed, return_trajectory):
+    """Fused reference.ode._sample: obs [B, S] -> [B, num_samples, A] (and the trajectory
+    [steps + 1, B, num_samples, A], whose first entry is the noise, when asked).
+
+    The initial noise is drawn inside the kernel (Philox, tl.randn) from ``seed``: it is never
+    materialised in memory, and it is a different stream from the reference's torch.Generator
+    (same distribution: independent standard normals, rounded to obs' dtype).
+    """
+    if obs.shape[1] != net.obs_dim:
+        raise ValueError(f"obs must be [B, {net.obs_dim}] (net.obs_dim), got shape {tuple(obs.shape)}")
+    dtype, device = obs.dtype, obs.device
+    pol, tvec, coef = _flow_inputs(net, steps, solver, 0.0, 1.0, path, dtype, device)
+    out, traj = _seeded_sample_op(obs.contiguous(), tvec, coef, pol, num_samples, net.act_dim, seed, steps,
+                                  SOLVER_CODES[solver], ACT_CODES[net.activation], len(net.layers),
+                                  bool(return_trajectory))
     if return_trajectory:
         return out, traj
     return out
@@ -945,7 +1161,6 @@ def _draw_step_noise(sigmas, shape, dtype, device, generator):
     return torch.stack([torch.randn(shape, dtype=dtype, device=device, generator=generator) for _ in range(n)])
 
 
-@_compiler_opaque
 def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data, clip, generator):
     """Fused one-step / multistep consistency sampling; as reference.consistency._consistency_sample.
 
@@ -954,28 +1169,19 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     """
     _check_dims(net, noise, obs, "noise")
     dtype, device = noise.dtype, noise.device
-    pack = _get_pack(net, _PolicyPack, dtype, device)
     zf, K = _flat(noise)
-    o = obs.contiguous()
     N, A = zf.shape
     sig = [float(s) for s in (sigmas or ())]
     if sig and step_noise is None:
         step_noise = _draw_step_noise(sig, (N, A), dtype, device, generator)
-    sn = step_noise.contiguous() if step_noise is not None else None
-
-    def build():
-        tin, rows, tdt = _consistency_tables(sig, sigma_max, sigma_min, sigma_data, dtype)
-        return pack.time_share(tin, tdt, device), _coef_tensor(rows, device)
-
-    tvec, coef = _cached_tables(pack, ("cons", tuple(sig), sigma_max, sigma_min, sigma_data, dtype), build)
-    out = _new_buffer(tuple(noise.shape), dtype, device)
-    if N > 0:
-        _launch(MODE_CONSISTENCY, pack, None, zf, o, sn, None, out, None, tvec, coef, N, o.shape[0], K, A,
-                o.shape[1], 0, 1 + len(sig), 1.0, 0, ACT_CODES[net.activation], 0, clip, False, dtype)
-    return out
+    sn = step_noise.reshape(len(sig), N, A).contiguous() if step_noise is not None else None
+    pol, tvec, coef = _consistency_inputs(net, sig, sigma_max, sigma_min, sigma_data, dtype, device)
+    out, _ = _policy_sample_op(zf, obs.contiguous(), sn, None, tvec, coef, pol, [], MODE_CONSISTENCY, K, 0,
+                               1 + len(sig), 0, ACT_CODES[net.activation], len(net.layers),
+                               temperature=1.0, clip=bool(clip), softmax=False, trajectory=False, **_NO_CRITIC)
+    return out.view(noise.shape)
 
 
-@_compiler_opaque
 def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
         noise, step_noise, uniform, generator, clip):
     """Sample K candidates per state, score by min(Q1, Q2), choose one -- one launch.
@@ -1000,36 +1206,26 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
         u = uniform.to(torch.float64).contiguous()
     else:
         u = None
-    pack = _get_pack(net, _PolicyPack, dtype, device)
-    cpack = _get_pack(critic, _CriticPack, dtype, device)
     zf, _ = _flat(noise)
-    o = obs.contiguous()
     if sampler == "flow":
-        def build():
-            times, rows = _flow_tables(steps, solver, 0.0, 1.0, path)
-            return pack.time_share(times, torch.promote_types(dtype, torch.float32), device), _coef_tensor(rows, device)
-
-        tvec, coef = _cached_tables(pack, ("flow", steps, solver, 0.0, 1.0, path, dtype), build)
-        m, n_evals, scode = MODE_ACT_FLOW, 0, SOLVER_CODES[solver]
+        pol, tvec, coef = _flow_inputs(net, steps, solver, 0.0, 1.0, path, dtype, device)
+        m, n_evals, scode, nsteps = MODE_ACT_FLOW, 0, SOLVER_CODES[solver], steps
     else:
-        smax, smin, sdata = _cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA
-
-        def build():
-            tin, rows, tdt = _consistency_tables(sig, smax, smin, sdata, dtype)
-            return pack.time_share(tin, tdt, device), _coef_tensor(rows, device)
-
-        tvec, coef = _cached_tables(pack, ("cons", tuple(sig), smax, smin, sdata, dtype), build)
-        m, n_evals, scode = MODE_ACT_CONSISTENCY, 1 + len(sig), 0
-    sn = step_noise.contiguous() if step_noise is not None else None
-    out = _new_buffer((B, A), dtype, device)
-    if B > 0:
-        # The consistency sampler always clamps (as the reference); ``clip`` clamps the candidates.
-        _launch(m, pack, cpack, zf, o, sn, u, out, None, tvec, coef, B * K, B, K, A, obs.shape[1],
-                steps if sampler == "flow" else 0, n_evals, temperature, scode, ACT_CODES[net.activation],
-                ACT_CODES[critic.activation], True if sampler == "consistency" else clip, mode == "softmax", dtype)
+        pol, tvec, coef = _consistency_inputs(net, sig, _cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA,
+                                              dtype, device)
+        m, n_evals, scode, nsteps = MODE_ACT_CONSISTENCY, 1 + len(sig), 0, 0
+    cw = _critic_inputs(critic, dtype, device)
+    cdepth, chidden, cln, ceps = _critic_meta(critic)
+    sn = step_noise.reshape(len(sig), B * K, A).contiguous() if step_noise is not None else None
+    # The consistency sampler always clamps (as the reference); ``clip`` clamps the candidates.
+    out, _ = _policy_sample_op(zf, obs.contiguous(), sn, u, tvec, coef, pol, cw, m, K, nsteps, n_evals, scode,
+                               ACT_CODES[net.activation], len(net.layers), ACT_CODES[critic.activation], cdepth,
+                               chidden, cln, ceps, float(temperature),
+                               True if sampler == "consistency" else bool(clip), mode == "softmax", False)
     return out
 
 
 _backends.register("integrate", "triton", integrate, supports_integrate)
 _backends.register("consistency_sample", "triton", consistency_sample, supports_consistency_sample)
 _backends.register("act", "triton", act, supports_act)
+_backends.register("sample", "triton", sample, supports_sample)
