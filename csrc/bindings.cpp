@@ -203,28 +203,36 @@ struct Pack {
         float* p = store.get(total + 16 * (4 + 2 * depth));
         std::memset(p, 0, sizeof(float) * (total + 16 * (4 + 2 * depth)));
         auto take = [&](long n) { float* r = p; p += (n + 15) / 16 * 16; return r; };
-        // transpose [out, in] (torch layout) into [in, out_padded]
+        // transpose [out, in] (torch layout) into [in, out_padded] row-major (ld = padded width)
         auto put_t = [](float* dst, const float* src, long out, long in, long ld) {
             for (long o = 0; o < out; ++o)
                 for (long i = 0; i < in; ++i) dst[i * ld + o] = src[o * in + i];
         };
+        // transpose [out, in] into column panels: panel p (columns [32p, 32p + w)) is a [in, w] block
+        // (kp >= in rows per panel, the rows past in stay zero)
+        auto put_p = [](float* dst, const float* src, long out, long in, long kp, long np) {
+            for (long o = 0; o < out; ++o) {
+                const long p0 = o / qk::PANEL * qk::PANEL, w = std::min<long>(qk::PANEL, np - p0);
+                for (long i = 0; i < in; ++i) dst[p0 * kp + i * w + (o - p0)] = src[o * in + i];
+            }
+        };
         float* pwx = take(nx * Hp);
         put_t(pwx, check<float>(wx, "wx", {H, nx}), H, nx, Hp);
         float* pwc = take(nc * Hp);
-        put_t(pwc, check<float>(wc, "wc", {H, nc}), H, nc, Hp);
+        put_p(pwc, check<float>(wc, "wc", {H, nc}), H, nc, nc, Hp);
         float* pb1 = take(Hp);
         std::memcpy(pb1, check<float>(b1, "b1", {H}), sizeof(float) * H);
         for (long l = 0; l < depth - 1; ++l) {
             std::string wn = "hidden_w[" + std::to_string(l) + "]", bn = "hidden_b[" + std::to_string(l) + "]";
             float* w = take((long)Hp * Hp);
-            put_t(w, check<float>(hidden_w[l], wn.c_str(), {H, H}), H, H, Hp);
+            put_p(w, check<float>(hidden_w[l], wn.c_str(), {H, H}), H, H, Hp, Hp);
             float* b = take(Hp);
             std::memcpy(b, check<float>(hidden_b[l], bn.c_str(), {H}), sizeof(float) * H);
             wh.push_back(w);
             bh.push_back(b);
         }
         float* pwo = take((long)Hp * Ap);
-        put_t(pwo, check<float>(wo, "wo", {nout, H}), nout, H, Ap);
+        put_p(pwo, check<float>(wo, "wo", {nout, H}), nout, H, Hp, Ap);
         float* pbo = take(Ap);
         std::memcpy(pbo, check<float>(bo, "bo", {nout}), sizeof(float) * nout);
         d.nx = (int)nx; d.nc = (int)nc; d.H = (int)H; d.Hp = Hp; d.nout = (int)nout; d.Ap = Ap;

@@ -27,7 +27,7 @@ typedef int vi __attribute__((vector_size(VW * 4)));
 
 QK_INLINE vf ld(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof(vf)); return v; }
 QK_INLINE void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(vf)); }
-QK_INLINE vf bc(float s) { return vf{} + s; }
+QK_INLINE vf bc(float s) { return s - vf{}; }  // s - (+0) == s exactly: folds to a broadcast
 
 #if defined(__clang__)
 QK_INLINE vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
@@ -92,9 +92,12 @@ QK_INLINE vf actf(vf x) {
 
 // ---------------------------------------------------------------------------------------------
 // GEMM with fused bias + activation: Y[M, Np] = act(X[M, K] W[K, Np] + bias[Np]).
-// W is row-major with leading dimension ldw (the packed, transposed weight); Np a multiple of VW.
+// W is packed in column panels of PANEL (32) floats: panel p holds columns [32p, 32p + w) as a
+// contiguous [KP, w] row-major block (w = 32, or 16 for a last half panel), so one panel (32 KB at
+// K = 256) is streamed from memory once and reused from cache by every row block.
 // A tile of MR rows x NV vectors keeps MR*NV accumulators in registers; each step of k loads NV
-// vectors of W and broadcasts MR scalars of X.
+// vectors of W and broadcasts MR scalars of X. One-row tiles split k over KU partial sums so that
+// enough independent FMA chains are in flight.
 
 template <int ACT, int MR, int NV>
 QK_INLINE void tile_store(vf (&acc)[MR][NV], float* Y, long ldy) {
@@ -102,6 +105,18 @@ QK_INLINE void tile_store(vf (&acc)[MR][NV], float* Y, long ldy) {
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 16
         for (int j = 0; j < NV; ++j) st(Y + i * ldy + j * VW, actf<ACT>(acc[i][j]));
+}
+
+template <int MR, int NV>
+QK_INLINE void tile_epilogue(vf (&acc)[MR][NV], float* Y, long ldy, int act) {
+    switch (act) {
+        case ACT_MISH: tile_store<ACT_MISH, MR, NV>(acc, Y, ldy); break;
+        case ACT_SILU: tile_store<ACT_SILU, MR, NV>(acc, Y, ldy); break;
+        case ACT_RELU: tile_store<ACT_RELU, MR, NV>(acc, Y, ldy); break;
+        case ACT_GELU: tile_store<ACT_GELU, MR, NV>(acc, Y, ldy); break;
+        case ACT_TANH: tile_store<ACT_TANH, MR, NV>(acc, Y, ldy); break;
+        default: tile_store<ACT_IDENTITY, MR, NV>(acc, Y, ldy); break;
+    }
 }
 
 template <int MR, int NV>
@@ -126,37 +141,81 @@ __attribute__((noinline)) void tile(const float* __restrict X, long ldx, int K, 
             for (int j = 0; j < NV; ++j) acc[i][j] += xb * wv[j];
         }
     }
-    switch (act) {
-        case ACT_MISH: tile_store<ACT_MISH, MR, NV>(acc, Y, ldy); break;
-        case ACT_SILU: tile_store<ACT_SILU, MR, NV>(acc, Y, ldy); break;
-        case ACT_RELU: tile_store<ACT_RELU, MR, NV>(acc, Y, ldy); break;
-        case ACT_GELU: tile_store<ACT_GELU, MR, NV>(acc, Y, ldy); break;
-        case ACT_TANH: tile_store<ACT_TANH, MR, NV>(acc, Y, ldy); break;
-        default: tile_store<ACT_IDENTITY, MR, NV>(acc, Y, ldy); break;
-    }
+    tile_epilogue<MR, NV>(acc, Y, ldy, act);
 }
 
-template <int MR, int NV>
-QK_INLINE void row_block(const float* X, long ldx, int K, const float* W, long ldw, int Np, const float* bias,
-                         float* Y, long ldy, int act) {
-    int j = 0;
-    for (; j + NV * VW <= Np; j += NV * VW)
-        tile<MR, NV>(X, ldx, K, W + j, ldw, bias ? bias + j : nullptr, Y + j, ldy, act);
-    for (; j < Np; j += VW) tile<MR, 1>(X, ldx, K, W + j, ldw, bias ? bias + j : nullptr, Y + j, ldy, act);
+// one row, k split over KU partial sums (summed in a fixed order: results do not depend on timing)
+template <int NV, int KU>
+__attribute__((noinline)) void tile_row(const float* __restrict X, int K, const float* __restrict W, long ldw,
+                                        const float* __restrict bias, float* __restrict Y, int act) {
+    vf part[KU][NV];
+#pragma GCC unroll 16
+    for (int u = 0; u < KU; ++u)
+#pragma GCC unroll 16
+        for (int j = 0; j < NV; ++j) part[u][j] = vf{};
+    int k = 0;
+    for (; k + KU <= K; k += KU) {
+#pragma GCC unroll 16
+        for (int u = 0; u < KU; ++u) {
+            const float* w = W + (long)(k + u) * ldw;
+            vf xb = bc(X[k + u]);
+#pragma GCC unroll 16
+            for (int j = 0; j < NV; ++j) part[u][j] += xb * ld(w + j * VW);
+        }
+    }
+    for (; k < K; ++k) {
+        const float* w = W + (long)k * ldw;
+        vf xb = bc(X[k]);
+#pragma GCC unroll 16
+        for (int j = 0; j < NV; ++j) part[0][j] += xb * ld(w + j * VW);
+    }
+    vf acc[1][NV];
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; ++j) {
+        vf s = bias ? ld(bias + j * VW) : vf{};
+        vf t = part[0][j];
+#pragma GCC unroll 16
+        for (int u = 1; u < KU; ++u) t += part[u][j];
+        acc[0][j] = s + t;
+    }
+    tile_epilogue<1, NV>(acc, Y, 1, act);
 }
 
 constexpr int MR0 = QK_MR0, NV0 = QK_NV0;
-// Smaller row counts get wider tiles, so that the accumulator count (and the FMA pipes) stay busy.
-constexpr int cap(int v) { return v > 16 ? 16 : v; }
-constexpr int NV4 = cap(MR0 * NV0 / 4), NV2 = cap(MR0 * NV0 / 2), NV1 = cap(MR0 * NV0);
+constexpr int PANEL = 32;
+static_assert(PANEL % (NV0 * VW) == 0, "a tile must not straddle two panels");
 
-void gemm_impl(const float* X, long ldx, int M, int K, const float* W, long ldw, int Np, const float* bias,
-               float* Y, long ldy, int act) {
-    int i = 0;
-    for (; i + MR0 <= M; i += MR0) row_block<MR0, NV0>(X + i * ldx, ldx, K, W, ldw, Np, bias, Y + i * ldy, ldy, act);
-    if (M - i >= 4) { row_block<4, NV4>(X + i * ldx, ldx, K, W, ldw, Np, bias, Y + i * ldy, ldy, act); i += 4; }
-    if (M - i >= 2) { row_block<2, NV2>(X + i * ldx, ldx, K, W, ldw, Np, bias, Y + i * ldy, ldy, act); i += 2; }
-    if (M - i >= 1) { row_block<1, NV1>(X + i * ldx, ldx, K, W, ldw, Np, bias, Y + i * ldy, ldy, act); i += 1; }
+// rows [0, M) x the w columns of one panel
+QK_INLINE void panel_rows(const float* X, long ldx, int M, int K, const float* Wp, int w, const float* bias,
+                          float* Y, long ldy, int act) {
+    for (int j = 0; j < w;) {
+        const bool wide = j + NV0 * VW <= w;
+        const float* Wj = Wp + j;
+        const float* bj = bias ? bias + j : nullptr;
+        int i = 0;
+        if (wide) {
+            for (; i + MR0 <= M; i += MR0) tile<MR0, NV0>(X + i * ldx, ldx, K, Wj, w, bj, Y + i * ldy + j, ldy, act);
+            if (M - i >= 4) { tile<4, NV0>(X + i * ldx, ldx, K, Wj, w, bj, Y + i * ldy + j, ldy, act); i += 4; }
+            if (M - i >= 2) { tile<2, NV0>(X + i * ldx, ldx, K, Wj, w, bj, Y + i * ldy + j, ldy, act); i += 2; }
+            if (M - i >= 1) { tile_row<NV0, 4>(X + i * ldx, K, Wj, w, bj, Y + i * ldy + j, act); i += 1; }
+            j += NV0 * VW;
+        } else {
+            for (; i + MR0 <= M; i += MR0) tile<MR0, 1>(X + i * ldx, ldx, K, Wj, w, bj, Y + i * ldy + j, ldy, act);
+            if (M - i >= 4) { tile<4, 1>(X + i * ldx, ldx, K, Wj, w, bj, Y + i * ldy + j, ldy, act); i += 4; }
+            if (M - i >= 2) { tile<2, 1>(X + i * ldx, ldx, K, Wj, w, bj, Y + i * ldy + j, ldy, act); i += 2; }
+            if (M - i >= 1) { tile_row<1, 4>(X + i * ldx, K, Wj, w, bj, Y + i * ldy + j, act); i += 1; }
+            j += VW;
+        }
+    }
+}
+
+// W packed in panels with KP rows each; K <= KP rows are used (the rest are zero padding).
+void gemm_impl(const float* X, long ldx, int M, int K, const float* W, int KP, int Np, const float* bias, float* Y,
+               long ldy, int act) {
+    for (int p0 = 0; p0 < Np; p0 += PANEL) {
+        const int w = Np - p0 < PANEL ? Np - p0 : PANEL;
+        panel_rows(X, ldx, M, K, W + (long)p0 * KP, w, bias ? bias + p0 : nullptr, Y + p0, ldy, act);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -201,7 +260,7 @@ void net_eval(const NetDesc* n, const float* x, long ldx, int m, const float* cs
         gemm_impl(cur, Hp, m, n->H, n->wh[l], Hp, Hp, n->bh[l], nxt, Hp, n->act);
         float* t = cur; cur = nxt; nxt = t;
     }
-    gemm_impl(cur, Hp, m, n->H, n->wo, n->Ap, n->Ap, n->bo, f, n->Ap, ACT_IDENTITY);
+    gemm_impl(cur, Hp, m, n->H, n->wo, Hp, n->Ap, n->bo, f, n->Ap, ACT_IDENTITY);
 }
 
 QK_INLINE float* take(float*& p, long n) {
@@ -233,7 +292,7 @@ void sample_rows(const SampleArgs* a, long r0, long r1, float* ws, float* out_ro
     float* x0t = take(p, (long)m * A);
 
     // observation share of layer 1, once per state: obs Wc + b1
-    gemm_impl(a->obs + s0 * S, S, ns, S, n->wc, Hp, Hp, n->b1, cobs, Hp, ACT_IDENTITY);
+    gemm_impl(a->obs + s0 * S, S, ns, S, n->wc, S, Hp, n->b1, cobs, Hp, ACT_IDENTITY);
 
     auto eval = [&](int e, const float* xin, float* f) {
         const float* tv = a->ttab + (long)e * H;
@@ -350,7 +409,7 @@ namespace QK_NS {
 
 void gemm(const float* X, long ldx, int M, int K, const float* W, long ldw, int Np, const float* bias, float* Y,
           long ldy, int act) {
-    gemm_impl(X, ldx, M, K, W, ldw, Np, bias, Y, ldy, act);
+    gemm_impl(X, ldx, M, K, W, (int)ldw, Np, bias, Y, ldy, act);
 }
 
 void sample_chunk(const SampleArgs* a, long r0, long r1, float* ws) {
@@ -382,7 +441,7 @@ void act_chunk(const ActArgs* a, long b0, long b1, float* ws) {
     qv[1] = take(p, m);
     for (int h = 0; h < 2; ++h) {
         const NetDesc* q = qs[h];
-        gemm_impl(s->obs + b0 * S, S, ns, S, q->wc, q->Hp, q->Hp, q->b1, cq, q->Hp, ACT_IDENTITY);
+        gemm_impl(s->obs + b0 * S, S, ns, S, q->wc, S, q->Hp, q->b1, cq, q->Hp, ACT_IDENTITY);
         net_eval(q, cand, A, m, cq, r0, K, b0, ha, hb, qo);
         for (int r = 0; r < m; ++r) qv[h][r] = qo[(long)r * q->Ap];
     }

@@ -11,15 +11,18 @@ namespace qk {
 
 // Padding of every packed width (hidden H, output width): a multiple of the widest vector (16 floats).
 static const int PAD = 16;
+static const int PANEL = 32;
 static inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
 
 enum Act { ACT_IDENTITY = 0, ACT_MISH = 1, ACT_SILU = 2, ACT_RELU = 3, ACT_GELU = 4, ACT_TANH = 5 };
 
 // An MLP whose first layer is split into a per-row input part x [nx] and a per-state condition part
 // c [nc] (the observation):
-//     h_1 = act(x Wx + (c Wc + b1) [+ time share])      Wx [nx, Hp], Wc [nc, Hp] (transposed, padded)
+//     h_1 = act(x Wx + (c Wc + b1) [+ time share])      Wx [nx, Hp] (row-major), Wc [nc, Hp]
 //     h_k = act(h_{k-1} Wh_k + bh_k)                      Wh_k [Hp, Hp], k = 2..depth
 //     y   = h_depth Wo + bo                              Wo [Hp, Ap]
+// Wc, Wh_k and Wo are transposed, zero-padded and stored in column panels of PANEL floats (see
+// pack_panels): panel p = columns [32p, 32p + w) as a contiguous [rows, w] block.
 // Pad rows/columns are zero, and every activation maps 0 to 0, so the pad lanes stay 0.
 struct NetDesc {
     int nx, nc, H, Hp, nout, Ap, depth, act;
