@@ -30,7 +30,9 @@ this backend (as it does at install time).
 from __future__ import annotations
 
 import math
+import operator
 import os
+import threading
 import weakref
 from typing import List, Optional
 
@@ -57,13 +59,20 @@ _VEL_ID = {"euler": 0, "midpoint": 1, "heun": 2, "rk4": 3}
 _NOISE_ID = {"ddim": 0, "dpm1": 0, "dpm2": 1}
 
 
-def _empty(shape, dtype=torch.float32) -> torch.Tensor:
-    """Allocates every output buffer the C++ writes (tests replace it to poison outputs with NaN)."""
-    return torch.empty(shape, dtype=dtype)
+def _empty(shape, dtype=np.float32):
+    """Allocates every output buffer the C++ writes: (tensor, the numpy array sharing its memory).
+    Tests replace it to poison the outputs with NaN before the kernels run."""
+    a = np.empty(shape, dtype=dtype)
+    return torch.from_numpy(a), a
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    """The numpy view of a CPU tensor (a contiguous copy first when it is not contiguous)."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
 
 
 def n_threads() -> int:
@@ -78,61 +87,68 @@ class _Entry:
         self.key, self.packs, self.tables = key, packs, {}
 
 
+# module -> _Entry (packed weights + tables) and module -> [(dict, name)] of every tensor the pack reads
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _Entry]" = weakref.WeakKeyDictionary()
-
-
-def _linears_policy(net: ConditionalMLP):
-    mods = list(net.layers) + [net.out]
-    if net.time_mlp is not None:
-        mods += [net.time_mlp[1], net.time_mlp[3]]
-    return mods
-
-
-def _tensors(module, linears):
-    out = []
-    for lin in linears:
-        out.append(lin._parameters["weight"])
-        out.append(lin._parameters["bias"])
-    if isinstance(module, ConditionalMLP) and module.time_mlp is not None:
-        out.extend(module.time_mlp[0]._buffers.values())
-    return out
-
-
-def _key(tensors):
-    return tuple((t._version, t.data_ptr()) for t in tensors)
-
-
-def _tensor_reasons(name, tensors) -> List[str]:
-    for t in tensors:
-        if t is None:
-            return [f"{name} has a Linear without bias"]
-        if t.dtype != torch.float32:
-            return [f"{name}'s parameters are {t.dtype}; the C++ backend is float32 only"]
-        if t.device.type != "cpu":
-            return [f"{name}'s parameters are on {t.device}; the C++ backend runs on CPU"]
-    return []
-
-
-def _policy_reasons(net) -> List[str]:
-    if not isinstance(net, ConditionalMLP):
-        return [f"net is a {type(net).__name__}; the C++ sampler runs qipo_kernels.nets.ConditionalMLP only"]
-    if type(net).forward is not ConditionalMLP.forward or type(net).embed_time is not ConditionalMLP.embed_time:
-        return [f"net is a {type(net).__name__} that overrides forward/embed_time; the C++ sampler implements "
-                "ConditionalMLP.forward"]
-    return []
+_SLOTS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+# the entry that the last supports() call validated, so that the impl right after it need not re-check
+_TLS = threading.local()
 
 
 def _critic_linears(critic: DoubleCritic):
     return [[m for m in head.net if isinstance(m, torch.nn.Linear)] for head in (critic.q1_net, critic.q2_net)]
 
 
-def _critic_reasons(critic) -> List[str]:
-    if not isinstance(critic, DoubleCritic):
-        return [f"critic is a {type(critic).__name__}; the C++ act runs qipo_kernels.nets.DoubleCritic only"]
-    if type(critic).q_min is not DoubleCritic.q_min or type(critic).forward is not DoubleCritic.forward:
-        return [f"critic is a {type(critic).__name__} that overrides forward/q_min"]
-    if critic.layer_norm:
+def _type_reasons(module, kind: str) -> List[str]:
+    if kind == "policy":
+        if not isinstance(module, ConditionalMLP):
+            return [f"net is a {type(module).__name__}; the C++ sampler runs qipo_kernels.nets.ConditionalMLP only"]
+        if type(module).forward is not ConditionalMLP.forward or type(module).embed_time is not ConditionalMLP.embed_time:
+            return [f"net is a {type(module).__name__} that overrides forward/embed_time; the C++ sampler "
+                    "implements ConditionalMLP.forward"]
+        return []
+    if not isinstance(module, DoubleCritic):
+        return [f"critic is a {type(module).__name__}; the C++ act runs qipo_kernels.nets.DoubleCritic only"]
+    if type(module).q_min is not DoubleCritic.q_min or type(module).forward is not DoubleCritic.forward:
+        return [f"critic is a {type(module).__name__} that overrides forward/q_min"]
+    if module.layer_norm:
         return ["critic has layer_norm=True; the C++ act implements the critic without LayerNorm"]
+    return []
+
+
+def _make_slots(module, kind: str):
+    if kind == "policy":
+        lins = list(module.layers) + [module.out]
+        if module.time_mlp is not None:
+            lins += [module.time_mlp[1], module.time_mlp[3]]
+    else:
+        lins = [l for ls in _critic_linears(module) for l in ls]
+    slots = [(lin._parameters, n) for lin in lins for n in ("weight", "bias")]
+    if kind == "policy" and module.time_mlp is not None:
+        feats = module.time_mlp[0]
+        slots += [(feats._buffers, n) for n in feats._buffers]
+    return slots
+
+
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = operator.methodcaller("data_ptr")
+
+
+def _key(slots):
+    # Version counters only grow, so their sum changes whenever any tensor is modified in place;
+    # data_ptr catches `p.data = other` (which keeps the version counter).
+    ts = [d[n] for d, n in slots]
+    return sum(map(_VERSION, ts)), tuple(map(_DATA_PTR, ts))
+
+
+def _tensor_reasons(name, slots) -> List[str]:
+    for d, n in slots:
+        t = d[n]
+        if t is None:
+            return [f"{name} has a Linear without bias"]
+        if t.dtype != torch.float32:
+            return [f"{name}'s parameters are {t.dtype}; the C++ backend is float32 only (the reference handles it)"]
+        if t.device.type != "cpu":
+            return [f"{name}'s parameters are on {t.device}; the C++ backend runs on CPU"]
     return []
 
 
@@ -158,51 +174,63 @@ def _build_critic_packs(critic: DoubleCritic):
     return packs
 
 
-def _entry(module, kind: str):
-    """The cached pack of a module (re-packed when any of its tensors changed)."""
-    if kind == "policy":
-        tensors = _tensors(module, _linears_policy(module))
-    else:
-        tensors = _tensors(module, [l for ls in _critic_linears(module) for l in ls])
-    key = _key(tensors)
+def _prepare(module, kind: str):
+    """(entry, reasons): the module's cached pack, re-packed when any of its tensors changed
+    (._version or data_ptr), or the reasons the C++ backend cannot run it."""
+    slots = _SLOTS.get(module) if isinstance(module, torch.nn.Module) else None
+    if slots is None:
+        why = _type_reasons(module, kind)
+        if why:
+            return None, why
+        slots = _make_slots(module, kind)
+        _SLOTS[module] = slots
+    name = "net" if kind == "policy" else "critic"
+    try:
+        key = _key(slots)
+    except AttributeError:  # a parameter set to None
+        return None, _tensor_reasons(name, slots)
     e = _CACHE.get(module)
-    if e is not None and e.key == key:
-        return e
-    why = _tensor_reasons("net" if kind == "policy" else "critic", tensors)
-    if why:
-        raise RuntimeError(why[0])
-    packs = [_build_policy_pack(module)] if kind == "policy" else _build_critic_packs(module)
-    e = _Entry(key, packs)
-    _CACHE[module] = e
-    return e
+    if e is None or e.key != key:
+        why = _tensor_reasons(name, slots)
+        if why:
+            return None, why
+        packs = [_build_policy_pack(module)] if kind == "policy" else _build_critic_packs(module)
+        e = _Entry(key, packs)
+        _CACHE[module] = e
+    if torch.is_grad_enabled() and any(d[n].requires_grad for d, n in slots):
+        return None, [f"grad mode is on and the {name}'s parameters require grad, but the C++ sampler does not "
+                      "backpropagate; call it under torch.no_grad() / torch.inference_mode() for the fast path"]
+    return e, []
 
 
 def _module_reasons(module, kind: str) -> List[str]:
-    why = _policy_reasons(module) if kind == "policy" else _critic_reasons(module)
+    e, why = _prepare(module, kind)
+    setattr(_TLS, kind, (module, e))
+    return why
+
+
+def _entry(module, kind: str) -> _Entry:
+    """The pack for the impl: the one supports() just validated, else validated now."""
+    last = getattr(_TLS, kind, None)
+    if last is not None:
+        setattr(_TLS, kind, None)
+        if last[0] is module and last[1] is not None:
+            return last[1]
+    e, why = _prepare(module, kind)
     if why:
-        return why
-    if kind == "policy":
-        tensors = _tensors(module, _linears_policy(module))
-    else:
-        tensors = _tensors(module, [l for ls in _critic_linears(module) for l in ls])
-    why = _tensor_reasons("net" if kind == "policy" else "critic", tensors)
-    if why:
-        return why
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return [f"grad mode is on and the {'net' if kind == 'policy' else 'critic'}'s parameters require grad, "
-                "but the C++ sampler does not backpropagate; call it under torch.no_grad() / "
-                "torch.inference_mode() for the fast path"]
-    return []
+        raise RuntimeError("the C++ backend cannot run this call: " + "; ".join(why))
+    return e
 
 
 def _input_reasons(**tensors) -> List[str]:
     out = []
+    grad = torch.is_grad_enabled()
     for name, t in tensors.items():
         if t is None:
             continue
         if t.dtype != torch.float32:
             out.append(f"{name} is {t.dtype}; the C++ backend is float32 only (the reference handles {t.dtype})")
-        elif torch.is_grad_enabled() and t.requires_grad:
+        elif grad and t.requires_grad:
             out.append(f"{name} requires grad and grad mode is on, but the C++ sampler does not backpropagate")
     return out
 
@@ -289,13 +317,14 @@ def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     """reference.ode._integrate in C++: x0 [N, A] (obs [N, S]) or [B, K, A] (obs [B, S]) -> x0's shape."""
     e = _entry(net, "policy")
     kind, sid, nst, ttab, coef = _flow_tables(net, e, steps, solver, t0, t1, path)
-    K = x0.shape[1] if x0.dim() == 3 else 1
-    A = x0.shape[-1]
-    R = x0.numel() // A
-    out = _empty(tuple(x0.shape))
-    traj = _empty((steps + 1,) + tuple(x0.shape)) if return_trajectory else None
+    shape = tuple(x0.shape)
+    K = shape[1] if len(shape) == 3 else 1
+    A = shape[-1]
+    R = shape[0] * K
+    out, out_np = _empty(shape)
+    traj, traj_np = _empty((steps + 1,) + shape) if return_trajectory else (None, None)
     _C.sample(e.packs[0], _np(obs), _np(x0).reshape(R, A), K, kind, sid, nst, ttab, coef, None, False,
-              out.numpy().reshape(R, A), None if traj is None else traj.numpy().reshape(steps + 1, R, A),
+              out_np.reshape(R, A), None if traj_np is None else traj_np.reshape(steps + 1, R, A),
               n_threads(), CHUNK_ROWS)
     if return_trajectory:
         return out, traj
@@ -320,13 +349,14 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     """reference.consistency._consistency_sample in C++: noise [N, A] or [B, K, A] -> same shape."""
     e = _entry(net, "policy")
     kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
-    K = noise.shape[1] if noise.dim() == 3 else 1
-    A = noise.shape[-1]
-    R = noise.numel() // A
-    sn = _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator)
-    out = _empty(tuple(noise.shape))
+    shape = tuple(noise.shape)
+    K = shape[1] if len(shape) == 3 else 1
+    A = shape[-1]
+    R = shape[0] * K
+    sn = _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator) if sigmas else None
+    out, out_np = _empty(shape)
     _C.sample(e.packs[0], _np(obs), _np(noise).reshape(R, A), K, kind, sid, nst, ttab, coef,
-              None if sn is None else _np(sn), bool(clip), out.numpy().reshape(R, A), None, n_threads(), CHUNK_ROWS)
+              None if sn is None else _np(sn), bool(clip), out_np.reshape(R, A), None, n_threads(), CHUNK_ROWS)
     return out
 
 
@@ -368,16 +398,16 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
         if uniform is None:
             uniform = torch.rand(B, dtype=torch.float64, device=obs.device, generator=generator)
         u = uniform.detach().to(torch.float64).contiguous().numpy()
-    out = _empty((B, A))
-    dbg = None
+    out, out_np = _empty((B, A))
+    cand = q = idx = (None, None)
     if _debug is not None:
-        dbg = (_empty((B, K, A)), _empty((B, K)), torch.full((B,), -1, dtype=torch.int64))
+        cand, q, idx = _empty((B, K, A)), _empty((B, K)), _empty((B,), np.int64)
     _C.act(pe.packs[0], ce.packs[0], ce.packs[1], _np(obs), _np(noise).reshape(R, A), K, kind, sid, nst, ttab, coef,
-           None if sn is None else _np(sn), bool(clip), mode, float(temperature), u, out.numpy(),
-           None if dbg is None else dbg[1].numpy().reshape(R), None if dbg is None else dbg[2].numpy(),
-           None if dbg is None else dbg[0].numpy().reshape(R, A), n_threads(), CHUNK_ROWS)
-    if dbg is not None:
-        _debug.update(candidates=dbg[0], q=dbg[1], index=dbg[2])
+           None if sn is None else _np(sn), bool(clip), mode, float(temperature), u, out_np,
+           None if q[1] is None else q[1].reshape(R), idx[1], None if cand[1] is None else cand[1].reshape(R, A),
+           n_threads(), CHUNK_ROWS)
+    if _debug is not None:
+        _debug.update(candidates=cand[0], q=q[0], index=idx[0])
     return out
 
 
@@ -392,13 +422,14 @@ class _FMLoss(torch.autograd.Function):
     def forward(ctx, pred, a, z, energy, pair_weight, beta, normalize, mode):
         need_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
         B, M, D = pred.shape
-        grad = _empty((B, M, D)) if need_grad else None
-        sq = _empty((B, M)) if ctx.needs_input_grad[4] else None
-        w = _empty((B, M)) if ctx.needs_input_grad[4] else None
+        none = (None, None)
+        grad = _empty((B, M, D)) if need_grad else none
+        sq = _empty((B, M)) if ctx.needs_input_grad[4] else none
+        w = _empty((B, M)) if ctx.needs_input_grad[4] else none
         e = None if energy is None else _np(energy.detach().to(torch.float32))
         loss = _C.fm_loss(_np(pred), _np(a), None if z is None else _np(z), e, float(beta), normalize,
-                          None if pair_weight is None else _np(pair_weight), None if grad is None else grad.numpy(),
-                          None if sq is None else sq.numpy(), None if w is None else w.numpy(), n_threads())
+                          None if pair_weight is None else _np(pair_weight), grad[1], sq[1], w[1], n_threads())
+        grad, sq, w = grad[0], sq[0], w[0]
         ctx.mode = mode
         ctx.save_for_backward(grad, sq, w)
         return torch.tensor(loss, dtype=pred.dtype)
