@@ -87,9 +87,10 @@ class _Entry:
         self.key, self.packs, self.tables = key, packs, {}
 
 
-# module -> _Entry (packed weights + tables) and module -> [(dict, name)] of every tensor the pack reads
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, _Entry]" = weakref.WeakKeyDictionary()
-_SLOTS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+# id(module) -> _Entry (packed weights + tables), and id(module) -> (weakref to the module,
+# [(dict, name)] of every tensor the pack reads). Entries leave with their module (weakref callback).
+_CACHE: dict = {}
+_SLOTS: dict = {}
 # the entry that the last supports() call validated, so that the impl right after it need not re-check
 _TLS = threading.local()
 
@@ -177,26 +178,30 @@ def _build_critic_packs(critic: DoubleCritic):
 def _prepare(module, kind: str):
     """(entry, reasons): the module's cached pack, re-packed when any of its tensors changed
     (._version or data_ptr), or the reasons the C++ backend cannot run it."""
-    slots = _SLOTS.get(module) if isinstance(module, torch.nn.Module) else None
-    if slots is None:
+    mid = id(module)
+    slot_ent = _SLOTS.get(mid)
+    if slot_ent is None or slot_ent[0]() is not module:
         why = _type_reasons(module, kind)
         if why:
             return None, why
-        slots = _make_slots(module, kind)
-        _SLOTS[module] = slots
+        slot_ent = (weakref.ref(module, lambda _r, mid=mid: (_SLOTS.pop(mid, None), _CACHE.pop(mid, None))),
+                    _make_slots(module, kind))
+        _SLOTS[mid] = slot_ent
+        _CACHE.pop(mid, None)
+    slots = slot_ent[1]
     name = "net" if kind == "policy" else "critic"
     try:
         key = _key(slots)
     except AttributeError:  # a parameter set to None
         return None, _tensor_reasons(name, slots)
-    e = _CACHE.get(module)
+    e = _CACHE.get(mid)
     if e is None or e.key != key:
         why = _tensor_reasons(name, slots)
         if why:
             return None, why
         packs = [_build_policy_pack(module)] if kind == "policy" else _build_critic_packs(module)
         e = _Entry(key, packs)
-        _CACHE[module] = e
+        _CACHE[mid] = e
     if torch.is_grad_enabled() and any(d[n].requires_grad for d, n in slots):
         return None, [f"grad mode is on and the {name}'s parameters require grad, but the C++ sampler does not "
                       "backpropagate; call it under torch.no_grad() / torch.inference_mode() for the fast path"]
