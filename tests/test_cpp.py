@@ -461,3 +461,22 @@ def test_setup_declares_the_extension_unless_no_ext(no_ext):
 
 def test_fma_peak_is_positive():
     assert _C.fma_peak(0.01) > 1e8
+
+
+def test_pack_cache_follows_the_module_lifetime():
+    import gc
+
+    net = make(hidden=24, seed=3)
+    with torch.no_grad():
+        qk.integrate(net, torch.randn(2, 6), torch.randn(2, 17), steps=2, backend="cpp")
+    mid = id(net)
+    assert mid in cpp._CACHE and mid in cpp._SLOTS
+    del net
+    gc.collect()
+    assert mid not in cpp._CACHE and mid not in cpp._SLOTS
+
+
+def test_registered_ops():
+    for op in ("integrate", "consistency_sample", "act", "weighted_fm_loss", "flow_matching_loss"):
+        assert "cpp" in backends._IMPLS[op]
+    assert backends.auto_order(torch.device("cpu"))[0] == "cpp"
