@@ -480,3 +480,13 @@ def test_registered_ops():
     for op in ("integrate", "consistency_sample", "act", "weighted_fm_loss", "flow_matching_loss"):
         assert "cpp" in backends._IMPLS[op]
     assert backends.auto_order(torch.device("cpu"))[0] == "cpp"
+
+
+def test_non_contiguous_inputs():
+    net = make(hidden=24)
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(6, 7, generator=g).t()          # [7, 6], not contiguous
+    obs = torch.randn(17, 7, generator=g).t()
+    assert not x0.is_contiguous()
+    with torch.no_grad():
+        close(qk.integrate(net, x0, obs, steps=3, backend="cpp"), qk.integrate(net, x0, obs, steps=3, backend="torch"))
