@@ -436,6 +436,28 @@ double fm_loss(py::handle pred, py::handle target, py::handle noise, py::handle 
     return loss;
 }
 
+// (sum of ._version, FNV-1a hash of data_ptr()) over the tensors d[name] for (d, name) in slots:
+// the cache key of a packed module, computed in one call (it runs on every sampler call).
+py::tuple fingerprint(py::list slots) {
+    long long versions = 0;
+    uint64_t h = 1469598103934665603ULL;
+    static py::str version_attr("_version"), ptr_attr("data_ptr");
+    for (py::handle s : slots) {
+        PyObject* d = PyTuple_GET_ITEM(s.ptr(), 0);
+        PyObject* n = PyTuple_GET_ITEM(s.ptr(), 1);
+        PyObject* t = PyDict_GetItemWithError(d, n);
+        if (!t) {
+            if (PyErr_Occurred()) throw py::error_already_set();
+            throw py::key_error("missing tensor");
+        }
+        py::handle th(t);
+        versions += th.attr(version_attr).cast<long long>();
+        const uint64_t p = th.attr(ptr_attr)().cast<uint64_t>();
+        h = (h ^ p) * 1099511628211ULL;
+    }
+    return py::make_tuple(versions, h);
+}
+
 double fma_peak(double seconds) {
     const Variant v = g_var;
     py::gil_scoped_release nogil;
@@ -504,6 +526,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("beta"), py::arg("normalize"), py::arg("pair_weight"), py::arg("grad"), py::arg("sq_out"),
           py::arg("w_out"), py::arg("n_threads") = 1,
           "Weighted flow-matching loss (returned, float64) and its gradient w.r.t. pred (into grad).");
+    m.def("fingerprint", &fingerprint, py::arg("slots"),
+          "(sum of versions, hash of data pointers) of d[name] for (d, name) in slots (pack cache key).");
     m.def("fma_peak", &fma_peak, py::arg("seconds") = 0.2,
           "Measured single-thread peak FLOP/s of a tight FMA loop in the active variant.");
     m.def("gemm", &gemm, py::arg("x"), py::arg("net"), py::arg("y"));

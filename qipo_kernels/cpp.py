@@ -30,7 +30,6 @@ this backend (as it does at install time).
 from __future__ import annotations
 
 import math
-import operator
 import os
 import threading
 import weakref
@@ -130,20 +129,16 @@ def _make_slots(module, kind: str):
     return slots
 
 
-_VERSION = operator.attrgetter("_version")
-_DATA_PTR = operator.methodcaller("data_ptr")
-
-
 def _key(slots):
-    # Version counters only grow, so their sum changes whenever any tensor is modified in place;
-    # data_ptr catches `p.data = other` (which keeps the version counter).
-    ts = [d[n] for d, n in slots]
-    return sum(map(_VERSION, ts)), tuple(map(_DATA_PTR, ts))
+    # (sum of ._version, hash of data_ptr()) of every tensor, in one C++ call. Version counters only
+    # grow, so the sum changes whenever a tensor is modified in place (optimizer steps,
+    # load_state_dict, copy_); data_ptr catches `p.data = other`, which keeps the version counter.
+    return _C.fingerprint(slots)
 
 
 def _tensor_reasons(name, slots) -> List[str]:
     for d, n in slots:
-        t = d[n]
+        t = d.get(n)
         if t is None:
             return [f"{name} has a Linear without bias"]
         if t.dtype != torch.float32:
@@ -192,8 +187,8 @@ def _prepare(module, kind: str):
     name = "net" if kind == "policy" else "critic"
     try:
         key = _key(slots)
-    except AttributeError:  # a parameter set to None
-        return None, _tensor_reasons(name, slots)
+    except (AttributeError, KeyError):  # a parameter set to None or removed
+        return None, _tensor_reasons(name, slots) or [f"{name} lost a parameter the C++ pack reads"]
     e = _CACHE.get(mid)
     if e is None or e.key != key:
         why = _tensor_reasons(name, slots)

@@ -321,6 +321,8 @@ def test_repack_when_parameters_change():
         close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
         net.time_mlp[1].bias.add_(0.3)                      # the cached time tables must follow
         close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.layers[0].bias = torch.nn.Parameter(torch.randn(24))  # a new Parameter object
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
         other = make(hidden=24, seed=5)
         net.load_state_dict(other.state_dict())
         close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(other, x0, obs, steps=2, backend="torch"))
