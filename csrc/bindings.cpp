@@ -441,8 +441,12 @@ double fm_loss(py::handle pred, py::handle target, py::handle noise, py::handle 
 py::tuple fingerprint(py::list slots) {
     long long versions = 0;
     uint64_t h = 1469598103934665603ULL;
-    static py::str version_attr("_version"), ptr_attr("data_ptr");
+    // interned once and never released (a static py::object would be released after finalization)
+    static PyObject* version_attr = PyUnicode_InternFromString("_version");
+    static PyObject* ptr_attr = PyUnicode_InternFromString("data_ptr");
     for (py::handle s : slots) {
+        if (!PyTuple_Check(s.ptr()) || PyTuple_GET_SIZE(s.ptr()) != 2 || !PyDict_Check(PyTuple_GET_ITEM(s.ptr(), 0)))
+            throw py::type_error("slots must be a list of (dict, name) tuples");
         PyObject* d = PyTuple_GET_ITEM(s.ptr(), 0);
         PyObject* n = PyTuple_GET_ITEM(s.ptr(), 1);
         PyObject* t = PyDict_GetItemWithError(d, n);
@@ -451,8 +455,8 @@ py::tuple fingerprint(py::list slots) {
             throw py::key_error("missing tensor");
         }
         py::handle th(t);
-        versions += th.attr(version_attr).cast<long long>();
-        const uint64_t p = th.attr(ptr_attr)().cast<uint64_t>();
+        versions += th.attr(py::handle(version_attr)).cast<long long>();
+        const uint64_t p = th.attr(py::handle(ptr_attr))().cast<uint64_t>();
         h = (h ^ p) * 1099511628211ULL;
     }
     return py::make_tuple(versions, h);
