@@ -483,22 +483,24 @@ void act_chunk(const ActArgs* a, long b0, long b1, float* ws) {
 }
 
 double fma_peak_flops(long iters) {
-    // 2 * VW * 16 flops per iteration; 16 independent chains hide the FMA latency.
+    // NACC independent chains hide the FMA latency; fewer with 16 vector registers (AVX2, SSE,
+    // which would spill 16 accumulators + 2 operands). 2 * VW * NACC flops per iteration.
+    constexpr int NACC = VW >= 16 ? 16 : 12;
     // opaque start values, so that the compiler cannot fold the recurrence
     volatile float v0 = 0.5f, vm = 0.999f, va = 0.0005f;
-    vf acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = bc(v0 + 0.001f * i);
+    vf acc[NACC];
+    for (int i = 0; i < NACC; ++i) acc[i] = bc(v0 + 0.001f * i);
     vf mlt = bc(vm), add = bc(va);
     for (long it = 0; it < iters; ++it) {
 #pragma GCC unroll 16
-        for (int i = 0; i < 16; ++i) acc[i] = acc[i] * mlt + add;
+        for (int i = 0; i < NACC; ++i) acc[i] = acc[i] * mlt + add;
     }
     vf s = vf{};
-    for (int i = 0; i < 16; ++i) s += acc[i];
+    for (int i = 0; i < NACC; ++i) s += acc[i];
     volatile float sink = 0.0f;
     for (int i = 0; i < VW; ++i) sink = sink + s[i];
     (void)sink;
-    return 2.0 * VW * 16.0 * (double)iters;
+    return 2.0 * VW * NACC * (double)iters;
 }
 
 }  // namespace QK_NS
