@@ -222,7 +222,13 @@ def _entry(module, kind: str) -> _Entry:
     return e
 
 
+_F32 = torch.float32
+
+
 def _input_reasons(**tensors) -> List[str]:
+    # fast path: every tensor float32 and no gradient wanted
+    if not torch.is_grad_enabled() and all(t is None or t.dtype is _F32 for t in tensors.values()):
+        return []
     out = []
     grad = torch.is_grad_enabled()
     for name, t in tensors.items():
