@@ -492,3 +492,21 @@ def test_non_contiguous_inputs():
     assert not x0.is_contiguous()
     with torch.no_grad():
         close(qk.integrate(net, x0, obs, steps=3, backend="cpp"), qk.integrate(net, x0, obs, steps=3, backend="torch"))
+
+
+@pytest.mark.parametrize("hidden", [24, 40, 256])
+def test_gemm_tiles_every_row_count(isa, hidden):
+    # the packed hidden layer alone, for every row-tile tail (8/6-row tiles, then 4, 2, 1)
+    net = make(hidden=hidden, activation="silu")
+    with torch.no_grad():
+        p = cpp._entry(net, "policy").packs[0]
+        Hp = p.hidden_padded
+        lin = net.layers[1]
+        for M in (1, 2, 3, 5, 7, 8, 13, 50, 64):
+            x = torch.zeros(M, Hp)
+            x[:, :hidden] = torch.randn(M, hidden)
+            y = np.full((M, Hp), np.nan, np.float32)
+            _C.gemm(x.numpy(), p, y)
+            want = torch.nn.functional.silu(lin(x[:, :hidden]))
+            close(torch.from_numpy(y[:, :hidden]), want)
+            assert (y[:, hidden:] == 0).all()
