@@ -210,7 +210,10 @@ def _module_reasons(module, kind: str) -> List[str]:
 
 
 def _entry(module, kind: str) -> _Entry:
-    """The pack for the impl: the one supports() just validated, else validated now."""
+    """The pack for the impl: the one supports() validated (ops.py calls supports immediately before the
+    impl, on the same thread, so the check is not paid twice), else validated now. The hand-off is
+    used once; an impl called directly, not through ops, after weights changed since an unrelated
+    supports() call on the same module is the one case it could see a stale pack."""
     last = getattr(_TLS, kind, None)
     if last is not None:
         setattr(_TLS, kind, None)
