@@ -143,4 +143,8 @@ def table() -> str:
 
 
 if __name__ == "__main__":
-    print(table())
+    # Run as a script this file is a second module (__main__) whose registry stays empty: the backends
+    # register into qipo_kernels.backends, so print that module's table.
+    from qipo_kernels import backends as _registry
+
+    print(_registry.table())
