@@ -7,7 +7,7 @@ from . import backends, nets, ops, reference
 from .nets import ConditionalMLP, DoubleCritic
 from .ops import (
     act, consistency_denoise, consistency_loss, consistency_sample, flow_matching_loss, flow_path, integrate,
-    karras_sigmas, select_action, weighted_fm_loss,
+    karras_sigmas, sample, select_action, weighted_fm_loss,
 )
 from .policies import ConsistencyPolicy, FlowPolicy, Sampler, make_sampler
 
@@ -16,5 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "backends", "nets", "ops", "reference", "ConditionalMLP", "DoubleCritic", "act", "consistency_denoise",
     "consistency_loss", "consistency_sample", "flow_matching_loss", "flow_path", "integrate", "karras_sigmas",
-    "select_action", "weighted_fm_loss", "FlowPolicy", "ConsistencyPolicy", "Sampler", "make_sampler", "__version__",
+    "sample", "select_action", "weighted_fm_loss", "FlowPolicy", "ConsistencyPolicy", "Sampler", "make_sampler",
+    "__version__",
 ]

@@ -38,6 +38,9 @@ def register(op: str, backend: str, impl: Callable, supports: Optional[Callable[
         _SUPPORTS[(op, backend)] = supports
 
 
+# Run eagerly even while torch.compile traces a caller: Dynamo refuses to trace importlib, so the
+# first dispatch of a compiled function would otherwise break the graph (fullgraph=True fails).
+@torch.compiler.assume_constant_result
 def _load(backend: str) -> None:
     if backend in _LOADED or backend not in _MODULES:
         return
@@ -140,4 +143,8 @@ def table() -> str:
 
 
 if __name__ == "__main__":
-    print(table())
+    # Run as a script this file is a second module (__main__) whose registry stays empty: the backends
+    # register into qipo_kernels.backends, so print that module's table.
+    from qipo_kernels import backends as _registry
+
+    print(_registry.table())

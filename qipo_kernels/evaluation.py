@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ._checks import positive_int
-from .data.dataset import DatasetInfo, OfflineDataset, env_seeds, info_of
+from .data.dataset import DatasetInfo, OfflineDataset, _check_device, _check_dtype, env_seeds, info_of
+from .data.minari_io import require
 
 # D4RL reference returns (random, expert), from d4rl/infos.py (REF_MIN_SCORE / REF_MAX_SCORE).
 D4RL_REF_SCORES: Dict[str, Tuple[float, float]] = {
@@ -104,8 +105,6 @@ def evaluate(policy_fn: Callable[[torch.Tensor], torch.Tensor],
          "per_seed_mean": [...], "normalized_mean", "normalized_std" (None when no reference
          scores), "episodes": int, "seeds": [...], "env_id": str}
     """
-    import gymnasium as gym
-
     if not callable(policy_fn):
         raise TypeError(f"policy_fn must be callable (obs tensor -> action tensor), got {type(policy_fn).__name__}")
     info = None if dataset is None else info_of(dataset)
@@ -131,10 +130,18 @@ def evaluate(policy_fn: Callable[[torch.Tensor], torch.Tensor],
         positive_int("max_episode_steps", max_episode_steps)
     if device is None:
         device = dataset.device if isinstance(dataset, OfflineDataset) else torch.device("cpu")
-    device = torch.device(device)
+    device = _check_device(device)
+    _check_dtype(dtype)
 
+    gym = require("gymnasium")
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    spec = gym.spec(env_id) if env_id is not None else info.env_spec()
+    if env_id is not None:
+        try:
+            spec = gym.spec(env_id)
+        except gym.error.Error as e:
+            raise ValueError(f"env_id {env_id!r} is not a registered gymnasium environment ({e})") from None
+    else:
+        spec = info.env_spec()
     env = gym.make_vec(spec, num_envs=num_envs, vectorization_mode="sync", **kwargs)
     try:
         if not isinstance(env.single_action_space, gym.spaces.Box):

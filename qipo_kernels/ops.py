@@ -19,7 +19,7 @@ from .reference import paths as _paths
 from .reference import select as _sel
 from .reference.consistency import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, consistency_loss, karras_sigmas  # noqa: F401
 
-OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "consistency_sample",
+OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "sample", "consistency_sample",
        "select_action", "act")
 
 
@@ -60,6 +60,22 @@ def integrate(net: Callable, x0, obs, steps: int = 10, solver: str = "euler", t0
     _, fn = _b.choose("integrate", backend, x0.device, _ode._integrate, net=net, x0=x0, obs=obs, steps=steps,
                       solver=solver, path=path, return_trajectory=return_trajectory)
     return fn(net, x0, obs, steps, solver, t0, t1, path, return_trajectory)
+
+
+def sample(net: Callable, obs, num_samples: int, steps: int = 10, solver: str = "euler", path: Optional[str] = None,
+           seed: int = 0, return_trajectory: bool = False, backend: str = "auto"):
+    """Draw num_samples actions per state from a flow policy, the noise drawn from ``seed``.
+
+    obs [B, S] -> [B, num_samples, act_dim] (and the trajectory [steps + 1, B, num_samples, act_dim],
+    the noise first, when asked); see reference.ode.sample. The Triton backend draws the noise
+    inside the kernel (never materialised: e.g. QIPO's support renewal, 1e6 states x 64 actions),
+    from a different generator than the reference: same distribution, same seed -> same output
+    on one backend, but backends do not match each other number for number.
+    """
+    _ode.check_sample(net, obs, num_samples, steps, solver, path, seed)
+    _, fn = _b.choose("sample", backend, obs.device, _ode._sample, net=net, obs=obs, num_samples=num_samples,
+                      steps=steps, solver=solver, path=path, seed=seed, return_trajectory=return_trajectory)
+    return fn(net, obs, num_samples, steps, solver, path, seed, return_trajectory)
 
 
 def consistency_sample(net: Callable, noise, obs, sigmas: Optional[Sequence[float]] = None, step_noise=None,

@@ -30,7 +30,7 @@ REWARD_SCALES = ("auto", "locomotion", "antmaze", "cpql-antmaze", "none")
 
 # Environment names whose datasets get locomotion-style reward scaling under reward_scale="auto".
 _LOCOMOTION_RE = re.compile(
-    r"(^|/)mujoco/|(^|[/_-])(halfcheetah|hopper|walker2d|ant|humanoid|swimmer)([/_-]|$)", re.IGNORECASE)
+    r"(^|[/_-])(halfcheetah|hopper|walker2d|ant|humanoid|humanoidstandup|swimmer)([/_-]|$)", re.IGNORECASE)
 
 
 def _check_device(device) -> torch.device:
@@ -65,8 +65,9 @@ def resolve_reward_scale(reward_scale, dataset_id: str = "", episode_returns: Op
 
     reward_scale:
       - ``"auto"``: ``"antmaze"`` when the id names AntMaze, ``"locomotion"`` for MuJoCo locomotion
-        ids (namespace ``mujoco/`` or a halfcheetah/hopper/walker2d/ant/humanoid/swimmer name),
-        ``"none"`` otherwise (the embedded Pendulum task included).
+        ids (a halfcheetah/hopper/walker2d/ant/humanoid/swimmer component, e.g.
+        "mujoco/hopper/medium-v0" or "hopper-medium-v2"), ``"none"`` otherwise (the embedded
+        Pendulum task, "mujoco/pusher/...", Adroit, Kitchen included).
       - ``"locomotion"``: r * 1000 / (max episode return - min episode return) (IQL / QIPO style).
       - ``"antmaze"``: r - 1 (QIPO, IQL).   ``"cpql-antmaze"``: (r - 0.5) * 4 (CPQL).
       - ``"none"``: unchanged.   a float: r * float.
@@ -140,9 +141,11 @@ class DatasetInfo:
         self.normalize_obs = bool(normalize_obs)
         self.obs_keys = None if obs_keys is None else list(obs_keys)
         finite = np.isfinite(self.action_low) & np.isfinite(self.action_high)
-        self._act_center = np.where(finite, (self.action_high + self.action_low) / 2, 0.0)
-        self._act_half = np.where(finite, (self.action_high - self.action_low) / 2, 1.0)
+        lo, hi = np.where(finite, self.action_low, -1.0), np.where(finite, self.action_high, 1.0)
+        self._act_center = np.where(finite, (hi + lo) / 2, 0.0)
+        self._act_half = np.where(finite, (hi - lo) / 2, 1.0)
         self._act_finite = finite
+        self._stats_cache: Dict = {}
 
     @property
     def obs_dim(self) -> int:
@@ -160,8 +163,11 @@ class DatasetInfo:
                 raise ValueError(f"obs must have last dimension {self.obs_dim}, got shape {tuple(obs.shape)}")
             if not self.normalize_obs:
                 return obs
-            mean = torch.as_tensor(self.obs_mean, device=obs.device, dtype=obs.dtype)
-            std = torch.as_tensor(self.obs_std, device=obs.device, dtype=obs.dtype)
+            key = (obs.device, obs.dtype)
+            if key not in self._stats_cache:  # one host-to-device copy per (device, dtype)
+                self._stats_cache[key] = (torch.as_tensor(self.obs_mean, device=obs.device, dtype=obs.dtype),
+                                          torch.as_tensor(self.obs_std, device=obs.device, dtype=obs.dtype))
+            mean, std = self._stats_cache[key]
             return (obs - mean) / std
         arr = np.asarray(obs)
         if arr.shape[-1:] != (self.obs_dim,):
@@ -199,7 +205,9 @@ class DatasetInfo:
     # ---- environment ----
     def env_spec(self):
         """The gymnasium EnvSpec recorded with the dataset (eval env first), or one made from env_id."""
-        import gymnasium as gym
+        from .minari_io import require
+
+        gym = require("gymnasium")
         from gymnasium.envs.registration import EnvSpec
 
         if self.env_spec_json is not None:
@@ -214,8 +222,9 @@ class DatasetInfo:
         With ``seed`` the env is reset once with per-copy seeds derived from it (and its action space
         seeded), so the following ``reset()`` without a seed is deterministic.
         """
-        import gymnasium as gym
+        from .minari_io import require
 
+        gym = require("gymnasium")
         positive_int("num_envs", num_envs)
         if max_episode_steps is not None:
             positive_int("max_episode_steps", max_episode_steps)

@@ -5,21 +5,21 @@ with a PD law near the top; noiseless it scores about -120 per 200-step episode 
 policy scores about -1200). Each dataset episode gets one behaviour profile, in fixed proportions
 (largest-remainder rounding of the fractions, then shuffled with the seed):
 
-=========  ========  ===================================================  ==============
-profile    fraction  actions                                              typical return
-=========  ========  ===================================================  ==============
-expert     20 %      controller + N(0, (0.05 * 2)^2) torque noise         ~ -130
-medium     30 %      controller + N(0, (0.25 * 2)^2), 10 % uniform random ~ -200
-poor       30 %      controller + N(0, (0.5 * 2)^2), 40 % uniform random  ~ -550
-random     20 %      uniform in [-2, 2]                                   ~ -1200
-=========  ========  ===================================================  ==============
+=========  ========  ===================================================  ===================
+profile    fraction  actions                                              mean return (seed 0)
+=========  ========  ===================================================  ===================
+expert     20 %      controller + N(0, (0.05 * 2)^2) torque noise         -149
+medium     30 %      controller + N(0, (0.25 * 2)^2), 10 % uniform random -165
+poor       30 %      controller + N(0, (0.5 * 2)^2), 40 % uniform random  -517
+random     20 %      uniform in [-2, 2]                                   -1266
+=========  ========  ===================================================  ===================
 
-so the behaviour policy averages about -500 and an offline RL algorithm that stitches the good
+(100 episodes, seed 0), so the behaviour policy averages -488 (normalised score 63) and an offline RL algorithm that stitches the good
 actions together can approach the controller. Reference scores, stored in the dataset metadata and
 used for the normalised score (100 * (R - ref_min) / (ref_max - ref_min)), are measured when the
 dataset is made, on 20 fixed reset seeds (10000..10019) independent of ``seed``:
-``ref_min_score`` = mean return of the uniform random policy (action RNG seed 10000),
-``ref_max_score`` = mean return of the noiseless controller.
+``ref_min_score`` = mean return of the uniform random policy (action RNG seed 10000), -1117.7;
+``ref_max_score`` = mean return of the noiseless controller, -121.8.
 Each episode's profile is stored in its Minari episode metadata (``profile``, ``noise``,
 ``epsilon``) together with its reset ``seed``. Same (num_episodes, seed) -> identical data.
 """
@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .._checks import positive_int
-from .minari_io import DEMO_DATASET_ID, check_dataset_id, datasets_root, dataset_dir
+from .minari_io import DEMO_DATASET_ID, check_dataset_id, datasets_root, dataset_dir, require
 
 PENDULUM_ID = "Pendulum-v1"
 MAX_TORQUE = 2.0
@@ -174,7 +174,9 @@ def make_local_dataset(dataset_id: str = DEMO_DATASET_ID, num_episodes: int = 10
     seed = int(seed)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-    import minari
+    minari = require("minari")
+    require("h5py")
+    require("PIL")
     from minari.dataset.minari_dataset import parse_dataset_id
 
     target = dataset_dir(dataset_id)
@@ -191,6 +193,7 @@ def make_local_dataset(dataset_id: str = DEMO_DATASET_ID, num_episodes: int = 10
 
     root = datasets_root()
     os.makedirs(root, exist_ok=True)
+    _remove_stale_temp_dirs(root)
     tmp_root = tempfile.mkdtemp(prefix=".qipo-tmp-", dir=root)  # hidden: minari's listing skips it
     try:
         with _env_lock:  # minari reads $MINARI_DATASETS_PATH when it writes: point it at the temp dir
@@ -239,6 +242,25 @@ def make_local_dataset(dataset_id: str = DEMO_DATASET_ID, num_episodes: int = 10
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return dataset_id
+
+
+def _remove_stale_temp_dirs(root: str, max_age_s: float = 6 * 3600) -> None:
+    """Delete temp directories that a killed build left behind (hidden, so minari never lists them)."""
+    import time
+
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        if name.startswith((".qipo-tmp-", ".qipo-old-")):
+            path = os.path.join(root, name)
+            try:
+                if now - os.path.getmtime(path) > max_age_s:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def _copy_namespace_files(tmp_root: str, root: str, namespace: str) -> None:

@@ -33,16 +33,28 @@ def dataset_dir(dataset_id: str) -> str:
     return os.path.join(datasets_root(), dataset_id)
 
 
+def require(module: str):
+    """Import an optional dependency of the 'rl' extra, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is needed here but cannot be imported ({e}); "
+                          "pip install 'qipo_kernels[rl]'") from e
+
+
 def check_dataset_id(dataset_id) -> str:
     """Validate a Minari dataset id ``(namespace/)name-v<version>``; returns it."""
     if not isinstance(dataset_id, str):
         raise TypeError(f"dataset_id must be a str such as 'mujoco/halfcheetah/medium-v0', "
                         f"got {type(dataset_id).__name__}")
+    require("minari")
     from minari.dataset.minari_dataset import parse_dataset_id
 
     try:
         parse_dataset_id(dataset_id)
-    except ValueError:
+    except (ValueError, TypeError):  # minari raises TypeError for an id without a version
         raise ValueError(f"dataset_id {dataset_id!r} is not a Minari dataset id; expected "
                          "'(namespace/)name-v<version>', e.g. 'mujoco/halfcheetah/medium-v0'") from None
     if dataset_id.startswith("/") or ".." in dataset_id.split("/"):
@@ -58,8 +70,8 @@ def missing_dataset_message(dataset_id: str) -> str:
         msg += (f"It is made locally, with no network: run `python -c \"from qipo_kernels.data import "
                 f"make_local_dataset; make_local_dataset({dataset_id!r})\"` (qipo_kernels.data.make_local_dataset).")
     else:
-        msg += (f"Download it with `minari download {dataset_id}` (needs network; "
-                f"`minari list remote` shows the ids).")
+        msg += (f"Download it with `minari download {dataset_id}` (needs network and huggingface_hub, "
+                "which pip install 'qipo_kernels[rl]' brings; `minari list remote` shows the ids).")
     return msg
 
 
@@ -143,10 +155,7 @@ def flatten_episodes(episodes: Iterable, obs_keys: Optional[Sequence[str]] = Non
 def open_minari(dataset_id: str):
     """minari.load_dataset with a clear error when the dataset is missing or unreadable."""
     check_dataset_id(dataset_id)
-    try:
-        import minari
-    except ImportError as e:
-        raise ImportError("qipo_kernels.data needs minari: pip install 'qipo_kernels[rl]'") from e
+    minari = require("minari")
     if not os.path.isdir(os.path.join(dataset_dir(dataset_id), "data")):
         raise FileNotFoundError(missing_dataset_message(dataset_id))
     try:
@@ -201,11 +210,10 @@ def load_minari(dataset_id: str, device="cpu", reward_scale="auto", normalize_ob
         FileNotFoundError naming ``minari download <id>`` (or make_local_dataset for the demo id)
         when the dataset is not on this machine.
     """
-    import gymnasium as gym
-
     from .dataset import _check_device, _check_dtype, check_reward_scale
 
     check_dataset_id(dataset_id)
+    gym = require("gymnasium")
     _check_device(device)
     _check_dtype(dtype)
     check_reward_scale(reward_scale)

@@ -40,12 +40,13 @@ class ReplayBuffer:
         return self._size
 
     def _rows(self, name: str, x, width: Optional[int]) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+        """x as a 2-d [n, width] (or 1-d [n] when width is None) float tensor, still on its own device."""
+        t = x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
         if t.dtype == torch.bool:
             t = t.to(torch.float32)
         if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.uint8)):
             raise TypeError(f"{name} must be numeric, got dtype {t.dtype}")
-        t = t.to(device=self.device, dtype=self.dtype)
+        t = t.to(torch.float64 if self.dtype == torch.float64 else torch.float32)
         if width is None:
             if t.dim() > 1:
                 raise ValueError(f"{name} must be a scalar or [n], got shape {tuple(t.shape)}")
@@ -60,7 +61,8 @@ class ReplayBuffer:
         """Add one transition (obs [S], action [A], scalars) or a batch (obs [n, S], action [n, A], [n]).
 
         Numpy arrays or tensors (any device); ``action`` must be in [-1, 1]; ``terminated`` is
-        0/1 (or bool) and must be False for time-limit truncations.
+        0/1 (or bool) and must be False for time-limit truncations. Values are checked where they
+        are given (numpy input: on the CPU, no device sync) and then copied to the buffer's device.
         """
         o = self._rows("obs", obs, self.obs_dim)
         a = self._rows("action", action, self.act_dim)
@@ -80,14 +82,12 @@ class ReplayBuffer:
         if not bool(((d == 0) | (d == 1)).all()):
             raise ValueError("terminated must be 0/1 or bool")
         if n > self.capacity:  # only the newest `capacity` rows survive
-            o, a, r, no, d = o[-self.capacity:], a[-self.capacity:], r[-self.capacity:], no[-self.capacity:], d[-self.capacity:]
+            o, a, r, no, d = (x[-self.capacity:] for x in (o, a, r, no, d))
             n = self.capacity
         idx = (self._ptr + torch.arange(n, device=self.device)) % self.capacity
-        self.obs[idx] = o
-        self.actions[idx] = a.clamp(-1, 1)
-        self.rewards[idx] = r
-        self.next_obs[idx] = no
-        self.terminations[idx] = d
+        for buf, x in ((self.obs, o), (self.actions, a.clamp(-1, 1)), (self.rewards, r), (self.next_obs, no),
+                       (self.terminations, d)):
+            buf[idx] = x.to(self.device, self.dtype, non_blocking=True)
         self._ptr = (self._ptr + n) % self.capacity
         self._size = min(self._size + n, self.capacity)
 

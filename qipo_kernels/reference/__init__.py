@@ -8,7 +8,7 @@ from .consistency import (
     consistency_sample, karras_sigmas, scalings, time_input,
 )
 from .loss import NORMALIZE, energy_weights, flow_matching_loss, weighted_fm_loss
-from .ode import NOISE_SOLVERS, SOLVERS, STAGES, VELOCITY_SOLVERS, integrate
+from .ode import NOISE_SOLVERS, SOLVERS, STAGES, VELOCITY_SOLVERS, integrate, sample
 from .paths import PATHS, alpha_sigma, flow_path, inverse_log_snr, log_snr
 from .select import SELECT_MODES, select_action, select_index
 
@@ -16,6 +16,6 @@ __all__ = [
     "SIGMA_DATA", "SIGMA_MAX", "SIGMA_MIN", "RHO", "NUM_SCALES", "consistency_denoise", "consistency_loss",
     "consistency_sample", "karras_sigmas", "scalings", "time_input", "NORMALIZE", "energy_weights",
     "flow_matching_loss", "weighted_fm_loss", "NOISE_SOLVERS", "SOLVERS", "STAGES", "VELOCITY_SOLVERS",
-    "integrate", "PATHS", "alpha_sigma", "flow_path", "inverse_log_snr", "log_snr", "SELECT_MODES",
+    "integrate", "sample", "PATHS", "alpha_sigma", "flow_path", "inverse_log_snr", "log_snr", "SELECT_MODES",
     "select_action", "select_index",
 ]

@@ -63,6 +63,11 @@ def check_integrate(net, x0, obs, steps, solver, t0, t1, path):
     if obs.shape[0] != x0.shape[0]:
         raise ValueError(f"obs must have {x0.shape[0]} rows (one per {'sample' if x0.dim() == 2 else 'state'} of x0), got {obs.shape[0]}")
     C.same_device(x0=x0, obs=obs)
+    check_solver(steps, solver, t0, t1, path)
+
+
+def check_solver(steps, solver, t0, t1, path):
+    """steps, solver, (t0, t1) and path of a fixed-step integration (shared by integrate and sample)."""
     C.positive_int("steps", steps)
     C.choice("solver", solver, SOLVERS)
     for name, v in (("t0", t0), ("t1", t1)):
@@ -170,3 +175,48 @@ def integrate(net: Callable, x0: torch.Tensor, obs: torch.Tensor, steps: int = 1
     """
     check_integrate(net, x0, obs, steps, solver, t0, t1, path)
     return _integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory)
+
+
+MAX_SEED = 2 ** 63 - 1
+
+
+def check_sample(net, obs, num_samples, steps, solver, path, seed):
+    if not callable(net):
+        raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
+    act_dim = getattr(net, "act_dim", None)
+    if isinstance(act_dim, bool) or not isinstance(act_dim, int) or act_dim < 1:
+        raise TypeError(f"net must have a positive int act_dim attribute (e.g. a ConditionalMLP), got {act_dim!r}")
+    C.tensor("obs", obs, ndim=2)
+    C.positive_int("num_samples", num_samples)
+    check_solver(steps, solver, 0.0, 1.0, path)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+
+
+def _sample(net: Callable, obs, num_samples, steps, solver, path, seed, return_trajectory):
+    g = torch.Generator(device=obs.device)
+    g.manual_seed(seed)
+    x0 = torch.randn((obs.shape[0], num_samples, net.act_dim), dtype=obs.dtype, device=obs.device, generator=g)
+    return _integrate(net, x0, obs, steps, solver, 0.0, 1.0, path, return_trajectory)
+
+
+def sample(net: Callable, obs: torch.Tensor, num_samples: int, steps: int = 10, solver: str = "euler",
+           path: Optional[str] = None, seed: int = 0, return_trajectory: bool = False):
+    """Draw ``num_samples`` actions per state: integrate from noise seeded by ``seed`` (t = 0 to 1).
+
+    The reference draws x0 [B, num_samples, act_dim] with ``torch.randn`` from a torch.Generator on
+    obs' device seeded with ``seed``, in obs' dtype, then runs ``integrate``. Fused backends may
+    draw their noise from another generator (same distribution, not the same numbers).
+
+    Args:
+        net: a policy network with an ``act_dim`` attribute (e.g. a ConditionalMLP).
+        obs: [B, S].
+        num_samples: K, samples per state.
+        steps, solver, path: as in ``integrate``.
+        seed: int in [0, 2**63 - 1]; the same seed gives the same samples.
+        return_trajectory: also return [steps + 1, B, K, A] (its first entry is the noise).
+    Returns:
+        [B, num_samples, act_dim] (and the trajectory when asked).
+    """
+    check_sample(net, obs, num_samples, steps, solver, path, seed)
+    return _sample(net, obs, num_samples, steps, solver, path, seed, return_trajectory)

@@ -23,7 +23,8 @@ def check_select_action(q_values, candidates, mode, temperature, uniform):
     C.positive_float("temperature", temperature)
     if uniform is not None:
         C.tensor("uniform", uniform, shape=(B,))
-        if bool(((uniform < 0) | (uniform >= 1)).any()):
+        # a value check needs a host sync: skipped during CUDA-graph capture / torch.compile tracing
+        if not C._capturing() and bool(((uniform < 0) | (uniform >= 1)).any()):
             raise ValueError("uniform must lie in [0, 1)")
     C.same_device(q_values=q_values, candidates=candidates, uniform=uniform)
 

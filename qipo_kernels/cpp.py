@@ -1,0 +1,487 @@
+"""The C++ CPU backend ("cpp"): registers the qipo_kernels._C kernels with qipo_kernels.backends.
+
+What runs in C++ (float32, CPU tensors; each call is one C++ call that releases the GIL):
+    integrate           ConditionalMLP, every solver (euler, midpoint, heun, rk4; ddim/dpm1/dpm2 on
+                        "vp" and "ot-eps"), both x0 layouts, return_trajectory
+    consistency_sample  one-step and multistep
+    act                 K candidates per state (flow or consistency) + DoubleCritic min(Q1, Q2) +
+                        argmax / softmax selection, in one call
+    weighted_fm_loss, flow_matching_loss
+                        forward and gradient (a torch.autograd.Function; first derivatives only)
+
+Structure shared with the Triton kernels: the observation part of layer 1 (obs W1_obs + b1) is
+computed once per state, and the time part (W1_t e(t)) once per network evaluation for all rows:
+the time embedding of every evaluation time is computed here in PyTorch and passed as a table
+[n_evals, H]. Solver / consistency coefficients are computed here in float64 exactly as the
+reference does (qipo_kernels.reference) and rounded to float32 as torch rounds a Python scalar.
+
+Weights are packed (transposed, zero-padded, 64-byte aligned) once per module and re-packed when
+any parameter or buffer changes (its ._version or data_ptr). Coefficient / time tables are cached
+with the pack.
+
+Gradients: the samplers do not backpropagate. They report a reason (so "auto" uses the reference)
+when grad mode is on and the network or an input requires grad; call them under torch.no_grad()
+or torch.inference_mode() (the usual case at deployment). Outputs never require grad.
+
+Threads: torch.get_num_threads() threads for batches of more than one chunk (64 rows); one state
+(or any batch up to 64 rows) runs on the calling thread. QIPO_KERNELS_NO_EXT=1 at import disables
+this backend (as it does at install time).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+if os.environ.get("QIPO_KERNELS_NO_EXT", "0") == "1":
+    raise ImportError("QIPO_KERNELS_NO_EXT=1 is set: the C++ extension qipo_kernels._C is skipped "
+                      "(not built at install, and disabled at import)")
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(f"the C++ extension qipo_kernels._C is not built ({e}); build it with `pip install -e .` "
+                      "or `python setup.py build_ext --inplace` (QIPO_KERNELS_NO_EXT=1 skips it on purpose)") from e
+
+from . import backends as _b
+from .nets import ConditionalMLP, DoubleCritic
+from .reference import ode as _ode
+from .reference import consistency as _cons
+from .reference.paths import alpha_sigma, inverse_log_snr, log_snr
+
+CHUNK_ROWS = 64
+_VEL_ID = {"euler": 0, "midpoint": 1, "heun": 2, "rk4": 3}
+_NOISE_ID = {"ddim": 0, "dpm1": 0, "dpm2": 1}
+
+
+def _empty(shape, dtype=np.float32):
+    """Allocates every output buffer the C++ writes: (tensor, the numpy array sharing its memory).
+    Tests replace it to poison the outputs with NaN before the kernels run."""
+    a = np.empty(shape, dtype=dtype)
+    return torch.from_numpy(a), a
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """The numpy view of a CPU tensor (a contiguous copy first when it is not contiguous)."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+def n_threads() -> int:
+    return torch.get_num_threads()
+
+
+# ------------------------------------------------------------------------------------------- packing
+class _Entry:
+    __slots__ = ("key", "packs", "tables")
+
+    def __init__(self, key, packs):
+        self.key, self.packs, self.tables = key, packs, {}
+
+
+# id(module) -> _Entry (packed weights + tables), and id(module) -> (weakref to the module,
+# [(dict, name)] of every tensor the pack reads). Entries leave with their module (weakref callback).
+_CACHE: dict = {}
+_SLOTS: dict = {}
+# the entry that the last supports() call validated, so that the impl right after it need not re-check
+_TLS = threading.local()
+
+
+def _critic_linears(critic: DoubleCritic):
+    return [[m for m in head.net if isinstance(m, torch.nn.Linear)] for head in (critic.q1_net, critic.q2_net)]
+
+
+def _type_reasons(module, kind: str) -> List[str]:
+    if kind == "policy":
+        if not isinstance(module, ConditionalMLP):
+            return [f"net is a {type(module).__name__}; the C++ sampler runs qipo_kernels.nets.ConditionalMLP only"]
+        if type(module).forward is not ConditionalMLP.forward or type(module).embed_time is not ConditionalMLP.embed_time:
+            return [f"net is a {type(module).__name__} that overrides forward/embed_time; the C++ sampler "
+                    "implements ConditionalMLP.forward"]
+        return []
+    if not isinstance(module, DoubleCritic):
+        return [f"critic is a {type(module).__name__}; the C++ act runs qipo_kernels.nets.DoubleCritic only"]
+    if type(module).q_min is not DoubleCritic.q_min or type(module).forward is not DoubleCritic.forward:
+        return [f"critic is a {type(module).__name__} that overrides forward/q_min"]
+    if module.layer_norm:
+        return ["critic has layer_norm=True; the C++ act implements the critic without LayerNorm"]
+    return []
+
+
+def _make_slots(module, kind: str):
+    if kind == "policy":
+        lins = list(module.layers) + [module.out]
+        if module.time_mlp is not None:
+            lins += [module.time_mlp[1], module.time_mlp[3]]
+    else:
+        lins = [l for ls in _critic_linears(module) for l in ls]
+    slots = [(lin._parameters, n) for lin in lins for n in ("weight", "bias")]
+    if kind == "policy" and module.time_mlp is not None:
+        feats = module.time_mlp[0]
+        slots += [(feats._buffers, n) for n in feats._buffers]
+    return slots
+
+
+def _key(slots):
+    # (sum of ._version, hash of data_ptr()) of every tensor, in one C++ call. Version counters only
+    # grow, so the sum changes whenever a tensor is modified in place (optimizer steps,
+    # load_state_dict, copy_); data_ptr catches `p.data = other`, which keeps the version counter.
+    return _C.fingerprint(slots)
+
+
+def _tensor_reasons(name, slots) -> List[str]:
+    for d, n in slots:
+        t = d.get(n)
+        if t is None:
+            return [f"{name} has a Linear without bias"]
+        if t.dtype != torch.float32:
+            return [f"{name}'s parameters are {t.dtype}; the C++ backend is float32 only (the reference handles it)"]
+        if t.device.type != "cpu":
+            return [f"{name}'s parameters are on {t.device}; the C++ backend runs on CPU"]
+    return []
+
+
+def _build_policy_pack(net: ConditionalMLP):
+    A, T = net.act_dim, net.t_dim
+    with torch.no_grad():
+        W1 = net.layers[0].weight
+        hw = [_np(l.weight) for l in net.layers[1:]]
+        hb = [_np(l.bias) for l in net.layers[1:]]
+        return _C.Pack(_np(W1[:, :A]), _np(W1[:, A + T:]), _np(net.layers[0].bias), hw, hb,
+                       _np(net.out.weight), _np(net.out.bias), net.activation)
+
+
+def _build_critic_packs(critic: DoubleCritic):
+    S = critic.obs_dim
+    packs = []
+    with torch.no_grad():
+        for lins in _critic_linears(critic):
+            W1 = lins[0].weight
+            packs.append(_C.Pack(_np(W1[:, S:]), _np(W1[:, :S]), _np(lins[0].bias),
+                                 [_np(l.weight) for l in lins[1:-1]], [_np(l.bias) for l in lins[1:-1]],
+                                 _np(lins[-1].weight), _np(lins[-1].bias), critic.activation))
+    return packs
+
+
+def _prepare(module, kind: str):
+    """(entry, reasons): the module's cached pack, re-packed when any of its tensors changed
+    (._version or data_ptr), or the reasons the C++ backend cannot run it."""
+    mid = id(module)
+    slot_ent = _SLOTS.get(mid)
+    if slot_ent is None or slot_ent[0]() is not module:
+        why = _type_reasons(module, kind)
+        if why:
+            return None, why
+        slot_ent = (weakref.ref(module, lambda _r, mid=mid: (_SLOTS.pop(mid, None), _CACHE.pop(mid, None))),
+                    _make_slots(module, kind))
+        _SLOTS[mid] = slot_ent
+        _CACHE.pop(mid, None)
+    slots = slot_ent[1]
+    name = "net" if kind == "policy" else "critic"
+    try:
+        key = _key(slots)
+    except (AttributeError, KeyError):  # a parameter set to None or removed
+        return None, _tensor_reasons(name, slots) or [f"{name} lost a parameter the C++ pack reads"]
+    e = _CACHE.get(mid)
+    if e is None or e.key != key:
+        why = _tensor_reasons(name, slots)
+        if why:
+            return None, why
+        packs = [_build_policy_pack(module)] if kind == "policy" else _build_critic_packs(module)
+        e = _Entry(key, packs)
+        _CACHE[mid] = e
+    if torch.is_grad_enabled() and any(d[n].requires_grad for d, n in slots):
+        return None, [f"grad mode is on and the {name}'s parameters require grad, but the C++ sampler does not "
+                      "backpropagate; call it under torch.no_grad() / torch.inference_mode() for the fast path"]
+    return e, []
+
+
+def _module_reasons(module, kind: str) -> List[str]:
+    e, why = _prepare(module, kind)
+    setattr(_TLS, kind, (module, e))
+    return why
+
+
+def _entry(module, kind: str) -> _Entry:
+    """The pack for the impl: the one supports() validated (ops.py calls supports immediately before the
+    impl, on the same thread, so the check is not paid twice), else validated now. The hand-off is
+    used once; an impl called directly, not through ops, after weights changed since an unrelated
+    supports() call on the same module is the one case it could see a stale pack."""
+    last = getattr(_TLS, kind, None)
+    if last is not None:
+        setattr(_TLS, kind, None)
+        if last[0] is module and last[1] is not None:
+            return last[1]
+    e, why = _prepare(module, kind)
+    if why:
+        raise RuntimeError("the C++ backend cannot run this call: " + "; ".join(why))
+    return e
+
+
+_F32 = torch.float32
+
+
+def _input_reasons(**tensors) -> List[str]:
+    # fast path: every tensor float32 and no gradient wanted
+    if not torch.is_grad_enabled() and all(t is None or t.dtype is _F32 for t in tensors.values()):
+        return []
+    out = []
+    grad = torch.is_grad_enabled()
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != torch.float32:
+            out.append(f"{name} is {t.dtype}; the C++ backend is float32 only (the reference handles {t.dtype})")
+        elif grad and t.requires_grad:
+            out.append(f"{name} requires grad and grad mode is on, but the C++ sampler does not backpropagate")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- tables
+def _time_share(net: ConditionalMLP, times) -> np.ndarray:
+    """W1_t e(t) for every evaluation time: [n_evals, H] float32 (e(t) computed by the module itself)."""
+    A, T = net.act_dim, net.t_dim
+    with torch.no_grad():
+        tt = times if torch.is_tensor(times) else torch.tensor(times, dtype=torch.float32)
+        e = net.embed_time(tt)
+        return (e @ net.layers[0].weight[:, A:A + T].t()).contiguous().numpy()
+
+
+def _flow_tables(net, entry, steps, solver, t0, t1, path):
+    key = ("flow", steps, solver, float(t0), float(t1), path)
+    tab = entry.tables.get(key)
+    if tab is not None:
+        return tab
+    a, b = _ode.time_grid(steps, float(t0), float(t1), solver, path)
+    h = (b - a) / steps
+    times = []
+    if solver in _ode.VELOCITY_SOLVERS:
+        kind, sid = "velocity", _VEL_ID[solver]
+        coef = np.array([h, 0.5 * h, h / 6.0], dtype=np.float32)
+        for i in range(steps):
+            t = a + i * h
+            times += {"euler": [t], "midpoint": [t, t + 0.5 * h], "heun": [t, t + h],
+                      "rk4": [t, t + 0.5 * h, t + 0.5 * h, t + h]}[solver]
+    else:
+        kind, sid = "noise", _NOISE_ID[solver]
+        rows = []
+        for i in range(steps):
+            t = a + i * h
+            t_next = a + (i + 1) * h if i + 1 < steps else b
+            # the same float64 arithmetic as reference.ode._noise_step
+            tt, tn = torch.tensor(t, dtype=torch.float64), torch.tensor(t_next, dtype=torch.float64)
+            a_t, s_t = alpha_sigma(tt, path)
+            a_n, s_n = alpha_sigma(tn, path)
+            times.append(t)
+            if solver in ("ddim", "dpm1"):
+                rows.append([float(s_t), float(a_t), float(s_n / s_t),
+                             float(a_n * (1.0 - (s_n * a_t) / (a_n * s_t))), 0.0, 1.0, 0.0, 0.0])
+            else:
+                lam_t, lam_n = log_snr(tt, path), log_snr(tn, path)
+                hh = lam_n - lam_t
+                tm = inverse_log_snr(lam_t + 0.5 * hh, path)
+                a_m, s_m = alpha_sigma(tm, path)
+                phi_m = torch.expm1(-0.5 * hh)
+                phi_n = -(1.0 - (s_n * a_t) / (a_n * s_t))
+                rows.append([float(s_t), float(a_t), float(s_n / s_t), float(a_n * phi_n),
+                             float(s_m), float(a_m), float(s_m / s_t), float(a_m * phi_m)])
+                times.append(float(tm))
+        coef = np.array(rows, dtype=np.float32)
+    tab = (kind, sid, steps, _time_share(net, times), coef)
+    entry.tables[key] = tab
+    return tab
+
+
+def _consistency_tables(net, entry, sigmas, sigma_max, sigma_min, sigma_data):
+    key = ("cons", tuple(sigmas or ()), sigma_max, sigma_min, sigma_data)
+    tab = entry.tables.get(key)
+    if tab is not None:
+        return tab
+    levels = [sigma_max] + list(sigmas or ())
+    # float32 scalings and time input, computed by the reference's own functions on float32 tensors
+    s32 = torch.tensor(levels, dtype=torch.float32)
+    c_skip, c_out, c_in = _cons.scalings(s32, sigma_data, sigma_min)
+    tin = _cons.time_input(s32)
+    xsc = [sigma_max] + [math.sqrt(max(s * s - sigma_min * sigma_min, 0.0)) for s in levels[1:]]
+    coef = np.stack([np.array(xsc, dtype=np.float32), c_in.numpy(), c_skip.numpy(), c_out.numpy()], axis=1)
+    tab = ("consistency", 0, len(levels), _time_share(net, tin), np.ascontiguousarray(coef, dtype=np.float32))
+    entry.tables[key] = tab
+    return tab
+
+
+# ------------------------------------------------------------------------------------------- integrate
+def _supports_integrate(net=None, x0=None, obs=None, steps=None, solver=None, path=None, return_trajectory=False,
+                        **_) -> List[str]:
+    return _module_reasons(net, "policy") or _input_reasons(x0=x0, obs=obs)
+
+
+def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
+    """reference.ode._integrate in C++: x0 [N, A] (obs [N, S]) or [B, K, A] (obs [B, S]) -> x0's shape."""
+    e = _entry(net, "policy")
+    kind, sid, nst, ttab, coef = _flow_tables(net, e, steps, solver, t0, t1, path)
+    shape = tuple(x0.shape)
+    K = shape[1] if len(shape) == 3 else 1
+    A = shape[-1]
+    R = shape[0] * K
+    out, out_np = _empty(shape)
+    traj, traj_np = _empty((steps + 1,) + shape) if return_trajectory else (None, None)
+    _C.sample(e.packs[0], _np(obs), _np(x0).reshape(R, A), K, kind, sid, nst, ttab, coef, None, False,
+              out_np.reshape(R, A), None if traj_np is None else traj_np.reshape(steps + 1, R, A),
+              n_threads(), CHUNK_ROWS)
+    if return_trajectory:
+        return out, traj
+    return out
+
+
+# ------------------------------------------------------------------------------------------- consistency
+def _supports_consistency(net=None, noise=None, obs=None, sigmas=None, step_noise=None, **_) -> List[str]:
+    return _module_reasons(net, "policy") or _input_reasons(noise=noise, obs=obs, step_noise=step_noise)
+
+
+def _step_noise(step_noise, sigmas, R, A, dtype, device, generator):
+    """[len(sigmas), R, A] re-noise draws: given, or drawn in the reference's order."""
+    if not sigmas:
+        return None
+    if step_noise is not None:
+        return step_noise.reshape(len(sigmas), R, A)
+    return torch.stack([torch.randn((R, A), dtype=dtype, device=device, generator=generator) for _ in sigmas])
+
+
+def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data, clip, generator):
+    """reference.consistency._consistency_sample in C++: noise [N, A] or [B, K, A] -> same shape."""
+    e = _entry(net, "policy")
+    kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
+    shape = tuple(noise.shape)
+    K = shape[1] if len(shape) == 3 else 1
+    A = shape[-1]
+    R = shape[0] * K
+    sn = _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator) if sigmas else None
+    out, out_np = _empty(shape)
+    _C.sample(e.packs[0], _np(obs), _np(noise).reshape(R, A), K, kind, sid, nst, ttab, coef,
+              None if sn is None else _np(sn), bool(clip), out_np.reshape(R, A), None, n_threads(), CHUNK_ROWS)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- act
+def _supports_act(net=None, critic=None, obs=None, num_candidates=None, sampler=None, steps=None, solver=None,
+                  path=None, sigmas=None, mode=None, noise=None, **_) -> List[str]:
+    why = _module_reasons(net, "policy") or _module_reasons(critic, "critic")
+    if why:
+        return why
+    if critic.obs_dim != net.obs_dim or critic.act_dim != net.act_dim:
+        return [f"critic takes obs_dim {critic.obs_dim}, act_dim {critic.act_dim} but net has "
+                f"{net.obs_dim}, {net.act_dim}"]
+    return _input_reasons(obs=obs, noise=noise)
+
+
+def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature, noise,
+        step_noise, uniform, generator, clip, _debug: Optional[dict] = None):
+    """ops._act_ref in one C++ call: obs [B, S] -> actions [B, A].
+
+    Random draws (noise, re-noise, the softmax uniform) are made here with ``generator`` in the
+    reference's order, so both backends give the same action on the same generator state.
+    ``_debug`` (tests): a dict that receives the candidates [B, K, A], q [B, K] and index [B].
+    """
+    pe = _entry(net, "policy")
+    ce = _entry(critic, "critic")
+    B, K, A = obs.shape[0], num_candidates, net.act_dim
+    R = B * K
+    if noise is None:
+        noise = torch.randn((B, K, A), dtype=obs.dtype, device=obs.device, generator=generator)
+    if sampler == "flow":
+        kind, sid, nst, ttab, coef = _flow_tables(net, pe, steps, solver, 0.0, 1.0, path)
+        sn = None
+    else:
+        kind, sid, nst, ttab, coef = _consistency_tables(net, pe, sigmas, _cons.SIGMA_MAX, _cons.SIGMA_MIN,
+                                                         _cons.SIGMA_DATA)
+        sn = _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator)
+    u = None
+    if mode == "softmax":
+        if uniform is None:
+            uniform = torch.rand(B, dtype=torch.float64, device=obs.device, generator=generator)
+        u = uniform.detach().to(torch.float64).contiguous().numpy()
+    out, out_np = _empty((B, A))
+    cand = q = idx = (None, None)
+    if _debug is not None:
+        cand, q, idx = _empty((B, K, A)), _empty((B, K)), _empty((B,), np.int64)
+    _C.act(pe.packs[0], ce.packs[0], ce.packs[1], _np(obs), _np(noise).reshape(R, A), K, kind, sid, nst, ttab, coef,
+           None if sn is None else _np(sn), bool(clip), mode, float(temperature), u, out_np,
+           None if q[1] is None else q[1].reshape(R), idx[1], None if cand[1] is None else cand[1].reshape(R, A),
+           n_threads(), CHUNK_ROWS)
+    if _debug is not None:
+        _debug.update(candidates=cand[0], q=q[0], index=idx[0])
+    return out
+
+
+# ------------------------------------------------------------------------------------------- losses
+class _FMLoss(torch.autograd.Function):
+    """loss = sum_bm w_bm lambda_bm |pred - tgt|^2 computed in C++ with its gradient in the same pass.
+
+    mode "target": tgt = a (the target); "ot": tgt = a - z; "eps": tgt = a (= the noise z).
+    """
+
+    @staticmethod
+    def forward(ctx, pred, a, z, energy, pair_weight, beta, normalize, mode):
+        need_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
+        B, M, D = pred.shape
+        none = (None, None)
+        grad = _empty((B, M, D)) if need_grad else none
+        sq = _empty((B, M)) if ctx.needs_input_grad[4] else none
+        w = _empty((B, M)) if ctx.needs_input_grad[4] else none
+        e = None if energy is None else _np(energy.detach().to(torch.float32))
+        loss = _C.fm_loss(_np(pred), _np(a), None if z is None else _np(z), e, float(beta), normalize,
+                          None if pair_weight is None else _np(pair_weight), grad[1], sq[1], w[1], n_threads())
+        grad, sq, w = grad[0], sq[0], w[0]
+        ctx.mode = mode
+        ctx.save_for_backward(grad, sq, w)
+        return torch.tensor(loss, dtype=pred.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        grad, sq, w = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        gp = grad * g if n[0] else None
+        ga = -grad * g if n[1] else None
+        gz = None
+        if n[2]:  # only in mode "ot": tgt = a - z
+            gz = grad * g
+        gl = sq * w * g if n[4] else None
+        return gp, ga, gz, None, gl, None, None, None
+
+
+def _supports_loss(pred=None, target=None, energy=None, pair_weight=None, actions=None, noise=None, **_) -> List[str]:
+    out = []
+    for name, t in (("pred", pred), ("target", target), ("actions", actions), ("noise", noise),
+                    ("pair_weight", pair_weight)):
+        if t is not None and t.dtype != torch.float32:
+            out.append(f"{name} is {t.dtype}; the C++ loss is float32 only (the reference handles {t.dtype})")
+    if energy is not None and energy.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        out.append(f"energy is {energy.dtype}")
+    return out
+
+
+def weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
+    """reference.loss._weighted_fm_loss with a C++ forward + gradient; pred/target [B, M, D] -> scalar."""
+    return _FMLoss.apply(pred, target, None, energy, pair_weight, beta, normalize, "target")
+
+
+def flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, pair_weight):
+    """reference.loss._flow_matching_loss: the target (a - z for "ot", z otherwise) is formed in C++."""
+    if path == "ot":
+        return _FMLoss.apply(pred, actions, noise, energy, pair_weight, beta, normalize, "ot")
+    return _FMLoss.apply(pred, noise, None, energy, pair_weight, beta, normalize, "eps")
+
+
+_b.register("integrate", "cpp", integrate, _supports_integrate)
+_b.register("consistency_sample", "cpp", consistency_sample, _supports_consistency)
+_b.register("act", "cpp", act, _supports_act)
+_b.register("weighted_fm_loss", "cpp", weighted_fm_loss, _supports_loss)
+_b.register("flow_matching_loss", "cpp", flow_matching_loss, _supports_loss)

@@ -1,0 +1,512 @@
+"""The C++ CPU backend (qipo_kernels._C via qipo_kernels.cpp) against the PyTorch reference.
+
+Every output buffer the C++ writes is poisoned with NaN first (the autouse ``poison`` fixture
+replaces cpp._empty), so an element the kernels leave unwritten fails the comparison. Noise is
+passed in (or drawn from the same generator state), so both backends see identical inputs.
+Results must agree to float32 rounding; where the computation amplifies rounding (the
+noise-prediction solvers divide by alpha(t)), the C++ result must be at most a few times as far
+from the float64 truth as the float32 reference is.
+"""
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+if os.environ.get("QIPO_KERNELS_NO_EXT", "0") == "1":
+    pytest.skip("QIPO_KERNELS_NO_EXT=1: the C++ extension was deliberately not built", allow_module_level=True)
+
+import qipo_kernels as qk  # noqa: E402
+from qipo_kernels import _C, backends, cpp  # noqa: E402  (must import: the extension is required here)
+from qipo_kernels.nets import ACTIVATIONS, TIME_EMBEDDINGS  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATOL, RTOL = 2e-5, 2e-5
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    def nan_empty(shape, dtype=np.float32):
+        a = np.empty(shape, dtype=dtype)
+        a.fill(np.nan if a.dtype.kind == "f" else -7)
+        return torch.from_numpy(a), a
+
+    monkeypatch.setattr(cpp, "_empty", nan_empty)
+
+
+@pytest.fixture(params=_C.available_isas())
+def isa(request):
+    old = _C.isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(old)
+
+
+def make(act_dim=6, obs_dim=17, hidden=40, depth=3, activation="mish", time_embedding="sinusoidal", seed=0,
+         critic=False, critic_hidden=None):
+    torch.manual_seed(seed)
+    net = qk.ConditionalMLP(act_dim, obs_dim, hidden=hidden, depth=depth, activation=activation,
+                            time_embedding=time_embedding)
+    # larger weights than the default init so that the nets are far from linear
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)
+    if not critic:
+        return net
+    q = qk.DoubleCritic(obs_dim, act_dim, hidden=critic_hidden or hidden, depth=depth, activation=activation)
+    return net, q
+
+
+def close(a, b, atol=ATOL, rtol=RTOL):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all(), "non-finite values in the C++ output (unwritten element?)"
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def f64(*mods):
+    return [copy.deepcopy(m).double() for m in mods]
+
+
+# ----------------------------------------------------------------------------------------- integrate
+SOLVER_PATHS = [("euler", None), ("midpoint", None), ("heun", "ot"), ("rk4", None), ("ddim", "vp"),
+                ("dpm1", "ot-eps"), ("dpm2", "vp"), ("dpm2", "ot-eps"), ("ddim", "ot-eps")]
+
+
+@pytest.mark.parametrize("solver,path", SOLVER_PATHS)
+@pytest.mark.parametrize("layout", ["flat", "per_state"])
+def test_integrate_matches_reference(solver, path, layout):
+    net = make(hidden=40, obs_dim=17, act_dim=6)
+    g = torch.Generator().manual_seed(1)
+    if layout == "flat":
+        x0, obs = torch.randn(7, 6, generator=g), torch.randn(7, 17, generator=g)
+    else:
+        x0, obs = torch.randn(3, 5, 6, generator=g), torch.randn(3, 17, generator=g)
+    steps = 6
+    with torch.no_grad():
+        ref = qk.integrate(net, x0, obs, steps=steps, solver=solver, path=path, backend="torch")
+        out = qk.integrate(net, x0, obs, steps=steps, solver=solver, path=path, backend="cpp")
+        if solver in ("euler", "midpoint", "heun", "rk4"):
+            close(out, ref)
+        else:
+            (n64,) = f64(net)
+            truth = qk.integrate(n64, x0.double(), obs.double(), steps=steps, solver=solver, path=path,
+                                 backend="torch")
+            e_ref = (ref.double() - truth).abs().max().item()
+            e_cpp = (out.double() - truth).abs().max().item()
+            assert torch.isfinite(out).all()
+            assert e_cpp <= 4 * e_ref + 1e-5, (e_cpp, e_ref)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("time_embedding", TIME_EMBEDDINGS)
+def test_integrate_activations_time_embeddings(activation, time_embedding):
+    # odd shapes rotate with the combination
+    i = ACTIVATIONS.index(activation) + 5 * TIME_EMBEDDINGS.index(time_embedding)
+    hidden, obs_dim, act_dim, n, depth = [(24, 3, 1, 1, 1), (40, 17, 6, 7, 2), (24, 17, 1, 50, 3),
+                                          (40, 3, 6, 1, 4)][i % 4]
+    net = make(act_dim, obs_dim, hidden, depth, activation, time_embedding, seed=i)
+    g = torch.Generator().manual_seed(i)
+    x0, obs = torch.randn(n, act_dim, generator=g), torch.randn(n, obs_dim, generator=g)
+    with torch.no_grad():
+        for solver in ("euler", "rk4"):
+            ref = qk.integrate(net, x0, obs, steps=4, solver=solver, backend="torch")
+            out = qk.integrate(net, x0, obs, steps=4, solver=solver, backend="cpp")
+            close(out, ref)
+
+
+@pytest.mark.parametrize("hidden,obs_dim,act_dim,B,K", [(256, 17, 6, 2, 50), (24, 3, 1, 1, 1), (40, 17, 6, 7, 3)])
+def test_integrate_shapes_and_isas(isa, hidden, obs_dim, act_dim, B, K):
+    net = make(act_dim, obs_dim, hidden)
+    g = torch.Generator().manual_seed(2)
+    x0, obs = torch.randn(B, K, act_dim, generator=g), torch.randn(B, obs_dim, generator=g)
+    with torch.no_grad():
+        for solver, path in (("heun", None), ("dpm2", "vp")):
+            ref = qk.integrate(net, x0, obs, steps=3, solver=solver, path=path, backend="torch")
+            out = qk.integrate(net, x0, obs, steps=3, solver=solver, path=path, backend="cpp")
+            close(out, ref, atol=2e-4 if path else ATOL)
+
+
+def test_integrate_trajectory_and_interval():
+    net = make()
+    g = torch.Generator().manual_seed(3)
+    x0, obs = torch.randn(4, 3, 6, generator=g), torch.randn(4, 17, generator=g)
+    with torch.no_grad():
+        ref, rtraj = qk.integrate(net, x0, obs, steps=5, solver="midpoint", t0=0.2, t1=0.9, return_trajectory=True,
+                                  backend="torch")
+        out, traj = qk.integrate(net, x0, obs, steps=5, solver="midpoint", t0=0.2, t1=0.9, return_trajectory=True,
+                                 backend="cpp")
+    assert traj.shape == (6, 4, 3, 6)
+    close(out, ref)
+    close(traj, rtraj)
+    assert torch.equal(traj[0], x0) and torch.equal(traj[-1], out)
+
+
+def test_threads_do_not_change_results():
+    net = make(hidden=24)
+    g = torch.Generator().manual_seed(4)
+    x0, obs = torch.randn(9, 31, 6, generator=g), torch.randn(9, 17, generator=g)  # 279 rows: 5 chunks
+    old = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = qk.integrate(net, x0, obs, steps=3, backend="cpp")
+            torch.set_num_threads(2)
+            two = qk.integrate(net, x0, obs, steps=3, backend="cpp")
+            ref = qk.integrate(net, x0, obs, steps=3, backend="torch")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+    close(one, ref)
+
+
+# ----------------------------------------------------------------------------------------- consistency
+@pytest.mark.parametrize("layout", ["flat", "per_state"])
+@pytest.mark.parametrize("sigmas", [None, [2.0, 0.5], [10.0]])
+@pytest.mark.parametrize("clip", [True, False])
+def test_consistency_matches_reference(layout, sigmas, clip):
+    net = make(hidden=40, activation="mish")
+    g = torch.Generator().manual_seed(5)
+    shape = (7, 6) if layout == "flat" else (3, 4, 6)
+    z, obs = torch.randn(*shape, generator=g), torch.randn(shape[0], 17, generator=g)
+    sn = torch.randn(len(sigmas), *shape, generator=g) if sigmas else None
+    with torch.no_grad():
+        ref = qk.consistency_sample(net, z, obs, sigmas=sigmas, step_noise=sn, clip=clip, backend="torch")
+        out = qk.consistency_sample(net, z, obs, sigmas=sigmas, step_noise=sn, clip=clip, backend="cpp")
+        close(out, ref)
+        if sigmas:  # re-noise drawn from the generator, in the reference's order
+            ref = qk.consistency_sample(net, z, obs, sigmas=sigmas, clip=clip, backend="torch",
+                                        generator=torch.Generator().manual_seed(9))
+            out = qk.consistency_sample(net, z, obs, sigmas=sigmas, clip=clip, backend="cpp",
+                                        generator=torch.Generator().manual_seed(9))
+            close(out, ref)
+
+
+def test_consistency_isas(isa):
+    net = make(hidden=256, obs_dim=17, act_dim=6)
+    g = torch.Generator().manual_seed(6)
+    z, obs = torch.randn(1, 6, generator=g), torch.randn(1, 17, generator=g)
+    with torch.no_grad():
+        close(qk.consistency_sample(net, z, obs, backend="cpp"), qk.consistency_sample(net, z, obs, backend="torch"))
+
+
+# ----------------------------------------------------------------------------------------- act
+def _act_both(net, critic, obs, K, **kw):
+    with torch.no_grad():
+        dbg = {}
+        ref = qk.act(net, critic, obs, K, backend="torch", generator=torch.Generator().manual_seed(11), **kw)
+        args = dict(num_candidates=K, sampler="flow", steps=10, solver="euler", path=None, sigmas=None,
+                    mode="argmax", temperature=1.0, noise=None, step_noise=None, uniform=None, clip=True)
+        args.update(kw)
+        if args["sigmas"] is not None:
+            args["sigmas"] = [float(s) for s in args["sigmas"]]
+        out = cpp.act(net, critic, obs, args["num_candidates"], args["sampler"], args["steps"], args["solver"],
+                      args["path"], args["sigmas"], args["mode"], float(args["temperature"]), args["noise"],
+                      args["step_noise"], args["uniform"], torch.Generator().manual_seed(11), args["clip"],
+                      _debug=dbg)
+        via_ops = qk.act(net, critic, obs, K, backend="cpp", generator=torch.Generator().manual_seed(11), **kw)
+    assert torch.equal(out, via_ops)
+    return ref, out, dbg
+
+
+@pytest.mark.parametrize("sampler,mode", [("flow", "argmax"), ("flow", "softmax"), ("consistency", "argmax"),
+                                          ("consistency", "softmax")])
+def test_act_matches_reference(sampler, mode):
+    net, critic = make(hidden=40, critic=True, critic_hidden=24)
+    obs = torch.randn(5, 17, generator=torch.Generator().manual_seed(7))
+    kw = dict(sampler=sampler, mode=mode, steps=4, solver="heun", temperature=0.7)
+    if sampler == "consistency":
+        kw.update(sigmas=[2.0, 0.5], steps=10)
+    ref, out, dbg = _act_both(net, critic, obs, 9, **kw)
+    close(out, ref)
+    # the C++ q values are the critic's min(Q1, Q2) of its own candidates; the index picks the output
+    cand, q, idx = dbg["candidates"], dbg["q"], dbg["index"]
+    with torch.no_grad():
+        q_ref = critic.q_min(obs.repeat_interleave(9, dim=0), cand.reshape(-1, 6)).reshape(5, 9)
+    close(q, q_ref)
+    assert torch.equal(out, cand[torch.arange(5), idx])
+    if mode == "argmax":
+        assert torch.equal(idx, q.argmax(dim=1))
+
+
+def test_act_uniform_and_noise_given_isas(isa):
+    net, critic = make(hidden=256, activation="relu", critic=True)
+    g = torch.Generator().manual_seed(8)
+    B, K = 2, 50
+    obs, noise = torch.randn(B, 17, generator=g), torch.randn(B, K, 6, generator=g)
+    u = torch.rand(B, dtype=torch.float64, generator=g)
+    ref, out, _ = _act_both(net, critic, obs, K, noise=noise, uniform=u, mode="softmax", steps=3, solver="rk4")
+    close(out, ref)
+    ref, out, _ = _act_both(net, critic, obs, K, noise=noise, steps=3, sampler="flow", solver="dpm2", path="vp")
+    close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_act_one_state_one_candidate_no_clip():
+    net, critic = make(hidden=24, act_dim=1, obs_dim=3, activation="tanh", critic=True)
+    obs = torch.randn(1, 3)
+    ref, out, dbg = _act_both(net, critic, obs, 1, clip=False, steps=2)
+    close(out, ref)
+    assert dbg["index"].tolist() == [0]
+
+
+# ----------------------------------------------------------------------------------------- losses
+def _loss_inputs(B, M, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return r(B, M, D), r(B, M, D), r(B, M) * 3, torch.rand(B, M, generator=g) + 0.5
+
+
+@pytest.mark.parametrize("B,M,D", [(7, 5, 3), (1, 1, 1), (3, 64, 6)])
+@pytest.mark.parametrize("energy,normalize,pw", [(False, "support", False), (True, "support", False),
+                                                 (True, "batch", True), (False, "batch", True)])
+def test_weighted_fm_loss_and_grad_vs_float64(B, M, D, energy, normalize, pw):
+    pred, target, e, lam = _loss_inputs(B, M, D, B * M + D)
+    e = e if energy else None
+    lam = lam if pw else None
+    leaves32 = [pred.clone().requires_grad_(), target.clone().requires_grad_()] + \
+        ([lam.clone().requires_grad_()] if pw else [])
+    loss = qk.weighted_fm_loss(leaves32[0], leaves32[1], e, beta=2.0, normalize=normalize,
+                               pair_weight=leaves32[2] if pw else None, backend="cpp")
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    loss.backward()
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves32]
+    l64 = qk.weighted_fm_loss(leaves64[0], leaves64[1], None if e is None else e.double(), beta=2.0,
+                              normalize=normalize, pair_weight=leaves64[2] if pw else None, backend="torch")
+    l64.backward()
+    torch.testing.assert_close(loss.double(), l64.detach(), atol=1e-6, rtol=1e-5)
+    for a, b in zip(leaves32, leaves64):
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["ot", "ot-eps", "vp"])
+def test_flow_matching_loss_and_grad_vs_float64(path):
+    pred, actions, e, _ = _loss_inputs(5, 7, 6, 3)
+    noise = torch.randn(5, 7, 6)
+    t = torch.rand(5, 7)
+    leaves32 = [x.clone().requires_grad_() for x in (pred, actions, noise)]
+    loss = qk.flow_matching_loss(*leaves32, t, path=path, energy=e, beta=3.0, backend="cpp")
+    loss.backward()
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves32]
+    l64 = qk.flow_matching_loss(*leaves64, t.double(), path=path, energy=e.double(), beta=3.0, backend="torch")
+    l64.backward()
+    torch.testing.assert_close(loss.double(), l64.detach(), atol=1e-6, rtol=1e-5)
+    for a, b in zip(leaves32, leaves64):
+        got = torch.zeros_like(b) if a.grad is None else a.grad.double()
+        want = torch.zeros_like(b) if b.grad is None else b.grad
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_without_grad_and_large_beta():
+    pred, target, e, _ = _loss_inputs(4, 3, 2, 0)
+    with torch.no_grad():
+        a = qk.weighted_fm_loss(pred, target, e * 1000, beta=3.0, backend="cpp")
+    b = qk.weighted_fm_loss(pred.double(), target.double(), e.double() * 1000, beta=3.0, backend="torch")
+    assert torch.isfinite(a)
+    torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- packing
+def test_repack_when_parameters_change():
+    net = make(hidden=24)
+    x0, obs = torch.randn(3, 6), torch.randn(3, 17)
+    with torch.no_grad():
+        qk.integrate(net, x0, obs, steps=2, backend="cpp")
+        net.layers[1].weight.mul_(0.5)                      # in place: ._version
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.out.weight.data = torch.randn_like(net.out.weight)  # new storage, same version counter
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.time_mlp[1].bias.add_(0.3)                      # the cached time tables must follow
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.layers[0].bias = torch.nn.Parameter(torch.randn(24))  # a new Parameter object
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        other = make(hidden=24, seed=5)
+        net.load_state_dict(other.state_dict())
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(other, x0, obs, steps=2, backend="torch"))
+
+
+# ----------------------------------------------------------------------------------------- reasons
+def _cpp_reasons(op, **kw):
+    return backends.reasons(op, "cpp", torch.device("cpu"), **kw)
+
+
+def test_reasons_and_auto_fallback():
+    net, critic = make(hidden=24, critic=True)
+    x0, obs = torch.randn(3, 6), torch.randn(3, 17)
+    kw = dict(net=net, x0=x0, obs=obs, steps=2, solver="euler", path=None, return_trajectory=False)
+    with torch.no_grad():
+        assert _cpp_reasons("integrate", **kw) == []
+        # float64 inputs: a reason, and auto gives the reference's float64 result
+        r = _cpp_reasons("integrate", **dict(kw, x0=x0.double(), obs=obs.double()))
+        assert r and "float64" in r[0]
+        (n64,) = f64(net)
+        assert any("float64" in s for s in _cpp_reasons("integrate", **dict(kw, net=n64)))
+        out = qk.integrate(n64, x0.double(), obs.double(), steps=2)
+        assert out.dtype == torch.float64
+        with pytest.raises(RuntimeError, match="float64"):
+            qk.integrate(net, x0.double(), obs.double(), steps=2, backend="cpp")
+        # not a ConditionalMLP
+        r = _cpp_reasons("integrate", **dict(kw, net=lambda x, t, o: x))
+        assert r and "ConditionalMLP" in r[0]
+
+        class Sub(qk.ConditionalMLP):
+            def forward(self, x, t, obs):
+                return 2 * super().forward(x, t, obs)
+
+        sub = Sub(6, 17, hidden=24)
+        assert "overrides" in _cpp_reasons("integrate", **dict(kw, net=sub))[0]
+        close(qk.integrate(sub, x0, obs, steps=2), qk.integrate(sub, x0, obs, steps=2, backend="torch"))
+        # critic with LayerNorm
+        qln = qk.DoubleCritic(17, 6, hidden=24, layer_norm=True)
+        r = _cpp_reasons("act", net=net, critic=qln, obs=obs, num_candidates=4, noise=None)
+        assert r and "layer_norm" in r[0]
+        assert _cpp_reasons("act", net=net, critic=critic, obs=obs, num_candidates=4, noise=None) == []
+    # grad mode with parameters that require grad: the reference runs, and gradients flow
+    r = _cpp_reasons("integrate", **kw)
+    assert r and "grad" in r[0]
+    y = qk.integrate(net, x0, obs, steps=2)
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="backpropagate"):
+        qk.integrate(net, x0, obs, steps=2, backend="cpp")
+    # losses: float64 -> reason
+    p = torch.randn(2, 3, 4, dtype=torch.float64)
+    assert _cpp_reasons("weighted_fm_loss", pred=p, target=p, energy=None, normalize="support", pair_weight=None)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_bad_input_through_ops():
+    net = make(hidden=24)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="obs"):
+            qk.integrate(net, torch.randn(3, 6), torch.randn(4, 17), backend="cpp")
+        with pytest.raises(ValueError, match="solver"):
+            qk.integrate(net, torch.randn(3, 6), torch.randn(3, 17), solver="rk5", backend="cpp")
+        with pytest.raises(ValueError, match="path"):
+            qk.integrate(net, torch.randn(3, 6), torch.randn(3, 17), solver="dpm2", backend="cpp")
+        with pytest.raises(ValueError, match="energy"):
+            qk.weighted_fm_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([[1.0, float("nan"), 0.0]] * 2),
+                                backend="cpp")
+
+
+def test_bad_buffers_at_the_extension():
+    net = make(hidden=24)
+    with torch.no_grad():
+        e = cpp._entry(net, "policy")
+    _, _, _, ttab, coef = cpp._flow_tables(net, e, 2, "euler", 0.0, 1.0, None)
+    obs, x0, out = np.zeros((3, 17), np.float32), np.zeros((3, 6), np.float32), np.zeros((3, 6), np.float32)
+    p = e.packs[0]
+    _C.sample(p, obs, x0, 1, "velocity", 0, 2, ttab, coef, None, False, out, None)  # fine
+    with pytest.raises(TypeError, match="obs"):
+        _C.sample(p, obs.astype(np.float64), x0, 1, "velocity", 0, 2, ttab, coef, None, False, out, None)
+    with pytest.raises(ValueError, match="x0"):
+        _C.sample(p, obs, np.zeros((4, 6), np.float32), 1, "velocity", 0, 2, ttab, coef, None, False, out, None)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.sample(p, obs, np.zeros((6, 3), np.float32).T, 1, "velocity", 0, 2, ttab, coef, None, False, out, None)
+    ro = np.zeros((3, 6), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        _C.sample(p, obs, x0, 1, "velocity", 0, 2, ttab, coef, None, False, ro, None)
+    with pytest.raises(ValueError, match="ttab"):
+        _C.sample(p, obs, x0, 1, "velocity", 0, 3, ttab, coef, None, False, out, None)
+    with pytest.raises(ValueError, match="kind"):
+        _C.sample(p, obs, x0, 1, "sde", 0, 2, ttab, coef, None, False, out, None)
+    with pytest.raises(TypeError, match="step_noise"):
+        _C.sample(p, obs, x0, 1, "consistency", 0, 2, np.zeros((2, 24), np.float32), np.zeros((2, 4), np.float32),
+                  [1.0], True, out, None)
+    with pytest.raises(ValueError, match="wc"):
+        _C.Pack(np.zeros((8, 2), np.float32), np.zeros((7, 3), np.float32), np.zeros(8, np.float32), [], [],
+                np.zeros((2, 8), np.float32), np.zeros(2, np.float32), "mish")
+    with pytest.raises(ValueError, match="activation"):
+        _C.Pack(np.zeros((8, 2), np.float32), np.zeros((8, 3), np.float32), np.zeros(8, np.float32), [], [],
+                np.zeros((2, 8), np.float32), np.zeros(2, np.float32), "swish")
+    with pytest.raises(ValueError, match="isa"):
+        _C.set_isa("sse9")
+
+
+def test_bad_uniform_at_the_extension():
+    net, critic = make(hidden=24, critic=True)
+    obs = torch.randn(2, 17)
+    with torch.no_grad(), pytest.raises(ValueError, match="uniform"):
+        qk.act(net, critic, obs, 3, mode="softmax", uniform=torch.tensor([0.5, 1.5], dtype=torch.float64),
+               backend="cpp")
+
+
+# ----------------------------------------------------------------------------------------- build / NO_EXT
+def test_no_ext_path_reports_the_reason():
+    code = ("import torch, qipo_kernels as qk; from qipo_kernels import backends as b; "
+            "r = b.backend_reasons('cpp', torch.device('cpu')); print(r); "
+            "assert r and 'QIPO_KERNELS_NO_EXT' in r[0], r; "
+            "net = qk.ConditionalMLP(2, 3, hidden=8); x = torch.randn(2, 2); o = torch.randn(2, 3); "
+            "y = qk.integrate(net, x, o, steps=2); assert y.shape == (2, 2); "
+            "assert 'QIPO_KERNELS_NO_EXT' in b.table()")
+    env = dict(os.environ, QIPO_KERNELS_NO_EXT="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("no_ext", ["0", "1"])
+def test_setup_declares_the_extension_unless_no_ext(no_ext):
+    code = ("import importlib.util; s = importlib.util.spec_from_file_location('qk_setup', 'setup.py'); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); e, c = m.ext_modules(); "
+            "print(len(e), [x.name for x in e], sorted(c))")
+    env = dict(os.environ, QIPO_KERNELS_NO_EXT=no_ext)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    if no_ext == "1":
+        assert res.stdout.startswith("0 [] []")
+    else:
+        assert res.stdout.startswith("1 ['qipo_kernels._C'] ['build_ext']")
+
+
+def test_fma_peak_is_positive():
+    assert _C.fma_peak(0.01) > 1e8
+
+
+def test_pack_cache_follows_the_module_lifetime():
+    import gc
+
+    net = make(hidden=24, seed=3)
+    with torch.no_grad():
+        qk.integrate(net, torch.randn(2, 6), torch.randn(2, 17), steps=2, backend="cpp")
+    mid = id(net)
+    assert mid in cpp._CACHE and mid in cpp._SLOTS
+    del net
+    gc.collect()
+    assert mid not in cpp._CACHE and mid not in cpp._SLOTS
+
+
+def test_registered_ops():
+    for op in ("integrate", "consistency_sample", "act", "weighted_fm_loss", "flow_matching_loss"):
+        assert "cpp" in backends._IMPLS[op]
+    assert backends.auto_order(torch.device("cpu"))[0] == "cpp"
+
+
+def test_non_contiguous_inputs():
+    net = make(hidden=24)
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(6, 7, generator=g).t()          # [7, 6], not contiguous
+    obs = torch.randn(17, 7, generator=g).t()
+    assert not x0.is_contiguous()
+    with torch.no_grad():
+        close(qk.integrate(net, x0, obs, steps=3, backend="cpp"), qk.integrate(net, x0, obs, steps=3, backend="torch"))
+
+
+@pytest.mark.parametrize("hidden", [24, 40, 256])
+def test_gemm_tiles_every_row_count(isa, hidden):
+    # the packed hidden layer alone, for every row-tile tail (8/6-row tiles, then 4, 2, 1)
+    net = make(hidden=hidden, activation="silu")
+    with torch.no_grad():
+        p = cpp._entry(net, "policy").packs[0]
+        Hp = p.hidden_padded
+        lin = net.layers[1]
+        for M in (1, 2, 3, 5, 7, 8, 13, 50, 64):
+            x = torch.zeros(M, Hp)
+            x[:, :hidden] = torch.randn(M, hidden)
+            y = np.full((M, Hp), np.nan, np.float32)
+            _C.gemm(x.numpy(), p, y)
+            want = torch.nn.functional.silu(lin(x[:, :hidden]))
+            close(torch.from_numpy(y[:, :hidden]), want)
+            assert (y[:, hidden:] == 0).all()
