@@ -87,6 +87,8 @@ def backend_speeds(flow_net, cons_net, critic, obs_dim: int, act_dim: int, devic
             for b in ("torch",) + tuple(x for x in B.BACKENDS if x != "torch") + ("auto",):
                 if b not in ("torch", "auto") and B.reasons(op, b, torch.device(device), **args):
                     continue
+                if b == "triton" and torch.device(device).type == "cpu":
+                    continue  # the Triton CPU interpreter is for testing, not speed
                 label = b
                 if b == "auto":
                     label = "auto->" + B.choose(op, "auto", torch.device(device), None, **args)[0]
