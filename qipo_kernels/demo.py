@@ -26,7 +26,7 @@ DEMO_QIPO: Dict[str, Any] = dict(
     path="ot", hidden=128, depth=3, time_embedding="sinusoidal", critic_hidden=128, critic_depth=3,
     sample_steps=5, pretrain_steps=1000, pretrain_batch=256, pretrain_lr=1e-3,
     q_steps=2000, q_batch=256, q_lr=1e-3, q_support=8, q_support_refresh=1000, tau=0.02,
-    policy_steps=600, policy_batch=128, policy_lr=1e-3, num_support=16, renew_every=150, ema_tau=0.05,
+    policy_steps=900, policy_batch=128, policy_lr=1e-3, num_support=16, renew_every=150, ema_tau=0.05,
     renew_chunk=4096, eval_every=0, eval_episodes=10, log_every=50, checkpoint_every=500, tensorboard=True,
 )
 DEMO_CPQL: Dict[str, Any] = dict(

@@ -405,7 +405,9 @@ class Trainer:
                     m["samples_per_s"] = n_last / dt
                     self.logger.log(stage, self.step, m)
                     bar.set_description(f"{self.algo}:{stage}")
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()}, refresh=False)
+                    post = {k: f"{v:.3g}" for k, v in m.items() if k not in ("steps_per_s", "samples_per_s")}
+                    post["samples/s"] = f"{m['samples_per_s']:.3g}"
+                    bar.set_postfix(post, refresh=False)
                     t_last, n_last, s_last = now, 0, self.step
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps \
                         and self.should_eval():
