@@ -291,7 +291,9 @@ class Sampler:
         self.steps, self.solver, self.sigmas, self.backend, self.generator = steps, solver, sigmas, backend, generator
         self.net = policy.net
 
+    @torch.no_grad()
     def backend_used(self, obs: torch.Tensor) -> str:
+        """The backend ``self(obs)`` runs on (under no_grad, as ``__call__``)."""
         from . import backends as B
 
         noise = torch.empty((obs.shape[0], self.num_samples, self.policy.act_dim), dtype=obs.dtype, device=obs.device)

@@ -245,7 +245,9 @@ def test_make_sampler_from_cpql_state_dict_matches_cpql(prefix):
     assert got.shape == (17, A_)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert sampler(obs[0]).shape == (A_,)
-    assert sampler.backend_used(obs) in ("torch", "cpp", "triton")
+    from qipo_kernels import backends
+    fast = [b for b in ("cpp",) if not backends.backend_reasons(b, obs.device)]
+    assert sampler.backend_used(obs) == (fast[0] if fast else "torch")
 
 
 def test_make_sampler_flow_from_conditional_mlp():
