@@ -382,6 +382,10 @@ class Trainer:
         cfg = self.cfg
         os.makedirs(self.out_dir, exist_ok=True)
         resumed = self.try_resume() if resume else False
+        summary_path = os.path.join(self.out_dir, SUMMARY_NAME)
+        if resumed and self.step >= self.total_steps and os.path.exists(summary_path):
+            with open(summary_path) as f:  # a finished run: its results stand
+                return json.load(f)
         self.logger = RunLogger(self.out_dir, tensorboard=getattr(cfg, "tensorboard", True))
         if resumed:
             self.logger.truncate_after(self.step)
@@ -427,7 +431,7 @@ class Trainer:
             self.logger.close()
         self.save_checkpoint()
         summary = self.summary(res)
-        atomic_write_json(summary, os.path.join(self.out_dir, SUMMARY_NAME))
+        atomic_write_json(summary, summary_path)
         return summary
 
     def should_eval(self) -> bool:
@@ -436,7 +440,7 @@ class Trainer:
     def _record_eval(self, res: Dict[str, Any]) -> None:
         row = {"step": self.step, "mean": res["mean"], "std": res["std"],
                "normalized_mean": res.get("normalized_mean"), "episodes": res.get("episodes")}
-        self.eval_history.append(row)
+        self.eval_history = [r for r in self.eval_history if r["step"] != self.step] + [row]
         self.logger.log("eval", self.step, {k: (v if v is not None else float("nan")) for k, v in row.items()
                                             if k != "step"})
 
