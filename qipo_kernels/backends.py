@@ -6,7 +6,7 @@ reference), "triton" (fused GPU kernels; on a CPU they run only under TRITON_INT
 ``register``; ``reasons`` says why a backend cannot run a given call; ``choose`` takes the first
 backend with no reasons ("auto") or raises an error listing the reasons of the one asked for.
 
-    python -m qipo_kernels.backends        # prints this machine's table
+    qipo-kernels backends                  # prints this machine's table (also: backends.table())
 """
 from __future__ import annotations
 
