@@ -20,16 +20,14 @@ def tensor(name: str, x, ndim: Optional[int] = None, shape: Optional[Sequence[Op
     dtypes = tuple(dtypes)
     if x.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    want = None
     if shape is not None:
         ndim = len(shape)
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
     if ndim is not None and x.dim() != ndim:
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]" if shape else f"{ndim}-d"
-        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
-    if shape is not None:
-        for i, s in enumerate(shape):
-            if s is not None and x.shape[i] != s:
-                want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-                raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must be {want or f'{ndim}-d'}, got shape {tuple(x.shape)}")
+    if shape is not None and any(s is not None and x.shape[i] != s for i, s in enumerate(shape)):
+        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
     return x
 
 

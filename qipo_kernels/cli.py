@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch

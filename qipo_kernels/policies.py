@@ -22,7 +22,7 @@ Time convention: noise at t = 0, data at t = 1 (flows); noise level sigma (consi
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,17 @@ def _backend_for(module: nn.Module, backend: str) -> str:
     if backend == "auto" and _needs_grad(module):
         return "torch"
     return backend
+
+
+def _initial_noise(policy, obs, num_samples, noise, generator) -> torch.Tensor:
+    """Check obs (and the given noise) against the policy; draw noise [B, num_samples, A] when None."""
+    _check_obs(obs, policy.obs_dim)
+    C.positive_int("num_samples", num_samples)
+    _param_like(policy.net, obs)
+    shape = (obs.shape[0], num_samples, policy.act_dim)
+    if noise is None:
+        return torch.randn(shape, dtype=obs.dtype, device=obs.device, generator=generator)
+    return C.tensor("noise", noise, shape=shape)
 
 
 class FlowPolicy(nn.Module):
@@ -163,16 +174,9 @@ class FlowPolicy(nn.Module):
 
         noise: optional initial noise [B, num_samples, A]; steps / solver default to the policy's.
         """
-        _check_obs(obs, self.obs_dim)
-        C.positive_int("num_samples", num_samples)
         steps = self.steps if steps is None else C.positive_int("steps", steps)
         solver = self._solver(solver)
-        _param_like(self.net, obs)
-        B = obs.shape[0]
-        if noise is None:
-            noise = torch.randn((B, num_samples, self.act_dim), dtype=obs.dtype, device=obs.device, generator=generator)
-        else:
-            C.tensor("noise", noise, shape=(B, num_samples, self.act_dim))
+        noise = _initial_noise(self, obs, num_samples, noise, generator)
         out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver,
                             path=None if self.path == "ot" else self.path, backend=_backend_for(self.net, backend))
         return out.clamp(-1.0, 1.0) if clip else out
@@ -244,14 +248,7 @@ class ConsistencyPolicy(nn.Module):
 
         Differentiable w.r.t. the network when autograd is recording (the reference runs then).
         """
-        _check_obs(obs, self.obs_dim)
-        C.positive_int("num_samples", num_samples)
-        _param_like(self.net, obs)
-        B = obs.shape[0]
-        if noise is None:
-            noise = torch.randn((B, num_samples, self.act_dim), dtype=obs.dtype, device=obs.device, generator=generator)
-        else:
-            C.tensor("noise", noise, shape=(B, num_samples, self.act_dim))
+        noise = _initial_noise(self, obs, num_samples, noise, generator)
         return ops.consistency_sample(self.net, noise, obs, sigmas=sigmas, step_noise=step_noise,
                                       sigma_max=self.sigma_max, sigma_min=self.sigma_min, sigma_data=self.sigma_data,
                                       generator=generator, backend=_backend_for(self.net, backend))

@@ -34,3 +34,26 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small nets on a shared 2-core machine run faster (and steadier) on one torch thread.
+    Use per module: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_minari_root(tmp_path_factory):
+    """A private $MINARI_DATASETS_PATH holding the embedded demo dataset (made once per session,
+    the variable set for the whole module that asks for it)."""
+    from qipo_kernels import data
+
+    root = str(tmp_path_factory.getbasetemp() / "minari")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", root)
+        data.make_local_dataset()
+        yield root

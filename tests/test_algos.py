@@ -15,22 +15,12 @@ from qipo_kernels.algos.common import RunLogger, atomic_torch_save, atomic_write
 from qipo_kernels.demo import DEMO_CPQL, DEMO_QIPO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small nets on a shared 2-core machine run faster (and steadier) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def demo_ds(tmp_path_factory):
-    root = str(tmp_path_factory.getbasetemp() / "minari")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", root)
-        data.make_local_dataset()
-        yield data.load_minari(data.DEMO_DATASET_ID)
+def demo_ds(demo_minari_root):
+    return data.load_minari(data.DEMO_DATASET_ID)
 
 
 @pytest.fixture(scope="module")

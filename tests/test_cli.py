@@ -5,26 +5,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from qipo_kernels import cli, data
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def minari_root(tmp_path_factory):
-    root = str(tmp_path_factory.getbasetemp() / "minari")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", root)
-        data.make_local_dataset()
-        yield root
 
 
 TINY_CPQL = ["--set", "hidden=16", "--set", "critic_hidden=16", "--set", "steps=12", "--set", "batch=16",
@@ -32,7 +19,7 @@ TINY_CPQL = ["--set", "hidden=16", "--set", "critic_hidden=16", "--set", "steps=
              "--set", "log_every=4", "--set", "tensorboard=false"]
 
 
-def test_train_then_eval_cpql(minari_root, tmp_path, capsys):
+def test_train_then_eval_cpql(demo_minari_root, tmp_path, capsys):
     out = str(tmp_path / "cpql")
     assert cli.main(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", out, "--no-progress",
                      "--device", "cpu", "--seed", "3"] + TINY_CPQL) == 0
@@ -50,7 +37,7 @@ def test_train_then_eval_cpql(minari_root, tmp_path, capsys):
     assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 12
 
 
-def test_train_qipo_and_load_checkpoint(minari_root, tmp_path):
+def test_train_qipo_and_load_checkpoint(demo_minari_root, tmp_path):
     out = str(tmp_path / "qipo")
     sets = ["pretrain_steps=4", "q_steps=4", "policy_steps=4", "q_support=2", "num_support=2", "renew_every=2",
             "q_support_refresh=2", "hidden=8", "critic_hidden=8", "sample_steps=1", "eval_episodes=1",
@@ -65,7 +52,7 @@ def test_train_qipo_and_load_checkpoint(minari_root, tmp_path):
     assert tr.policy_fn()(obs).shape == (3, 1)
 
 
-def test_cli_errors(minari_root, tmp_path):
+def test_cli_errors(demo_minari_root, tmp_path):
     with pytest.raises(SystemExit, match="--dataset"):
         cli.main(["train", "qipo", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown QIPOConfig field 'betta'"):
@@ -84,7 +71,7 @@ def test_cli_errors(minari_root, tmp_path):
         cli.main(["train", "qipo", "--dataset", data.DEMO_DATASET_ID, "--out", str(tmp_path / "b"), "--set", "beta=-1"])
 
 
-def test_demo_quick(minari_root, tmp_path, capsys):
+def test_demo_quick(demo_minari_root, tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert cli.main(["demo", "--quick", "--out", out, "--no-progress"]) == 0
     text = capsys.readouterr().out

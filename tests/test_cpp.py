@@ -8,7 +8,6 @@ noise-prediction solvers divide by alpha(t)), the C++ result must be at most a f
 from the float64 truth as the float32 reference is.
 """
 import copy
-import importlib.util
 import os
 import subprocess
 import sys

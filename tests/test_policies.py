@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from qipo_kernels import ConditionalMLP, ConsistencyPolicy, DoubleCritic, FlowPolicy, make_sampler, reference
 from qipo_kernels.reference.paths import VP_EPS
@@ -12,13 +11,7 @@ from qipo_kernels.reference.paths import VP_EPS
 S, A = 5, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small nets on a shared 2-core machine run faster (and steadier) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _obs(B=7, seed=0, dtype=torch.float32):

@@ -8,7 +8,6 @@ import torch
 
 import qipo_kernels as qk
 from qipo_kernels import backends, ops
-from qipo_kernels.reference import select as ref_sel
 
 sel_mod = pytest.importorskip("qipo_kernels.triton.select")
 from qipo_kernels.triton import _host  # noqa: E402

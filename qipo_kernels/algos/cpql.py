@@ -20,9 +20,8 @@ alpha = 0.05, no LayerNorm.
 from __future__ import annotations
 
 import copy
-import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import numpy as np

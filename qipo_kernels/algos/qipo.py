@@ -20,8 +20,6 @@ Paths: "ot" (velocity), "ot-eps" (noise on the OT path, the official QIPO-OT) an
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
