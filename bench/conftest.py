@@ -15,6 +15,7 @@ The JSON's machine_info["qipo"] holds the device name, the measured matmul/copy 
 torch/triton versions, the backend table and the note.
 """
 import os
+import pathlib
 
 import pytest
 
@@ -58,15 +59,30 @@ def pytest_configure(config):
         name = f"{today()}-{grid_mode()}{'-' + tag if tag else ''}.json"
         final = os.path.join(d, name)
         tmp = os.path.join(d, f".{name}.tmp")
-        config.option.benchmark_json = open(tmp, "wb")
-        _SAVE.update(tmp=tmp, final=final, fh=config.option.benchmark_json)
+        # pytest-benchmark < 5.3 takes an open file for --benchmark-json, >= 5.3 a path
+        if _benchmark_json_takes_path():
+            config.option.benchmark_json = pathlib.Path(tmp)
+            _SAVE.update(tmp=tmp, final=final, fh=None)
+        else:
+            config.option.benchmark_json = open(tmp, "wb")
+            _SAVE.update(tmp=tmp, final=final, fh=config.option.benchmark_json)
+
+
+def _benchmark_json_takes_path() -> bool:
+    from importlib.metadata import version
+
+    parts = []
+    for p in version("pytest-benchmark").split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts) >= (5, 3)
 
 
 def pytest_unconfigure(config):
     if not _SAVE:
         return
     fh = _SAVE["fh"]
-    if not fh.closed:
+    if fh is not None and not fh.closed:
         fh.close()
     tmp, final = _SAVE["tmp"], _SAVE["final"]
     if os.path.exists(tmp) and os.path.getsize(tmp) > 0:
