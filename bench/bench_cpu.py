@@ -7,6 +7,7 @@ torch.set_num_threads(n) set to the case's thread count; backend="torch" is the 
 Cases (the targets of issue 4):
     a  1 state, 1 action, one-step consistency sampling, 1 thread            target >= 10x
     b  1 state, 1 action, 10 Euler steps, 1 thread                            target >= 8x
+    a_sampler, b_sampler: a and b as deployed through qipo_kernels.make_sampler (both backends)
     c  1 state x 50 candidates x 10 Euler steps + twin-critic argmax, 1 thread target >= 1.5x and
        >= 60% of the core's measured peak FLOP/s
     d  256 states x 50 candidates x 10 Euler steps + twin-critic argmax, 2 threads: no slower
@@ -163,6 +164,19 @@ def main(argv=None):
         case("b", "1 state, 1 action, 10 Euler steps", 1,
              lambda: qk.integrate(net, z1, obs1, steps=10, backend="torch"),
              lambda: qk.integrate(net, z1, obs1, steps=10, backend="cpp"), 8.0)
+    # The same two cases as deployed with make_sampler (draws its own noise from a generator; after
+    # the first call of an obs shape it calls the C++ impl directly, see policies.Sampler). The
+    # reference is the same sampler on backend="torch"; both generators start from one seed, so the
+    # first calls (compared for max|diff|) see identical noise.
+    for name, kind, kw, target in (("a_sampler", "consistency", {}, 10.0), ("b_sampler", "flow", {"steps": 10}, 8.0)):
+        if name[0] not in cases:
+            continue
+        obs1 = torch.randn(1, S, generator=g)
+        ref_s = qk.make_sampler(net, kind=kind, backend="torch", generator=torch.Generator().manual_seed(1), **kw)
+        fast_s = qk.make_sampler(net, kind=kind, backend="cpp", generator=torch.Generator().manual_seed(1), **kw)
+        case(name, f"1 state, 1 action, {'one-step consistency' if kind == 'consistency' else '10 Euler steps'}"
+             " sampling through make_sampler (noise drawn per call)", 1,
+             lambda: ref_s(obs1), lambda: fast_s(obs1), target)
     for name, B, threads, target in (("c", 1, 1, 1.5), ("d", 256, 2, 1.0)):
         if name not in cases:
             continue

@@ -78,6 +78,11 @@ def n_threads() -> int:
     return torch.get_num_threads()
 
 
+class Unsupported(RuntimeError):
+    """Raised by an impl called directly (not through ops) on a module the C++ backend cannot run
+    now (e.g. its parameters changed dtype); ops never sees it, since supports() is asked first."""
+
+
 # ------------------------------------------------------------------------------------------- packing
 class _Entry:
     __slots__ = ("key", "packs", "tables")
@@ -221,7 +226,7 @@ def _entry(module, kind: str) -> _Entry:
             return last[1]
     e, why = _prepare(module, kind)
     if why:
-        raise RuntimeError("the C++ backend cannot run this call: " + "; ".join(why))
+        raise Unsupported("the C++ backend cannot run this call: " + "; ".join(why))
     return e
 
 

@@ -509,3 +509,36 @@ def test_gemm_tiles_every_row_count(isa, hidden):
             want = torch.nn.functional.silu(lin(x[:, :hidden]))
             close(torch.from_numpy(y[:, :hidden]), want)
             assert (y[:, hidden:] == 0).all()
+
+
+@pytest.mark.parametrize("kind,kwargs", [("consistency", {}), ("consistency", {"sigmas": (2.0, 0.5)}),
+                                         ("flow", {"steps": 4}), ("flow", {"steps": 3, "path": "vp"})])
+def test_sampler_real_time_plan_matches_checked_path(kind, kwargs, monkeypatch):
+    """make_sampler's direct-to-C++ plan gives the checked path's result, is really taken, and falls
+    back to the checked path (reference) when the module can no longer run in C++."""
+    from qipo_kernels import ConditionalMLP, make_sampler, ops
+
+    torch.manual_seed(0)
+    net = ConditionalMLP(6, 17, hidden=24, depth=2)
+    obs = torch.randn(3, 17)
+    s1 = make_sampler(net, kind=kind, generator=torch.Generator().manual_seed(5), **kwargs)
+    s2 = make_sampler(net, kind=kind, generator=torch.Generator().manual_seed(5), **kwargs)
+    first = s1(obs)  # checked path; makes the plan
+    assert s1._plan is not None and s2._plan is None
+    want = [s2(obs) for _ in range(2)]  # s2: checked, then planned
+    s2._plan = None
+    calls = []
+    real = ops.integrate if kind == "flow" else ops.consistency_sample
+    monkeypatch.setattr(ops, real.__name__, lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = s1(obs)  # planned: ops is not called
+    assert not calls
+    torch.testing.assert_close(got, want[1], atol=0, rtol=0)
+    torch.testing.assert_close(first, want[0], atol=0, rtol=0)
+    # an obs of another shape re-plans through the checked path
+    s1(obs[:1])
+    assert calls and s1._plan[0][0] == (1, 17)
+    # parameters changed to float64: the plan's impl refuses, the sampler goes back to the reference
+    net.double()
+    calls.clear()
+    out = s1(obs[:1].double())
+    assert calls and out.dtype == torch.float64 and s1._plan is None
