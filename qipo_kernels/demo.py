@@ -112,12 +112,47 @@ def _behaviour(ds) -> Dict[str, Any]:
     return out
 
 
+def demo_configs(seed: int = 0, quick: bool = False, overrides: Optional[Dict[str, Dict[str, Any]]] = None
+                 ) -> Dict[str, Dict[str, Any]]:
+    """The demo's QIPO and CPQL configs as dicts {"qipo": ..., "cpql": ...} (DEMO_* with the seed, QUICK
+    when quick, then ``overrides[name]``)."""
+    cfgs = {"qipo": dict(DEMO_QIPO, seed=seed), "cpql": dict(DEMO_CPQL, seed=seed)}
+    for name, cfg in cfgs.items():
+        if quick:
+            cfg.update(QUICK[name])
+        cfg.update((overrides or {}).get(name, {}))
+    return cfgs
+
+
+def train_demo(ds, out_dir: str, seed: int = 0, quick: bool = False, device: str = "cpu", progress_bar: bool = True,
+               verbose: bool = True, overrides: Optional[Dict[str, Dict[str, Any]]] = None):
+    """Train (or resume / reuse finished runs in ``out_dir/qipo``, ``out_dir/cpql``) the demo's QIPO and CPQL
+    on the OfflineDataset ``ds``. Returns (results, trainers): results[name] = {final_eval, train_time_s, steps,
+    wall_s, config}, trainers[name] = the QIPO / CPQL trainer (its networks hold the trained weights)."""
+    from .algos import CPQL, QIPO, CPQLConfig, QIPOConfig
+
+    say = print if verbose else (lambda *a, **k: None)
+    cfgs = demo_configs(seed, quick, overrides)
+    results: Dict[str, Any] = {}
+    trainers = {}
+    for name, cls, cfg_cls in (("qipo", QIPO, QIPOConfig), ("cpql", CPQL, CPQLConfig)):
+        say(f"training {name.upper()} ...")
+        t = time.perf_counter()
+        tr = cls(ds, cfg_cls(**cfgs[name]), out_dir=os.path.join(out_dir, name), device=device,
+                 progress_bar=progress_bar)
+        s = tr.fit(resume=True)
+        results[name] = {"final_eval": s["final_eval"], "train_time_s": s["train_time_s"], "steps": s["steps"],
+                         "wall_s": time.perf_counter() - t, "config": cfgs[name]}
+        trainers[name] = tr
+        say(f"  {name.upper()} done in {time.perf_counter() - t:.0f} s: return {s['final_eval']['mean']:.1f}")
+    return results, trainers
+
+
 def run_demo(out_dir: str = os.path.join("runs", "demo"), seed: int = 0, fresh: bool = False, progress_bar: bool = True,
              quick: bool = False, threads: Optional[int] = None, device: str = "cpu", verbose: bool = True) -> Dict[str, Any]:
     """Run the demo; returns (and writes to ``out_dir/demo_summary.json``) its results."""
     from . import backends as B
     from . import data
-    from .algos import CPQL, QIPO, CPQLConfig, QIPOConfig
     from .algos.common import atomic_write_json
 
     say = print if verbose else (lambda *a, **k: None)
@@ -138,23 +173,9 @@ def run_demo(out_dir: str = os.path.join("runs", "demo"), seed: int = 0, fresh: 
     say(f"dataset {ds.dataset_id}: {len(ds)} transitions, {beh['episodes']} episodes, behaviour return "
         f"{beh['mean']:.1f} ({t_data:.1f} s)")
 
-    qcfg = dict(DEMO_QIPO, seed=seed)
-    ccfg = dict(DEMO_CPQL, seed=seed)
-    if quick:
-        qcfg.update(QUICK["qipo"])
-        ccfg.update(QUICK["cpql"])
-    results: Dict[str, Any] = {}
-    trainers = {}
-    for name, cls, cfg_cls, cfg in (("qipo", QIPO, QIPOConfig, qcfg), ("cpql", CPQL, CPQLConfig, ccfg)):
-        say(f"training {name.upper()} ...")
-        t = time.perf_counter()
-        tr = cls(ds, cfg_cls(**cfg), out_dir=os.path.join(out_dir, name), device=device, progress_bar=progress_bar)
-        s = tr.fit(resume=True)
-        results[name] = {"final_eval": s["final_eval"], "train_time_s": s["train_time_s"], "steps": s["steps"],
-                         "wall_s": time.perf_counter() - t}
-        trainers[name] = tr
-        say(f"  {name.upper()} done in {time.perf_counter() - t:.0f} s: return {s['final_eval']['mean']:.1f}")
-
+    results, trainers = train_demo(ds, out_dir, seed=seed, quick=quick, device=device, progress_bar=progress_bar,
+                                   verbose=verbose)
+    qcfg, ccfg = results["qipo"]["config"], results["cpql"]["config"]
     say("timing the samplers on each backend ...")
     rows = backend_speeds(trainers["qipo"].ema.net, trainers["cpql"].actor.net, trainers["qipo"].critic,
                           ds.obs_dim, ds.act_dim, device=device, steps=DEMO_QIPO["sample_steps"])
