@@ -1,6 +1,6 @@
 """Speed-accuracy study on a real offline task: trained policies, their critics, environment return.
 
-    python -m bench.speed_accuracy_env             # ~5 minutes on 2 CPU cores (training included)
+    python -m bench.speed_accuracy_env             # training (~70 s on 2 idle cores, as the demo) + ~1 min
     python -m bench.speed_accuracy_env --quick     # fewer solvers / steps / episodes (smoke run)
     python -m bench.speed_accuracy_env --replot bench/results/<device>/speed_accuracy_env/results.json
 
@@ -21,7 +21,7 @@ as bench/speed_accuracy.py):
             per state; q_cpql the same under CPQL's target critic (the one its evaluation uses): both
             policies are thus compared under both critics;
   dist      mean ||a - a_ref|| to the rk4 solution with 64 steps from the same noise (flow only);
-  return    environment return (qipo_kernels.evaluation.evaluate, --episodes episodes on --eval-seeds,
+  return    environment return (qipo_kernels.evaluation.evaluate, --episodes episodes (20) on --eval-seeds,
             the same initial states for every configuration), one action per state (no selection);
   return_sel  the same with candidate selection: QIPO argmax of its critic's min Q over 50 candidates,
             CPQL softmax of its target critic's min Q over 50 (CPQL's own evaluation).
@@ -164,7 +164,7 @@ def run_study(runs_dir: str = os.path.join("runs", "speed_accuracy_env"), quick:
     t_start = time.perf_counter()
     steps = tuple(steps or (QUICK_STEPS if quick else STEPS))
     solvers = tuple(solvers or (("euler", "rk4") if quick else SOLVERS))
-    episodes = int(episodes or (2 if quick else 5))
+    episodes = int(episodes or (2 if quick else 20))
     time_budget = float(time_budget if time_budget is not None else (0.05 if quick else 0.2))
     from qipo_kernels import backends as B
     from qipo_kernels.reference.ode import STAGES
@@ -404,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: demo's quick training, fewer solvers / steps")
     ap.add_argument("--runs", default=os.path.join("runs", "speed_accuracy_env"),
                     help="training run dirs (<runs>/qipo, <runs>/cpql; finished runs are reused)")
-    ap.add_argument("--episodes", type=int, default=None, help="episodes per evaluation (default 5, quick 2)")
+    ap.add_argument("--episodes", type=int, default=None, help="episodes per evaluation (default 20, quick 2)")
     ap.add_argument("--eval-seeds", default="0", help="evaluation seeds, comma-separated")
     ap.add_argument("--states", type=int, default=1024, help="dataset states for the critic values")
     ap.add_argument("--candidates", type=int, default=50, help="candidates of the selection variant / act timing")
