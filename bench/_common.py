@@ -13,6 +13,7 @@ import datetime as _dt
 import os
 import platform
 import re
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -291,3 +292,44 @@ def rounds_for(fn: Callable[[], object], budget: float, min_rounds: int = 3, max
     fn()
     dt = max(time.perf_counter() - t0, 1e-7)
     return int(min(max_rounds, max(min_rounds, budget / dt)))
+
+
+# ----------------------------------------------------------------------------- atomic outputs
+def atomic_write(path: str, text: str) -> None:
+    """Write text to path via a temp file in the same folder and a rename (never half-written)."""
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_savefig(fig, path: str) -> None:
+    """fig.savefig as PNG via a temp file and a rename."""
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_study(res: Dict, out_dir: str, md_name: str, markdown: Callable[[Dict], str],
+               plots: Optional[Callable[[Dict, str], List[str]]] = None) -> List[str]:
+    """results.json, <md_name> and (plots given) the PNGs of a study, written atomically to out_dir."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, md_name)]
+    atomic_write(written[0], json.dumps(res, indent=1))
+    atomic_write(written[1], markdown(res))
+    if plots is not None:
+        written += plots(res, out_dir)
+    return written

@@ -24,11 +24,10 @@ import glob
 import json
 import os
 import sys
-import tempfile
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-from ._common import RESULTS_DIR, VARIANTS
+from ._common import RESULTS_DIR, VARIANTS, atomic_savefig, atomic_write
 
 OP_ORDER = ("integrate", "consistency_sample", "act", "select_action", "weighted_fm_loss", "flow_matching_loss",
             "flow_path")
@@ -215,26 +214,6 @@ def summary_lines(run: Dict, rel_dir: str) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- plots
-def _atomic_savefig(fig, path: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _sweep_series(rows: List[Dict], op: str, axis: str):
     """{variant: sorted [(x, row)]} of the rows of one op's sweep over ``axis``."""
     series: Dict[str, List] = {}
@@ -279,7 +258,7 @@ def plots(run: Dict, out_dir: str) -> List[str]:
         fig.suptitle(f"Throughput vs batch - {title}", fontsize=11)
         fig.tight_layout()
         p = os.path.join(out_dir, "speed_vs_batch.png")
-        _atomic_savefig(fig, p)
+        atomic_savefig(fig, p)
         plt.close(fig)
         written.append(p)
 
@@ -309,7 +288,7 @@ def plots(run: Dict, out_dir: str) -> List[str]:
         fig.suptitle(f"Latency vs steps - {title}", fontsize=11)
         fig.tight_layout()
         p = os.path.join(out_dir, "latency_vs_steps.png")
-        _atomic_savefig(fig, p)
+        atomic_savefig(fig, p)
         plt.close(fig)
         written.append(p)
 
@@ -332,7 +311,7 @@ def plots(run: Dict, out_dir: str) -> List[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = os.path.join(out_dir, "speedup.png")
-        _atomic_savefig(fig, p)
+        atomic_savefig(fig, p)
         plt.close(fig)
         written.append(p)
     return written
@@ -398,7 +377,7 @@ def build_report(inputs: Optional[Sequence[str]] = None, out_dir: Optional[str] 
             if stale not in pngs and os.path.exists(stale):
                 os.remove(stale)
         p = os.path.join(od, "report.md")
-        _atomic_write(p, markdown(run, [os.path.basename(q) for q in pngs]))
+        atomic_write(p, markdown(run, [os.path.basename(q) for q in pngs]))
         written += [p] + pngs
         base = os.path.dirname(os.path.abspath(summary_path)) if summary_path else (
             out_dir if out_dir else (RESULTS_DIR if not inputs else os.path.dirname(os.path.abspath(files[0]))))
@@ -406,7 +385,7 @@ def build_report(inputs: Optional[Sequence[str]] = None, out_dir: Optional[str] 
     if summary_path is None:
         summary_path = os.path.join(RESULTS_DIR if not inputs else (out_dir or os.path.dirname(os.path.abspath(files[0]))),
                                     "SUMMARY.md")
-    _atomic_write(summary_path, "\n".join(summary))
+    atomic_write(summary_path, "\n".join(summary))
     written.append(summary_path)
     return written
 

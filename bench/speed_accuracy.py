@@ -36,7 +36,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -46,7 +45,7 @@ from qipo_kernels import ConditionalMLP, ops
 from qipo_kernels.reference.ode import NOISE_SOLVERS, STAGES, VELOCITY_SOLVERS, time_grid
 from qipo_kernels.reference.paths import alpha_sigma, inverse_log_snr, log_snr
 
-from ._common import cpu_model, device_name, results_dir, today
+from ._common import atomic_savefig, cpu_model, device_name, results_dir, save_study, today
 
 STEPS = (1, 2, 4, 8, 16, 32, 64)
 CM_SIGMAS = {1: None, 2: [1.0], 3: [1.0, 0.3]}  # extra noise levels of 2- and 3-step consistency sampling
@@ -407,20 +406,6 @@ def run_study(quick: bool = False, ref_steps: int = 512, n_eval: int = 256, time
 
 
 # ----------------------------------------------------------------------------- outputs
-def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _savefig(fig, path: str) -> None:
-    from .report import _atomic_savefig
-
-    _atomic_savefig(fig, path)
-
-
 STYLE = {"euler": "o-", "midpoint": "s-", "heun": "^-", "rk4": "D-", "ddim": "o--", "dpm1": "x--", "dpm2": "s--"}
 
 
@@ -467,7 +452,7 @@ def plots(res: Dict, out_dir: str) -> List[str]:
     fig.suptitle(f"Which solver, how many steps: error vs steps - {title}", fontsize=11)
     fig.tight_layout(rect=(0, 0.11, 1, 1))
     p = os.path.join(out_dir, "error_vs_steps.png")
-    _savefig(fig, p)
+    atomic_savefig(fig, p)
     plt.close(fig)
     written.append(p)
 
@@ -499,7 +484,7 @@ def plots(res: Dict, out_dir: str) -> List[str]:
     fig.suptitle(f"Error vs time (lower left is better) - {title}", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     p = os.path.join(out_dir, "error_vs_time.png")
-    _savefig(fig, p)
+    atomic_savefig(fig, p)
     plt.close(fig)
     written.append(p)
 
@@ -533,7 +518,7 @@ def plots(res: Dict, out_dir: str) -> List[str]:
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     p = os.path.join(out_dir, "cost.png")
-    _savefig(fig, p)
+    atomic_savefig(fig, p)
     plt.close(fig)
     written.append(p)
 
@@ -562,7 +547,7 @@ def plots(res: Dict, out_dir: str) -> List[str]:
     fig.suptitle(f"Sample quality vs time: flow solvers vs consistency sampling - {title}", fontsize=11)
     fig.tight_layout()
     p = os.path.join(out_dir, "quality.png")
-    _savefig(fig, p)
+    atomic_savefig(fig, p)
     plt.close(fig)
     written.append(p)
     return written
@@ -606,17 +591,7 @@ def markdown(res: Dict) -> str:
 
 
 def save(res: Dict, out_dir: str, make_plots: bool = True) -> List[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    p = os.path.join(out_dir, "results.json")
-    _atomic_write(p, json.dumps(res, indent=1))
-    written.append(p)
-    p = os.path.join(out_dir, "speed_accuracy.md")
-    _atomic_write(p, markdown(res))
-    written.append(p)
-    if make_plots:
-        written += plots(res, out_dir)
-    return written
+    return save_study(res, out_dir, "speed_accuracy.md", markdown, plots if make_plots else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

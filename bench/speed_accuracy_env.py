@@ -49,8 +49,8 @@ import torch
 
 from qipo_kernels.reference.ode import VELOCITY_SOLVERS
 
-from ._common import cpu_model, device_name, results_dir, today
-from .speed_accuracy import CM_SIGMAS, _atomic_write
+from ._common import atomic_savefig, cpu_model, device_name, results_dir, save_study, today
+from .speed_accuracy import CM_SIGMAS
 
 STEPS = (1, 2, 4, 8, 16)
 QUICK_STEPS = (1, 2, 4)
@@ -319,7 +319,7 @@ def plots(res: Dict[str, Any], out_dir: str) -> List[str]:
                  fontsize=10)
     fig.tight_layout()
     p = os.path.join(out_dir, "return_vs_steps.png")
-    fig.savefig(p, dpi=110)
+    atomic_savefig(fig, p)
     plt.close(fig)
     written.append(p)
 
@@ -357,7 +357,7 @@ def plots(res: Dict[str, Any], out_dir: str) -> List[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = os.path.join(out_dir, "return_vs_time.png")
-    fig.savefig(p, dpi=110)
+    atomic_savefig(fig, p)
     plt.close(fig)
     written.append(p)
 
@@ -378,7 +378,7 @@ def plots(res: Dict[str, Any], out_dir: str) -> List[str]:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     p = os.path.join(out_dir, "critic_vs_steps.png")
-    fig.savefig(p, dpi=110)
+    atomic_savefig(fig, p)
     plt.close(fig)
     written.append(p)
     return written
@@ -386,17 +386,7 @@ def plots(res: Dict[str, Any], out_dir: str) -> List[str]:
 
 def save(res: Dict[str, Any], out_dir: str, make_plots: bool = True) -> List[str]:
     """Write results.json, speed_accuracy_env.md and (make_plots) the PNGs to out_dir (atomic writes)."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    p = os.path.join(out_dir, "results.json")
-    _atomic_write(p, json.dumps(res, indent=1))
-    written.append(p)
-    p = os.path.join(out_dir, "speed_accuracy_env.md")
-    _atomic_write(p, markdown(res))
-    written.append(p)
-    if make_plots:
-        written += plots(res, out_dir)
-    return written
+    return save_study(res, out_dir, "speed_accuracy_env.md", markdown, plots if make_plots else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
