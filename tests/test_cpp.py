@@ -293,7 +293,7 @@ def test_act_layer_norm_critic_matches_reference(sampler, mode, K):
 
 
 def test_act_layer_norm_critic_isas_activations_eps(isa):
-    # every activation, a non-default eps, a LayerNorm without affine / without bias, depth 1 and 2
+    # every activation, a non-default eps, a LayerNorm without affine / without bias, critic depth 1..3
     g = torch.Generator().manual_seed(3)
     for i, act in enumerate(ACTIVATIONS):
         depth = 1 + i % 3
