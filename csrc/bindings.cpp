@@ -184,7 +184,7 @@ struct Pack {
     std::vector<const float*> wh, bh;
 
     Pack(py::array wx, py::array wc, py::array b1, py::list hidden_w, py::list hidden_b, py::array wo, py::array bo,
-         const std::string& activation) {
+         const std::string& activation, py::object ln_w, py::object ln_b, py::object ln_eps) {
         const long H = dim(wx, 0);
         if (py::reinterpret_borrow<py::array>(wx).ndim() != 2) throw py::value_error("wx must be [H, nx]");
         const long nx = dim(wx, 1);
@@ -199,7 +199,24 @@ struct Pack {
         if (H < 1 || nx < 1 || nc < 1 || nout < 1) throw py::value_error("every packed dimension must be >= 1");
         const int Hp = qk::round_up((int)H, qk::PAD), Ap = qk::round_up((int)nout, qk::PAD);
         const long depth = (long)hidden_w.size() + 1;
-        const long total = nx * Hp + nc * Hp + Hp + (depth - 1) * ((long)Hp * Hp + Hp) + (long)Hp * Ap + Ap;
+        // optional LayerNorm after every hidden Linear: ln_w, ln_b lists of depth [H] arrays, ln_eps depth floats
+        const bool has_ln = !ln_w.is_none() || !ln_b.is_none() || !ln_eps.is_none();
+        std::vector<double> eps;
+        if (has_ln) {
+            if (ln_w.is_none() || ln_b.is_none() || ln_eps.is_none())
+                throw py::value_error("ln_w, ln_b and ln_eps must be given together");
+            py::list lw = ln_w.cast<py::list>(), lb = ln_b.cast<py::list>(), le = ln_eps.cast<py::list>();
+            if ((long)lw.size() != depth || (long)lb.size() != depth || (long)le.size() != depth)
+                throw py::value_error("ln_w, ln_b and ln_eps must have one entry per hidden layer (" +
+                                      std::to_string(depth) + ")");
+            for (long l = 0; l < depth; ++l) {
+                const double e = le[l].cast<double>();
+                if (!(e >= 0.0) || !std::isfinite(e)) throw py::value_error("ln_eps must be finite and >= 0");
+                eps.push_back(e);
+            }
+        }
+        const long ln_floats = has_ln ? depth * 2L * Hp + depth + 16 : 0;
+        const long total = nx * Hp + nc * Hp + Hp + (depth - 1) * ((long)Hp * Hp + Hp) + (long)Hp * Ap + Ap + ln_floats;
         float* p = store.get(total + 16 * (4 + 2 * depth));
         std::memset(p, 0, sizeof(float) * (total + 16 * (4 + 2 * depth)));
         auto take = [&](long n) { float* r = p; p += (n + 15) / 16 * 16; return r; };
@@ -235,6 +252,19 @@ struct Pack {
         put_p(pwo, check<float>(wo, "wo", {nout, H}), nout, H, Hp, Ap);
         float* pbo = take(Ap);
         std::memcpy(pbo, check<float>(bo, "bo", {nout}), sizeof(float) * nout);
+        if (has_ln) {
+            py::list lw = ln_w.cast<py::list>(), lb = ln_b.cast<py::list>();
+            float* pln = take(depth * 2L * Hp);
+            float* peps = take(depth);
+            for (long l = 0; l < depth; ++l) {
+                std::string wn = "ln_w[" + std::to_string(l) + "]", bn = "ln_b[" + std::to_string(l) + "]";
+                std::memcpy(pln + 2L * l * Hp, check<float>(lw[l], wn.c_str(), {H}), sizeof(float) * H);
+                std::memcpy(pln + 2L * l * Hp + Hp, check<float>(lb[l], bn.c_str(), {H}), sizeof(float) * H);
+                peps[l] = (float)eps[l];
+            }
+            d.ln = pln;
+            d.ln_eps = peps;
+        }
         d.nx = (int)nx; d.nc = (int)nc; d.H = (int)H; d.Hp = Hp; d.nout = (int)nout; d.Ap = Ap;
         d.depth = (int)depth; d.act = act_id(activation);
         d.wx = pwx; d.wc = pwc; d.b1 = pb1; d.wh = wh.data(); d.bh = bh.data(); d.wo = pwo; d.bo = pbo;
@@ -504,11 +534,16 @@ PYBIND11_MODULE(_C, m) {
         else g_var = variant_for(isas.front());
     }
     py::class_<Pack, std::shared_ptr<Pack>>(m, "Pack")
-        .def(py::init<py::array, py::array, py::array, py::list, py::list, py::array, py::array, const std::string&>(),
+        .def(py::init<py::array, py::array, py::array, py::list, py::list, py::array, py::array, const std::string&,
+                      py::object, py::object, py::object>(),
              py::arg("wx"), py::arg("wc"), py::arg("b1"), py::arg("hidden_w"), py::arg("hidden_b"), py::arg("wo"),
-             py::arg("bo"), py::arg("activation"),
+             py::arg("bo"), py::arg("activation"), py::arg("ln_w") = py::none(), py::arg("ln_b") = py::none(),
+             py::arg("ln_eps") = py::none(),
              "Pack an MLP: first layer split into x part wx [H, nx] and condition part wc [H, nc] (torch "
-             "[out, in] layout), bias b1 [H], hidden layers [H, H] + [H], output wo [nout, H] + bo [nout].")
+             "[out, in] layout), bias b1 [H], hidden layers [H, H] + [H], output wo [nout, H] + bo [nout]; "
+             "optionally a LayerNorm after every hidden Linear (before the activation): ln_w, ln_b lists of "
+             "depth [H] arrays (gamma, beta) and ln_eps a list of depth floats.")
+        .def_property_readonly("layer_norm", [](const Pack& p) { return p.d.ln != nullptr; })
         .def_property_readonly("hidden", [](const Pack& p) { return p.d.H; })
         .def_property_readonly("hidden_padded", [](const Pack& p) { return p.d.Hp; })
         .def_property_readonly("depth", [](const Pack& p) { return p.d.depth; })

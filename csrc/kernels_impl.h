@@ -237,9 +237,9 @@ void layer1_t(const NetDesc* n, const float* x, long ldx, int m, const float* cs
     }
 }
 
-void layer1(const NetDesc* n, const float* x, long ldx, int m, const float* cs, long r0, int K, long s0, float* y,
+void layer1(const NetDesc* n, int act, const float* x, long ldx, int m, const float* cs, long r0, int K, long s0, float* y,
             long ldy) {
-    switch (n->act) {
+    switch (act) {
         case ACT_MISH: layer1_t<ACT_MISH>(n, x, ldx, m, cs, r0, K, s0, y, ldy); break;
         case ACT_SILU: layer1_t<ACT_SILU>(n, x, ldx, m, cs, r0, K, s0, y, ldy); break;
         case ACT_RELU: layer1_t<ACT_RELU>(n, x, ldx, m, cs, r0, K, s0, y, ldy); break;
@@ -249,15 +249,67 @@ void layer1(const NetDesc* n, const float* x, long ldx, int m, const float* cs, 
     }
 }
 
+// LayerNorm + activation in place on rows y [m, ldy] (hidden layer l): over the H real columns,
+// two-pass mean / biased variance in float32, y = act((y - mean) rstd gamma + beta). Pad lanes have
+// gamma = beta = 0, so they stay 0.
+template <int ACT>
+void ln_act_t(const NetDesc* n, int l, float* y, int m, long ldy) {
+    const int Hp = n->Hp, H = n->H;
+    const float* g = n->ln + 2L * l * Hp;
+    const float* be = g + Hp;
+    const float eps = n->ln_eps[l];
+    static const int iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vi lane;
+    __builtin_memcpy(&lane, iota, sizeof(vi));
+    const float invH = 1.0f / (float)H;
+    for (int r = 0; r < m; ++r) {
+        float* yr = y + r * ldy;
+        vf s = vf{};
+        for (int j = 0; j < Hp; j += VW) s += ld(yr + j);  // pad lanes are 0
+        float sum = 0.0f;
+        for (int i = 0; i < VW; ++i) sum += s[i];
+        const float mean = sum * invH;
+        const vf mv = bc(mean);
+        vf q = vf{};
+        for (int j = 0; j < Hp; j += VW) {
+            vf d = ld(yr + j) - mv;
+            vi keep = (lane + j) < H;
+            d = (vf)((vi)d & keep);
+            q += d * d;
+        }
+        float ss = 0.0f;
+        for (int i = 0; i < VW; ++i) ss += q[i];
+        const float rstd = 1.0f / __builtin_sqrtf(ss * invH + eps);
+        const vf rv = bc(rstd);
+        for (int j = 0; j < Hp; j += VW)
+            st(yr + j, actf<ACT>((ld(yr + j) - mv) * rv * ld(g + j) + ld(be + j)));
+    }
+}
+
+void ln_act(const NetDesc* n, int l, float* y, int m, long ldy) {
+    switch (n->act) {
+        case ACT_MISH: ln_act_t<ACT_MISH>(n, l, y, m, ldy); break;
+        case ACT_SILU: ln_act_t<ACT_SILU>(n, l, y, m, ldy); break;
+        case ACT_RELU: ln_act_t<ACT_RELU>(n, l, y, m, ldy); break;
+        case ACT_GELU: ln_act_t<ACT_GELU>(n, l, y, m, ldy); break;
+        case ACT_TANH: ln_act_t<ACT_TANH>(n, l, y, m, ldy); break;
+        default: ln_act_t<ACT_IDENTITY>(n, l, y, m, ldy); break;
+    }
+}
+
 // f[m, Ap] = net(x [m, nx]) for rows r0.. (global), with per-state first-layer bias cs (state s0 first).
 void net_eval(const NetDesc* n, const float* x, long ldx, int m, const float* cs, long r0, int K, long s0,
               float* ha, float* hb, float* f) {
     const int Hp = n->Hp;
-    layer1(n, x, ldx, m, cs, r0, K, s0, ha, Hp);
+    const bool ln = n->ln != nullptr;
+    const int act = ln ? (int)ACT_IDENTITY : n->act;  // with LayerNorm the activation follows the norm
+    layer1(n, act, x, ldx, m, cs, r0, K, s0, ha, Hp);
+    if (ln) ln_act(n, 0, ha, m, Hp);
     float* cur = ha;
     float* nxt = hb;
     for (int l = 0; l < n->depth - 1; ++l) {
-        gemm_impl(cur, Hp, m, n->H, n->wh[l], Hp, Hp, n->bh[l], nxt, Hp, n->act);
+        gemm_impl(cur, Hp, m, n->H, n->wh[l], Hp, Hp, n->bh[l], nxt, Hp, act);
+        if (ln) ln_act(n, l + 1, nxt, m, Hp);
         float* t = cur; cur = nxt; nxt = t;
     }
     gemm_impl(cur, Hp, m, n->H, n->wo, Hp, n->Ap, n->bo, f, n->Ap, ACT_IDENTITY);

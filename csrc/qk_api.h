@@ -24,6 +24,10 @@ enum Act { ACT_IDENTITY = 0, ACT_MISH = 1, ACT_SILU = 2, ACT_RELU = 3, ACT_GELU 
 // Wc, Wh_k and Wo are transposed, zero-padded and stored in column panels of PANEL floats (see
 // pack_panels): panel p = columns [32p, 32p + w) as a contiguous [rows, w] block.
 // Pad rows/columns are zero, and every activation maps 0 to 0, so the pad lanes stay 0.
+// Optional LayerNorm (critic heads of DoubleCritic(layer_norm=True)): when ln is not null, every
+// hidden layer k = 1..depth is h_k = act(LN_k(pre-activation)), LN_k over the H real columns with
+// eps ln_eps[k-1], biased variance, then gamma/beta: ln + 2 (k-1) Hp holds gamma [Hp], then beta
+// [Hp] (pad lanes zero, so the pad lanes of h_k stay 0).
 struct NetDesc {
     int nx, nc, H, Hp, nout, Ap, depth, act;
     const float* wx;
@@ -33,6 +37,8 @@ struct NetDesc {
     const float* const* bh;
     const float* wo;
     const float* bo;
+    const float* ln;      // [depth, 2, Hp] gamma, beta per hidden layer, or null (no LayerNorm)
+    const float* ln_eps;  // [depth] or null
 };
 
 enum Kind { KIND_VELOCITY = 0, KIND_NOISE = 1, KIND_CONSISTENCY = 2 };

@@ -4,7 +4,8 @@ What runs in C++ (float32, CPU tensors; each call is one C++ call that releases 
     integrate           ConditionalMLP, every solver (euler, midpoint, heun, rk4; ddim/dpm1/dpm2 on
                         "vp" and "ot-eps"), both x0 layouts, return_trajectory
     consistency_sample  one-step and multistep
-    act                 K candidates per state (flow or consistency) + DoubleCritic min(Q1, Q2) +
+    act                 K candidates per state (flow or consistency) + DoubleCritic min(Q1, Q2) (with or
+                        without layer_norm: LayerNorm in float32, two-pass mean / biased variance) +
                         argmax / softmax selection, in one call
     weighted_fm_loss, flow_matching_loss
                         forward and gradient (a torch.autograd.Function; first derivatives only)
@@ -48,7 +49,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
                       "or `python setup.py build_ext --inplace` (QIPO_KERNELS_NO_EXT=1 skips it on purpose)") from e
 
 from . import backends as _b
-from .nets import ConditionalMLP, DoubleCritic
+from .nets import ConditionalMLP, DoubleCritic, _Act
 from .reference import ode as _ode
 from .reference import consistency as _cons
 from .reference.paths import alpha_sigma, inverse_log_snr, log_snr
@@ -92,7 +93,8 @@ class _Entry:
 
 
 # id(module) -> _Entry (packed weights + tables), and id(module) -> (weakref to the module,
-# [(dict, name)] of every tensor the pack reads). Entries leave with their module (weakref callback).
+# [(dict, name)] of every tensor the pack reads, [the critic's LayerNorms, whose eps joins the key]).
+# Entries leave with their module (weakref callback).
 _CACHE: dict = {}
 _SLOTS: dict = {}
 # the entry that the last supports() call validated, so that the impl right after it need not re-check
@@ -101,6 +103,37 @@ _TLS = threading.local()
 
 def _critic_linears(critic: DoubleCritic):
     return [[m for m in head.net if isinstance(m, torch.nn.Linear)] for head in (critic.q1_net, critic.q2_net)]
+
+
+def _critic_norms(critic: DoubleCritic):
+    """Per head, the LayerNorm after each hidden Linear ([] per head without layer_norm)."""
+    return [[m for m in head.net if isinstance(m, torch.nn.LayerNorm)] for head in (critic.q1_net, critic.q2_net)]
+
+
+def _critic_structure_reasons(critic: DoubleCritic) -> List[str]:
+    """The heads must be nets.MLP's [Linear, (LayerNorm(H),) act] x depth + Linear, LayerNorm after every
+    hidden Linear or after none, each a plain nn.LayerNorm over the hidden width."""
+    for hname, head in (("q1_net", critic.q1_net), ("q2_net", critic.q2_net)):
+        mods = list(head.net)
+        ln = any(isinstance(m, torch.nn.LayerNorm) for m in mods)
+        unit = 3 if ln else 2
+        if len(mods) != unit * critic.depth + 1:
+            return [f"critic.{hname} is not nets.MLP's [Linear, {'LayerNorm, ' if ln else ''}act] x depth + Linear"]
+        for i in range(critic.depth):
+            blk = mods[unit * i:unit * (i + 1)]
+            if type(blk[0]) is not torch.nn.Linear or type(blk[-1]) is not _Act:
+                return [f"critic.{hname} is not nets.MLP's [Linear, {'LayerNorm, ' if ln else ''}act] x depth + Linear"]
+            if ln:
+                norm = blk[1]
+                if type(norm) is not torch.nn.LayerNorm:
+                    return [f"critic.{hname}.net[{unit * i + 1}] is a {type(norm).__name__}, not a plain "
+                            "torch.nn.LayerNorm; the C++ act implements nn.LayerNorm only"]
+                if tuple(norm.normalized_shape) != (blk[0].out_features,):
+                    return [f"critic.{hname}.net[{unit * i + 1}] normalizes over {tuple(norm.normalized_shape)}, "
+                            f"not the hidden width ({blk[0].out_features},)"]
+        if type(mods[-1]) is not torch.nn.Linear:
+            return [f"critic.{hname} does not end with a Linear"]
+    return []
 
 
 def _type_reasons(module, kind: str) -> List[str]:
@@ -115,9 +148,7 @@ def _type_reasons(module, kind: str) -> List[str]:
         return [f"critic is a {type(module).__name__}; the C++ act runs qipo_kernels.nets.DoubleCritic only"]
     if type(module).q_min is not DoubleCritic.q_min or type(module).forward is not DoubleCritic.forward:
         return [f"critic is a {type(module).__name__} that overrides forward/q_min"]
-    if module.layer_norm:
-        return ["critic has layer_norm=True; the C++ act implements the critic without LayerNorm"]
-    return []
+    return _critic_structure_reasons(module)
 
 
 def _make_slots(module, kind: str):
@@ -128,6 +159,10 @@ def _make_slots(module, kind: str):
     else:
         lins = [l for ls in _critic_linears(module) for l in ls]
     slots = [(lin._parameters, n) for lin in lins for n in ("weight", "bias")]
+    if kind == "critic":
+        # LayerNorm gamma / beta (absent with elementwise_affine=False or bias=False: 1 / 0 then)
+        slots += [(ln._parameters, n) for ls in _critic_norms(module) for ln in ls for n in ("weight", "bias")
+                  if ln._parameters.get(n) is not None]
     if kind == "policy" and module.time_mlp is not None:
         feats = module.time_mlp[0]
         slots += [(feats._buffers, n) for n in feats._buffers]
@@ -167,11 +202,18 @@ def _build_critic_packs(critic: DoubleCritic):
     S = critic.obs_dim
     packs = []
     with torch.no_grad():
-        for lins in _critic_linears(critic):
+        for lins, norms in zip(_critic_linears(critic), _critic_norms(critic)):
             W1 = lins[0].weight
+            ln = {}
+            if norms:
+                H = lins[0].out_features
+                ones, zeros = torch.ones(H), torch.zeros(H)
+                ln = dict(ln_w=[_np(n.weight if n.weight is not None else ones) for n in norms],
+                          ln_b=[_np(n.bias if n.bias is not None else zeros) for n in norms],
+                          ln_eps=[float(n.eps) for n in norms])
             packs.append(_C.Pack(_np(W1[:, S:]), _np(W1[:, :S]), _np(lins[0].bias),
                                  [_np(l.weight) for l in lins[1:-1]], [_np(l.bias) for l in lins[1:-1]],
-                                 _np(lins[-1].weight), _np(lins[-1].bias), critic.activation))
+                                 _np(lins[-1].weight), _np(lins[-1].bias), critic.activation, **ln))
     return packs
 
 
@@ -185,13 +227,16 @@ def _prepare(module, kind: str):
         if why:
             return None, why
         slot_ent = (weakref.ref(module, lambda _r, mid=mid: (_SLOTS.pop(mid, None), _CACHE.pop(mid, None))),
-                    _make_slots(module, kind))
+                    _make_slots(module, kind),
+                    [n for ns in _critic_norms(module) for n in ns] if kind == "critic" else [])
         _SLOTS[mid] = slot_ent
         _CACHE.pop(mid, None)
     slots = slot_ent[1]
     name = "net" if kind == "policy" else "critic"
     try:
         key = _key(slots)
+        if slot_ent[2]:  # LayerNorm eps is a plain attribute, not a tensor: part of the key
+            key = (key, tuple(float(n.eps) for n in slot_ent[2]))
     except (AttributeError, KeyError):  # a parameter set to None or removed
         return None, _tensor_reasons(name, slots) or [f"{name} lost a parameter the C++ pack reads"]
     e = _CACHE.get(mid)

@@ -251,6 +251,118 @@ def test_act_one_state_one_candidate_no_clip():
     assert dbg["index"].tolist() == [0]
 
 
+def ln_critic(obs_dim=17, act_dim=6, hidden=24, depth=3, activation="mish", seed=1):
+    """A DoubleCritic(layer_norm=True) with random LayerNorm gamma / beta (not the 1 / 0 init)."""
+    torch.manual_seed(seed)
+    q = qk.DoubleCritic(obs_dim, act_dim, hidden=hidden, depth=depth, activation=activation, layer_norm=True)
+    with torch.no_grad():
+        for ln in cpp._critic_norms(q)[0] + cpp._critic_norms(q)[1]:
+            ln.weight.normal_(1.0, 0.5)
+            ln.bias.normal_(0.0, 0.5)
+    return q
+
+
+def _check_act(net, critic, obs, K, **kw):
+    B = obs.shape[0]
+    ref, out, dbg = _act_both(net, critic, obs, K, **kw)
+    cand, q, idx = dbg["candidates"], dbg["q"], dbg["index"]
+    with torch.no_grad():
+        q_ref = critic.q_min(obs.repeat_interleave(K, dim=0), cand.reshape(B * K, -1)).reshape(B, K)
+    close(q, q_ref)
+    close(out, ref)
+    assert torch.equal(out, cand[torch.arange(B), idx])
+    if kw.get("mode", "argmax") == "argmax":
+        assert torch.equal(idx, q.argmax(dim=1))
+    return dbg
+
+
+@pytest.mark.parametrize("sampler,mode", [("flow", "argmax"), ("flow", "softmax"), ("consistency", "argmax"),
+                                          ("consistency", "softmax")])
+@pytest.mark.parametrize("K", [1, 5, 17])
+def test_act_layer_norm_critic_matches_reference(sampler, mode, K):
+    net = make(hidden=40)
+    critic = ln_critic(hidden=24 if K != 5 else 40)
+    g = torch.Generator().manual_seed(7)
+    obs = torch.randn(5, 17, generator=g)
+    kw = dict(sampler=sampler, mode=mode, steps=4, solver="heun", temperature=0.7)
+    if sampler == "consistency":
+        kw.update(sigmas=[2.0, 0.5], steps=10)
+    if mode == "softmax" and K == 17:  # the same uniform given to both backends
+        kw.update(uniform=torch.rand(5, dtype=torch.float64, generator=g))
+    _check_act(net, critic, obs, K, **kw)
+
+
+def test_act_layer_norm_critic_isas_activations_eps(isa):
+    # every activation, a non-default eps, a LayerNorm without affine / without bias, critic depth 1..3
+    g = torch.Generator().manual_seed(3)
+    for i, act in enumerate(ACTIVATIONS):
+        depth = 1 + i % 3
+        net = make(hidden=24, depth=2, activation=act, seed=i)
+        critic = ln_critic(hidden=40 if i % 2 else 24, depth=depth, activation=act, seed=i)
+        lns = cpp._critic_norms(critic)
+        lns[0][0].eps = 1e-3
+        if i == 1:
+            critic.q2_net.net[1] = torch.nn.LayerNorm(critic.hidden, elementwise_affine=False)
+        if i == 2:
+            critic.q1_net.net[1] = torch.nn.LayerNorm(critic.hidden, bias=False)
+        obs = torch.randn(3, 17, generator=g)
+        _check_act(net, critic, obs, 7, steps=2, solver="midpoint")
+        # a large constant offset in the pre-activations: the two-pass variance keeps it accurate
+        with torch.no_grad():
+            critic.q1_net.net[0].bias.add_(50.0)
+        _check_act(net, critic, obs, 7, steps=2, solver="midpoint")
+
+
+def test_act_layer_norm_critic_threads_and_many_states():
+    net = make(hidden=24)
+    critic = ln_critic(hidden=40)
+    obs = torch.randn(37, 17, generator=torch.Generator().manual_seed(4))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        d1 = _check_act(net, critic, obs, 5, steps=2)
+        torch.set_num_threads(3)
+        d3 = _check_act(net, critic, obs, 5, steps=2)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(d1["q"], d3["q"])
+
+
+def test_repack_when_layer_norm_parameters_change():
+    net = make(hidden=24)
+    critic = ln_critic(hidden=24)
+    obs = torch.randn(4, 17, generator=torch.Generator().manual_seed(5))
+    norms = cpp._critic_norms(critic)
+    with torch.no_grad():
+        _check_act(net, critic, obs, 5, steps=2)
+        norms[0][1].weight.mul_(-2.0)                                 # in place: ._version
+        _check_act(net, critic, obs, 5, steps=2)
+        norms[1][2].bias.data = torch.randn_like(norms[1][2].bias)    # new storage, same version counter
+        _check_act(net, critic, obs, 5, steps=2)
+        norms[1][0].eps = 0.5                                         # a plain attribute
+        _check_act(net, critic, obs, 5, steps=2)
+        other = ln_critic(hidden=24, seed=9)
+        critic.load_state_dict(other.state_dict())
+        dbg = _check_act(net, critic, obs, 5, steps=2)
+        q_other = other.q_min(obs.repeat_interleave(5, dim=0), dbg["candidates"].reshape(20, 6)).reshape(4, 5)
+        close(dbg["q"], q_other)
+
+
+def test_layer_norm_pack_arguments():
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    args = (z(8, 2), z(8, 3), z(8), [z(8, 8)], [z(8)], z(1, 8), z(1), "mish")
+    assert not _C.Pack(*args).layer_norm
+    assert _C.Pack(*args, ln_w=[z(8)] * 2, ln_b=[z(8)] * 2, ln_eps=[1e-5] * 2).layer_norm
+    with pytest.raises(ValueError, match="together"):
+        _C.Pack(*args, ln_w=[z(8)] * 2)
+    with pytest.raises(ValueError, match="one entry per hidden layer"):
+        _C.Pack(*args, ln_w=[z(8)], ln_b=[z(8)], ln_eps=[1e-5])
+    with pytest.raises(ValueError, match=r"ln_b\[1\]"):
+        _C.Pack(*args, ln_w=[z(8)] * 2, ln_b=[z(8), z(7)], ln_eps=[1e-5] * 2)
+    with pytest.raises(ValueError, match="ln_eps"):
+        _C.Pack(*args, ln_w=[z(8)] * 2, ln_b=[z(8)] * 2, ln_eps=[1e-5, float("nan")])
+
+
 # ----------------------------------------------------------------------------------------- losses
 def _loss_inputs(B, M, D, seed):
     g = torch.Generator().manual_seed(seed)
@@ -358,11 +470,23 @@ def test_reasons_and_auto_fallback():
         sub = Sub(6, 17, hidden=24)
         assert "overrides" in _cpp_reasons("integrate", **dict(kw, net=sub))[0]
         close(qk.integrate(sub, x0, obs, steps=2), qk.integrate(sub, x0, obs, steps=2, backend="torch"))
-        # critic with LayerNorm
+        # critic with LayerNorm: runs in C++; a LayerNorm the kernel does not implement is a reason
         qln = qk.DoubleCritic(17, 6, hidden=24, layer_norm=True)
-        r = _cpp_reasons("act", net=net, critic=qln, obs=obs, num_candidates=4, noise=None)
-        assert r and "layer_norm" in r[0]
+        assert _cpp_reasons("act", net=net, critic=qln, obs=obs, num_candidates=4, noise=None) == []
         assert _cpp_reasons("act", net=net, critic=critic, obs=obs, num_candidates=4, noise=None) == []
+
+        class MyLN(torch.nn.LayerNorm):
+            pass
+
+        for bad, why in ((MyLN(24), "plain"), (torch.nn.LayerNorm((4, 6)), "hidden width")):
+            q2 = qk.DoubleCritic(17, 6, hidden=24, layer_norm=True)
+            q2.q2_net.net[4] = bad
+            r = _cpp_reasons("act", net=net, critic=q2, obs=obs, num_candidates=4, noise=None)
+            assert r and why in r[0]
+        q3 = qk.DoubleCritic(17, 6, hidden=24)
+        q3.q1_net.net.insert(1, torch.nn.Dropout(0.1))
+        r = _cpp_reasons("act", net=net, critic=q3, obs=obs, num_candidates=4, noise=None)
+        assert r and "nets.MLP" in r[0]
     # grad mode with parameters that require grad: the reference runs, and gradients flow
     r = _cpp_reasons("integrate", **kw)
     assert r and "grad" in r[0]
