@@ -333,3 +333,14 @@ def save_study(res: Dict, out_dir: str, md_name: str, markdown: Callable[[Dict],
     if plots is not None:
         written += plots(res, out_dir)
     return written
+
+
+def replot(results_json: str, out_dir: Optional[str], save: Callable[[Dict, str], List[str]]) -> int:
+    """--replot of a study: redraw the Markdown and plots from a saved results.json (next to it by default)."""
+    import json
+
+    with open(results_json) as fh:
+        res = json.load(fh)
+    for p in save(res, out_dir or os.path.dirname(os.path.abspath(results_json))):
+        print(p)
+    return 0

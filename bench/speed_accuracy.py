@@ -32,7 +32,6 @@ error_vs_steps.png, error_vs_time.png (Pareto front), cost.png, quality.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -45,7 +44,7 @@ from qipo_kernels import ConditionalMLP, ops
 from qipo_kernels.reference.ode import NOISE_SOLVERS, STAGES, VELOCITY_SOLVERS, time_grid
 from qipo_kernels.reference.paths import alpha_sigma, inverse_log_snr, log_snr
 
-from ._common import atomic_savefig, cpu_model, device_name, results_dir, save_study, today
+from ._common import atomic_savefig, cpu_model, device_name, replot, results_dir, save_study, today
 
 STEPS = (1, 2, 4, 8, 16, 32, 64)
 CM_SIGMAS = {1: None, 2: [1.0], 3: [1.0, 0.3]}  # extra noise levels of 2- and 3-step consistency sampling
@@ -610,11 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="only redraw the plots and the Markdown from a saved results.json")
     a = ap.parse_args(argv)
     if a.replot:
-        with open(a.replot) as fh:
-            res = json.load(fh)
-        for p in save(res, a.out or os.path.dirname(os.path.abspath(a.replot))):
-            print(p)
-        return 0
+        return replot(a.replot, a.out, save)
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run_study(quick=a.quick, ref_steps=a.ref_steps, n_eval=a.n_eval, time_batch=a.time_batch,

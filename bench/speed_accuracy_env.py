@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -49,7 +48,7 @@ import torch
 
 from qipo_kernels.reference.ode import VELOCITY_SOLVERS
 
-from ._common import atomic_savefig, cpu_model, device_name, results_dir, save_study, today
+from ._common import atomic_savefig, cpu_model, device_name, replot, results_dir, save_study, today
 from .speed_accuracy import CM_SIGMAS
 
 STEPS = (1, 2, 4, 8, 16)
@@ -406,11 +405,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="only redraw the plots and the Markdown from a saved results.json")
     a = ap.parse_args(argv)
     if a.replot:
-        with open(a.replot) as fh:
-            res = json.load(fh)
-        for p in save(res, a.out or os.path.dirname(os.path.abspath(a.replot))):
-            print(p)
-        return 0
+        return replot(a.replot, a.out, save)
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run_study(runs_dir=a.runs, quick=a.quick, seed=a.seed, episodes=a.episodes,

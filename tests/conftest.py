@@ -57,3 +57,14 @@ def demo_minari_root(tmp_path_factory):
         mp.setenv("MINARI_DATASETS_PATH", root)
         data.make_local_dataset()
         yield root
+
+
+def make_demo_root(tmp_path_factory, name: str, num_episodes: int):
+    """A fresh datasets directory holding a small embedded demo dataset (num_episodes episodes)."""
+    from qipo_kernels.data import DEMO_DATASET_ID, make_local_dataset
+
+    root = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(root))
+        make_local_dataset(DEMO_DATASET_ID, num_episodes=num_episodes, seed=0)
+    return root

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import make_demo_root
 import torch
 
 minari = pytest.importorskip("minari")
@@ -26,11 +27,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     """A datasets directory holding a 10-episode demo dataset, shared by the module's tests."""
-    root = tmp_path_factory.mktemp("minari_demo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", str(root))
-        make_local_dataset(DEMO_DATASET_ID, num_episodes=10, seed=0)
-    return root
+    return make_demo_root(tmp_path_factory, "minari_demo", 10)
 
 
 @pytest.fixture

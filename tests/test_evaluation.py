@@ -3,13 +3,14 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_demo_root
 import torch
 
 pytest.importorskip("minari")
 gym = pytest.importorskip("gymnasium")
 
 from qipo_kernels.data import (  # noqa: E402
-    DEMO_DATASET_ID, DatasetInfo, load_minari, make_local_dataset, pendulum_controller,
+    DEMO_DATASET_ID, DatasetInfo, load_minari, pendulum_controller,
 )
 from qipo_kernels.data.dataset import env_seeds  # noqa: E402
 from qipo_kernels.evaluation import D4RL_REF_SCORES, evaluate, normalized_score, reference_scores  # noqa: E402
@@ -17,11 +18,7 @@ from qipo_kernels.evaluation import D4RL_REF_SCORES, evaluate, normalized_score,
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("minari_eval")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", str(root))
-        make_local_dataset(DEMO_DATASET_ID, num_episodes=5, seed=0)
-    return root
+    return make_demo_root(tmp_path_factory, "minari_eval", 5)
 
 
 @pytest.fixture
