@@ -5,7 +5,7 @@ that names the argument and says what was expected. Nothing is silently broadcas
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -13,21 +13,25 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def tensor(name: str, x, ndim: Optional[int] = None, shape: Optional[Sequence[Optional[int]]] = None,
-           dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
-    """Check that x is a tensor of a float dtype with the given ndim / shape (None = any size)."""
-    if not torch.is_tensor(x):
+           dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    """Check that x is a tensor of a float dtype with the given ndim / shape (None = any size).
+
+    (Runs on every op call, including one-state real-time calls: the passing path does no more
+    than the comparisons; messages are built only on failure.)
+    """
+    if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    dtypes = tuple(dtypes)
     if x.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
-    want = None
     if shape is not None:
-        ndim = len(shape)
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-    if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{name} must be {want or f'{ndim}-d'}, got shape {tuple(x.shape)}")
-    if shape is not None and any(s is not None and x.shape[i] != s for i, s in enumerate(shape)):
-        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        xs = x.shape
+        if len(xs) != len(shape) or any(s is not None and xs[i] != s for i, s in enumerate(shape)):
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            if len(xs) != len(shape):
+                raise ValueError(f"{name} must be {want}, got shape {tuple(xs)}")
+            raise ValueError(f"{name} must have shape {want}, got {tuple(xs)}")
+    elif ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-d, got shape {tuple(x.shape)}")
     return x
 
 
@@ -83,7 +87,12 @@ def positive_int(name: str, v, minimum: int = 1) -> int:
     return v
 
 
+_INF = float("inf")
+
+
 def positive_float(name: str, v, allow_zero: bool = False) -> float:
+    if type(v) is float and 0.0 < v < _INF:  # the common case, without the conversions below
+        return v
     try:
         f = float(v)
     except (TypeError, ValueError):

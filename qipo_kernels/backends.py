@@ -21,21 +21,38 @@ BACKENDS = ("triton", "cpp", "torch")
 _MODULES = {"triton": "qipo_kernels.triton", "cpp": "qipo_kernels.cpp"}
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
 _SUPPORTS: Dict[Tuple[str, str], Callable[..., List[str]]] = {}
+# (op, backend) -> (impl, fast_supports or supports or None): the lookups of every dispatch in one
+_REG: Dict[Tuple[str, str], Tuple[Callable, Optional[Callable[..., List[str]]]]] = {}
+# (op, backend asked for, device) -> the backends to try, [(name, impl, supports)], whose
+# op-independent reasons are known to be empty for good (see choose); cleared by register().
+_PLANS: Dict[tuple, list] = {}
 _IMPORT_ERRORS: Dict[str, str] = {}
 _LOADED: Dict[str, bool] = {}
 
 
-def register(op: str, backend: str, impl: Callable, supports: Optional[Callable[..., List[str]]] = None) -> None:
+class Fallback(RuntimeError):
+    """Raised by an implementation that ``supports`` (or ``fast_supports``) let through but that
+    found, running, that it cannot do this call after all (e.g. the C++ backend sees that a
+    module's parameters became float64 since its last call). The ops layer then runs the reference
+    for backend="auto", or raises RuntimeError with the message for a named backend."""
+
+
+def register(op: str, backend: str, impl: Callable, supports: Optional[Callable[..., List[str]]] = None,
+             fast_supports: Optional[Callable[..., List[str]]] = None) -> None:
     """Register ``impl`` as ``backend``'s implementation of ``op``.
 
     ``supports(**call_args)`` returns the reasons this backend cannot run a particular call
-    (e.g. a hidden width over 512); an empty list means it can.
+    (e.g. a hidden width over 512); an empty list means it can. ``fast_supports`` (default:
+    ``supports``) is what dispatch asks on every call; it may leave a check to the impl, which then
+    raises Fallback when that check fails.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _IMPLS.setdefault(op, {})[backend] = impl
     if supports is not None:
         _SUPPORTS[(op, backend)] = supports
+    _REG[(op, backend)] = (impl, fast_supports or supports)
+    _PLANS.clear()
 
 
 # Run eagerly even while torch.compile traces a caller: Dynamo refuses to trace importlib, so the
@@ -55,37 +72,61 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _device_type(device) -> Optional[str]:
+    if device is None:
+        return None
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
+# (backend, device type) pairs known to have no op-independent reasons; filled by backend_reasons.
+# Only answers that cannot change later are kept: an import is tried once, and a device type
+# either is supported or not (triton off CUDA depends on TRITON_INTERPRET, so it is never kept).
+_READY: set = set()
+
+
 def backend_reasons(backend: str, device: Optional[torch.device] = None) -> List[str]:
     """Reasons (op-independent) why ``backend`` cannot run on ``device`` here; [] if it can."""
+    return _backend_reasons(backend, _device_type(device))
+
+
+def _backend_reasons(backend: str, dt: Optional[str]) -> List[str]:
     if backend == "torch":
+        return []
+    if (backend, dt) in _READY:
         return []
     _load(backend)
     out = []
     if backend in _IMPORT_ERRORS:
         out.append(f"{_MODULES[backend]} failed to import ({_IMPORT_ERRORS[backend]})")
-    if device is not None:
-        dev = torch.device(device)
-        if backend == "triton" and dev.type != "cuda" and not interpret_mode():
-            out.append(f"inputs are on {dev.type}; Triton kernels need a CUDA device "
+    if dt is not None:
+        if backend == "triton" and dt != "cuda" and not interpret_mode():
+            out.append(f"inputs are on {dt}; Triton kernels need a CUDA device "
                        "(or TRITON_INTERPRET=1 set before import for the CPU interpreter)")
-        if backend == "cpp" and dev.type != "cpu":
-            out.append(f"inputs are on {dev.type}; the C++ backend runs on CPU tensors only")
+        if backend == "cpp" and dt != "cpu":
+            out.append(f"inputs are on {dt}; the C++ backend runs on CPU tensors only")
+    if not out and dt is not None and not (backend == "triton" and dt != "cuda"):
+        _READY.add((backend, dt))
     return out
+
+
+def _call_reasons(op: str, backend: str, dt: Optional[str], call_args: dict) -> List[str]:
+    out = _backend_reasons(backend, dt)
+    if out:
+        return out
+    if backend != "torch" and backend not in _IMPLS.get(op, {}):
+        return [f"no {backend} implementation of {op}"]
+    sup = _SUPPORTS.get((op, backend))
+    return sup(**call_args) if sup is not None else []
 
 
 def reasons(op: str, backend: str, device: Optional[torch.device] = None, **call_args) -> List[str]:
     """Why ``backend`` cannot run this call of ``op``; [] if it can."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
-    out = backend_reasons(backend, device)
-    if out:
-        return out
-    if backend != "torch" and backend not in _IMPLS.get(op, {}):
-        return [f"no {backend} implementation of {op}"]
-    sup = _SUPPORTS.get((op, backend))
-    if sup is not None:
-        out.extend(sup(**call_args))
-    return out
+    return _call_reasons(op, backend, _device_type(device), call_args)
+
+
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 def auto_order(device: Optional[torch.device]) -> Tuple[str, ...]:
@@ -93,30 +134,64 @@ def auto_order(device: Optional[torch.device]) -> Tuple[str, ...]:
 
     Triton under the CPU interpreter is for testing only and is never chosen automatically.
     """
-    if device is not None and torch.device(device).type == "cuda":
-        return ("triton", "torch")
-    if device is not None and torch.device(device).type == "cpu":
-        return ("cpp", "torch")
-    return ("torch",)
+    return _AUTO_ORDER.get(_device_type(device), ("torch",))
 
 
 def choose(op: str, backend: str, device: Optional[torch.device], reference: Callable, **call_args) -> Tuple[str, Callable]:
-    """Pick the implementation of ``op`` for this call: (backend name, callable)."""
+    """Pick the implementation of ``op`` for this call: (backend name, callable).
+
+    backend="auto" tries the auto_order of the device, first backend with no reasons wins;
+    a named backend with reasons raises RuntimeError listing them. This runs on every op call
+    (one-state real-time calls included), so the answer that does not depend on the call's
+    arguments (which backends are loaded and run on this device) is planned once per
+    (op, backend, device); only each candidate's ``supports(**call_args)`` runs per call.
+    """
+    plan = _PLANS.get((op, backend, device))
+    if plan is None:
+        plan = _plan(op, backend, device)
+    for name, impl, sup in plan:
+        if name == "torch":
+            return "torch", reference
+        if sup is None:
+            return name, impl
+        why = sup(**call_args)
+        if not why:
+            return name, impl
+        if backend != "auto":
+            raise RuntimeError(f"backend={backend!r} cannot run {op} here: " + "; ".join(why))
+    return "torch", reference
+
+
+def _plan(op: str, backend: str, device) -> list:
+    """The candidate list for choose; cached unless an answer can change (Triton off CUDA
+    depends on TRITON_INTERPRET). A named backend that cannot run here raises."""
+    dt = _device_type(device)
+    cache = dt is not None
     if backend == "auto":
-        for b in auto_order(device):
-            if b == "torch":
-                return "torch", reference
-            if not reasons(op, b, device, **call_args):
-                return b, _IMPLS[op][b]
-        return "torch", reference
-    if backend not in BACKENDS:
+        names = _AUTO_ORDER.get(dt, ("torch",))
+    elif backend in BACKENDS:
+        names = (backend,)
+    else:
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
-    if backend == "torch":
-        return "torch", reference
-    why = reasons(op, backend, device, **call_args)
-    if why:
-        raise RuntimeError(f"backend={backend!r} cannot run {op} here: " + "; ".join(why))
-    return backend, _IMPLS[op][backend]
+    plan = []
+    for b in names:
+        if b == "triton" and dt != "cuda":
+            cache = False
+        if b == "torch":
+            plan.append(("torch", None, None))
+            continue
+        why = _backend_reasons(b, dt)
+        reg = _REG.get((op, b))
+        if not why and reg is None:
+            why = [f"no {b} implementation of {op}"]
+        if why:
+            if backend != "auto":
+                raise RuntimeError(f"backend={backend!r} cannot run {op} here: " + "; ".join(why))
+            continue
+        plan.append((b, reg[0], reg[1]))
+    if cache:
+        _PLANS[(op, backend, device)] = plan
+    return plan
 
 
 def explain(op: str, device: Optional[torch.device] = None, **call_args) -> Dict[str, List[str]]:

@@ -23,6 +23,14 @@ OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "samp
        "select_action", "act")
 
 
+def _fallback(op: str, backend: str, name: str, err: Exception) -> None:
+    """A fast implementation found at run time that it cannot do this call (backends.Fallback): with
+    backend="auto" the caller runs the reference (nothing was written or drawn that it needs), with
+    a named backend this is an error."""
+    if backend != "auto":
+        raise RuntimeError(f"backend={name!r} cannot run {op} here: {err}") from err
+
+
 def flow_path(actions, noise, t, path: str = "ot", backend: str = "auto"):
     """(x_t, target) on a probability path; see reference.paths.flow_path. Shapes [..., D], t [...]."""
     _paths.check_flow_path(actions, noise, t, path)
@@ -57,9 +65,13 @@ def integrate(net: Callable, x0, obs, steps: int = 10, solver: str = "euler", t0
     x0 [N, A] with obs [N, S], or x0 [B, K, A] with obs [B, S]; returns x0's shape.
     """
     _ode.check_integrate(net, x0, obs, steps, solver, t0, t1, path)
-    _, fn = _b.choose("integrate", backend, x0.device, _ode._integrate, net=net, x0=x0, obs=obs, steps=steps,
-                      solver=solver, path=path, return_trajectory=return_trajectory)
-    return fn(net, x0, obs, steps, solver, t0, t1, path, return_trajectory)
+    name, fn = _b.choose("integrate", backend, x0.device, _ode._integrate, net=net, x0=x0, obs=obs, steps=steps,
+                         solver=solver, path=path, return_trajectory=return_trajectory)
+    try:
+        return fn(net, x0, obs, steps, solver, t0, t1, path, return_trajectory)
+    except _b.Fallback as err:
+        _fallback("integrate", backend, name, err)
+    return _ode._integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory)
 
 
 def sample(net: Callable, obs, num_samples: int, steps: int = 10, solver: str = "euler", path: Optional[str] = None,
@@ -84,9 +96,14 @@ def consistency_sample(net: Callable, noise, obs, sigmas: Optional[Sequence[floa
     """One-step / multistep consistency sampling; see reference.consistency.consistency_sample."""
     _cons.check_consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data)
     sig = [float(s) for s in sigmas] if sigmas is not None else None
-    _, fn = _b.choose("consistency_sample", backend, noise.device, _cons._consistency_sample, net=net, noise=noise,
-                      obs=obs, sigmas=sig, step_noise=step_noise, clip=clip)
-    return fn(net, noise, obs, sig, step_noise, float(sigma_max), float(sigma_min), float(sigma_data), clip, generator)
+    name, fn = _b.choose("consistency_sample", backend, noise.device, _cons._consistency_sample, net=net,
+                         noise=noise, obs=obs, sigmas=sig, step_noise=step_noise, clip=clip)
+    args = (net, noise, obs, sig, step_noise, float(sigma_max), float(sigma_min), float(sigma_data), clip, generator)
+    try:
+        return fn(*args)
+    except _b.Fallback as err:
+        _fallback("consistency_sample", backend, name, err)
+    return _cons._consistency_sample(*args)
 
 
 def consistency_denoise(net, x, sigma, obs, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN, clip: bool = True):
@@ -181,8 +198,13 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: str = "fl
     _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
                noise, step_noise, uniform)
     sig = [float(s) for s in sigmas] if sigmas is not None else None
-    _, fn = _b.choose("act", backend, obs.device, _act_ref, net=net, critic=critic, obs=obs,
-                      num_candidates=num_candidates, sampler=sampler, steps=steps, solver=solver, path=path,
-                      sigmas=sig, mode=mode, noise=noise)
-    return fn(net, critic, obs, num_candidates, sampler, steps, solver, path, sig, mode, float(temperature),
-              noise, step_noise, uniform, generator, clip)
+    name, fn = _b.choose("act", backend, obs.device, _act_ref, net=net, critic=critic, obs=obs,
+                         num_candidates=num_candidates, sampler=sampler, steps=steps, solver=solver, path=path,
+                         sigmas=sig, mode=mode, noise=noise)
+    args = (net, critic, obs, num_candidates, sampler, steps, solver, path, sig, mode, float(temperature),
+            noise, step_noise, uniform, generator, clip)
+    try:
+        return fn(*args)
+    except _b.Fallback as err:
+        _fallback("act", backend, name, err)
+    return _act_ref(*args)

@@ -82,7 +82,8 @@ def _check_net_x_obs(net, x, obs, xname="x"):
     C.tensor("obs", obs, ndim=2)
     if obs.shape[0] != x.shape[0]:
         raise ValueError(f"obs must have {x.shape[0]} rows, got {obs.shape[0]}")
-    C.same_device(**{xname: x, "obs": obs})
+    if not (x.is_cpu and obs.is_cpu) and x.device != obs.device:  # (both on the CPU: one device)
+        C.same_device(**{xname: x, "obs": obs})
 
 
 def consistency_denoise(net: Callable, x: torch.Tensor, sigma, obs: torch.Tensor,
@@ -120,9 +121,9 @@ def _consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_mi
 
 def check_consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data):
     _check_net_x_obs(net, noise, obs, "noise")
-    C.positive_float("sigma_max", sigma_max)
-    C.positive_float("sigma_min", sigma_min)
-    C.positive_float("sigma_data", sigma_data)
+    for name, v in (("sigma_max", sigma_max), ("sigma_min", sigma_min), ("sigma_data", sigma_data)):
+        if v.__class__ is not float or not 0.0 < v < math.inf:  # (the common case without a call)
+            C.positive_float(name, v)
     if sigmas is not None:
         if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
             raise TypeError(f"sigmas must be a sequence of floats, got {type(sigmas).__name__}")
