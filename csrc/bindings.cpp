@@ -77,40 +77,166 @@ void set_isa(const std::string& isa) {
 }
 
 // ---------------------------------------------------------------- buffer checks
-std::string shape_str(const py::array& a) {
-    std::string s = "[";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
+// A buffer argument is a numpy array or a CPU torch.Tensor (dense, contiguous, no neg bit), read
+// through the tensor's Python attributes: no torch headers, and no .numpy() round trip (~0.8 us a
+// tensor, a fifth of a one-state sampler call). The tensor stays referenced by the caller while
+// the kernels run, as the numpy array does.
+template <class T> const char* dtype_name();
+template <> const char* dtype_name<float>() { return "float32"; }
+template <> const char* dtype_name<double>() { return "float64"; }
+template <> const char* dtype_name<int64_t>() { return "int64"; }
+
+struct TorchRefs {
+    PyObject* tensor_type;
+    PyObject *f32, *f64, *i64, *strided;
+    PyObject *s_dtype, *s_is_cpu, *s_shape, *s_is_contiguous, *s_is_neg, *s_data_ptr, *s_requires_grad,
+        *s_device, *s_layout;
+};
+
+// torch's objects, looked up once torch has been imported (before that nothing can be a tensor).
+// The references are kept for the life of the process (never released at finalization).
+const TorchRefs* torch_refs() {
+    static TorchRefs* refs = nullptr;
+    if (refs) return refs;
+    PyObject* mod = PyImport_GetModule(py::str("torch").ptr());
+    if (!mod) {
+        PyErr_Clear();
+        return nullptr;
+    }
+    py::object torch = py::reinterpret_steal<py::object>(mod);
+    auto keep = [](py::object o) { return o.release().ptr(); };
+    auto intern = [](const char* n) { return PyUnicode_InternFromString(n); };
+    TorchRefs* r = new TorchRefs{keep(torch.attr("Tensor")), keep(torch.attr("float32")), keep(torch.attr("float64")),
+                                 keep(torch.attr("int64")), keep(torch.attr("strided")), intern("dtype"),
+                                 intern("is_cpu"), intern("shape"), intern("is_contiguous"), intern("is_neg"),
+                                 intern("data_ptr"), intern("requires_grad"), intern("device"), intern("layout")};
+    refs = r;
+    return refs;
+}
+template <class T> PyObject* torch_dtype(const TorchRefs* r);
+template <> PyObject* torch_dtype<float>(const TorchRefs* r) { return r->f32; }
+template <> PyObject* torch_dtype<double>(const TorchRefs* r) { return r->f64; }
+template <> PyObject* torch_dtype<int64_t>(const TorchRefs* r) { return r->i64; }
+
+py::object get_attr(py::handle h, PyObject* name) {
+    PyObject* o = PyObject_GetAttr(h.ptr(), name);
+    if (!o) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(o);
+}
+py::object call0(py::handle h, PyObject* name) {
+    PyObject* o = PyObject_CallMethodNoArgs(h.ptr(), name);
+    if (!o) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(o);
 }
 
-// Check a float32 (or float64 / int64) C-contiguous array with the given shape (-1 = any).
+struct View {
+    void* ptr = nullptr;
+    int nd = 0;
+    long shape[8];
+    void push(long n, const char* name) {
+        if (nd == 8) throw py::value_error(std::string(name) + " has more than 8 dimensions");
+        shape[nd++] = n;
+    }
+};
+
+std::string shape_str(const View& v) {
+    std::string out = "[";
+    for (int i = 0; i < v.nd; ++i) out += (i ? ", " : "") + std::to_string(v.shape[i]);
+    return out + "]";
+}
+
+// The data pointer and shape of a C-contiguous buffer of element type T (numpy array or CPU tensor).
 template <class T>
-const T* check(const py::handle& h, const char* name, std::vector<long> shape, bool writable = false) {
-    if (!py::isinstance<py::array>(h))
-        throw py::type_error(std::string(name) + " must be a numpy array, got " +
+View view(py::handle h, const char* name, bool writable) {
+    View v;
+    if (py::isinstance<py::array>(h)) {
+        py::array a = py::reinterpret_borrow<py::array>(h);
+        if (!a.dtype().is(py::dtype::of<T>()))
+            throw py::type_error(std::string(name) + " must have dtype " + dtype_name<T>() + ", got " +
+                                 std::string(py::str(a.dtype())));
+        if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+        if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+        for (py::ssize_t i = 0; i < a.ndim(); ++i) v.push((long)a.shape(i), name);
+        v.ptr = const_cast<void*>(a.data());
+        return v;
+    }
+    const TorchRefs* r = torch_refs();
+    if (!r || !PyObject_TypeCheck(h.ptr(), (PyTypeObject*)r->tensor_type))
+        throw py::type_error(std::string(name) + " must be a numpy array or a CPU torch.Tensor, got " +
                              std::string(py::str(py::type::of(h).attr("__name__"))));
-    py::array a = py::reinterpret_borrow<py::array>(h);
-    if (!a.dtype().is(py::dtype::of<T>()))
-        throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(py::dtype::of<T>())) +
-                             ", got " + std::string(py::str(a.dtype())));
-    if (!(a.flags() & py::array::c_style))
-        throw py::value_error(std::string(name) + " must be C-contiguous");
-    if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
-    bool ok = a.ndim() == (py::ssize_t)shape.size();
-    for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
+    py::object dt = get_attr(h, r->s_dtype);
+    if (dt.ptr() != torch_dtype<T>(r))
+        throw py::type_error(std::string(name) + " must have dtype torch." + dtype_name<T>() + ", got " +
+                             std::string(py::str(dt)));
+    if (get_attr(h, r->s_is_cpu).ptr() != Py_True)
+        throw py::value_error(std::string(name) + " must be on the CPU, got a tensor on " +
+                              std::string(py::str(get_attr(h, r->s_device))));
+    // (the layout is looked at only when this fails: some sparse layouts raise here, others say False)
+    PyObject* c = PyObject_CallMethodNoArgs(h.ptr(), r->s_is_contiguous);
+    if (!c) {
+        PyErr_Clear();
+        throw py::value_error(std::string(name) + " must be a dense (strided) tensor");
+    }
+    const bool contiguous = c == Py_True;
+    Py_DECREF(c);
+    if (!contiguous) {
+        if (get_attr(h, r->s_layout).ptr() != r->strided)
+            throw py::value_error(std::string(name) + " must be a dense (strided) tensor");
+        throw py::value_error(std::string(name) + " must be contiguous (call .contiguous() first)");
+    }
+    if (writable) {
+        // outputs: the caller made them (fresh, never a negative view); they must not be autograd leaves
+        if (get_attr(h, r->s_requires_grad).ptr() != Py_False)
+            throw py::value_error(std::string(name) + " is an output buffer and must not require grad");
+    } else if (call0(h, r->s_is_neg).ptr() != Py_False) {
+        throw py::value_error(std::string(name) + " has its negative bit set (call .resolve_neg() first)");
+    }
+    py::object shp = get_attr(h, r->s_shape);
+    const Py_ssize_t nd = PyTuple_Size(shp.ptr());
+    if (nd < 0) throw py::error_already_set();
+    for (Py_ssize_t i = 0; i < nd; ++i) v.push(PyLong_AsLong(PyTuple_GET_ITEM(shp.ptr(), i)), name);
+    py::object p = call0(h, r->s_data_ptr);
+    v.ptr = PyLong_AsVoidPtr(p.ptr());
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return v;
+}
+
+// Check a buffer with the given shape (-1 = any size, filled in with the actual size).
+template <class T>
+T* check_buf(const py::handle& h, const char* name, std::vector<long>& shape, bool writable) {
+    View v = view<T>(h, name, writable);
+    bool ok = v.nd == (int)shape.size();
+    for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || v.shape[i] == shape[i];
     if (!ok) {
         std::string want = "[";
         for (size_t i = 0; i < shape.size(); ++i)
             want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
-        throw py::value_error(std::string(name) + " must have shape " + want + "], got " + shape_str(a));
+        throw py::value_error(std::string(name) + " must have shape " + want + "], got " + shape_str(v));
     }
-    return static_cast<const T*>(a.data());
+    for (size_t i = 0; i < shape.size(); ++i) shape[i] = v.shape[i];
+    return static_cast<T*>(v.ptr);
+}
+template <class T>
+const T* check(const py::handle& h, const char* name, std::vector<long> shape) {
+    return check_buf<T>(h, name, shape, false);
 }
 template <class T>
 T* check_out(const py::handle& h, const char* name, std::vector<long> shape) {
-    return const_cast<T*>(check<T>(h, name, shape, true));
+    return check_buf<T>(h, name, shape, true);
 }
-long dim(const py::handle& h, int i) { return (long)py::reinterpret_borrow<py::array>(h).shape(i); }
+// A [rows, cols] buffer in any row-major shape whose last dimension is cols and whose other
+// dimensions multiply to rows (e.g. x0 [B, K, A] for rows = B K): no reshape needed on the caller's side.
+template <class T>
+T* check_rows(const py::handle& h, const char* name, long rows, long cols, bool writable = false) {
+    View v = view<T>(h, name, writable);
+    long lead = 1;
+    for (int i = 0; i + 1 < v.nd; ++i) lead *= v.shape[i];
+    if (v.nd < 2 || v.shape[v.nd - 1] != cols || lead != rows)
+        throw py::value_error(std::string(name) + " must have shape [" + std::to_string(rows) + ", " +
+                              std::to_string(cols) + "] (or leading dimensions multiplying to " +
+                              std::to_string(rows) + "), got " + shape_str(v));
+    return static_cast<T*>(v.ptr);
+}
 
 // 64-byte aligned float buffer
 struct AlignedBuf {
@@ -185,16 +311,17 @@ struct Pack {
 
     Pack(py::array wx, py::array wc, py::array b1, py::list hidden_w, py::list hidden_b, py::array wo, py::array bo,
          const std::string& activation, py::object ln_w, py::object ln_b, py::object ln_eps) {
-        const long H = dim(wx, 0);
-        if (py::reinterpret_borrow<py::array>(wx).ndim() != 2) throw py::value_error("wx must be [H, nx]");
-        const long nx = dim(wx, 1);
-        check<float>(wc, "wc", {H, -1});
-        const long nc = dim(wc, 1);
-        check<float>(wx, "wx", {H, nx});
+        std::vector<long> sx{-1, -1};
+        check_buf<float>(wx, "wx", sx, false);
+        const long H = sx[0], nx = sx[1];
+        std::vector<long> sc{H, -1};
+        check_buf<float>(wc, "wc", sc, false);
+        const long nc = sc[1];
         check<float>(b1, "b1", {H});
         if (hidden_w.size() != hidden_b.size()) throw py::value_error("hidden_w and hidden_b must have equal length");
-        check<float>(wo, "wo", {-1, H});
-        const long nout = dim(wo, 0);
+        std::vector<long> so{-1, H};
+        check_buf<float>(wo, "wo", so, false);
+        const long nout = so[0];
         check<float>(bo, "bo", {nout});
         if (H < 1 || nx < 1 || nc < 1 || nout < 1) throw py::value_error("every packed dimension must be >= 1");
         const int Hp = qk::round_up((int)H, qk::PAD), Ap = qk::round_up((int)nout, qk::PAD);
@@ -271,6 +398,123 @@ struct Pack {
     }
 };
 
+// ---------------------------------------------------------------- change detection
+// Watches the tensors a pack was built from. changed() is true once any of them was
+//   - modified in place through autograd-visible ops (optimizer steps, copy_ under no_grad,
+//     load_state_dict): its ._version moved;
+//   - replaced (`p.data = other`, a new Parameter in the same slot): its data_ptr() moved;
+//   - written through `.data` (`p.data.copy_(...)`, the usual soft target update), which bypasses
+//     the version counter: caught by comparing four sampled elements (first, 1/3, 2/3, last) with
+//     their values when the watch was made. A `.data` write that leaves all four unchanged (a
+//     few elements edited by hand) is not seen: cpp.refresh(module) drops the pack then.
+// Plain C API calls (pybind's attr()/cast() cost ~3x as much): this runs on every sampler call.
+class Watch {
+  public:
+    explicit Watch(py::list slots) {
+        const TorchRefs* r = torch_refs();
+        if (!r) throw py::type_error("Watch needs torch tensors (torch is not imported)");
+        for (py::handle s : slots) {
+            if (!PyTuple_Check(s.ptr()) || PyTuple_GET_SIZE(s.ptr()) != 2 || !PyDict_Check(PyTuple_GET_ITEM(s.ptr(), 0)))
+                throw py::type_error("slots must be a list of (dict, name) tuples");
+            Item it;
+            it.dict = PyTuple_GET_ITEM(s.ptr(), 0);
+            it.name = PyTuple_GET_ITEM(s.ptr(), 1);
+            PyObject* t = lookup(it);
+            it.version = version(t);
+            it.ptr = data_ptr(t);
+            // sampled only from a dense float32 CPU tensor; while data_ptr is unchanged it is that same buffer
+            it.n = 0;
+            py::handle th(t);
+            if (PyObject_TypeCheck(t, (PyTypeObject*)r->tensor_type) && get_attr(th, r->s_dtype).ptr() == r->f32 &&
+                get_attr(th, r->s_is_cpu).ptr() == Py_True && call0(th, r->s_is_contiguous).ptr() == Py_True) {
+                it.n = PyLong_AsLong(call0(th, py::str("numel").ptr()).ptr());
+                if (it.n < 0) throw py::error_already_set();
+                if (it.n > 0) read_samples(it, it.sample);
+            }
+            Py_INCREF(it.dict);
+            Py_INCREF(it.name);
+            items_.push_back(it);
+        }
+    }
+    ~Watch() {
+        if (!Py_IsInitialized()) return;
+        for (Item& it : items_) {
+            Py_XDECREF(it.dict);
+            Py_XDECREF(it.name);
+        }
+    }
+    Watch(const Watch&) = delete;
+    Watch& operator=(const Watch&) = delete;
+
+    // Never raises: a tensor that is gone or no longer a tensor (a parameter set to None) counts as a
+    // change, and the caller's re-pack then says what is wrong.
+    bool changed() const {
+        try {
+            for (const Item& it : items_) {
+                PyObject* t = lookup(it);
+                if (data_ptr(t) != it.ptr || version(t) != it.version) return true;
+                if (it.n > 0) {
+                    float now[4];
+                    read_samples(it, now);
+                    if (std::memcmp(now, it.sample, sizeof(now)) != 0) return true;
+                }
+            }
+        } catch (py::error_already_set&) {
+            return true;  // (the error_already_set took the Python error indicator with it)
+        } catch (py::key_error&) {
+            return true;
+        }
+        return false;
+    }
+    size_t size() const { return items_.size(); }
+
+  private:
+    struct Item {
+        PyObject* dict = nullptr;
+        PyObject* name = nullptr;
+        long long version = 0;
+        uintptr_t ptr = 0;
+        long n = 0;
+        float sample[4] = {0, 0, 0, 0};
+    };
+    std::vector<Item> items_;
+
+    static PyObject* lookup(const Item& it) {
+        PyObject* t = PyDict_GetItemWithError(it.dict, it.name);  // borrowed
+        if (!t) {
+            if (PyErr_Occurred()) throw py::error_already_set();
+            throw py::key_error("a watched tensor was removed: " + std::string(py::str(it.name)));
+        }
+        return t;
+    }
+    static long long version(PyObject* t) {
+        static PyObject* attr = PyUnicode_InternFromString("_version");
+        PyObject* v = PyObject_GetAttr(t, attr);
+        if (!v) {  // inference tensors have no version counter: pointer and samples only
+            PyErr_Clear();
+            return -1;
+        }
+        const long long out = PyLong_AsLongLong(v);
+        Py_DECREF(v);
+        if (out == -1 && PyErr_Occurred()) throw py::error_already_set();
+        return out;
+    }
+    static uintptr_t data_ptr(PyObject* t) {
+        static PyObject* attr = PyUnicode_InternFromString("data_ptr");
+        PyObject* p = PyObject_CallMethodNoArgs(t, attr);
+        if (!p) throw py::error_already_set();
+        const unsigned long long out = PyLong_AsUnsignedLongLong(p);
+        Py_DECREF(p);
+        if (out == (unsigned long long)-1 && PyErr_Occurred()) throw py::error_already_set();
+        return (uintptr_t)out;
+    }
+    static void read_samples(const Item& it, float* out) {
+        const float* p = reinterpret_cast<const float*>(it.ptr);
+        const long idx[4] = {0, it.n / 3, (2 * it.n) / 3, it.n - 1};
+        for (int i = 0; i < 4; ++i) std::memcpy(out + i, p + idx[i], sizeof(float));
+    }
+};
+
 // ---------------------------------------------------------------- sampling
 struct SamplerIn {
     qk::SampleArgs a{};
@@ -287,9 +531,10 @@ qk::SampleArgs make_sample_args(const Pack& net, py::handle obs, py::handle x0, 
         throw py::value_error("the policy pack must have as many inputs x as outputs (the action dimension)");
     const long A = d.nout, S = d.nc;
     if (K < 1) throw py::value_error("K must be >= 1");
-    a.obs = check<float>(obs, "obs", {-1, S});
-    const long B = dim(obs, 0);
-    a.x0 = check<float>(x0, "x0", {B * K, A});
+    std::vector<long> so{-1, S};
+    a.obs = check_buf<float>(obs, "obs", so, false);
+    const long B = so[0];
+    a.x0 = check_rows<float>(x0, "x0", B * K, A);
     a.R = B * K;
     a.K = K;
     if (kind == "velocity") {
@@ -316,7 +561,7 @@ qk::SampleArgs make_sample_args(const Pack& net, py::handle obs, py::handle x0, 
     } else {
         n_evals = steps;  // consistency: steps = number of denoiser evaluations
         a.coef = check<float>(coef, "coef", {steps, qk::NCOEF_CONS});
-        if (steps > 1) a.step_noise = check<float>(step_noise, "step_noise", {steps - 1, B * K, A});
+        if (steps > 1) a.step_noise = check_rows<float>(step_noise, "step_noise", (steps - 1) * B * K, A);
     }
     a.n_evals = n_evals;
     a.ttab = check<float>(ttab, "ttab", {n_evals, d.H});
@@ -327,27 +572,41 @@ qk::SampleArgs make_sample_args(const Pack& net, py::handle obs, py::handle x0, 
 
 const long CHUNK_ROWS = 64;
 
-void sample(const Pack& net, py::handle obs, py::handle x0, int K, const std::string& kind, int solver, int steps,
+// True when every watch given (None = not checked) reports no change since its pack was made.
+bool unchanged(py::handle w) { return w.is_none() || !w.cast<const Watch&>().changed(); }
+
+bool sample(const Pack& net, py::handle obs, py::handle x0, int K, const std::string& kind, int solver, int steps,
             py::handle ttab, py::handle coef, py::handle step_noise, bool clip, py::handle out, py::handle traj,
-            int n_threads, long chunk_rows) {
+            int n_threads, long chunk_rows, py::handle watch) {
+    if (!unchanged(watch)) return false;  // the pack is stale: nothing written, the caller re-packs
     qk::SampleArgs a = make_sample_args(net, obs, x0, K, kind, solver, steps, ttab, coef, step_noise, clip);
     const long A = net.d.nout;
-    a.out = check_out<float>(out, "out", {a.R, A});
+    a.out = check_rows<float>(out, "out", a.R, A, true);
     if (!traj.is_none()) {
         if (a.kind == qk::KIND_CONSISTENCY) throw py::value_error("traj is only for the ODE solvers");
-        a.traj = check_out<float>(traj, "traj", {steps + 1, a.R, A});
+        a.traj = check_rows<float>(traj, "traj", (steps + 1) * a.R, A, true);
     }
     if (chunk_rows <= 0) chunk_rows = CHUNK_ROWS;
     const long ws = qk::sample_ws_floats(&net.d, chunk_rows, chunk_rows) + 256;
     const Variant v = g_var;
-    py::gil_scoped_release nogil;
-    run_chunks(a.R, chunk_rows, n_threads, ws, [&](long r0, long r1, float* w) { v.sample_chunk(&a, r0, r1, w); });
+    auto run = [&]() {
+        run_chunks(a.R, chunk_rows, n_threads, ws, [&](long r0, long r1, float* w) { v.sample_chunk(&a, r0, r1, w); });
+    };
+    if (a.R <= chunk_rows && steps == 1) {
+        run();  // a few microseconds: holding the GIL is cheaper than handing it over and back
+    } else {
+        py::gil_scoped_release nogil;
+        run();
+    }
+    return true;
 }
 
-void act(const Pack& net, const Pack& q1, const Pack& q2, py::handle obs, py::handle x0, int K,
+bool act(const Pack& net, const Pack& q1, const Pack& q2, py::handle obs, py::handle x0, int K,
          const std::string& kind, int solver, int steps, py::handle ttab, py::handle coef, py::handle step_noise,
          bool clip, const std::string& mode, double temperature, py::handle uniform, py::handle act_out,
-         py::handle q_out, py::handle idx_out, py::handle cand_out, int n_threads, long chunk_rows) {
+         py::handle q_out, py::handle idx_out, py::handle cand_out, int n_threads, long chunk_rows,
+         py::handle watch, py::handle critic_watch) {
+    if (!unchanged(watch) || !unchanged(critic_watch)) return false;  // a pack is stale: the caller re-packs
     qk::ActArgs a{};
     a.s = make_sample_args(net, obs, x0, K, kind, solver, steps, ttab, coef, step_noise,
                            kind == "consistency");
@@ -376,7 +635,7 @@ void act(const Pack& net, const Pack& q1, const Pack& q2, py::handle obs, py::ha
     a.act_out = check_out<float>(act_out, "act_out", {B, A});
     if (!q_out.is_none()) a.q_out = check_out<float>(q_out, "q_out", {B * K});
     if (!idx_out.is_none()) a.idx_out = check_out<int64_t>(idx_out, "idx_out", {B});
-    if (!cand_out.is_none()) a.s.out = check_out<float>(cand_out, "cand_out", {B * K, A});
+    if (!cand_out.is_none()) a.s.out = check_rows<float>(cand_out, "cand_out", B * K, A, true);
     if (chunk_rows <= 0) chunk_rows = CHUNK_ROWS;
     const long states = std::max(1L, chunk_rows / K);
     const long m = states * K;
@@ -385,6 +644,7 @@ void act(const Pack& net, const Pack& q1, const Pack& q2, py::handle obs, py::ha
     const Variant v = g_var;
     py::gil_scoped_release nogil;
     run_chunks(B, states, n_threads, ws, [&](long b0, long b1, float* w) { v.act_chunk(&a, b0, b1, w); });
+    return true;
 }
 
 // ---------------------------------------------------------------- weighted flow-matching loss
@@ -394,8 +654,9 @@ void act(const Pack& net, const Pack& q1, const Pack& q2, py::handle obs, py::ha
 double fm_loss(py::handle pred, py::handle target, py::handle noise, py::handle energy, double beta,
                const std::string& normalize, py::handle pair_weight, py::handle grad, py::handle sq_out,
                py::handle w_out, int n_threads) {
-    const float* P = check<float>(pred, "pred", {-1, -1, -1});
-    const long B = dim(pred, 0), M = dim(pred, 1), D = dim(pred, 2);
+    std::vector<long> sp{-1, -1, -1};
+    const float* P = check_buf<float>(pred, "pred", sp, false);
+    const long B = sp[0], M = sp[1], D = sp[2];
     if (B < 1 || M < 1 || D < 1) throw py::value_error("pred must be non-empty [B, M, D]");
     const float* T = check<float>(target, "target", {B, M, D});
     const float* Z = noise.is_none() ? nullptr : check<float>(noise, "noise", {B, M, D});
@@ -466,32 +727,6 @@ double fm_loss(py::handle pred, py::handle target, py::handle noise, py::handle 
     return loss;
 }
 
-// (sum of ._version, FNV-1a hash of data_ptr()) over the tensors d[name] for (d, name) in slots:
-// the cache key of a packed module, computed in one call (it runs on every sampler call).
-py::tuple fingerprint(py::list slots) {
-    long long versions = 0;
-    uint64_t h = 1469598103934665603ULL;
-    // interned once and never released (a static py::object would be released after finalization)
-    static PyObject* version_attr = PyUnicode_InternFromString("_version");
-    static PyObject* ptr_attr = PyUnicode_InternFromString("data_ptr");
-    for (py::handle s : slots) {
-        if (!PyTuple_Check(s.ptr()) || PyTuple_GET_SIZE(s.ptr()) != 2 || !PyDict_Check(PyTuple_GET_ITEM(s.ptr(), 0)))
-            throw py::type_error("slots must be a list of (dict, name) tuples");
-        PyObject* d = PyTuple_GET_ITEM(s.ptr(), 0);
-        PyObject* n = PyTuple_GET_ITEM(s.ptr(), 1);
-        PyObject* t = PyDict_GetItemWithError(d, n);
-        if (!t) {
-            if (PyErr_Occurred()) throw py::error_already_set();
-            throw py::key_error("missing tensor");
-        }
-        py::handle th(t);
-        versions += th.attr(py::handle(version_attr)).cast<long long>();
-        const uint64_t p = th.attr(py::handle(ptr_attr))().cast<uint64_t>();
-        h = (h ^ p) * 1099511628211ULL;
-    }
-    return py::make_tuple(versions, h);
-}
-
 double fma_peak(double seconds) {
     const Variant v = g_var;
     py::gil_scoped_release nogil;
@@ -514,8 +749,9 @@ void gemm(py::handle x, const Pack& net, py::handle y) {
     // y = act(x W_2 + b_2) with the pack's first hidden layer (tests / benchmarks of the GEMM alone)
     if (net.d.depth < 2) throw py::value_error("the pack has no hidden layer");
     const long H = net.d.H, Hp = net.d.Hp;
-    const float* X = check<float>(x, "x", {-1, Hp});
-    const long M = dim(x, 0);
+    std::vector<long> sx{-1, Hp};
+    const float* X = check_buf<float>(x, "x", sx, false);
+    const long M = sx[0];
     float* Y = check_out<float>(y, "y", {M, Hp});
     const Variant v = g_var;
     py::gil_scoped_release nogil;
@@ -554,19 +790,27 @@ PYBIND11_MODULE(_C, m) {
     m.def("sample", &sample, py::arg("net"), py::arg("obs"), py::arg("x0"), py::arg("K"), py::arg("kind"),
           py::arg("solver"), py::arg("steps"), py::arg("ttab"), py::arg("coef"), py::arg("step_noise"),
           py::arg("clip"), py::arg("out"), py::arg("traj"), py::arg("n_threads") = 1, py::arg("chunk_rows") = 0,
-          "ODE or consistency sampling of R = B*K rows into out [R, A] (and traj [steps+1, R, A]).");
+          py::arg("watch") = py::none(),
+          "ODE or consistency sampling of R = B*K rows into out [R, A] (and traj [steps+1, R, A]). Returns "
+          "False, writing nothing, when `watch` (the pack's Watch) reports a change: re-pack and call again.");
     m.def("act", &act, py::arg("net"), py::arg("q1"), py::arg("q2"), py::arg("obs"), py::arg("x0"), py::arg("K"),
           py::arg("kind"), py::arg("solver"), py::arg("steps"), py::arg("ttab"), py::arg("coef"),
           py::arg("step_noise"), py::arg("clip"), py::arg("mode"), py::arg("temperature"), py::arg("uniform"),
           py::arg("act_out"), py::arg("q_out") = py::none(), py::arg("idx_out") = py::none(),
           py::arg("cand_out") = py::none(), py::arg("n_threads") = 1, py::arg("chunk_rows") = 0,
-          "Sample K candidates per state, score by min(Q1, Q2), select one per state into act_out [B, A].");
+          py::arg("watch") = py::none(), py::arg("critic_watch") = py::none(),
+          "Sample K candidates per state, score by min(Q1, Q2), select one per state into act_out [B, A]. "
+          "Returns False, writing nothing, when a watch reports a change (re-pack and call again).");
     m.def("fm_loss", &fm_loss, py::arg("pred"), py::arg("target"), py::arg("noise"), py::arg("energy"),
           py::arg("beta"), py::arg("normalize"), py::arg("pair_weight"), py::arg("grad"), py::arg("sq_out"),
           py::arg("w_out"), py::arg("n_threads") = 1,
           "Weighted flow-matching loss (returned, float64) and its gradient w.r.t. pred (into grad).");
-    m.def("fingerprint", &fingerprint, py::arg("slots"),
-          "(sum of versions, hash of data pointers) of d[name] for (d, name) in slots (pack cache key).");
+    py::class_<Watch, std::shared_ptr<Watch>>(m, "Watch")
+        .def(py::init<py::list>(), py::arg("slots"),
+             "Record the state of the tensors d[name] for (d, name) in slots (those a pack reads).")
+        .def("changed", &Watch::changed,
+             "True once any watched tensor changed: version, data pointer, or one of four sampled elements.")
+        .def("__len__", &Watch::size);
     m.def("fma_peak", &fma_peak, py::arg("seconds") = 0.2,
           "Measured single-thread peak FLOP/s of a tight FMA loop in the active variant.");
     m.def("gemm", &gemm, py::arg("x"), py::arg("net"), py::arg("y"));

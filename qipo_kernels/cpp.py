@@ -17,7 +17,10 @@ the time embedding of every evaluation time is computed here in PyTorch and pass
 reference does (qipo_kernels.reference) and rounded to float32 as torch rounds a Python scalar.
 
 Weights are packed (transposed, zero-padded, 64-byte aligned) once per module and re-packed when
-any parameter or buffer changes (its ._version or data_ptr). Coefficient / time tables are cached
+any parameter or buffer changes: its ._version (optimizer steps, load_state_dict, in-place updates),
+its data_ptr (``p.data = other``) or, for writes through ``p.data`` that bypass the version counter
+(``p.data.copy_(...)`` soft updates), one of four sampled elements; ``refresh(module)`` forces a
+re-pack after hand edits of a few elements through ``.data``. Coefficient / time tables are cached
 with the pack.
 
 Gradients: the samplers do not backpropagate. They report a reason (so "auto" uses the reference)
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import weakref
 from typing import List, Optional
 
@@ -59,11 +61,20 @@ _VEL_ID = {"euler": 0, "midpoint": 1, "heun": 2, "rk4": 3}
 _NOISE_ID = {"ddim": 0, "dpm1": 0, "dpm2": 1}
 
 
-def _empty(shape, dtype=np.float32):
-    """Allocates every output buffer the C++ writes: (tensor, the numpy array sharing its memory).
-    Tests replace it to poison the outputs with NaN before the kernels run."""
-    a = np.empty(shape, dtype=dtype)
-    return torch.from_numpy(a), a
+def _empty(shape, dtype=np.float32) -> np.ndarray:
+    """Allocates every output buffer the C++ writes: a numpy array (the cheapest buffer for _C to
+    check), returned to the caller as a tensor sharing its memory (torch.from_numpy). Tests replace
+    it to poison the outputs with NaN before the kernels run."""
+    return np.empty(shape, dtype=dtype)
+
+
+_T = torch.from_numpy
+
+
+def _buf(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor as the extension takes it: contiguous (a copy only when it is not). _C reads the
+    tensor's data pointer itself and checks dtype, device, layout and shape."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -79,26 +90,33 @@ def n_threads() -> int:
     return torch.get_num_threads()
 
 
-class Unsupported(RuntimeError):
-    """Raised by an impl called directly (not through ops) on a module the C++ backend cannot run
-    now (e.g. its parameters changed dtype); ops never sees it, since supports() is asked first."""
+class Unsupported(_b.Fallback):
+    """Raised by an impl on a module the C++ backend cannot run now (e.g. its parameters changed
+    dtype since the last call): ops then runs the reference (backend="auto") or raises
+    RuntimeError with the reason (backend="cpp")."""
 
 
 # ------------------------------------------------------------------------------------------- packing
 class _Entry:
-    __slots__ = ("key", "packs", "tables")
+    """A module's packed weights, with the _C.Watch over the tensors they were packed from, the
+    LayerNorm eps values (plain attributes, not tensors) and the cached coefficient / time tables."""
+    __slots__ = ("watch", "eps", "packs", "tables")
 
-    def __init__(self, key, packs):
-        self.key, self.packs, self.tables = key, packs, {}
+    def __init__(self, watch, eps, packs):
+        self.watch, self.eps, self.packs, self.tables = watch, eps, packs, {}
 
 
-# id(module) -> _Entry (packed weights + tables), and id(module) -> (weakref to the module,
-# [(dict, name)] of every tensor the pack reads, [the critic's LayerNorms, whose eps joins the key]).
-# Entries leave with their module (weakref callback).
-_CACHE: dict = {}
-_SLOTS: dict = {}
-# the entry that the last supports() call validated, so that the impl right after it need not re-check
-_TLS = threading.local()
+class _Mod:
+    """What is known of one module: a weakref to it, [(dict, name)] of every tensor its pack reads,
+    the critic's LayerNorms (their eps is part of the pack) and the current _Entry (None until packed)."""
+    __slots__ = ("ref", "slots", "norms", "entry")
+
+    def __init__(self, ref, slots, norms):
+        self.ref, self.slots, self.norms, self.entry = ref, slots, norms, None
+
+
+# id(module) -> _Mod. Records leave with their module (weakref callback).
+_MODS: dict = {}
 
 
 def _critic_linears(critic: DoubleCritic):
@@ -169,13 +187,6 @@ def _make_slots(module, kind: str):
     return slots
 
 
-def _key(slots):
-    # (sum of ._version, hash of data_ptr()) of every tensor, in one C++ call. Version counters only
-    # grow, so the sum changes whenever a tensor is modified in place (optimizer steps,
-    # load_state_dict, copy_); data_ptr catches `p.data = other`, which keeps the version counter.
-    return _C.fingerprint(slots)
-
-
 def _tensor_reasons(name, slots) -> List[str]:
     for d, n in slots:
         t = d.get(n)
@@ -218,57 +229,116 @@ def _build_critic_packs(critic: DoubleCritic):
 
 
 def _prepare(module, kind: str):
-    """(entry, reasons): the module's cached pack, re-packed when any of its tensors changed
-    (._version or data_ptr), or the reasons the C++ backend cannot run it."""
+    """(entry, reasons): the module's cached pack, re-packed when any tensor it was packed from
+    changed (see _C.Watch: version counter, data pointer, sampled elements), or the reasons the
+    C++ backend cannot run it. On the path of every call: the unchanged case is one C++ call."""
+    rec = _MODS.get(id(module))
+    if rec is not None and rec.ref() is module and rec.entry is not None:
+        try:
+            changed = rec.entry.watch.changed() or (
+                rec.norms and rec.entry.eps != tuple(float(n.eps) for n in rec.norms))
+        except KeyError:  # a watched tensor was removed: the slow path says why
+            changed = True
+        if not changed:
+            if torch.is_grad_enabled():
+                return _grad_check(rec, kind)
+            return rec.entry, []
+    return _prepare_slow(module, kind)
+
+
+def _grad_check(rec, kind):
+    if any(d[n].requires_grad for d, n in rec.slots):
+        name = "net" if kind == "policy" else "critic"
+        return None, [f"grad mode is on and the {name}'s parameters require grad, but the C++ sampler does not "
+                      "backpropagate; call it under torch.no_grad() / torch.inference_mode() for the fast path"]
+    return rec.entry, []
+
+
+def _prepare_slow(module, kind: str):
     mid = id(module)
-    slot_ent = _SLOTS.get(mid)
-    if slot_ent is None or slot_ent[0]() is not module:
+    rec = _MODS.get(mid)
+    if rec is None or rec.ref() is not module:
         why = _type_reasons(module, kind)
         if why:
             return None, why
-        slot_ent = (weakref.ref(module, lambda _r, mid=mid: (_SLOTS.pop(mid, None), _CACHE.pop(mid, None))),
-                    _make_slots(module, kind),
-                    [n for ns in _critic_norms(module) for n in ns] if kind == "critic" else [])
-        _SLOTS[mid] = slot_ent
-        _CACHE.pop(mid, None)
-    slots = slot_ent[1]
+        rec = _Mod(weakref.ref(module, lambda _r, mid=mid: _MODS.pop(mid, None)), _make_slots(module, kind),
+                   [n for ns in _critic_norms(module) for n in ns] if kind == "critic" else [])
+        _MODS[mid] = rec
+    slots, norms, e = rec.slots, rec.norms, rec.entry
     name = "net" if kind == "policy" else "critic"
     try:
-        key = _key(slots)
-        if slot_ent[2]:  # LayerNorm eps is a plain attribute, not a tensor: part of the key
-            key = (key, tuple(float(n.eps) for n in slot_ent[2]))
+        stale = e is None or e.watch.changed() or (norms and e.eps != tuple(float(n.eps) for n in norms))
     except (AttributeError, KeyError):  # a parameter set to None or removed
+        rec.entry = None
         return None, _tensor_reasons(name, slots) or [f"{name} lost a parameter the C++ pack reads"]
-    e = _CACHE.get(mid)
-    if e is None or e.key != key:
+    if stale:
+        rec.entry = None
         why = _tensor_reasons(name, slots)
         if why:
             return None, why
+        watch = _C.Watch(slots)  # the state the pack is built from
         packs = [_build_policy_pack(module)] if kind == "policy" else _build_critic_packs(module)
-        e = _Entry(key, packs)
-        _CACHE[mid] = e
-    if torch.is_grad_enabled() and any(d[n].requires_grad for d, n in slots):
-        return None, [f"grad mode is on and the {name}'s parameters require grad, but the C++ sampler does not "
-                      "backpropagate; call it under torch.no_grad() / torch.inference_mode() for the fast path"]
-    return e, []
+        rec.entry = _Entry(watch, tuple(float(n.eps) for n in norms), packs)
+    if torch.is_grad_enabled():
+        return _grad_check(rec, kind)
+    return rec.entry, []
+
+
+def refresh(module=None) -> None:
+    """Drop the packed weights of ``module`` (every module when None): the next call re-packs.
+
+    Never needed after optimizer steps, ``load_state_dict``, in-place updates under no_grad,
+    ``p.data = ...`` or whole-tensor writes through ``p.data`` (soft / EMA target updates): the
+    pack notices those by itself. Needed only after editing a few elements through ``.data``
+    (e.g. ``p.data[3, 7] = 0.0``), which no version counter records.
+    """
+    if module is None:
+        for rec in _MODS.values():
+            rec.entry = None
+    else:
+        rec = _MODS.get(id(module))
+        if rec is not None and rec.ref() is module:
+            rec.entry = None
 
 
 def _module_reasons(module, kind: str) -> List[str]:
-    e, why = _prepare(module, kind)
-    setattr(_TLS, kind, (module, e))
-    return why
+    """supports(): the full check, the pack's staleness included (backends.reasons / explain)."""
+    return _prepare(module, kind)[1]
+
+
+def _ready_reasons(module, kind: str) -> List[str]:
+    """fast_supports(), on every dispatch: the module was packed before and nothing that is not a
+    tensor changed; whether the pack is still current is left to the C++ call itself, which checks
+    the pack's Watch before it computes (one C++ call per sampler call instead of two)."""
+    rec = _packed(module)
+    if rec is not None:
+        if torch.is_grad_enabled():
+            return _grad_check(rec, kind)[1]
+        return []
+    return _prepare(module, kind)[1]
+
+
+def _packed(module) -> Optional[_Mod]:
+    """The module's record if it has a pack whose LayerNorm eps values (not tensors: no Watch sees
+    them) are still the module's; None otherwise."""
+    rec = _MODS.get(id(module))
+    if rec is not None and rec.ref() is module and rec.entry is not None and not (
+            rec.norms and rec.entry.eps != tuple(float(n.eps) for n in rec.norms)):
+        return rec
+    return None
 
 
 def _entry(module, kind: str) -> _Entry:
-    """The pack for the impl: the one supports() validated (ops.py calls supports immediately before the
-    impl, on the same thread, so the check is not paid twice), else validated now. The hand-off is
-    used once; an impl called directly, not through ops, after weights changed since an unrelated
-    supports() call on the same module is the one case it could see a stale pack."""
-    last = getattr(_TLS, kind, None)
-    if last is not None:
-        setattr(_TLS, kind, None)
-        if last[0] is module and last[1] is not None:
-            return last[1]
+    """The module's current pack for an impl (packed now if it never was). It may be stale: the impls
+    pass its watch to the C++ call and re-pack with _repack when that reports a change."""
+    rec = _packed(module)
+    if rec is not None:
+        return rec.entry
+    return _repack(module, kind)
+
+
+def _repack(module, kind: str) -> _Entry:
+    """Validate (re-packing what changed) or raise Unsupported with the reasons."""
     e, why = _prepare(module, kind)
     if why:
         raise Unsupported("the C++ backend cannot run this call: " + "; ".join(why))
@@ -350,7 +420,7 @@ def _flow_tables(net, entry, steps, solver, t0, t1, path):
 
 
 def _consistency_tables(net, entry, sigmas, sigma_max, sigma_min, sigma_data):
-    key = ("cons", tuple(sigmas or ()), sigma_max, sigma_min, sigma_data)
+    key = (None if sigmas is None else tuple(sigmas), sigma_max, sigma_min, sigma_data)  # flow keys start "flow"
     tab = entry.tables.get(key)
     if tab is not None:
         return tab
@@ -367,40 +437,65 @@ def _consistency_tables(net, entry, sigmas, sigma_max, sigma_min, sigma_data):
 
 
 # ------------------------------------------------------------------------------------------- integrate
-def _supports_integrate(net=None, x0=None, obs=None, steps=None, solver=None, path=None, return_trajectory=False,
-                        **_) -> List[str]:
-    return _module_reasons(net, "policy") or _input_reasons(x0=x0, obs=obs)
+def _integrate_supports(module_reasons):
+    def supports(net=None, x0=None, obs=None, steps=None, solver=None, path=None, return_trajectory=False,
+                 **_) -> List[str]:
+        why = module_reasons(net, "policy")
+        if why:
+            return why
+        if x0.dtype is _F32 and obs.dtype is _F32 and not torch.is_grad_enabled():
+            return why
+        return _input_reasons(x0=x0, obs=obs)
+    return supports
+
+
+# supports (full: backends.reasons / explain) and fast_supports (ops dispatch; staleness left to _C)
+_supports_integrate = _integrate_supports(_module_reasons)
+_fast_supports_integrate = _integrate_supports(_ready_reasons)
 
 
 def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     """reference.ode._integrate in C++: x0 [N, A] (obs [N, S]) or [B, K, A] (obs [B, S]) -> x0's shape."""
     e = _entry(net, "policy")
-    kind, sid, nst, ttab, coef = _flow_tables(net, e, steps, solver, t0, t1, path)
     shape = tuple(x0.shape)
     K = shape[1] if len(shape) == 3 else 1
-    A = shape[-1]
-    R = shape[0] * K
-    out, out_np = _empty(shape)
-    traj, traj_np = _empty((steps + 1,) + shape) if return_trajectory else (None, None)
-    _C.sample(e.packs[0], _np(obs), _np(x0).reshape(R, A), K, kind, sid, nst, ttab, coef, None, False,
-              out_np.reshape(R, A), None if traj_np is None else traj_np.reshape(steps + 1, R, A),
-              n_threads(), CHUNK_ROWS)
+    out = _empty(shape)
+    traj = _empty((steps + 1,) + shape) if return_trajectory else None
+    obs, x0 = _buf(obs), _buf(x0)
+    for first in (True, False):
+        kind, sid, nst, ttab, coef = _flow_tables(net, e, steps, solver, t0, t1, path)
+        if _C.sample(e.packs[0], obs, x0, K, kind, sid, nst, ttab, coef, None, False, out, traj,
+                     torch.get_num_threads(), CHUNK_ROWS, e.watch if first else None):
+            break
+        e = _repack(net, "policy")  # the weights changed since the last call
     if return_trajectory:
-        return out, traj
-    return out
+        return _T(out), _T(traj)
+    return _T(out)
 
 
 # ------------------------------------------------------------------------------------------- consistency
-def _supports_consistency(net=None, noise=None, obs=None, sigmas=None, step_noise=None, **_) -> List[str]:
-    return _module_reasons(net, "policy") or _input_reasons(noise=noise, obs=obs, step_noise=step_noise)
+def _consistency_supports(module_reasons):
+    def supports(net=None, noise=None, obs=None, sigmas=None, step_noise=None, clip=True) -> List[str]:
+        why = module_reasons(net, "policy")
+        if why:
+            return why
+        if step_noise is None and noise.dtype is _F32 and obs.dtype is _F32 and not torch.is_grad_enabled():
+            return why  # the one-state real-time case, without building _input_reasons' arguments
+        return _input_reasons(noise=noise, obs=obs, step_noise=step_noise)
+    return supports
+
+
+_supports_consistency = _consistency_supports(_module_reasons)
+_fast_supports_consistency = _consistency_supports(_ready_reasons)
 
 
 def _step_noise(step_noise, sigmas, R, A, dtype, device, generator):
-    """[len(sigmas), R, A] re-noise draws: given, or drawn in the reference's order."""
+    """Re-noise draws [len(sigmas), R, A] (given ones may be [len(sigmas), B, K, A]): given, or drawn in
+    the reference's order."""
     if not sigmas:
         return None
     if step_noise is not None:
-        return step_noise.reshape(len(sigmas), R, A)
+        return step_noise
     return torch.stack([torch.randn((R, A), dtype=dtype, device=device, generator=generator) for _ in sigmas])
 
 
@@ -408,27 +503,41 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     """reference.consistency._consistency_sample in C++: noise [N, A] or [B, K, A] -> same shape."""
     e = _entry(net, "policy")
     kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
-    shape = tuple(noise.shape)
+    shape = noise.shape
     K = shape[1] if len(shape) == 3 else 1
-    A = shape[-1]
-    R = shape[0] * K
-    sn = _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator) if sigmas else None
-    out, out_np = _empty(shape)
-    _C.sample(e.packs[0], _np(obs), _np(noise).reshape(R, A), K, kind, sid, nst, ttab, coef,
-              None if sn is None else _np(sn), bool(clip), out_np.reshape(R, A), None, n_threads(), CHUNK_ROWS)
-    return out
+    sn = None
+    if sigmas:
+        sn = _step_noise(step_noise, sigmas, shape[0] * K, shape[-1], noise.dtype, noise.device, generator)
+    out = _empty(shape)
+    # (_buf inlined: this is the one-state real-time path)
+    obs = obs if obs.is_contiguous() else obs.contiguous()
+    noise = noise if noise.is_contiguous() else noise.contiguous()
+    sn = None if sn is None else _buf(sn)
+    if not _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
+                     torch.get_num_threads(), CHUNK_ROWS, e.watch):
+        e = _repack(net, "policy")  # the weights changed since the last call
+        kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
+        _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
+                  torch.get_num_threads(), CHUNK_ROWS)
+    return _T(out)
 
 
 # ------------------------------------------------------------------------------------------- act
-def _supports_act(net=None, critic=None, obs=None, num_candidates=None, sampler=None, steps=None, solver=None,
-                  path=None, sigmas=None, mode=None, noise=None, **_) -> List[str]:
-    why = _module_reasons(net, "policy") or _module_reasons(critic, "critic")
-    if why:
-        return why
-    if critic.obs_dim != net.obs_dim or critic.act_dim != net.act_dim:
-        return [f"critic takes obs_dim {critic.obs_dim}, act_dim {critic.act_dim} but net has "
-                f"{net.obs_dim}, {net.act_dim}"]
-    return _input_reasons(obs=obs, noise=noise)
+def _act_supports(module_reasons):
+    def supports(net=None, critic=None, obs=None, num_candidates=None, sampler=None, steps=None, solver=None,
+                 path=None, sigmas=None, mode=None, noise=None, **_) -> List[str]:
+        why = module_reasons(net, "policy") or module_reasons(critic, "critic")
+        if why:
+            return why
+        if critic.obs_dim != net.obs_dim or critic.act_dim != net.act_dim:
+            return [f"critic takes obs_dim {critic.obs_dim}, act_dim {critic.act_dim} but net has "
+                    f"{net.obs_dim}, {net.act_dim}"]
+        return _input_reasons(obs=obs, noise=noise)
+    return supports
+
+
+_supports_act = _act_supports(_module_reasons)
+_fast_supports_act = _act_supports(_ready_reasons)
 
 
 def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature, noise,
@@ -445,29 +554,32 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     R = B * K
     if noise is None:
         noise = torch.randn((B, K, A), dtype=obs.dtype, device=obs.device, generator=generator)
-    if sampler == "flow":
-        kind, sid, nst, ttab, coef = _flow_tables(net, pe, steps, solver, 0.0, 1.0, path)
-        sn = None
-    else:
-        kind, sid, nst, ttab, coef = _consistency_tables(net, pe, sigmas, _cons.SIGMA_MAX, _cons.SIGMA_MIN,
-                                                         _cons.SIGMA_DATA)
-        sn = _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator)
+    def tables(pe):
+        if sampler == "flow":
+            return _flow_tables(net, pe, steps, solver, 0.0, 1.0, path)
+        return _consistency_tables(net, pe, sigmas, _cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA)
+
+    sn = None if sampler == "flow" else _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator)
     u = None
     if mode == "softmax":
         if uniform is None:
             uniform = torch.rand(B, dtype=torch.float64, device=obs.device, generator=generator)
         u = uniform.detach().to(torch.float64).contiguous().numpy()
-    out, out_np = _empty((B, A))
-    cand = q = idx = (None, None)
+    out = _empty((B, A))
+    cand = q = idx = None
     if _debug is not None:
         cand, q, idx = _empty((B, K, A)), _empty((B, K)), _empty((B,), np.int64)
-    _C.act(pe.packs[0], ce.packs[0], ce.packs[1], _np(obs), _np(noise).reshape(R, A), K, kind, sid, nst, ttab, coef,
-           None if sn is None else _np(sn), bool(clip), mode, float(temperature), u, out_np,
-           None if q[1] is None else q[1].reshape(R), idx[1], None if cand[1] is None else cand[1].reshape(R, A),
-           n_threads(), CHUNK_ROWS)
+    obs, noise, sn = _buf(obs), _buf(noise), None if sn is None else _buf(sn)
+    for first in (True, False):
+        kind, sid, nst, ttab, coef = tables(pe)
+        if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip),
+                  mode, float(temperature), u, out, None if q is None else q.reshape(R), idx, cand,
+                  torch.get_num_threads(), CHUNK_ROWS, pe.watch if first else None, ce.watch if first else None):
+            break
+        pe, ce = _repack(net, "policy"), _repack(critic, "critic")  # weights changed since the last call
     if _debug is not None:
-        _debug.update(candidates=cand[0], q=q[0], index=idx[0])
-    return out
+        _debug.update(candidates=_T(cand), q=_T(q), index=_T(idx))
+    return _T(out)
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -481,14 +593,13 @@ class _FMLoss(torch.autograd.Function):
     def forward(ctx, pred, a, z, energy, pair_weight, beta, normalize, mode):
         need_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 4))
         B, M, D = pred.shape
-        none = (None, None)
-        grad = _empty((B, M, D)) if need_grad else none
-        sq = _empty((B, M)) if ctx.needs_input_grad[4] else none
-        w = _empty((B, M)) if ctx.needs_input_grad[4] else none
-        e = None if energy is None else _np(energy.detach().to(torch.float32))
-        loss = _C.fm_loss(_np(pred), _np(a), None if z is None else _np(z), e, float(beta), normalize,
-                          None if pair_weight is None else _np(pair_weight), grad[1], sq[1], w[1], n_threads())
-        grad, sq, w = grad[0], sq[0], w[0]
+        grad = _empty((B, M, D)) if need_grad else None
+        sq = _empty((B, M)) if ctx.needs_input_grad[4] else None
+        w = _empty((B, M)) if ctx.needs_input_grad[4] else None
+        e = None if energy is None else _buf(energy.detach().to(torch.float32))
+        loss = _C.fm_loss(_buf(pred), _buf(a), None if z is None else _buf(z), e, float(beta), normalize,
+                          None if pair_weight is None else _buf(pair_weight), grad, sq, w, n_threads())
+        grad, sq, w = (None if b is None else _T(b) for b in (grad, sq, w))
         ctx.mode = mode
         ctx.save_for_backward(grad, sq, w)
         return torch.tensor(loss, dtype=pred.dtype)
@@ -530,8 +641,8 @@ def flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, p
     return _FMLoss.apply(pred, noise, None, energy, pair_weight, beta, normalize, "eps")
 
 
-_b.register("integrate", "cpp", integrate, _supports_integrate)
-_b.register("consistency_sample", "cpp", consistency_sample, _supports_consistency)
-_b.register("act", "cpp", act, _supports_act)
+_b.register("integrate", "cpp", integrate, _supports_integrate, _fast_supports_integrate)
+_b.register("consistency_sample", "cpp", consistency_sample, _supports_consistency, _fast_supports_consistency)
+_b.register("act", "cpp", act, _supports_act, _fast_supports_act)
 _b.register("weighted_fm_loss", "cpp", weighted_fm_loss, _supports_loss)
 _b.register("flow_matching_loss", "cpp", flow_matching_loss, _supports_loss)

@@ -32,7 +32,7 @@ def poison(monkeypatch):
     def nan_empty(shape, dtype=np.float32):
         a = np.empty(shape, dtype=dtype)
         a.fill(np.nan if a.dtype.kind == "f" else -7)
-        return torch.from_numpy(a), a
+        return a
 
     monkeypatch.setattr(cpp, "_empty", nan_empty)
 
@@ -439,6 +439,127 @@ def test_repack_when_parameters_change():
         close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(other, x0, obs, steps=2, backend="torch"))
 
 
+def test_repack_after_writes_through_data():
+    # `.data` writes bypass the version counter (the usual soft / EMA target update): the pack's
+    # Watch compares sampled elements, so whole-tensor writes are still seen
+    net, critic = make(hidden=24, critic=True)
+    src_net, src_critic = make(hidden=24, critic=True, seed=8)
+    x0, obs = torch.randn(3, 6), torch.randn(3, 17)
+    with torch.no_grad():
+        qk.integrate(net, x0, obs, steps=2, backend="cpp")
+        v = net.layers[1].weight._version
+        for p, q in zip(net.parameters(), src_net.parameters()):
+            p.data.copy_(0.5 * p.data + 0.5 * q.data)             # polyak through .data
+        assert net.layers[1].weight._version == v                  # (no version counter saw it)
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.layers[2].weight.data.mul_(-1.0)                       # one tensor, in place through .data
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        _check_act(net, critic, obs, 4, steps=2)
+        for p, q in zip(critic.parameters(), src_critic.parameters()):
+            p.data.copy_(q.data)                                   # the critic too (act)
+        _check_act(net, critic, obs, 4, steps=2)
+        # an edit of one element the samples do not cover is invisible until refresh()
+        w = net.layers[1].weight
+        w.data[1, 1] += 5.0
+        stale = qk.integrate(net, x0, obs, steps=2, backend="cpp")
+        ref = qk.integrate(net, x0, obs, steps=2, backend="torch")
+        assert not torch.allclose(stale, ref, atol=1e-4)
+        cpp.refresh(net)
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), ref)
+        cpp.refresh()                                              # every module
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), ref)
+
+
+def test_watch_reports_each_kind_of_change():
+    net = make(hidden=24)
+    slots = cpp._make_slots(net, "policy")
+    w = _C.Watch(slots)
+    assert len(w) == len(slots) and not w.changed()
+    lin = net.layers[1]
+    with torch.no_grad():
+        lin.bias.add_(0.0)                         # version only (values equal)
+    assert w.changed()
+    w = _C.Watch(slots)
+    lin.weight.data = lin.weight.data.clone()      # pointer only
+    assert w.changed()
+    w = _C.Watch(slots)
+    lin.weight.data[-1, -1] = 3.0                  # the last element is one of the samples
+    assert w.changed()
+    w = _C.Watch(slots)
+    lin.bias = None                                # no longer a tensor: a change, not an error
+    assert w.changed()
+    del net.layers[1]._parameters["bias"]          # gone
+    assert w.changed()
+
+
+def test_stale_pack_the_backend_cannot_run_falls_back():
+    net = make(hidden=24)
+    x0, obs = torch.randn(3, 6), torch.randn(3, 17)
+    with torch.no_grad():
+        qk.integrate(net, x0, obs, steps=2)                       # packed (auto = cpp)
+        sampler = qk.make_sampler(net, kind="consistency", backend="auto")
+        sampler(obs)
+        sampler(obs)                                               # the real-time plan is in place
+        net.layers[1].bias = None                                  # now a Linear without bias
+        want = qk.integrate(net, x0, obs, steps=2, backend="torch")
+        torch.testing.assert_close(qk.integrate(net, x0, obs, steps=2), want)  # auto: the reference
+        with pytest.raises(RuntimeError, match="without bias"):
+            qk.integrate(net, x0, obs, steps=2, backend="cpp")
+        assert any("without bias" in r for r in _cpp_reasons("integrate", net=net, x0=x0, obs=obs, steps=2,
+                                                             solver="euler", path=None))
+        assert sampler(obs).shape == (3, 6) and sampler.backend_used(obs) == "torch"
+        z = torch.randn(3, 6)
+        torch.testing.assert_close(qk.consistency_sample(net, z, obs),
+                                   qk.consistency_sample(net, z, obs, backend="torch"))
+
+
+def test_inference_mode_parameters():
+    # inference tensors have no version counter: the Watch goes by data pointers and samples
+    with torch.inference_mode():
+        net = make(hidden=24)
+        x0, obs = torch.randn(3, 6), torch.randn(3, 17)
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.layers[1].weight.mul_(0.5)
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+
+
+def test_tensor_buffers_at_the_extension():
+    net = make(hidden=24)
+    with torch.no_grad():
+        e = cpp._entry(net, "policy")
+    _, _, _, ttab, coef = cpp._flow_tables(net, e, 2, "euler", 0.0, 1.0, None)
+    p = e.packs[0]
+    obs, x0 = torch.randn(3, 17), torch.randn(3, 6)
+    want = np.zeros((3, 6), np.float32)
+    assert _C.sample(p, obs.numpy(), x0.numpy(), 1, "velocity", 0, 2, ttab, coef, None, False, want, None)
+    out = torch.full((3, 6), float("nan"))
+    assert _C.sample(p, obs, x0, 1, "velocity", 0, 2, ttab, coef, None, False, out, None)
+    assert torch.equal(out, torch.from_numpy(want))
+    # [B, K, A] rows with K = 3 (x0 and out in any shape whose leading dims multiply to B K)
+    out3 = torch.full((1, 3, 6), float("nan"))
+    assert _C.sample(p, obs[:1].contiguous(), x0.reshape(1, 3, 6), 3, "velocity", 0, 2, ttab, coef, None, False,
+                     out3, None)
+    assert torch.isfinite(out3).all()
+    args = lambda o, x, y: (p, o, x, 1, "velocity", 0, 2, ttab, coef, None, False, y, None)  # noqa: E731
+    with pytest.raises(TypeError, match="obs must have dtype torch.float32"):
+        _C.sample(*args(obs.double(), x0, out))
+    with pytest.raises(ValueError, match="x0 must be contiguous"):
+        _C.sample(*args(obs, torch.randn(6, 3).t(), out))
+    with pytest.raises(ValueError, match="obs must be on the CPU"):
+        _C.sample(*args(obs.to("meta"), x0, out))
+    with pytest.raises(ValueError, match="dense"):
+        _C.sample(*args(obs.to_sparse(), x0, out))
+    with pytest.raises(ValueError, match="out .*must not require grad"):
+        _C.sample(*args(obs, x0, torch.zeros(3, 6, requires_grad=True)))
+    with pytest.raises(ValueError, match="negative bit"):
+        _C.sample(*args(obs, torch._neg_view(x0), out))
+    with pytest.raises(ValueError, match="x0 must have shape \\[3, 6\\]"):
+        _C.sample(*args(obs, torch.randn(2, 2, 6), out))
+    with pytest.raises(TypeError, match="numpy array or a CPU torch.Tensor"):
+        _C.sample(*args(obs, x0.tolist(), out))
+    assert torch.isfinite(out).all()  # (nothing ran on bad input)
+
+
 # ----------------------------------------------------------------------------------------- reasons
 def _cpp_reasons(op, **kw):
     return backends.reasons(op, "cpp", torch.device("cpu"), **kw)
@@ -595,10 +716,10 @@ def test_pack_cache_follows_the_module_lifetime():
     with torch.no_grad():
         qk.integrate(net, torch.randn(2, 6), torch.randn(2, 17), steps=2, backend="cpp")
     mid = id(net)
-    assert mid in cpp._CACHE and mid in cpp._SLOTS
+    assert mid in cpp._MODS and cpp._MODS[mid].entry is not None
     del net
     gc.collect()
-    assert mid not in cpp._CACHE and mid not in cpp._SLOTS
+    assert mid not in cpp._MODS
 
 
 def test_registered_ops():
