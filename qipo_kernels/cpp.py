@@ -486,7 +486,16 @@ def _consistency_supports(module_reasons):
 
 
 _supports_consistency = _consistency_supports(_module_reasons)
-_fast_supports_consistency = _consistency_supports(_ready_reasons)
+_ready_supports_consistency = _consistency_supports(_ready_reasons)
+
+
+def _fast_supports_consistency(net=None, noise=None, obs=None, sigmas=None, step_noise=None, clip=True):
+    # the one-state real-time case with _ready_reasons inlined (a policy record has no LayerNorms)
+    rec = _MODS.get(id(net))
+    if (rec is not None and rec.ref() is net and rec.entry is not None and step_noise is None
+            and noise.dtype is _F32 and obs.dtype is _F32 and not torch.is_grad_enabled()):
+        return []
+    return _ready_supports_consistency(net, noise, obs, sigmas, step_noise, clip)
 
 
 def _step_noise(step_noise, sigmas, R, A, dtype, device, generator):
@@ -501,8 +510,10 @@ def _step_noise(step_noise, sigmas, R, A, dtype, device, generator):
 
 def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data, clip, generator):
     """reference.consistency._consistency_sample in C++: noise [N, A] or [B, K, A] -> same shape."""
-    e = _entry(net, "policy")
-    kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
+    rec = _MODS.get(id(net))  # (_entry and the table lookup inlined: the one-state real-time path)
+    e = rec.entry if rec is not None and rec.ref() is net and rec.entry is not None else _entry(net, "policy")
+    tab = e.tables.get((None if sigmas is None else tuple(sigmas), sigma_max, sigma_min, sigma_data))
+    kind, sid, nst, ttab, coef = tab or _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
     shape = noise.shape
     K = shape[1] if len(shape) == 3 else 1
     sn = None
