@@ -647,6 +647,48 @@ bool act(const Pack& net, const Pack& q1, const Pack& q2, py::handle obs, py::ha
     return true;
 }
 
+// ---------------------------------------------------------------- select_action
+// out[b] = cand[b, select_index(q[b])] for q [B, K], cand [B, K, D]; idx_out [B] optional.
+void select_action(py::handle q_values, py::handle candidates, const std::string& mode, double temperature,
+            py::handle uniform, py::handle out, py::handle idx_out) {
+    std::vector<long> sq{-1, -1};
+    const float* Q = check_buf<float>(q_values, "q_values", sq, false);
+    const long B = sq[0], K = sq[1];
+    if (B < 1 || K < 1) throw py::value_error("q_values must be non-empty [B, K]");
+    std::vector<long> sc{B, K, -1};
+    const float* X = check_buf<float>(candidates, "candidates", sc, false);
+    const long D = sc[2];
+    int m;
+    const double* U = nullptr;
+    if (mode == "argmax") {
+        m = 0;
+    } else if (mode == "softmax") {
+        m = 1;
+        if (!(temperature > 0.0) || !std::isfinite(temperature))
+            throw py::value_error("temperature must be > 0 and finite");
+        U = check<double>(uniform, "uniform", {B});
+        for (long b = 0; b < B; ++b)
+            if (!(U[b] >= 0.0 && U[b] < 1.0)) throw py::value_error("uniform must lie in [0, 1)");
+    } else {
+        throw py::value_error("mode must be 'argmax' or 'softmax', got '" + mode + "'");
+    }
+    float* O = check_out<float>(out, "out", {B, D});
+    int64_t* I = idx_out.is_none() ? nullptr : check_out<int64_t>(idx_out, "idx_out", {B});
+    auto run = [&]() {
+        for (long b = 0; b < B; ++b) {
+            const int i = qk::select_index(Q + b * K, (int)K, m, temperature, U ? U[b] : 0.0);
+            std::memcpy(O + b * D, X + (b * K + i) * D, sizeof(float) * D);
+            if (I) I[b] = i;
+        }
+    };
+    if (B * K < (1L << 16)) {
+        run();
+    } else {
+        py::gil_scoped_release nogil;
+        run();
+    }
+}
+
 // ---------------------------------------------------------------- weighted flow-matching loss
 // loss = sum_{b,m} wn[b,m] lambda[b,m] |pred - tgt|^2, tgt = target (or target - noise when given),
 // wn: 1/(B M) without energy; softmax_m(beta energy)/B ("support"); softmax_{b,m}(beta energy) ("batch").
@@ -801,6 +843,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("watch") = py::none(), py::arg("critic_watch") = py::none(),
           "Sample K candidates per state, score by min(Q1, Q2), select one per state into act_out [B, A]. "
           "Returns False, writing nothing, when a watch reports a change (re-pack and call again).");
+    m.def("select_action", &select_action, py::arg("q_values"), py::arg("candidates"), py::arg("mode"), py::arg("temperature"),
+          py::arg("uniform"), py::arg("out"), py::arg("idx_out") = py::none(),
+          "Pick one of K candidates [B, K, D] per state by q_values [B, K] (argmax, or a softmax draw by "
+          "inverse CDF with uniform [B] float64) into out [B, D] (and the index into idx_out [B]).");
     m.def("fm_loss", &fm_loss, py::arg("pred"), py::arg("target"), py::arg("noise"), py::arg("energy"),
           py::arg("beta"), py::arg("normalize"), py::arg("pair_weight"), py::arg("grad"), py::arg("sq_out"),
           py::arg("w_out"), py::arg("n_threads") = 1,

@@ -505,28 +505,7 @@ void act_chunk(const ActArgs* a, long b0, long b1, float* ws) {
             float u = q[k], v = q2[k];
             q[k] = (u != u || u < v) ? u : v;  // torch.minimum (NaN propagates)
         }
-        int idx = 0;
-        if (a->mode == 0) {
-            for (int k = 1; k < K; ++k)
-                if (q[k] > q[idx]) idx = k;
-        } else {
-            const double T = a->temperature;
-            double mx = (double)q[0] / T;
-            for (int k = 1; k < K; ++k) {
-                double v = (double)q[k] / T;
-                if (v > mx) mx = v;
-            }
-            double sum = 0.0;
-            for (int k = 0; k < K; ++k) sum += __builtin_exp((double)q[k] / T - mx);
-            const double u = a->uniform[b];
-            double cdf = 0.0;
-            int cnt = 0;
-            for (int k = 0; k < K; ++k) {
-                cdf += __builtin_exp((double)q[k] / T - mx) / sum;
-                if (cdf <= u) ++cnt;
-            }
-            idx = cnt < K - 1 ? cnt : K - 1;
-        }
+        const int idx = select_index(q, K, a->mode, a->temperature, a->mode == 1 ? a->uniform[b] : 0.0);
         if (a->q_out)
             for (int k = 0; k < K; ++k) a->q_out[b * K + k] = q[k];
         if (a->idx_out) a->idx_out[b] = idx;

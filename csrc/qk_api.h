@@ -91,6 +91,32 @@ static inline long act_ws_floats(const NetDesc* n, const NetDesc* q, long m, lon
     return a + ns * Hq + 2 * m * Hq + m * q->Ap + 3 * m + m * n->nout + 64;
 }
 
+// The candidate select_action picks from K finite scores q (reference.select.select_index):
+// mode 0 argmax, the first largest; mode 1 softmax, the smallest k with cumsum(softmax(q / T))[k] > u
+// (at most K - 1), in double as the reference. Shared by act (after the critic) and select.
+static inline int select_index(const float* q, int K, int mode, double T, double u) {
+    int idx = 0;
+    if (mode == 0) {
+        for (int k = 1; k < K; ++k)
+            if (q[k] > q[idx]) idx = k;
+        return idx;
+    }
+    double mx = (double)q[0] / T;
+    for (int k = 1; k < K; ++k) {
+        const double v = (double)q[k] / T;
+        if (v > mx) mx = v;
+    }
+    double sum = 0.0;
+    for (int k = 0; k < K; ++k) sum += __builtin_exp((double)q[k] / T - mx);
+    double cdf = 0.0;
+    int cnt = 0;
+    for (int k = 0; k < K; ++k) {
+        cdf += __builtin_exp((double)q[k] / T - mx) / sum;
+        if (cdf <= u) ++cnt;
+    }
+    return cnt < K - 1 ? cnt : K - 1;
+}
+
 }  // namespace qk
 
 // Entry points of one instruction-set variant.

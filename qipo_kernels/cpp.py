@@ -7,6 +7,7 @@ What runs in C++ (float32, CPU tensors; each call is one C++ call that releases 
     act                 K candidates per state (flow or consistency) + DoubleCritic min(Q1, Q2) (with or
                         without layer_norm: LayerNorm in float32, two-pass mean / biased variance) +
                         argmax / softmax selection, in one call
+    select_action       the selection alone (argmax / softmax draw by inverse CDF)
     weighted_fm_loss, flow_matching_loss
                         forward and gradient (a torch.autograd.Function; first derivatives only)
 
@@ -593,6 +594,30 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     return _T(out)
 
 
+# ------------------------------------------------------------------------------------------- select_action
+def _supports_select(q_values=None, candidates=None, mode=None, **_) -> List[str]:
+    out = [f"{name} is {t.dtype}; the C++ select_action is float32 only (the reference handles {t.dtype})"
+           for name, t in (("q_values", q_values), ("candidates", candidates)) if t.dtype is not _F32]
+    if torch.is_grad_enabled() and candidates.requires_grad:
+        out.append("candidates require grad and grad mode is on; the C++ select_action does not backpropagate "
+                   "(the reference's output carries the gradient)")
+    return out
+
+
+def select_action(q_values, candidates, mode, temperature, uniform, generator):
+    """ops._select_ref in C++: q_values [B, K], candidates [B, K, D] -> [B, D]; the softmax draw
+    (when uniform is None) is made here from ``generator`` as the reference makes it."""
+    B, _, D = candidates.shape
+    u = None
+    if mode == "softmax":
+        if uniform is None:
+            uniform = torch.rand(B, dtype=torch.float64, device=q_values.device, generator=generator)
+        u = _buf(uniform.detach().to(torch.float64))
+    out = _empty((B, D))
+    _C.select_action(_buf(q_values), _buf(candidates), mode, float(temperature), u, out)
+    return _T(out)
+
+
 # ------------------------------------------------------------------------------------------- losses
 class _FMLoss(torch.autograd.Function):
     """loss = sum_bm w_bm lambda_bm |pred - tgt|^2 computed in C++ with its gradient in the same pass.
@@ -655,5 +680,6 @@ def flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, p
 _b.register("integrate", "cpp", integrate, _supports_integrate, _fast_supports_integrate)
 _b.register("consistency_sample", "cpp", consistency_sample, _supports_consistency, _fast_supports_consistency)
 _b.register("act", "cpp", act, _supports_act, _fast_supports_act)
+_b.register("select_action", "cpp", select_action, _supports_select)
 _b.register("weighted_fm_loss", "cpp", weighted_fm_loss, _supports_loss)
 _b.register("flow_matching_loss", "cpp", flow_matching_loss, _supports_loss)

@@ -192,6 +192,53 @@ def test_consistency_isas(isa):
         close(qk.consistency_sample(net, z, obs, backend="cpp"), qk.consistency_sample(net, z, obs, backend="torch"))
 
 
+# ----------------------------------------------------------------------------------------- select_action
+@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (17, 50, 6), (6, 1000, 17), (1000, 3, 2)])
+@pytest.mark.parametrize("mode", ["argmax", "softmax"])
+def test_select_action_matches_reference(B, K, D, mode):
+    g = torch.Generator().manual_seed(B * K + D)
+    q = torch.randn(B, K, generator=g) * 3.0
+    if K > 2:
+        q[0, 1] = q[0, 2] = q[0].max() + 1.0     # a tie: argmax takes the first
+    cand = torch.randn(B, K, D, generator=g)
+    for temperature in (1.0, 0.05, 7.0):
+        want = qk.select_action(q, cand, mode, temperature, generator=torch.Generator().manual_seed(3), backend="torch")
+        got = qk.select_action(q, cand, mode, temperature, generator=torch.Generator().manual_seed(3), backend="cpp")
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+        u = torch.rand(B, dtype=torch.float64, generator=g)
+        assert torch.equal(qk.select_action(q, cand, mode, temperature, uniform=u, backend="cpp"),
+                           qk.select_action(q, cand, mode, temperature, uniform=u, backend="torch"))
+    assert backends.choose("select_action", "auto", q.device, None, q_values=q, candidates=cand, mode=mode)[0] == "cpp"
+
+
+def test_select_action_reasons_and_bad_input():
+    q, cand = torch.randn(4, 5), torch.randn(4, 5, 3)
+    r = _cpp_reasons("select_action", q_values=q.double(), candidates=cand.double(), mode="argmax")
+    assert r and "float64" in r[0]
+    out = qk.select_action(q.double(), cand.double())                # auto: the reference
+    assert out.dtype == torch.float64
+    c = cand.clone().requires_grad_()
+    assert any("grad" in s for s in _cpp_reasons("select_action", q_values=q, candidates=c, mode="argmax"))
+    qk.select_action(q, c).sum().backward()                          # auto: the reference, with gradients
+    assert c.grad.abs().sum() == 4 * 3
+    with pytest.raises(ValueError, match="finite"):
+        qk.select_action(torch.tensor([[0.0, float("nan")]]), torch.randn(1, 2, 3), backend="cpp")
+    with pytest.raises(ValueError, match="uniform"):
+        qk.select_action(q, cand, "softmax", uniform=torch.full((4,), 1.0, dtype=torch.float64), backend="cpp")
+    o = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match="candidates must have shape"):
+        _C.select_action(q, torch.randn(4, 6, 3), "argmax", 1.0, None, o)
+    with pytest.raises(TypeError, match="uniform"):
+        _C.select_action(q, cand, "softmax", 1.0, torch.rand(4), o)          # float32 uniform
+    with pytest.raises(ValueError, match="mode"):
+        _C.select_action(q, cand, "greedy", 1.0, None, o)
+    with pytest.raises(ValueError, match="temperature"):
+        _C.select_action(q, cand, "softmax", 0.0, torch.rand(4, dtype=torch.float64), o)
+    idx = np.full(4, -1, np.int64)
+    _C.select_action(q, cand, "argmax", 1.0, None, o, idx)
+    assert (idx == q.argmax(1).numpy()).all()
+
+
 # ----------------------------------------------------------------------------------------- act
 def _act_both(net, critic, obs, K, **kw):
     with torch.no_grad():
@@ -723,7 +770,7 @@ def test_pack_cache_follows_the_module_lifetime():
 
 
 def test_registered_ops():
-    for op in ("integrate", "consistency_sample", "act", "weighted_fm_loss", "flow_matching_loss"):
+    for op in ("integrate", "consistency_sample", "act", "select_action", "weighted_fm_loss", "flow_matching_loss"):
         assert "cpp" in backends._IMPLS[op]
     assert backends.auto_order(torch.device("cpu"))[0] == "cpp"
 
