@@ -106,13 +106,23 @@ static inline int select_index(const float* q, int K, int mode, double T, double
         const double v = (double)q[k] / T;
         if (v > mx) mx = v;
     }
+    // exp once per candidate when K fits the stack buffer (the usual K <= 256), else twice
+    double e[256];
+    const bool keep = K <= 256;
     double sum = 0.0;
-    for (int k = 0; k < K; ++k) sum += __builtin_exp((double)q[k] / T - mx);
+    for (int k = 0; k < K; ++k) {
+        const double v = __builtin_exp((double)q[k] / T - mx);
+        if (keep) e[k] = v;
+        sum += v;
+    }
+    // cumsum(e / sum) <= u as cumsum(e) <= u sum: no division per candidate (the two differ only in
+    // the last bit of a partial sum, i.e. for a u within ~1e-16 of a boundary)
+    const double us = u * sum;
     double cdf = 0.0;
     int cnt = 0;
     for (int k = 0; k < K; ++k) {
-        cdf += __builtin_exp((double)q[k] / T - mx) / sum;
-        if (cdf <= u) ++cnt;
+        cdf += keep ? e[k] : __builtin_exp((double)q[k] / T - mx);
+        if (cdf <= us) ++cnt;
     }
     return cnt < K - 1 ? cnt : K - 1;
 }

@@ -4,6 +4,7 @@ Time convention: noise at t = 0, data (actions) at t = 1 for flows; noise level 
 consistency models. Shapes: pred/target [B, M, D], energy [B, M], obs [B, S], candidates [B, K, D].
 """
 from . import backends, nets, ops, reference
+from .backends import refresh
 from .nets import ConditionalMLP, DoubleCritic
 from .ops import (
     act, consistency_denoise, consistency_loss, consistency_sample, flow_matching_loss, flow_path, integrate,
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "backends", "nets", "ops", "reference", "ConditionalMLP", "DoubleCritic", "act", "consistency_denoise",
     "consistency_loss", "consistency_sample", "flow_matching_loss", "flow_path", "integrate", "karras_sigmas",
-    "sample", "select_action", "weighted_fm_loss", "FlowPolicy", "ConsistencyPolicy", "Sampler", "make_sampler",
+    "sample", "select_action", "weighted_fm_loss", "refresh", "FlowPolicy", "ConsistencyPolicy", "Sampler", "make_sampler",
     "__version__",
 ]

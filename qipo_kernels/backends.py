@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -192,6 +193,17 @@ def _plan(op: str, backend: str, device) -> list:
     if cache:
         _PLANS[(op, backend, device)] = plan
     return plan
+
+
+def refresh(module=None) -> None:
+    """Drop the packed weights that loaded backends keep for ``module`` (every module when None);
+    the next call re-packs. Only the C++ backend keeps packs, and it re-packs by itself after any
+    change but one: an edit of a few elements through ``p.data`` (see qipo_kernels.cpp.refresh)."""
+    for b in list(_LOADED):
+        mod = sys.modules.get(_MODULES[b])
+        fn = getattr(mod, "refresh", None)
+        if fn is not None:
+            fn(module)
 
 
 def explain(op: str, device: Optional[torch.device] = None, **call_args) -> Dict[str, List[str]]:

@@ -511,9 +511,11 @@ def test_repack_after_writes_through_data():
         stale = qk.integrate(net, x0, obs, steps=2, backend="cpp")
         ref = qk.integrate(net, x0, obs, steps=2, backend="torch")
         assert not torch.allclose(stale, ref, atol=1e-4)
-        cpp.refresh(net)
+        qk.refresh(net)                                            # (= cpp.refresh for this backend)
         close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), ref)
+        w.data[2, 2] -= 5.0
         cpp.refresh()                                              # every module
+        ref = qk.integrate(net, x0, obs, steps=2, backend="torch")
         close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), ref)
 
 

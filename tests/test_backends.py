@@ -1,0 +1,83 @@
+"""The dispatch registry: choose() with its cached plans, supports vs fast_supports, errors."""
+import pytest
+import torch
+
+from qipo_kernels import backends as B
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry, so that the dummy op never leaks into other tests."""
+    for name in ("_IMPLS", "_SUPPORTS", "_REG", "_PLANS"):
+        monkeypatch.setattr(B, name, {k: (dict(v) if isinstance(v, dict) else v) for k, v in getattr(B, name).items()})
+    B._load("cpp")
+    return B
+
+
+def test_choose_uses_fast_supports_and_reasons_the_full_one(registry):
+    seen = []
+
+    def impl(x):
+        return "cpp-impl"
+
+    def supports(x=None, **_):
+        seen.append("full")
+        return ["full check says no"] if x == "bad-full" else []
+
+    def fast(x=None, **_):
+        seen.append("fast")
+        return ["fast check says no"] if x == "bad" else []
+
+    registry.register("dummy", "cpp", impl, supports, fast)
+    cpu = torch.device("cpu")
+    if registry.backend_reasons("cpp", cpu):
+        pytest.skip("the C++ extension is not available here: " + "; ".join(registry.backend_reasons("cpp", cpu)))
+    ref = object()
+    assert registry.choose("dummy", "auto", cpu, ref, x="ok") == ("cpp", impl)
+    assert seen == ["fast"]
+    assert ("dummy", "auto", cpu) in registry._PLANS                   # planned once, then looked up
+    assert registry.choose("dummy", "auto", cpu, ref, x="bad") == ("torch", ref)  # auto falls back
+    with pytest.raises(RuntimeError, match="fast check says no"):
+        registry.choose("dummy", "cpp", cpu, ref, x="bad")             # a named backend raises
+    assert registry.choose("dummy", "torch", cpu, ref, x="bad") == ("torch", ref)
+    seen.clear()
+    assert registry.reasons("dummy", "cpp", cpu, x="bad-full") == ["full check says no"]
+    assert seen == ["full"]                                             # diagnostics run the full check
+    assert registry.explain("dummy", cpu, x="ok")["cpp"] == []
+    # register() drops the plans (a backend registered later must be seen)
+    registry.register("dummy", "cpp", impl, supports)
+    assert not registry._PLANS
+
+
+def test_choose_errors_and_devices(registry):
+    ref = object()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        registry.choose("integrate", "cuda", torch.device("cpu"), ref)
+    assert registry.choose("integrate", "auto", None, ref) == ("torch", ref)     # no device: the reference
+    assert registry.choose("integrate", "auto", torch.device("meta"), ref) == ("torch", ref)
+    with pytest.raises(RuntimeError, match="cannot run integrate"):
+        registry.choose("integrate", "cpp", torch.device("meta"), ref)
+    with pytest.raises(RuntimeError, match="no cpp implementation of flow_path|failed to import"):
+        registry.choose("flow_path", "cpp", torch.device("cpu"), ref)
+    # Triton off CUDA depends on TRITON_INTERPRET: never cached
+    try:
+        registry.choose("flow_path", "triton", torch.device("cpu"), ref, actions=None)
+    except Exception:
+        pass
+    assert not any(k[1] == "triton" for k in registry._PLANS)
+
+
+def test_fallback_is_a_runtime_error():
+    assert issubclass(B.Fallback, RuntimeError)
+    try:
+        from qipo_kernels import cpp
+    except ImportError:
+        return
+    assert issubclass(cpp.Unsupported, B.Fallback)
+
+
+def test_refresh_without_packs_is_harmless():
+    import qipo_kernels as qk
+
+    qk.refresh()
+    qk.refresh(torch.nn.Linear(2, 2))
