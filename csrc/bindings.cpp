@@ -34,9 +34,11 @@ struct Variant {
     void (*act_chunk)(const qk::ActArgs*, long, long, float*);
     double (*fma_peak)(long);
     void (*gemm)(const float*, long, int, int, const float*, long, int, const float*, float*, long, int);
+    void (*select_rows)(const float*, long, int, int, double, const double*, int64_t*, double*);
 };
 
-#define QK_VARIANT(NS, NAME) Variant{NAME, NS::sample_chunk, NS::act_chunk, NS::fma_peak_flops, NS::gemm}
+#define QK_VARIANT(NS, NAME) \
+    Variant{NAME, NS::sample_chunk, NS::act_chunk, NS::fma_peak_flops, NS::gemm, NS::select_rows}
 
 bool cpu_has(const std::string& isa) {
     if (isa == "base") return true;
@@ -674,12 +676,13 @@ void select_action(py::handle q_values, py::handle candidates, const std::string
     }
     float* O = check_out<float>(out, "out", {B, D});
     int64_t* I = idx_out.is_none() ? nullptr : check_out<int64_t>(idx_out, "idx_out", {B});
+    std::vector<int64_t> own(I ? 0 : B);
+    if (!I) I = own.data();
+    std::vector<double> scratch(K + 16);
+    const Variant v = g_var;
     auto run = [&]() {
-        for (long b = 0; b < B; ++b) {
-            const int i = qk::select_index(Q + b * K, (int)K, m, temperature, U ? U[b] : 0.0);
-            std::memcpy(O + b * D, X + (b * K + i) * D, sizeof(float) * D);
-            if (I) I[b] = i;
-        }
+        v.select_rows(Q, B, (int)K, m, temperature, U, I, scratch.data());
+        for (long b = 0; b < B; ++b) std::memcpy(O + b * D, X + (b * K + I[b]) * D, sizeof(float) * D);
     };
     if (B * K < (1L << 16)) {
         run();

@@ -58,6 +58,98 @@ QK_INLINE vf vexp(vf x) {
     return p * (vf)e;
 }
 
+// ---- double precision, for the softmax draw (the reference computes it in float64)
+constexpr int VD = VW / 2;  // doubles per vector
+typedef double vd __attribute__((vector_size(VW * 4)));
+typedef long long vl __attribute__((vector_size(VW * 4)));
+QK_INLINE vd bcd(double s) { return s - vd{}; }
+
+// exp(x) for x <= 0 (softmax offsets q / T - max): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2,
+// e^r by its Taylor polynomial to degree 13 (truncation < 1e-17 relative), times 2^n built in the
+// exponent bits; within ~2 ulp of libm. Below -708 (2^n would be subnormal) the result is 0, where
+// e^x < 3e-308 is 0 next to the largest term (e^0 = 1) of the softmax sum anyway.
+QK_INLINE vd vexpd_nonpos(vd x) {
+    const vd lo = bcd(-708.0);
+    vl under = x < lo;
+    x = (vd)(((vl)x & ~under) | ((vl)lo & under));
+    const vd magic = bcd(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
+    vd t = x * bcd(1.4426950408889634) + magic;
+    vd n = t - magic;
+    vd r = x - n * bcd(6.93147180369123816490e-01);
+    r = r - n * bcd(1.90821492927058770002e-10);
+    vd p = bcd(1.0 / 6227020800.0);            // 1/13!
+    p = p * r + bcd(1.0 / 479001600.0);
+    p = p * r + bcd(1.0 / 39916800.0);
+    p = p * r + bcd(1.0 / 3628800.0);
+    p = p * r + bcd(1.0 / 362880.0);
+    p = p * r + bcd(1.0 / 40320.0);
+    p = p * r + bcd(1.0 / 5040.0);
+    p = p * r + bcd(1.0 / 720.0);
+    p = p * r + bcd(1.0 / 120.0);
+    p = p * r + bcd(1.0 / 24.0);
+    p = p * r + bcd(1.0 / 6.0);
+    p = p * r + bcd(0.5);
+    p = p * r + bcd(1.0);
+    p = p * r + bcd(1.0);
+    vl e = (((vl)t - (vl)magic) + 1023) << 52;
+    vd y = p * (vd)e;
+    return (vd)((vl)y & ~under);
+}
+
+// The candidate select_action picks from K finite scores q (reference.select.select_index):
+// mode 0 argmax, the first largest; mode 1 softmax, the smallest k with cumsum(softmax(q / T))[k] > u
+// (at most K - 1), in float64 as the reference, tested as cumsum(e) <= u * sum(e) (no division
+// per candidate; the two differ only for a u within ~1e-16 of a boundary). e: K + VD doubles.
+int select_one(const float* q, int K, int mode, double T, double u, double* e) {
+    if (mode == 0) {
+        int idx = 0;
+        for (int k = 1; k < K; ++k)
+            if (q[k] > q[idx]) idx = k;
+        return idx;
+    }
+    float qm = q[0];  // max(q / T) = max(q) / T for T > 0
+    for (int k = 1; k < K; ++k) qm = q[k] > qm ? q[k] : qm;
+    const double it = 1.0 / T, mx = (double)qm * it;  // (q * (1/T): 1 ulp from the reference's q / T)
+    const vd inv = bcd(it), vmx = bcd(mx);
+    int k = 0;
+    for (; k + VD <= K; k += VD) {
+        vd v;
+        for (int j = 0; j < VD; ++j) v[j] = (double)q[k + j];
+        vd r = vexpd_nonpos(v * inv - vmx);
+        __builtin_memcpy(e + k, &r, sizeof(vd));
+    }
+    if (k < K) {  // the tail, padded with a harmless 0 offset
+        vd v = bcd(0.0);
+        for (int j = 0; k + j < K; ++j) v[j] = (double)q[k + j] * it - mx;
+        vd r = vexpd_nonpos(v);
+        for (int j = 0; k + j < K; ++j) e[k + j] = r[j];
+    }
+    double s4[4] = {0.0, 0.0, 0.0, 0.0};  // four partial sums: no chain of K dependent adds
+    int j = 0;
+    for (; j + 4 <= K; j += 4)
+        for (int l = 0; l < 4; ++l) s4[l] += e[j + l];
+    double sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+    for (; j < K; ++j) sum += e[j];
+    // the first k with cumsum(e)[k] > u * sum (e >= 0: the cumulative sum never decreases), found a
+    // block of 8 at a time: a block's total is added unless the crossing is inside it
+    const double us = u * sum;
+    double cdf = 0.0;
+    int i = 0;
+    for (; i + 8 <= K; i += 8) {
+        const double blk =
+            ((e[i] + e[i + 1]) + (e[i + 2] + e[i + 3])) + ((e[i + 4] + e[i + 5]) + (e[i + 6] + e[i + 7]));
+        if (cdf + blk > us) break;
+        cdf += blk;
+    }
+    int cnt = i;
+    for (; i < K; ++i) {
+        cdf += e[i];
+        if (cdf > us) break;
+        ++cnt;
+    }
+    return cnt < K - 1 ? cnt : K - 1;
+}
+
 // Activations; every one maps 0 to 0 (the pad lanes stay zero).
 template <int ACT>
 QK_INLINE vf actf(vf x) {
@@ -464,6 +556,10 @@ void gemm(const float* X, long ldx, int M, int K, const float* W, long ldw, int 
     gemm_impl(X, ldx, M, K, W, (int)ldw, Np, bias, Y, ldy, act);
 }
 
+void select_rows(const float* Q, long B, int K, int mode, double T, const double* U, int64_t* idx, double* scratch) {
+    for (long b = 0; b < B; ++b) idx[b] = select_one(Q + b * K, K, mode, T, mode == 1 ? U[b] : 0.0, scratch);
+}
+
 void sample_chunk(const SampleArgs* a, long r0, long r1, float* ws) {
     sample_rows(a, r0, r1, ws, a->out + r0 * a->net->nout);
 }
@@ -491,6 +587,7 @@ void act_chunk(const ActArgs* a, long b0, long b1, float* ws) {
     float* qo = take(p, (long)m * Aq);
     qv[0] = take(p, m);
     qv[1] = take(p, m);
+    double* esc = reinterpret_cast<double*>(take(p, 2L * (K + VD)));  // (take keeps 64-byte alignment)
     for (int h = 0; h < 2; ++h) {
         const NetDesc* q = qs[h];
         gemm_impl(s->obs + b0 * S, S, ns, S, q->wc, S, q->Hp, q->b1, cq, q->Hp, ACT_IDENTITY);
@@ -505,7 +602,7 @@ void act_chunk(const ActArgs* a, long b0, long b1, float* ws) {
             float u = q[k], v = q2[k];
             q[k] = (u != u || u < v) ? u : v;  // torch.minimum (NaN propagates)
         }
-        const int idx = select_index(q, K, a->mode, a->temperature, a->mode == 1 ? a->uniform[b] : 0.0);
+        const int idx = select_one(q, K, a->mode, a->temperature, a->mode == 1 ? a->uniform[b] : 0.0, esc);
         if (a->q_out)
             for (int k = 0; k < K; ++k) a->q_out[b * K + k] = q[k];
         if (a->idx_out) a->idx_out[b] = idx;

@@ -88,43 +88,8 @@ static inline long sample_ws_floats(const NetDesc* n, long m, long ns) {
 static inline long act_ws_floats(const NetDesc* n, const NetDesc* q, long m, long ns) {
     long a = sample_ws_floats(n, m, ns);
     long Hq = q->Hp;
-    return a + ns * Hq + 2 * m * Hq + m * q->Ap + 3 * m + m * n->nout + 64;
-}
-
-// The candidate select_action picks from K finite scores q (reference.select.select_index):
-// mode 0 argmax, the first largest; mode 1 softmax, the smallest k with cumsum(softmax(q / T))[k] > u
-// (at most K - 1), in double as the reference. Shared by act (after the critic) and select.
-static inline int select_index(const float* q, int K, int mode, double T, double u) {
-    int idx = 0;
-    if (mode == 0) {
-        for (int k = 1; k < K; ++k)
-            if (q[k] > q[idx]) idx = k;
-        return idx;
-    }
-    double mx = (double)q[0] / T;
-    for (int k = 1; k < K; ++k) {
-        const double v = (double)q[k] / T;
-        if (v > mx) mx = v;
-    }
-    // exp once per candidate when K fits the stack buffer (the usual K <= 256), else twice
-    double e[256];
-    const bool keep = K <= 256;
-    double sum = 0.0;
-    for (int k = 0; k < K; ++k) {
-        const double v = __builtin_exp((double)q[k] / T - mx);
-        if (keep) e[k] = v;
-        sum += v;
-    }
-    // cumsum(e / sum) <= u as cumsum(e) <= u sum: no division per candidate (the two differ only in
-    // the last bit of a partial sum, i.e. for a u within ~1e-16 of a boundary)
-    const double us = u * sum;
-    double cdf = 0.0;
-    int cnt = 0;
-    for (int k = 0; k < K; ++k) {
-        cdf += keep ? e[k] : __builtin_exp((double)q[k] / T - mx);
-        if (cdf <= us) ++cnt;
-    }
-    return cnt < K - 1 ? cnt : K - 1;
+    // + the softmax scratch: K + 8 doubles (K = m / ns candidates per state)
+    return a + ns * Hq + 2 * m * Hq + m * q->Ap + 3 * m + m * n->nout + 2 * (m / (ns > 0 ? ns : 1) + 8) + 80;
 }
 
 }  // namespace qk
@@ -137,6 +102,8 @@ static inline int select_index(const float* q, int K, int mode, double T, double
     double fma_peak_flops(long iters);                                                        \
     void gemm(const float* X, long ldx, int M, int K, const float* W, long ldw, int Np,       \
               const float* bias, float* Y, long ldy, int act);                                \
+    void select_rows(const float* Q, long B, int K, int mode, double T, const double* U,      \
+                     int64_t* idx, double* scratch);                                          \
     }
 
 QK_DECLARE_VARIANT(qk_base)

@@ -211,6 +211,19 @@ def test_select_action_matches_reference(B, K, D, mode):
     assert backends.choose("select_action", "auto", q.device, None, q_values=q, candidates=cand, mode=mode)[0] == "cpp"
 
 
+def test_select_action_softmax_isas_temperatures(isa):
+    # the softmax draw's exp is vectorised per instruction set: every variant, extreme temperatures
+    # (offsets down to -1e5, below exp's range) and K around the vector width
+    g = torch.Generator().manual_seed(7)
+    for K in (1, 2, 3, 7, 8, 9, 16, 17, 300):
+        q = torch.randn(64, K, generator=g) * 4.0
+        cand = torch.randn(64, K, 3, generator=g)
+        for temperature in (1e-4, 0.01, 1.0, 1e4):
+            u = torch.rand(64, dtype=torch.float64, generator=g)
+            got = qk.select_action(q, cand, "softmax", temperature, uniform=u, backend="cpp")
+            assert torch.equal(got, qk.select_action(q, cand, "softmax", temperature, uniform=u, backend="torch"))
+
+
 def test_select_action_reasons_and_bad_input():
     q, cand = torch.randn(4, 5), torch.randn(4, 5, 3)
     r = _cpp_reasons("select_action", q_values=q.double(), candidates=cand.double(), mode="argmax")
