@@ -415,6 +415,19 @@ class Watch {
     explicit Watch(py::list slots) {
         const TorchRefs* r = torch_refs();
         if (!r) throw py::type_error("Watch needs torch tensors (torch is not imported)");
+        try {
+            record(slots, r);
+        } catch (...) {
+            release();
+            throw;
+        }
+    }
+    ~Watch() {
+        if (Py_IsInitialized()) release();
+    }
+
+  private:
+    void record(py::list slots, const TorchRefs* r) {
         for (py::handle s : slots) {
             if (!PyTuple_Check(s.ptr()) || PyTuple_GET_SIZE(s.ptr()) != 2 || !PyDict_Check(PyTuple_GET_ITEM(s.ptr(), 0)))
                 throw py::type_error("slots must be a list of (dict, name) tuples");
@@ -431,20 +444,29 @@ class Watch {
                 get_attr(th, r->s_is_cpu).ptr() == Py_True && call0(th, r->s_is_contiguous).ptr() == Py_True) {
                 it.n = PyLong_AsLong(call0(th, py::str("numel").ptr()).ptr());
                 if (it.n < 0) throw py::error_already_set();
-                if (it.n > 0) read_samples(it, it.sample);
+                if (it.n > 0) {
+                    read_samples(it, it.sample);
+                    // keep the buffer allocated (an alias of the tensor, sharing its storage): while the
+                    // watch lives no other tensor can be given this address, so "same data_ptr" means
+                    // "this very buffer" and the sampled reads stay inside it
+                    it.keep = call0(th, py::str("detach").ptr()).release().ptr();
+                }
             }
             Py_INCREF(it.dict);
             Py_INCREF(it.name);
-            items_.push_back(it);
+            items_.push_back(it);  // (from here on release() owns the three references)
         }
     }
-    ~Watch() {
-        if (!Py_IsInitialized()) return;
+    void release() {
         for (Item& it : items_) {
             Py_XDECREF(it.dict);
             Py_XDECREF(it.name);
+            Py_XDECREF(it.keep);
         }
+        items_.clear();
     }
+
+  public:
     Watch(const Watch&) = delete;
     Watch& operator=(const Watch&) = delete;
 
@@ -478,6 +500,7 @@ class Watch {
         uintptr_t ptr = 0;
         long n = 0;
         float sample[4] = {0, 0, 0, 0};
+        PyObject* keep = nullptr;  // a detached alias holding the sampled buffer
     };
     std::vector<Item> items_;
 
