@@ -192,7 +192,7 @@ def _tensor_reasons(name, slots) -> List[str]:
     for d, n in slots:
         t = d.get(n)
         if t is None:
-            return [f"{name} has a Linear without bias"]
+            return [f"{name} lacks the {n!r} tensor the C++ pack reads (e.g. a Linear without bias)"]
         if t.dtype != torch.float32:
             return [f"{name}'s parameters are {t.dtype}; the C++ backend is float32 only (the reference handles it)"]
         if t.device.type != "cpu":
@@ -235,11 +235,8 @@ def _prepare(module, kind: str):
     C++ backend cannot run it. On the path of every call: the unchanged case is one C++ call."""
     rec = _MODS.get(id(module))
     if rec is not None and rec.ref() is module and rec.entry is not None:
-        try:
-            changed = rec.entry.watch.changed() or (
-                rec.norms and rec.entry.eps != tuple(float(n.eps) for n in rec.norms))
-        except KeyError:  # a watched tensor was removed: the slow path says why
-            changed = True
+        # (Watch.changed never raises: a removed or None parameter is a change, and the slow path says why)
+        changed = rec.entry.watch.changed() or (rec.norms and rec.entry.eps != tuple(float(n.eps) for n in rec.norms))
         if not changed:
             if torch.is_grad_enabled():
                 return _grad_check(rec, kind)
@@ -267,12 +264,7 @@ def _prepare_slow(module, kind: str):
         _MODS[mid] = rec
     slots, norms, e = rec.slots, rec.norms, rec.entry
     name = "net" if kind == "policy" else "critic"
-    try:
-        stale = e is None or e.watch.changed() or (norms and e.eps != tuple(float(n.eps) for n in norms))
-    except (AttributeError, KeyError):  # a parameter set to None or removed
-        rec.entry = None
-        return None, _tensor_reasons(name, slots) or [f"{name} lost a parameter the C++ pack reads"]
-    if stale:
+    if e is None or e.watch.changed() or (norms and e.eps != tuple(float(n.eps) for n in norms)):
         rec.entry = None
         why = _tensor_reasons(name, slots)
         if why:
@@ -519,6 +511,9 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     K = shape[1] if len(shape) == 3 else 1
     sn = None
     if sigmas:
+        if step_noise is None:  # validated before drawing: a Fallback must leave the generator untouched
+            e = _repack(net, "policy")
+            kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
         sn = _step_noise(step_noise, sigmas, shape[0] * K, shape[-1], noise.dtype, noise.device, generator)
     out = _empty(shape)
     # (_buf inlined: this is the one-state real-time path)
@@ -560,8 +555,10 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     reference's order, so both backends give the same action on the same generator state.
     ``_debug`` (tests): a dict that receives the candidates [B, K, A], q [B, K] and index [B].
     """
-    pe = _entry(net, "policy")
-    ce = _entry(critic, "critic")
+    # fully validated (re-packed if stale) before anything is drawn from the generator: a Fallback
+    # must leave the generator as the reference will find it (act's compute dwarfs the two checks)
+    pe = _repack(net, "policy")
+    ce = _repack(critic, "critic")
     B, K, A = obs.shape[0], num_candidates, net.act_dim
     R = B * K
     if noise is None:

@@ -25,8 +25,9 @@ OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "samp
 
 def _fallback(op: str, backend: str, name: str, err: Exception) -> None:
     """A fast implementation found at run time that it cannot do this call (backends.Fallback): with
-    backend="auto" the caller runs the reference (nothing was written or drawn that it needs), with
-    a named backend this is an error."""
+    backend="auto" the caller runs the reference (an impl raises Fallback before it draws from the
+    generator, so the reference finds the generator as it would have), with a named backend this
+    is an error."""
     if backend != "auto":
         raise RuntimeError(f"backend={name!r} cannot run {op} here: {err}") from err
 

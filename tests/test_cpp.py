@@ -575,6 +575,24 @@ def test_stale_pack_the_backend_cannot_run_falls_back():
                                    qk.consistency_sample(net, z, obs, backend="torch"))
 
 
+def test_fallback_leaves_the_generator_as_the_reference_finds_it():
+    # draws from a generator happen after the pack is validated: a fallback to the reference then
+    # gives exactly the reference's result for the same generator seed
+    net, critic = make(hidden=24, critic=True)
+    obs = torch.randn(3, 17)
+    z = torch.randn(3, 6)
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    with torch.no_grad():
+        qk.act(net, critic, obs, 4, steps=2, generator=gen())
+        qk.consistency_sample(net, z, obs, sigmas=[2.0, 0.5], generator=gen())
+        net.layers[1].bias = None
+        for mode in ("argmax", "softmax"):
+            assert torch.equal(qk.act(net, critic, obs, 4, steps=2, mode=mode, generator=gen()),
+                               qk.act(net, critic, obs, 4, steps=2, mode=mode, generator=gen(), backend="torch"))
+        assert torch.equal(qk.consistency_sample(net, z, obs, sigmas=[2.0, 0.5], generator=gen()),
+                           qk.consistency_sample(net, z, obs, sigmas=[2.0, 0.5], generator=gen(), backend="torch"))
+
+
 def test_inference_mode_parameters():
     # inference tensors have no version counter: the Watch goes by data pointers and samples
     with torch.inference_mode():
