@@ -322,17 +322,21 @@ class Sampler:
         if single:
             obs = obs.unsqueeze(0)
         plan = self._plan
+        noise = None
         if plan is not None and plan[0] == (obs.shape, obs.dtype, obs.device):
-            out = self._planned(plan[1], plan[2], obs)
+            out, noise = self._planned(plan[1], plan[2], obs)
             if out is not None:
                 return out[0] if single else out
+            # the plan's impl could not run this module any more: the checked path, with the noise
+            # already drawn (the generator stream stays the one the checked path alone would use)
+            noise = noise.reshape(obs.shape[0], self.num_samples, -1)
         key = (obs.shape, obs.dtype, obs.device)
         if self.kind == "flow":
-            out = self.policy.sample(obs, self.num_samples, steps=self.steps, solver=self.solver,
+            out = self.policy.sample(obs, self.num_samples, steps=self.steps, solver=self.solver, noise=noise,
                                      generator=self.generator, backend=self.backend)
         else:
-            out = self.policy.sample(obs, self.num_samples, sigmas=self.sigmas, generator=self.generator,
-                                     backend=self.backend)
+            out = self.policy.sample(obs, self.num_samples, sigmas=self.sigmas, noise=noise,
+                                     generator=self.generator, backend=self.backend)
         if self.num_samples == 1:
             out = out[:, 0]
         self._plan = self._make_plan(key, obs)
@@ -349,8 +353,9 @@ class Sampler:
         return key, B._IMPLS[op]["cpp"], Unsupported
 
     def _planned(self, impl, unsupported, obs):
-        """The C++ impl called directly (same noise draw and arguments as policy.sample); None if it
-        can no longer run this module (the caller then takes the checked path)."""
+        """The C++ impl called directly (same noise draw and arguments as policy.sample): (actions,
+        noise), actions None if it can no longer run this module (the caller then takes the checked
+        path with this noise; the impl raises before it draws anything more)."""
         pol = self.policy
         K = self.num_samples
         # K = 1: the [B, A] layout gives the [B, A] result directly (the same numbers as [B, 1, A])
@@ -366,8 +371,8 @@ class Sampler:
                            True, self.generator)
         except unsupported:
             self._plan = None
-            return None
-        return out
+            return None, noise
+        return out, noise
 
 
 def make_sampler(actor, kind: str = "flow", obs_dim: Optional[int] = None, act_dim: Optional[int] = None,

@@ -593,6 +593,20 @@ def test_fallback_leaves_the_generator_as_the_reference_finds_it():
                            qk.consistency_sample(net, z, obs, sigmas=[2.0, 0.5], generator=gen(), backend="torch"))
 
 
+@pytest.mark.parametrize("kind,kw", [("consistency", {}), ("consistency", {"sigmas": [2.0, 0.5]}),
+                                     ("flow", {"steps": 3})])
+def test_sampler_keeps_the_reference_stream_across_a_fallback(kind, kw):
+    net = make(hidden=24)
+    fast = qk.make_sampler(net, kind=kind, generator=torch.Generator().manual_seed(0), **kw)
+    ref = qk.make_sampler(net, kind=kind, generator=torch.Generator().manual_seed(0), backend="torch", **kw)
+    obs = torch.randn(3, 17)
+    for i in range(4):
+        if i == 2:
+            net.layers[1].bias = None          # the C++ plan can no longer run it
+        close(fast(obs), ref(obs))
+    assert fast.backend_used(obs) == "torch"
+
+
 def test_inference_mode_parameters():
     # inference tensors have no version counter: the Watch goes by data pointers and samples
     with torch.inference_mode():
