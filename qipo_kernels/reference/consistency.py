@@ -76,10 +76,12 @@ def _denoise(net, x, sigma, obs, sigma_data, sigma_min, clip):
 def _check_net_x_obs(net, x, obs, xname="x"):
     if not callable(net):
         raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
-    C.tensor(xname, x)
+    if x.__class__ is not torch.Tensor or x.dtype not in C.FLOAT_DTYPES:  # (the passing case without a call)
+        C.tensor(xname, x)
     if x.dim() not in (2, 3):
         raise ValueError(f"{xname} must be [N, A] or [B, K, A], got shape {tuple(x.shape)}")
-    C.tensor("obs", obs, ndim=2)
+    if obs.__class__ is not torch.Tensor or obs.dtype not in C.FLOAT_DTYPES or obs.dim() != 2:
+        C.tensor("obs", obs, ndim=2)
     if obs.shape[0] != x.shape[0]:
         raise ValueError(f"obs must have {x.shape[0]} rows, got {obs.shape[0]}")
     if not (x.is_cpu and obs.is_cpu) and x.device != obs.device:  # (both on the CPU: one device)
@@ -121,9 +123,11 @@ def _consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_mi
 
 def check_consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data):
     _check_net_x_obs(net, noise, obs, "noise")
-    for name, v in (("sigma_max", sigma_max), ("sigma_min", sigma_min), ("sigma_data", sigma_data)):
-        if v.__class__ is not float or not 0.0 < v < math.inf:  # (the common case without a call)
-            C.positive_float(name, v)
+    if not (sigma_max.__class__ is float and sigma_min.__class__ is float and sigma_data.__class__ is float
+            and 0.0 < sigma_max < math.inf and 0.0 < sigma_min < math.inf and 0.0 < sigma_data < math.inf):
+        C.positive_float("sigma_max", sigma_max)  # (the common case above without a call)
+        C.positive_float("sigma_min", sigma_min)
+        C.positive_float("sigma_data", sigma_data)
     if sigmas is not None:
         if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
             raise TypeError(f"sigmas must be a sequence of floats, got {type(sigmas).__name__}")
