@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -79,6 +80,12 @@ void set_isa(const std::string& isa) {
 }
 
 // ---------------------------------------------------------------- buffer checks
+// A tensor of the right dtype, device and shape whose elements are not plain memory (a ZeroTensor,
+// a negative view): the reference handles it, so the Python side falls back (a ValueError subclass).
+struct UnreadableBuffer : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 // A buffer argument is a numpy array or a CPU torch.Tensor (dense, contiguous, no neg bit), read
 // through the tensor's Python attributes: no torch headers, and no .numpy() round trip (~0.8 us a
 // tensor, a fifth of a one-state sampler call). The tensor stays referenced by the caller while
@@ -191,7 +198,7 @@ View view(py::handle h, const char* name, bool writable) {
         if (get_attr(h, r->s_requires_grad).ptr() != Py_False)
             throw py::value_error(std::string(name) + " is an output buffer and must not require grad");
     } else if (call0(h, r->s_is_neg).ptr() != Py_False) {
-        throw py::value_error(std::string(name) + " has its negative bit set (call .resolve_neg() first)");
+        throw UnreadableBuffer(std::string(name) + " has its negative bit set (call .resolve_neg() first)");
     }
     py::object shp = get_attr(h, r->s_shape);
     const Py_ssize_t nd = PyTuple_Size(shp.ptr());
@@ -200,6 +207,11 @@ View view(py::handle h, const char* name, bool writable) {
     py::object p = call0(h, r->s_data_ptr);
     v.ptr = PyLong_AsVoidPtr(p.ptr());
     if (PyErr_Occurred()) throw py::error_already_set();
+    long numel = 1;
+    for (int i = 0; i < v.nd; ++i) numel *= v.shape[i];
+    if (numel > 0 && !v.ptr)  // e.g. a ZeroTensor: no memory behind its elements
+        throw UnreadableBuffer(std::string(name) + " has no data behind its elements (a ZeroTensor?); "
+                               "materialise it first (e.g. .clone())");
     return v;
 }
 
@@ -401,7 +413,9 @@ struct Pack {
 };
 
 // ---------------------------------------------------------------- change detection
-// Watches the tensors a pack was built from. changed() is true once any of them was
+// Watches the tensors a pack was built from (and the submodules holding them, by identity:
+// `net.out = nn.Linear(...)` leaves the old layer's tensors untouched). changed() is true once any
+// tensor was
 //   - modified in place through autograd-visible ops (optimizer steps, copy_ under no_grad,
 //     load_state_dict): its ._version moved;
 //   - replaced (`p.data = other`, a new Parameter in the same slot): its data_ptr() moved;
@@ -435,6 +449,16 @@ class Watch {
             it.dict = PyTuple_GET_ITEM(s.ptr(), 0);
             it.name = PyTuple_GET_ITEM(s.ptr(), 1);
             PyObject* t = lookup(it);
+            if (!PyObject_TypeCheck(t, (PyTypeObject*)r->tensor_type)) {
+                // not a tensor (a submodule): watched by identity, a reference held so that its
+                // address cannot be reused by a replacement
+                it.ident = t;
+                Py_INCREF(t);
+                Py_INCREF(it.dict);
+                Py_INCREF(it.name);
+                items_.push_back(it);
+                continue;
+            }
             it.version = version(t);
             it.ptr = data_ptr(t);
             // sampled only from a dense float32 CPU tensor; while data_ptr is unchanged it is that same buffer
@@ -462,6 +486,7 @@ class Watch {
             Py_XDECREF(it.dict);
             Py_XDECREF(it.name);
             Py_XDECREF(it.keep);
+            Py_XDECREF(it.ident);
         }
         items_.clear();
     }
@@ -476,6 +501,10 @@ class Watch {
         try {
             for (const Item& it : items_) {
                 PyObject* t = lookup(it);
+                if (it.ident) {
+                    if (t != it.ident) return true;
+                    continue;
+                }
                 if (data_ptr(t) != it.ptr || version(t) != it.version) return true;
                 if (it.n > 0) {
                     float now[4];
@@ -500,7 +529,8 @@ class Watch {
         uintptr_t ptr = 0;
         long n = 0;
         float sample[4] = {0, 0, 0, 0};
-        PyObject* keep = nullptr;  // a detached alias holding the sampled buffer
+        PyObject* keep = nullptr;   // a detached alias holding the sampled buffer
+        PyObject* ident = nullptr;  // a non-tensor slot (a submodule), compared by identity
     };
     std::vector<Item> items_;
 
@@ -837,6 +867,7 @@ PYBIND11_MODULE(_C, m) {
         if (!want.empty() && std::find(isas.begin(), isas.end(), want) != isas.end()) g_var = variant_for(want);
         else g_var = variant_for(isas.front());
     }
+    py::register_exception<UnreadableBuffer>(m, "UnreadableBuffer", PyExc_ValueError);
     py::class_<Pack, std::shared_ptr<Pack>>(m, "Pack")
         .def(py::init<py::array, py::array, py::array, py::list, py::list, py::array, py::array, const std::string&,
                       py::object, py::object, py::object>(),

@@ -99,21 +99,23 @@ class Unsupported(_b.Fallback):
 
 # ------------------------------------------------------------------------------------------- packing
 class _Entry:
-    """A module's packed weights, with the _C.Watch over the tensors they were packed from, the
-    LayerNorm eps values (plain attributes, not tensors) and the cached coefficient / time tables."""
-    __slots__ = ("watch", "eps", "packs", "tables")
+    """Everything derived from a module when it is packed, published at once (``rec.entry = e``, so
+    a thread never sees half of it): the packs, the _C.Watch over the tensors (and submodules) they
+    come from, the tensor slots [(dict, name)], the critic's LayerNorms and their eps values (plain
+    attributes: no Watch sees them) and the cached coefficient / time tables."""
+    __slots__ = ("watch", "slots", "norms", "eps", "packs", "tables")
 
-    def __init__(self, watch, eps, packs):
-        self.watch, self.eps, self.packs, self.tables = watch, eps, packs, {}
+    def __init__(self, watch, slots, norms, packs):
+        self.watch, self.slots, self.norms, self.packs, self.tables = watch, slots, norms, packs, {}
+        self.eps = tuple(float(n.eps) for n in norms)
 
 
 class _Mod:
-    """What is known of one module: a weakref to it, [(dict, name)] of every tensor its pack reads,
-    the critic's LayerNorms (their eps is part of the pack) and the current _Entry (None until packed)."""
-    __slots__ = ("ref", "slots", "norms", "entry")
+    """One module seen by the backend: a weakref to it and its current _Entry (None until packed)."""
+    __slots__ = ("ref", "entry")
 
-    def __init__(self, ref, slots, norms):
-        self.ref, self.slots, self.norms, self.entry = ref, slots, norms, None
+    def __init__(self, ref):
+        self.ref, self.entry = ref, None
 
 
 # id(module) -> _Mod. Records leave with their module (weakref callback).
@@ -188,6 +190,12 @@ def _make_slots(module, kind: str):
     return slots
 
 
+def _module_slots(module):
+    """[(m._modules, name)] for every submodule: the Watch compares them by identity, so that
+    replacing a layer (`net.out = nn.Linear(...)`, whose old tensors stay as they were) is a change."""
+    return [(m._modules, n) for m in module.modules() for n in m._modules]
+
+
 def _tensor_reasons(name, slots) -> List[str]:
     for d, n in slots:
         t = d.get(n)
@@ -229,64 +237,71 @@ def _build_critic_packs(critic: DoubleCritic):
     return packs
 
 
-def _prepare(module, kind: str):
-    """(entry, reasons): the module's cached pack, re-packed when any tensor it was packed from
-    changed (see _C.Watch: version counter, data pointer, sampled elements), or the reasons the
-    C++ backend cannot run it. On the path of every call: the unchanged case is one C++ call."""
+def _packed(module) -> Optional[_Entry]:
+    """The module's current entry if it has one whose LayerNorm eps values are still the module's
+    (the entry's tensors may have changed since: the Watch says)."""
     rec = _MODS.get(id(module))
-    if rec is not None and rec.ref() is module and rec.entry is not None:
-        # (Watch.changed never raises: a removed or None parameter is a change, and the slow path says why)
-        changed = rec.entry.watch.changed() or (rec.norms and rec.entry.eps != tuple(float(n.eps) for n in rec.norms))
-        if not changed:
-            if torch.is_grad_enabled():
-                return _grad_check(rec, kind)
-            return rec.entry, []
-    return _prepare_slow(module, kind)
+    if rec is None or rec.ref() is not module:
+        return None
+    e = rec.entry  # (read once: another thread may replace or drop it)
+    if e is None or (e.norms and e.eps != tuple(float(n.eps) for n in e.norms)):
+        return None
+    return e
 
 
-def _grad_check(rec, kind):
-    if any(d[n].requires_grad for d, n in rec.slots):
+def _grad_check(e: _Entry, kind: str):
+    """(e, []) unless grad mode is on and a parameter requires grad. Slots may be stale (a
+    parameter since set to None or removed): those do not count, the Watch reports them."""
+    if torch.is_grad_enabled() and any(getattr(d.get(n), "requires_grad", False) for d, n in e.slots):
         name = "net" if kind == "policy" else "critic"
         return None, [f"grad mode is on and the {name}'s parameters require grad, but the C++ sampler does not "
                       "backpropagate; call it under torch.no_grad() / torch.inference_mode() for the fast path"]
-    return rec.entry, []
+    return e, []
+
+
+def _prepare(module, kind: str):
+    """(entry, reasons): the module's pack, re-packed when anything it was packed from changed (see
+    _C.Watch: tensor versions, data pointers, sampled elements, submodule identity), or the reasons
+    the C++ backend cannot run it. The unchanged case is one C++ call."""
+    e = _packed(module)
+    if e is not None and not e.watch.changed():  # (Watch.changed never raises)
+        return _grad_check(e, kind)
+    return _prepare_slow(module, kind)
 
 
 def _prepare_slow(module, kind: str):
+    """Look at the module afresh (type, structure, tensors) and pack it."""
     mid = id(module)
     rec = _MODS.get(mid)
-    if rec is None or rec.ref() is not module:
-        why = _type_reasons(module, kind)
-        if why:
-            return None, why
-        rec = _Mod(weakref.ref(module, lambda _r, mid=mid: _MODS.pop(mid, None)), _make_slots(module, kind),
-                   [n for ns in _critic_norms(module) for n in ns] if kind == "critic" else [])
-        _MODS[mid] = rec
-    slots, norms, e = rec.slots, rec.norms, rec.entry
-    name = "net" if kind == "policy" else "critic"
-    if e is None or e.watch.changed() or (norms and e.eps != tuple(float(n.eps) for n in norms)):
+    if rec is not None and rec.ref() is module:
         rec.entry = None
-        why = _tensor_reasons(name, slots)
-        if why:
-            return None, why
-        watch = _C.Watch(slots)  # the state the pack is built from
-        packs = [_build_policy_pack(module)] if kind == "policy" else _build_critic_packs(module)
-        rec.entry = _Entry(watch, tuple(float(n.eps) for n in norms), packs)
-    if torch.is_grad_enabled():
-        return _grad_check(rec, kind)
-    return rec.entry, []
+    why = _type_reasons(module, kind)
+    if why:
+        return None, why
+    if rec is None or rec.ref() is not module:
+        rec = _Mod(weakref.ref(module, lambda _r, mid=mid: _MODS.pop(mid, None)))
+        _MODS[mid] = rec
+    slots = _make_slots(module, kind)
+    why = _tensor_reasons("net" if kind == "policy" else "critic", slots)
+    if why:
+        return None, why
+    watch = _C.Watch(_module_slots(module) + slots)  # the state the pack is built from
+    packs = [_build_policy_pack(module)] if kind == "policy" else _build_critic_packs(module)
+    e = _Entry(watch, slots, [n for ns in _critic_norms(module) for n in ns] if kind == "critic" else [], packs)
+    rec.entry = e
+    return _grad_check(e, kind)
 
 
 def refresh(module=None) -> None:
     """Drop the packed weights of ``module`` (every module when None): the next call re-packs.
 
     Never needed after optimizer steps, ``load_state_dict``, in-place updates under no_grad,
-    ``p.data = ...`` or whole-tensor writes through ``p.data`` (soft / EMA target updates): the
-    pack notices those by itself. Needed only after editing a few elements through ``.data``
-    (e.g. ``p.data[3, 7] = 0.0``), which no version counter records.
+    ``p.data = ...``, whole-tensor writes through ``p.data`` (soft / EMA target updates) or a
+    replaced layer: the pack notices those by itself. Needed only after editing a few elements
+    through ``.data`` (e.g. ``p.data[3, 7] = 0.0``), which no version counter records.
     """
     if module is None:
-        for rec in _MODS.values():
+        for rec in list(_MODS.values()):
             rec.entry = None
     else:
         rec = _MODS.get(id(module))
@@ -303,31 +318,17 @@ def _ready_reasons(module, kind: str) -> List[str]:
     """fast_supports(), on every dispatch: the module was packed before and nothing that is not a
     tensor changed; whether the pack is still current is left to the C++ call itself, which checks
     the pack's Watch before it computes (one C++ call per sampler call instead of two)."""
-    rec = _packed(module)
-    if rec is not None:
-        if torch.is_grad_enabled():
-            return _grad_check(rec, kind)[1]
-        return []
+    e = _packed(module)
+    if e is not None:
+        return _grad_check(e, kind)[1]
     return _prepare(module, kind)[1]
-
-
-def _packed(module) -> Optional[_Mod]:
-    """The module's record if it has a pack whose LayerNorm eps values (not tensors: no Watch sees
-    them) are still the module's; None otherwise."""
-    rec = _MODS.get(id(module))
-    if rec is not None and rec.ref() is module and rec.entry is not None and not (
-            rec.norms and rec.entry.eps != tuple(float(n.eps) for n in rec.norms)):
-        return rec
-    return None
 
 
 def _entry(module, kind: str) -> _Entry:
     """The module's current pack for an impl (packed now if it never was). It may be stale: the impls
     pass its watch to the C++ call and re-pack with _repack when that reports a change."""
-    rec = _packed(module)
-    if rec is not None:
-        return rec.entry
-    return _repack(module, kind)
+    e = _packed(module)
+    return e if e is not None else _repack(module, kind)
 
 
 def _repack(module, kind: str) -> _Entry:
@@ -457,9 +458,12 @@ def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     obs, x0 = _buf(obs), _buf(x0)
     for first in (True, False):
         kind, sid, nst, ttab, coef = _flow_tables(net, e, steps, solver, t0, t1, path)
-        if _C.sample(e.packs[0], obs, x0, K, kind, sid, nst, ttab, coef, None, False, out, traj,
-                     torch.get_num_threads(), CHUNK_ROWS, e.watch if first else None):
-            break
+        try:
+            if _C.sample(e.packs[0], obs, x0, K, kind, sid, nst, ttab, coef, None, False, out, traj,
+                         torch.get_num_threads(), CHUNK_ROWS, e.watch if first else None):
+                break
+        except _C.UnreadableBuffer as err:
+            raise Unsupported(str(err)) from None
         e = _repack(net, "policy")  # the weights changed since the last call
     if return_trajectory:
         return _T(out), _T(traj)
@@ -503,8 +507,10 @@ def _step_noise(step_noise, sigmas, R, A, dtype, device, generator):
 
 def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data, clip, generator):
     """reference.consistency._consistency_sample in C++: noise [N, A] or [B, K, A] -> same shape."""
-    rec = _MODS.get(id(net))  # (_entry and the table lookup inlined: the one-state real-time path)
-    e = rec.entry if rec is not None and rec.ref() is net and rec.entry is not None else _entry(net, "policy")
+    rec = _MODS.get(id(net))  # (_entry and the table lookup inlined: the one-state real-time path;
+    e = rec.entry if rec is not None and rec.ref() is net else None  # a policy entry has no LayerNorms)
+    if e is None:
+        e = _entry(net, "policy")
     tab = e.tables.get((None if sigmas is None else tuple(sigmas), sigma_max, sigma_min, sigma_data))
     kind, sid, nst, ttab, coef = tab or _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
     shape = noise.shape
@@ -520,12 +526,15 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     obs = obs if obs.is_contiguous() else obs.contiguous()
     noise = noise if noise.is_contiguous() else noise.contiguous()
     sn = None if sn is None else _buf(sn)
-    if not _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
-                     torch.get_num_threads(), CHUNK_ROWS, e.watch):
-        e = _repack(net, "policy")  # the weights changed since the last call
-        kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
-        _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
-                  torch.get_num_threads(), CHUNK_ROWS)
+    try:
+        if not _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
+                         torch.get_num_threads(), CHUNK_ROWS, e.watch):
+            e = _repack(net, "policy")  # the weights changed since the last call
+            kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
+            _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
+                      torch.get_num_threads(), CHUNK_ROWS)
+    except _C.UnreadableBuffer as err:  # (a ZeroTensor, a negative view: the reference reads those)
+        raise Unsupported(str(err)) from None
     return _T(out)
 
 
@@ -581,10 +590,13 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     obs, noise, sn = _buf(obs), _buf(noise), None if sn is None else _buf(sn)
     for first in (True, False):
         kind, sid, nst, ttab, coef = tables(pe)
-        if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip),
-                  mode, float(temperature), u, out, None if q is None else q.reshape(R), idx, cand,
-                  torch.get_num_threads(), CHUNK_ROWS, pe.watch if first else None, ce.watch if first else None):
-            break
+        try:
+            if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn,
+                      bool(clip), mode, float(temperature), u, out, None if q is None else q.reshape(R), idx, cand,
+                      torch.get_num_threads(), CHUNK_ROWS, pe.watch if first else None, ce.watch if first else None):
+                break
+        except _C.UnreadableBuffer as err:
+            raise Unsupported(str(err)) from None
         pe, ce = _repack(net, "policy"), _repack(critic, "critic")  # weights changed since the last call
     if _debug is not None:
         _debug.update(candidates=_T(cand), q=_T(q), index=_T(idx))
@@ -611,7 +623,10 @@ def select_action(q_values, candidates, mode, temperature, uniform, generator):
             uniform = torch.rand(B, dtype=torch.float64, device=q_values.device, generator=generator)
         u = _buf(uniform.detach().to(torch.float64))
     out = _empty((B, D))
-    _C.select_action(_buf(q_values), _buf(candidates), mode, float(temperature), u, out)
+    try:
+        _C.select_action(_buf(q_values), _buf(candidates), mode, float(temperature), u, out)
+    except _C.UnreadableBuffer as err:
+        raise Unsupported(str(err)) from None
     return _T(out)
 
 
@@ -630,8 +645,11 @@ class _FMLoss(torch.autograd.Function):
         sq = _empty((B, M)) if ctx.needs_input_grad[4] else None
         w = _empty((B, M)) if ctx.needs_input_grad[4] else None
         e = None if energy is None else _buf(energy.detach().to(torch.float32))
-        loss = _C.fm_loss(_buf(pred), _buf(a), None if z is None else _buf(z), e, float(beta), normalize,
-                          None if pair_weight is None else _buf(pair_weight), grad, sq, w, n_threads())
+        try:
+            loss = _C.fm_loss(_buf(pred), _buf(a), None if z is None else _buf(z), e, float(beta), normalize,
+                              None if pair_weight is None else _buf(pair_weight), grad, sq, w, n_threads())
+        except _C.UnreadableBuffer as err:
+            raise Unsupported(str(err)) from None
         grad, sq, w = (None if b is None else _T(b) for b in (grad, sq, w))
         ctx.mode = mode
         ctx.save_for_backward(grad, sq, w)

@@ -32,6 +32,15 @@ def _fallback(op: str, backend: str, name: str, err: Exception) -> None:
         raise RuntimeError(f"backend={name!r} cannot run {op} here: {err}") from err
 
 
+def _run(op: str, backend: str, name: str, fn: Callable, reference: Callable, args: tuple):
+    """fn(*args), or the reference's when fn raises backends.Fallback (see _fallback)."""
+    try:
+        return fn(*args)
+    except _b.Fallback as err:
+        _fallback(op, backend, name, err)
+    return reference(*args)
+
+
 def flow_path(actions, noise, t, path: str = "ot", backend: str = "auto"):
     """(x_t, target) on a probability path; see reference.paths.flow_path. Shapes [..., D], t [...]."""
     _paths.check_flow_path(actions, noise, t, path)
@@ -44,19 +53,21 @@ def weighted_fm_loss(pred, target, energy=None, beta: float = 1.0, normalize: st
                      pair_weight=None, backend: str = "auto"):
     """Energy-weighted flow-matching loss; see reference.loss.weighted_fm_loss. pred/target [B, M, D]."""
     _loss.check_weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight)
-    _, fn = _b.choose("weighted_fm_loss", backend, pred.device, _loss._weighted_fm_loss,
-                      pred=pred, target=target, energy=energy, normalize=normalize, pair_weight=pair_weight)
-    return fn(pred, target, energy, float(beta), normalize, pair_weight)
+    name, fn = _b.choose("weighted_fm_loss", backend, pred.device, _loss._weighted_fm_loss,
+                         pred=pred, target=target, energy=energy, normalize=normalize, pair_weight=pair_weight)
+    return _run("weighted_fm_loss", backend, name, fn, _loss._weighted_fm_loss,
+                (pred, target, energy, float(beta), normalize, pair_weight))
 
 
 def flow_matching_loss(pred, actions, noise, t, path: str = "ot", energy=None, beta: float = 1.0,
                        normalize: str = "support", pair_weight=None, backend: str = "auto"):
     """Weighted FM loss with the target formed from (actions, noise, t); see reference.loss."""
     _loss.check_flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, pair_weight)
-    _, fn = _b.choose("flow_matching_loss", backend, pred.device, _loss._flow_matching_loss,
-                      pred=pred, actions=actions, noise=noise, t=t, path=path, energy=energy,
-                      normalize=normalize, pair_weight=pair_weight)
-    return fn(pred, actions, noise, t, path, energy, float(beta), normalize, pair_weight)
+    name, fn = _b.choose("flow_matching_loss", backend, pred.device, _loss._flow_matching_loss,
+                         pred=pred, actions=actions, noise=noise, t=t, path=path, energy=energy,
+                         normalize=normalize, pair_weight=pair_weight)
+    return _run("flow_matching_loss", backend, name, fn, _loss._flow_matching_loss,
+                (pred, actions, noise, t, path, energy, float(beta), normalize, pair_weight))
 
 
 def integrate(net: Callable, x0, obs, steps: int = 10, solver: str = "euler", t0: float = 0.0, t1: float = 1.0,
@@ -68,11 +79,8 @@ def integrate(net: Callable, x0, obs, steps: int = 10, solver: str = "euler", t0
     _ode.check_integrate(net, x0, obs, steps, solver, t0, t1, path)
     name, fn = _b.choose("integrate", backend, x0.device, _ode._integrate, net=net, x0=x0, obs=obs, steps=steps,
                          solver=solver, path=path, return_trajectory=return_trajectory)
-    try:
-        return fn(net, x0, obs, steps, solver, t0, t1, path, return_trajectory)
-    except _b.Fallback as err:
-        _fallback("integrate", backend, name, err)
-    return _ode._integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory)
+    return _run("integrate", backend, name, fn, _ode._integrate, (net, x0, obs, steps, solver, t0, t1, path,
+                                                                   return_trajectory))
 
 
 def sample(net: Callable, obs, num_samples: int, steps: int = 10, solver: str = "euler", path: Optional[str] = None,
@@ -121,9 +129,10 @@ def select_action(q_values, candidates, mode: str = "argmax", temperature: float
                   generator: Optional[torch.Generator] = None, backend: str = "auto"):
     """Pick one of K candidates per state by Q; q_values [B, K], candidates [B, K, D] -> [B, D]."""
     _sel.check_select_action(q_values, candidates, mode, temperature, uniform)
-    _, fn = _b.choose("select_action", backend, q_values.device, _select_ref, q_values=q_values,
-                      candidates=candidates, mode=mode)
-    return fn(q_values, candidates, mode, float(temperature), uniform, generator)
+    name, fn = _b.choose("select_action", backend, q_values.device, _select_ref, q_values=q_values,
+                         candidates=candidates, mode=mode)
+    return _run("select_action", backend, name, fn, _select_ref,
+                (q_values, candidates, mode, float(temperature), uniform, generator))
 
 
 SAMPLERS = ("flow", "consistency")
@@ -202,10 +211,6 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: str = "fl
     name, fn = _b.choose("act", backend, obs.device, _act_ref, net=net, critic=critic, obs=obs,
                          num_candidates=num_candidates, sampler=sampler, steps=steps, solver=solver, path=path,
                          sigmas=sig, mode=mode, noise=noise)
-    args = (net, critic, obs, num_candidates, sampler, steps, solver, path, sig, mode, float(temperature),
-            noise, step_noise, uniform, generator, clip)
-    try:
-        return fn(*args)
-    except _b.Fallback as err:
-        _fallback("act", backend, name, err)
-    return _act_ref(*args)
+    return _run("act", backend, name, fn, _act_ref, (net, critic, obs, num_candidates, sampler, steps, solver, path,
+                                                   sig, mode, float(temperature), noise, step_noise, uniform,
+                                                   generator, clip))

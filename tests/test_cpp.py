@@ -607,6 +607,83 @@ def test_sampler_keeps_the_reference_stream_across_a_fallback(kind, kw):
     assert fast.backend_used(obs) == "torch"
 
 
+def test_unreadable_tensors_fall_back_to_the_reference():
+    # a ZeroTensor (no memory behind it) or a negative view: "auto" runs the reference, "cpp" says why
+    net, critic = make(hidden=24, critic=True)
+    obs = torch.randn(3, 17)
+    zero, neg = torch._efficientzerotensor(3, 6), torch._neg_view(torch.randn(3, 6))
+    with torch.no_grad():
+        for x0 in (zero, neg):
+            torch.testing.assert_close(qk.integrate(net, x0, obs, steps=2),
+                                       qk.integrate(net, x0, obs, steps=2, backend="torch"))
+            torch.testing.assert_close(qk.consistency_sample(net, x0, obs),
+                                       qk.consistency_sample(net, x0, obs, backend="torch"))
+        with pytest.raises(RuntimeError, match="backend='cpp' cannot run integrate.*ZeroTensor"):
+            qk.integrate(net, zero, obs, steps=2, backend="cpp")
+        z3 = torch._efficientzerotensor(3, 4, 6)
+        torch.testing.assert_close(qk.act(net, critic, obs, 4, steps=2, noise=z3),
+                                   qk.act(net, critic, obs, 4, steps=2, noise=z3, backend="torch"))
+        q, cand = torch.randn(3, 4), torch._efficientzerotensor(3, 4, 6)
+        torch.testing.assert_close(qk.select_action(q, cand), qk.select_action(q, cand, backend="torch"))
+
+
+def test_replaced_layer_is_a_change():
+    # the old layer's tensors stay as they were: the Watch compares the submodules by identity
+    net = make(hidden=24)
+    x0, obs = torch.randn(3, 6), torch.randn(3, 17)
+    with torch.no_grad():
+        qk.integrate(net, x0, obs, steps=2, backend="cpp")
+        net.out = torch.nn.Linear(24, 6)
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.out.weight.mul_(3.0)                 # the new layer is the one watched now
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.layers[1] = torch.nn.Linear(24, 24)  # inside a ModuleList
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        net.out = torch.nn.Sequential(torch.nn.Linear(24, 6))  # no longer a Linear: not runnable, auto falls back
+        torch.testing.assert_close(qk.integrate(net, x0, obs, steps=2),
+                                   qk.integrate(net, x0, obs, steps=2, backend="torch"))
+
+
+def test_frozen_net_with_a_removed_parameter_under_grad_mode():
+    net = make(hidden=24).requires_grad_(False)
+    x0, obs = torch.randn(3, 6), torch.randn(3, 17)
+    qk.integrate(net, x0, obs, steps=2)            # grad mode on, nothing requires grad: C++
+    net.layers[1].bias = None
+    torch.testing.assert_close(qk.integrate(net, x0, obs, steps=2), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+
+
+def test_threads_share_a_module_while_it_changes():
+    # several threads sample from one net while another updates it in place: no thread may see a
+    # half-built pack (every call either runs on a whole pack or re-packs), results stay finite
+    import threading
+
+    net = make(hidden=24)
+    obs = torch.randn(2, 17)
+    errors, stop = [], threading.Event()
+
+    def sample():
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    assert torch.isfinite(qk.integrate(net, torch.randn(2, 6), obs, steps=2)).all()
+                    assert torch.isfinite(qk.consistency_sample(net, torch.randn(2, 6), obs)).all()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=sample) for _ in range(3)]
+    for t in threads:
+        t.start()
+    with torch.no_grad():
+        for i in range(200):
+            net.out.bias.add_(0.0)
+            if i % 50 == 0:
+                qk.refresh(net)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 def test_inference_mode_parameters():
     # inference tensors have no version counter: the Watch goes by data pointers and samples
     with torch.inference_mode():
@@ -635,6 +712,7 @@ def test_tensor_buffers_at_the_extension():
                      out3, None)
     assert torch.isfinite(out3).all()
     args = lambda o, x, y: (p, o, x, 1, "velocity", 0, 2, ttab, coef, None, False, y, None)  # noqa: E731
+    out.fill_(float("nan"))  # every call below must fail before writing anything
     with pytest.raises(TypeError, match="obs must have dtype torch.float32"):
         _C.sample(*args(obs.double(), x0, out))
     with pytest.raises(ValueError, match="x0 must be contiguous"):
@@ -645,13 +723,15 @@ def test_tensor_buffers_at_the_extension():
         _C.sample(*args(obs.to_sparse(), x0, out))
     with pytest.raises(ValueError, match="out .*must not require grad"):
         _C.sample(*args(obs, x0, torch.zeros(3, 6, requires_grad=True)))
-    with pytest.raises(ValueError, match="negative bit"):
+    with pytest.raises(_C.UnreadableBuffer, match="negative bit"):
         _C.sample(*args(obs, torch._neg_view(x0), out))
+    with pytest.raises(_C.UnreadableBuffer, match="ZeroTensor"):
+        _C.sample(*args(obs, torch._efficientzerotensor(3, 6), out))
     with pytest.raises(ValueError, match="x0 must have shape \\[3, 6\\]"):
         _C.sample(*args(obs, torch.randn(2, 2, 6), out))
     with pytest.raises(TypeError, match="numpy array or a CPU torch.Tensor"):
         _C.sample(*args(obs, x0.tolist(), out))
-    assert torch.isfinite(out).all()  # (nothing ran on bad input)
+    assert torch.isnan(out).all()  # (nothing ran on bad input)
 
 
 # ----------------------------------------------------------------------------------------- reasons
