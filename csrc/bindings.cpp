@@ -36,10 +36,11 @@ struct Variant {
     double (*fma_peak)(long);
     void (*gemm)(const float*, long, int, int, const float*, long, int, const float*, float*, long, int);
     void (*select_rows)(const float*, long, int, int, double, const double*, int64_t*, double*);
+    void (*softmax_rows)(const float*, long, long, double, double, double*);
 };
 
 #define QK_VARIANT(NS, NAME) \
-    Variant{NAME, NS::sample_chunk, NS::act_chunk, NS::fma_peak_flops, NS::gemm, NS::select_rows}
+    Variant{NAME, NS::sample_chunk, NS::act_chunk, NS::fma_peak_flops, NS::gemm, NS::select_rows, NS::softmax_rows}
 
 bool cpu_has(const std::string& isa) {
     if (isa == "base") return true;
@@ -774,18 +775,10 @@ double fm_loss(py::handle pred, py::handle target, py::handle noise, py::handle 
         py::gil_scoped_release nogil;
         if (!E) {
             std::fill(wn.begin(), wn.end(), 1.0 / (double)n);
-        } else if (norm == 0) {
-            for (long b = 0; b < B; ++b) {
-                double mx = -INFINITY, s = 0.0;
-                for (long m = 0; m < M; ++m) mx = std::max(mx, beta * (double)E[b * M + m]);
-                for (long m = 0; m < M; ++m) s += (wn[b * M + m] = std::exp(beta * (double)E[b * M + m] - mx));
-                for (long m = 0; m < M; ++m) wn[b * M + m] /= s * (double)B;
-            }
-        } else {
-            double mx = -INFINITY, s = 0.0;
-            for (long i = 0; i < n; ++i) mx = std::max(mx, beta * (double)E[i]);
-            for (long i = 0; i < n; ++i) s += (wn[i] = std::exp(beta * (double)E[i] - mx));
-            for (long i = 0; i < n; ++i) wn[i] /= s;
+        } else if (norm == 0) {  // softmax over each state's M support actions, / B
+            g_var.softmax_rows(E, B, M, beta, 1.0 / (double)B, wn.data());
+        } else {                 // softmax over the whole batch
+            g_var.softmax_rows(E, 1, n, beta, 1.0, wn.data());
         }
         for (long i = 0; i < n; ++i) {
             if (!std::isfinite(wn[i])) throw std::runtime_error("non-finite loss weight");

@@ -556,6 +556,41 @@ void gemm(const float* X, long ldx, int M, int K, const float* W, long ldw, int 
     gemm_impl(X, ldx, M, K, W, (int)ldw, Np, bias, Y, ldy, act);
 }
 
+// out[r, m] = scale exp(beta e[r, m] - max_m beta e[r, :]) / sum_m exp(...), rows r of M, float64
+// (the weights of the energy-weighted loss; beta > 0).
+void softmax_rows(const float* E, long rows, long M, double beta, double scale, double* out) {
+    const vd vb = bcd(beta);
+    for (long r = 0; r < rows; ++r) {
+        const float* e = E + r * M;
+        double* o = out + r * M;
+        float em = e[0];
+        for (long m = 1; m < M; ++m) em = e[m] > em ? e[m] : em;
+        const double mx = beta * (double)em;
+        const vd vmx = bcd(mx);
+        long m = 0;
+        for (; m + VD <= M; m += VD) {
+            vd v;
+            for (int j = 0; j < VD; ++j) v[j] = (double)e[m + j];
+            vd y = vexpd_nonpos(v * vb - vmx);
+            __builtin_memcpy(o + m, &y, sizeof(vd));
+        }
+        if (m < M) {
+            vd v = bcd(0.0);
+            for (int j = 0; m + j < M; ++j) v[j] = beta * (double)e[m + j] - mx;
+            vd y = vexpd_nonpos(v);
+            for (int j = 0; m + j < M; ++j) o[m + j] = y[j];
+        }
+        double s4[4] = {0.0, 0.0, 0.0, 0.0};
+        long i = 0;
+        for (; i + 4 <= M; i += 4)
+            for (int l = 0; l < 4; ++l) s4[l] += o[i + l];
+        double sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+        for (; i < M; ++i) sum += o[i];
+        const double f = scale / sum;
+        for (long k = 0; k < M; ++k) o[k] *= f;
+    }
+}
+
 void select_rows(const float* Q, long B, int K, int mode, double T, const double* U, int64_t* idx, double* scratch) {
     for (long b = 0; b < B; ++b) idx[b] = select_one(Q + b * K, K, mode, T, mode == 1 ? U[b] : 0.0, scratch);
 }

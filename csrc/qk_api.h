@@ -104,6 +104,7 @@ static inline long act_ws_floats(const NetDesc* n, const NetDesc* q, long m, lon
               const float* bias, float* Y, long ldy, int act);                                \
     void select_rows(const float* Q, long B, int K, int mode, double T, const double* U,      \
                      int64_t* idx, double* scratch);                                          \
+    void softmax_rows(const float* E, long rows, long M, double beta, double scale, double* out); \
     }
 
 QK_DECLARE_VARIANT(qk_base)

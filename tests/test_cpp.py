@@ -453,6 +453,22 @@ def test_weighted_fm_loss_and_grad_vs_float64(B, M, D, energy, normalize, pw):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("normalize", ["support", "batch"])
+def test_loss_weights_every_isa(isa, normalize):
+    # the softmax weights are computed per instruction set (vectorised float64 exp): odd M around the
+    # vector width, and a beta that sends most offsets below exp's range (weights exactly 0)
+    for B, M, beta in ((3, 1, 2.0), (5, 7, 2.0), (2, 9, 2.0), (4, 17, 2.0), (6, 1000, 2.0), (5, 33, 400.0)):
+        pred, target, e, _ = _loss_inputs(B, M, 3, B * M)
+        p32 = pred.clone().requires_grad_()
+        loss = qk.weighted_fm_loss(p32, target, e, beta=beta, normalize=normalize, backend="cpp")
+        loss.backward()
+        p64 = pred.double().requires_grad_()
+        l64 = qk.weighted_fm_loss(p64, target.double(), e.double(), beta=beta, normalize=normalize, backend="torch")
+        l64.backward()
+        torch.testing.assert_close(loss.double(), l64.detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(p32.grad.double(), p64.grad, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["ot", "ot-eps", "vp"])
 def test_flow_matching_loss_and_grad_vs_float64(path):
     pred, actions, e, _ = _loss_inputs(5, 7, 6, 3)
