@@ -454,6 +454,7 @@ class Watch {
                 // not a tensor (a submodule): watched by identity, a reference held so that its
                 // address cannot be reused by a replacement
                 it.ident = t;
+                it.dict_size = PyDict_Size(it.dict);  // a layer appended to a ModuleList adds a key
                 Py_INCREF(t);
                 Py_INCREF(it.dict);
                 Py_INCREF(it.name);
@@ -469,6 +470,7 @@ class Watch {
                 get_attr(th, r->s_is_cpu).ptr() == Py_True && call0(th, r->s_is_contiguous).ptr() == Py_True) {
                 it.n = PyLong_AsLong(call0(th, py::str("numel").ptr()).ptr());
                 if (it.n < 0) throw py::error_already_set();
+                if (it.ptr == 0) it.n = 0;  // no memory behind the elements (a ZeroTensor): nothing to sample
                 if (it.n > 0) {
                     read_samples(it, it.sample);
                     // keep the buffer allocated (an alias of the tensor, sharing its storage): while the
@@ -503,7 +505,7 @@ class Watch {
             for (const Item& it : items_) {
                 PyObject* t = lookup(it);
                 if (it.ident) {
-                    if (t != it.ident) return true;
+                    if (t != it.ident || PyDict_Size(it.dict) != it.dict_size) return true;
                     continue;
                 }
                 if (data_ptr(t) != it.ptr || version(t) != it.version) return true;
@@ -532,6 +534,7 @@ class Watch {
         float sample[4] = {0, 0, 0, 0};
         PyObject* keep = nullptr;   // a detached alias holding the sampled buffer
         PyObject* ident = nullptr;  // a non-tensor slot (a submodule), compared by identity
+        Py_ssize_t dict_size = 0;   // ... and the size of the dict holding it
     };
     std::vector<Item> items_;
 
@@ -771,14 +774,15 @@ double fm_loss(py::handle pred, py::handle target, py::handle noise, py::handle 
     if (E && !(beta > 0.0 && std::isfinite(beta))) throw py::value_error("beta must be > 0 and finite");
     const long n = B * M;
     std::vector<double> wn(n), part(B, 0.0);
+    const Variant v = g_var;  // (read while holding the GIL, as every entry point)
     {
         py::gil_scoped_release nogil;
         if (!E) {
             std::fill(wn.begin(), wn.end(), 1.0 / (double)n);
         } else if (norm == 0) {  // softmax over each state's M support actions, / B
-            g_var.softmax_rows(E, B, M, beta, 1.0 / (double)B, wn.data());
+            v.softmax_rows(E, B, M, beta, 1.0 / (double)B, wn.data());
         } else {                 // softmax over the whole batch
-            g_var.softmax_rows(E, 1, n, beta, 1.0, wn.data());
+            v.softmax_rows(E, 1, n, beta, 1.0, wn.data());
         }
         for (long i = 0; i < n; ++i) {
             if (!std::isfinite(wn[i])) throw std::runtime_error("non-finite loss weight");

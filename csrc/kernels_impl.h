@@ -69,6 +69,9 @@ QK_INLINE vd bcd(double s) { return s - vd{}; }
 // exponent bits; within ~2 ulp of libm. Below -708 (2^n would be subnormal) the result is 0, where
 // e^x < 3e-308 is 0 next to the largest term (e^0 = 1) of the softmax sum anyway.
 QK_INLINE vd vexpd_nonpos(vd x) {
+    const vd zero = bcd(0.0);
+    vl over = x > zero;  // (callers pass offsets <= 0; a positive one is clamped, never garbage bits)
+    x = (vd)(((vl)x & ~over) | ((vl)zero & over));
     const vd lo = bcd(-708.0);
     vl under = x < lo;
     x = (vd)(((vl)x & ~under) | ((vl)lo & under));
@@ -109,18 +112,20 @@ int select_one(const float* q, int K, int mode, double T, double u, double* e) {
     }
     float qm = q[0];  // max(q / T) = max(q) / T for T > 0
     for (int k = 1; k < K; ++k) qm = q[k] > qm ? q[k] : qm;
-    const double it = 1.0 / T, mx = (double)qm * it;  // (q * (1/T): 1 ulp from the reference's q / T)
-    const vd inv = bcd(it), vmx = bcd(mx);
+    // offsets (q - max q) / T: the difference first, so that it is <= 0 and exactly 0 at the max
+    // whatever the magnitudes (q / T - max / T with a fused multiply-add is not)
+    const double it = 1.0 / T, dm = (double)qm;
+    const vd inv = bcd(it), vdm = bcd(dm);
     int k = 0;
     for (; k + VD <= K; k += VD) {
         vd v;
         for (int j = 0; j < VD; ++j) v[j] = (double)q[k + j];
-        vd r = vexpd_nonpos(v * inv - vmx);
+        vd r = vexpd_nonpos((v - vdm) * inv);
         __builtin_memcpy(e + k, &r, sizeof(vd));
     }
     if (k < K) {  // the tail, padded with a harmless 0 offset
         vd v = bcd(0.0);
-        for (int j = 0; k + j < K; ++j) v[j] = (double)q[k + j] * it - mx;
+        for (int j = 0; k + j < K; ++j) v[j] = ((double)q[k + j] - dm) * it;
         vd r = vexpd_nonpos(v);
         for (int j = 0; k + j < K; ++j) e[k + j] = r[j];
     }
@@ -565,18 +570,19 @@ void softmax_rows(const float* E, long rows, long M, double beta, double scale, 
         double* o = out + r * M;
         float em = e[0];
         for (long m = 1; m < M; ++m) em = e[m] > em ? e[m] : em;
-        const double mx = beta * (double)em;
-        const vd vmx = bcd(mx);
+        // offsets beta (e - max e): the difference first, <= 0 and exactly 0 at the max (see select_one)
+        const double dm = (double)em;
+        const vd vdm = bcd(dm);
         long m = 0;
         for (; m + VD <= M; m += VD) {
             vd v;
             for (int j = 0; j < VD; ++j) v[j] = (double)e[m + j];
-            vd y = vexpd_nonpos(v * vb - vmx);
+            vd y = vexpd_nonpos((v - vdm) * vb);
             __builtin_memcpy(o + m, &y, sizeof(vd));
         }
         if (m < M) {
             vd v = bcd(0.0);
-            for (int j = 0; m + j < M; ++j) v[j] = beta * (double)e[m + j] - mx;
+            for (int j = 0; m + j < M; ++j) v[j] = ((double)e[m + j] - dm) * beta;
             vd y = vexpd_nonpos(v);
             for (int j = 0; m + j < M; ++j) o[m + j] = y[j];
         }

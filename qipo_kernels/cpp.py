@@ -205,6 +205,8 @@ def _tensor_reasons(name, slots) -> List[str]:
             return [f"{name}'s parameters are {t.dtype}; the C++ backend is float32 only (the reference handles it)"]
         if t.device.type != "cpu":
             return [f"{name}'s parameters are on {t.device}; the C++ backend runs on CPU"]
+        if t._is_zerotensor() or t.is_neg() or t.is_conj():
+            return [f"{name}'s {n!r} is a ZeroTensor or a negative / conjugate view; the C++ pack reads plain memory"]
     return []
 
 

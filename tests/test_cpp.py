@@ -660,6 +660,39 @@ def test_replaced_layer_is_a_change():
                                    qk.integrate(net, x0, obs, steps=2, backend="torch"))
 
 
+def test_appended_layer_and_unreadable_parameters():
+    net = make(hidden=24)
+    x0, obs = torch.randn(3, 6), torch.randn(3, 17)
+    with torch.no_grad():
+        qk.integrate(net, x0, obs, steps=2, backend="cpp")
+        net.layers.append(torch.nn.Linear(24, 24))      # a new key in a watched ModuleList
+        close(qk.integrate(net, x0, obs, steps=2, backend="cpp"), qk.integrate(net, x0, obs, steps=2, backend="torch"))
+        # parameters whose elements are not plain memory: "auto" runs the reference (no crash)
+        for make_p in (lambda: torch._efficientzerotensor((6, 24)), lambda: torch._neg_view(torch.randn(6, 24))):
+            net.out.weight = torch.nn.Parameter(make_p(), requires_grad=False)
+            torch.testing.assert_close(qk.integrate(net, x0, obs, steps=2),
+                                       qk.integrate(net, x0, obs, steps=2, backend="torch"))
+            with pytest.raises(RuntimeError, match="ZeroTensor or a negative"):
+                qk.integrate(net, x0, obs, steps=2, backend="cpp")
+
+
+def test_huge_energies_and_scores_stay_finite(isa):
+    # offsets are formed as (x - max) * scale, <= 0 and exactly 0 at the max whatever the magnitude
+    # (x * scale - max * scale with a fused multiply-add could land above 0 or far below)
+    pred, tgt = torch.randn(2, 8, 3), torch.randn(2, 8, 3)
+    for e, beta, normalize in ((torch.full((2, 8), 1e30), 0.3, "support"), (torch.full((2, 8), -1e30), 0.1, "batch"),
+                               (torch.randn(2, 8) * 1e30, 0.7, "support")):
+        got = qk.weighted_fm_loss(pred, tgt, e, beta=beta, normalize=normalize, backend="cpp")
+        torch.testing.assert_close(got.double(), qk.weighted_fm_loss(pred.double(), tgt.double(), e.double(), beta=beta,
+                                                                     normalize=normalize, backend="torch"))
+    q = torch.randn(16, 9) * 1e15
+    cand = torch.randn(16, 9, 2)
+    u = torch.rand(16, dtype=torch.float64)
+    for temperature in (1e-4, 1.0):
+        assert torch.equal(qk.select_action(q, cand, "softmax", temperature, uniform=u, backend="cpp"),
+                           qk.select_action(q, cand, "softmax", temperature, uniform=u, backend="torch"))
+
+
 def test_frozen_net_with_a_removed_parameter_under_grad_mode():
     net = make(hidden=24).requires_grad_(False)
     x0, obs = torch.randn(3, 6), torch.randn(3, 17)
