@@ -99,10 +99,41 @@ QK_INLINE vd vexpd_nonpos(vd x) {
     return (vd)((vl)y & ~under);
 }
 
+// out[i] = exp((x[i] - max x) * scale) for i < n (scale > 0; float64), returning their sum (four
+// partial sums: no chain of n dependent adds). The difference is formed first, so that every offset
+// is <= 0 and exactly 0 at the max whatever the magnitudes (x * scale - max * scale with a fused
+// multiply-add is not). out: n doubles. Shared by the softmax draw and the loss weights.
+double exp_offsets(const float* x, long n, double scale, double* out) {
+    float xm = x[0];
+    for (long i = 1; i < n; ++i) xm = x[i] > xm ? x[i] : xm;
+    const double dm = (double)xm;
+    const vd vs = bcd(scale), vdm = bcd(dm);
+    long k = 0;
+    for (; k + VD <= n; k += VD) {
+        vd v;
+        for (int j = 0; j < VD; ++j) v[j] = (double)x[k + j];
+        vd r = vexpd_nonpos((v - vdm) * vs);
+        __builtin_memcpy(out + k, &r, sizeof(vd));
+    }
+    if (k < n) {  // the tail, padded with a harmless 0 offset
+        vd v = bcd(0.0);
+        for (int j = 0; k + j < n; ++j) v[j] = ((double)x[k + j] - dm) * scale;
+        vd r = vexpd_nonpos(v);
+        for (int j = 0; k + j < n; ++j) out[k + j] = r[j];
+    }
+    double s4[4] = {0.0, 0.0, 0.0, 0.0};
+    long i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int l = 0; l < 4; ++l) s4[l] += out[i + l];
+    double sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+    for (; i < n; ++i) sum += out[i];
+    return sum;
+}
+
 // The candidate select_action picks from K finite scores q (reference.select.select_index):
 // mode 0 argmax, the first largest; mode 1 softmax, the smallest k with cumsum(softmax(q / T))[k] > u
 // (at most K - 1), in float64 as the reference, tested as cumsum(e) <= u * sum(e) (no division
-// per candidate; the two differ only for a u within ~1e-16 of a boundary). e: K + VD doubles.
+// per candidate; the two differ only for a u within ~1e-16 of a boundary). e: K doubles.
 int select_one(const float* q, int K, int mode, double T, double u, double* e) {
     if (mode == 0) {
         int idx = 0;
@@ -110,31 +141,7 @@ int select_one(const float* q, int K, int mode, double T, double u, double* e) {
             if (q[k] > q[idx]) idx = k;
         return idx;
     }
-    float qm = q[0];  // max(q / T) = max(q) / T for T > 0
-    for (int k = 1; k < K; ++k) qm = q[k] > qm ? q[k] : qm;
-    // offsets (q - max q) / T: the difference first, so that it is <= 0 and exactly 0 at the max
-    // whatever the magnitudes (q / T - max / T with a fused multiply-add is not)
-    const double it = 1.0 / T, dm = (double)qm;
-    const vd inv = bcd(it), vdm = bcd(dm);
-    int k = 0;
-    for (; k + VD <= K; k += VD) {
-        vd v;
-        for (int j = 0; j < VD; ++j) v[j] = (double)q[k + j];
-        vd r = vexpd_nonpos((v - vdm) * inv);
-        __builtin_memcpy(e + k, &r, sizeof(vd));
-    }
-    if (k < K) {  // the tail, padded with a harmless 0 offset
-        vd v = bcd(0.0);
-        for (int j = 0; k + j < K; ++j) v[j] = ((double)q[k + j] - dm) * it;
-        vd r = vexpd_nonpos(v);
-        for (int j = 0; k + j < K; ++j) e[k + j] = r[j];
-    }
-    double s4[4] = {0.0, 0.0, 0.0, 0.0};  // four partial sums: no chain of K dependent adds
-    int j = 0;
-    for (; j + 4 <= K; j += 4)
-        for (int l = 0; l < 4; ++l) s4[l] += e[j + l];
-    double sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
-    for (; j < K; ++j) sum += e[j];
+    const double sum = exp_offsets(q, K, 1.0 / T, e);  // e = exp((q - max q) / T)
     // the first k with cumsum(e)[k] > u * sum (e >= 0: the cumulative sum never decreases), found a
     // block of 8 at a time: a block's total is added unless the crossing is inside it
     const double us = u * sum;
@@ -564,34 +571,9 @@ void gemm(const float* X, long ldx, int M, int K, const float* W, long ldw, int 
 // out[r, m] = scale exp(beta e[r, m] - max_m beta e[r, :]) / sum_m exp(...), rows r of M, float64
 // (the weights of the energy-weighted loss; beta > 0).
 void softmax_rows(const float* E, long rows, long M, double beta, double scale, double* out) {
-    const vd vb = bcd(beta);
     for (long r = 0; r < rows; ++r) {
-        const float* e = E + r * M;
         double* o = out + r * M;
-        float em = e[0];
-        for (long m = 1; m < M; ++m) em = e[m] > em ? e[m] : em;
-        // offsets beta (e - max e): the difference first, <= 0 and exactly 0 at the max (see select_one)
-        const double dm = (double)em;
-        const vd vdm = bcd(dm);
-        long m = 0;
-        for (; m + VD <= M; m += VD) {
-            vd v;
-            for (int j = 0; j < VD; ++j) v[j] = (double)e[m + j];
-            vd y = vexpd_nonpos((v - vdm) * vb);
-            __builtin_memcpy(o + m, &y, sizeof(vd));
-        }
-        if (m < M) {
-            vd v = bcd(0.0);
-            for (int j = 0; m + j < M; ++j) v[j] = ((double)e[m + j] - dm) * beta;
-            vd y = vexpd_nonpos(v);
-            for (int j = 0; m + j < M; ++j) o[m + j] = y[j];
-        }
-        double s4[4] = {0.0, 0.0, 0.0, 0.0};
-        long i = 0;
-        for (; i + 4 <= M; i += 4)
-            for (int l = 0; l < 4; ++l) s4[l] += o[i + l];
-        double sum = (s4[0] + s4[1]) + (s4[2] + s4[3]);
-        for (; i < M; ++i) sum += o[i];
+        const double sum = exp_offsets(E + r * M, M, beta, o);
         const double f = scale / sum;
         for (long k = 0; k < M; ++k) o[k] *= f;
     }
