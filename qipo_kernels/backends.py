@@ -21,9 +21,10 @@ BACKENDS = ("triton", "cpp", "torch")
 # backend -> module that registers its implementations when imported
 _MODULES = {"triton": "qipo_kernels.triton", "cpp": "qipo_kernels.cpp"}
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
-_SUPPORTS: Dict[Tuple[str, str], Callable[..., List[str]]] = {}
-# (op, backend) -> (impl, fast_supports or supports or None): the lookups of every dispatch in one
-_REG: Dict[Tuple[str, str], Tuple[Callable, Optional[Callable[..., List[str]]]]] = {}
+# (op, backend) -> (impl, supports, fast_supports): supports (or None) answers reasons / explain,
+# fast_supports (supports when none was given) is what dispatch asks on every call
+_Supports = Optional[Callable[..., List[str]]]
+_REG: Dict[Tuple[str, str], Tuple[Callable, _Supports, _Supports]] = {}
 # (op, backend asked for, device) -> the backends to try, [(name, impl, supports)], whose
 # op-independent reasons are known to be empty for good (see choose); cleared by register().
 _PLANS: Dict[tuple, list] = {}
@@ -50,9 +51,7 @@ def register(op: str, backend: str, impl: Callable, supports: Optional[Callable[
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _IMPLS.setdefault(op, {})[backend] = impl
-    if supports is not None:
-        _SUPPORTS[(op, backend)] = supports
-    _REG[(op, backend)] = (impl, fast_supports or supports)
+    _REG[(op, backend)] = (impl, supports, fast_supports or supports)
     _PLANS.clear()
 
 
@@ -114,10 +113,12 @@ def _call_reasons(op: str, backend: str, dt: Optional[str], call_args: dict) -> 
     out = _backend_reasons(backend, dt)
     if out:
         return out
-    if backend != "torch" and backend not in _IMPLS.get(op, {}):
+    if backend == "torch":
+        return []
+    reg = _REG.get((op, backend))
+    if reg is None:
         return [f"no {backend} implementation of {op}"]
-    sup = _SUPPORTS.get((op, backend))
-    return sup(**call_args) if sup is not None else []
+    return reg[1](**call_args) if reg[1] is not None else []
 
 
 def reasons(op: str, backend: str, device: Optional[torch.device] = None, **call_args) -> List[str]:
@@ -189,7 +190,7 @@ def _plan(op: str, backend: str, device) -> list:
             if backend != "auto":
                 raise RuntimeError(f"backend={backend!r} cannot run {op} here: " + "; ".join(why))
             continue
-        plan.append((b, reg[0], reg[1]))
+        plan.append((b, reg[0], reg[2]))
     if cache:
         _PLANS[(op, backend, device)] = plan
     return plan

@@ -8,7 +8,7 @@ from qipo_kernels import backends as B
 @pytest.fixture
 def registry(monkeypatch):
     """A private copy of the registry, so that the dummy op never leaks into other tests."""
-    for name in ("_IMPLS", "_SUPPORTS", "_REG", "_PLANS"):
+    for name in ("_IMPLS", "_REG", "_PLANS"):
         monkeypatch.setattr(B, name, {k: (dict(v) if isinstance(v, dict) else v) for k, v in getattr(B, name).items()})
     B._load("cpp")
     return B
