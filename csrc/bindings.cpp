@@ -82,7 +82,8 @@ void set_isa(const std::string& isa) {
 
 // ---------------------------------------------------------------- buffer checks
 // A tensor of the right dtype, device and shape whose elements are not plain memory (a ZeroTensor,
-// a negative view): the reference handles it, so the Python side falls back (a ValueError subclass).
+// a negative view): the reference handles it. Raised as a subclass of qipo_kernels.backends.Fallback,
+// so that ops runs the reference (backend="auto") or says why (backend="cpp").
 struct UnreadableBuffer : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
@@ -864,7 +865,9 @@ PYBIND11_MODULE(_C, m) {
         if (!want.empty() && std::find(isas.begin(), isas.end(), want) != isas.end()) g_var = variant_for(want);
         else g_var = variant_for(isas.front());
     }
-    py::register_exception<UnreadableBuffer>(m, "UnreadableBuffer", PyExc_ValueError);
+    // a qipo_kernels.backends.Fallback: ops then runs the reference for backend="auto"
+    py::register_exception<UnreadableBuffer>(
+        m, "UnreadableBuffer", py::module_::import("qipo_kernels.backends").attr("Fallback").ptr());
     py::class_<Pack, std::shared_ptr<Pack>>(m, "Pack")
         .def(py::init<py::array, py::array, py::array, py::list, py::list, py::array, py::array, const std::string&,
                       py::object, py::object, py::object>(),

@@ -460,12 +460,9 @@ def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     obs, x0 = _buf(obs), _buf(x0)
     for first in (True, False):
         kind, sid, nst, ttab, coef = _flow_tables(net, e, steps, solver, t0, t1, path)
-        try:
-            if _C.sample(e.packs[0], obs, x0, K, kind, sid, nst, ttab, coef, None, False, out, traj,
-                         torch.get_num_threads(), CHUNK_ROWS, e.watch if first else None):
-                break
-        except _C.UnreadableBuffer as err:
-            raise Unsupported(str(err)) from None
+        if _C.sample(e.packs[0], obs, x0, K, kind, sid, nst, ttab, coef, None, False, out, traj,
+                     torch.get_num_threads(), CHUNK_ROWS, e.watch if first else None):
+            break
         e = _repack(net, "policy")  # the weights changed since the last call
     if return_trajectory:
         return _T(out), _T(traj)
@@ -528,15 +525,12 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     obs = obs if obs.is_contiguous() else obs.contiguous()
     noise = noise if noise.is_contiguous() else noise.contiguous()
     sn = None if sn is None else _buf(sn)
-    try:
-        if not _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
-                         torch.get_num_threads(), CHUNK_ROWS, e.watch):
-            e = _repack(net, "policy")  # the weights changed since the last call
-            kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
-            _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
-                      torch.get_num_threads(), CHUNK_ROWS)
-    except _C.UnreadableBuffer as err:  # (a ZeroTensor, a negative view: the reference reads those)
-        raise Unsupported(str(err)) from None
+    if not _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
+                     torch.get_num_threads(), CHUNK_ROWS, e.watch):
+        e = _repack(net, "policy")  # the weights changed since the last call
+        kind, sid, nst, ttab, coef = _consistency_tables(net, e, sigmas, sigma_max, sigma_min, sigma_data)
+        _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip), out, None,
+                  torch.get_num_threads(), CHUNK_ROWS)
     return _T(out)
 
 
@@ -592,13 +586,10 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     obs, noise, sn = _buf(obs), _buf(noise), None if sn is None else _buf(sn)
     for first in (True, False):
         kind, sid, nst, ttab, coef = tables(pe)
-        try:
-            if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn,
-                      bool(clip), mode, float(temperature), u, out, None if q is None else q.reshape(R), idx, cand,
-                      torch.get_num_threads(), CHUNK_ROWS, pe.watch if first else None, ce.watch if first else None):
-                break
-        except _C.UnreadableBuffer as err:
-            raise Unsupported(str(err)) from None
+        if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip),
+                  mode, float(temperature), u, out, None if q is None else q.reshape(R), idx, cand,
+                  torch.get_num_threads(), CHUNK_ROWS, pe.watch if first else None, ce.watch if first else None):
+            break
         pe, ce = _repack(net, "policy"), _repack(critic, "critic")  # weights changed since the last call
     if _debug is not None:
         _debug.update(candidates=_T(cand), q=_T(q), index=_T(idx))
@@ -625,10 +616,7 @@ def select_action(q_values, candidates, mode, temperature, uniform, generator):
             uniform = torch.rand(B, dtype=torch.float64, device=q_values.device, generator=generator)
         u = _buf(uniform.detach().to(torch.float64))
     out = _empty((B, D))
-    try:
-        _C.select_action(_buf(q_values), _buf(candidates), mode, float(temperature), u, out)
-    except _C.UnreadableBuffer as err:
-        raise Unsupported(str(err)) from None
+    _C.select_action(_buf(q_values), _buf(candidates), mode, float(temperature), u, out)
     return _T(out)
 
 
@@ -647,11 +635,8 @@ class _FMLoss(torch.autograd.Function):
         sq = _empty((B, M)) if ctx.needs_input_grad[4] else None
         w = _empty((B, M)) if ctx.needs_input_grad[4] else None
         e = None if energy is None else _buf(energy.detach().to(torch.float32))
-        try:
-            loss = _C.fm_loss(_buf(pred), _buf(a), None if z is None else _buf(z), e, float(beta), normalize,
-                              None if pair_weight is None else _buf(pair_weight), grad, sq, w, n_threads())
-        except _C.UnreadableBuffer as err:
-            raise Unsupported(str(err)) from None
+        loss = _C.fm_loss(_buf(pred), _buf(a), None if z is None else _buf(z), e, float(beta), normalize,
+                          None if pair_weight is None else _buf(pair_weight), grad, sq, w, n_threads())
         grad, sq, w = (None if b is None else _T(b) for b in (grad, sq, w))
         ctx.mode = mode
         ctx.save_for_backward(grad, sq, w)

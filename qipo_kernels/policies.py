@@ -347,10 +347,9 @@ class Sampler:
 
         if self.backend not in ("auto", "cpp") or self.backend_used(obs) != "cpp":
             return None
-        from .cpp import Unsupported
-
         op = "integrate" if self.kind == "flow" else "consistency_sample"
-        return key, B._IMPLS[op]["cpp"], Unsupported
+        # B.Fallback: what an impl raises when it cannot run this call after all (ops catches it too)
+        return key, B._IMPLS[op]["cpp"], B.Fallback
 
     def _planned(self, impl, unsupported, obs):
         """The C++ impl called directly (same noise draw and arguments as policy.sample): (actions,

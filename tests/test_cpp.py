@@ -641,6 +641,11 @@ def test_unreadable_tensors_fall_back_to_the_reference():
                                    qk.act(net, critic, obs, 4, steps=2, noise=z3, backend="torch"))
         q, cand = torch.randn(3, 4), torch._efficientzerotensor(3, 4, 6)
         torch.testing.assert_close(qk.select_action(q, cand), qk.select_action(q, cand, backend="torch"))
+    # the sampler's real-time plan falls back too (same generator stream as the reference sampler)
+    fast = qk.make_sampler(net, kind="consistency", generator=torch.Generator().manual_seed(0))
+    ref = qk.make_sampler(net, kind="consistency", generator=torch.Generator().manual_seed(0), backend="torch")
+    for o in (obs, obs, torch._neg_view(obs.neg()), obs):
+        close(fast(o), ref(o))
 
 
 def test_replaced_layer_is_a_change():
