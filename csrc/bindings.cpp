@@ -325,8 +325,8 @@ struct Pack {
     AlignedBuf store;
     std::vector<const float*> wh, bh;
 
-    Pack(py::array wx, py::array wc, py::array b1, py::list hidden_w, py::list hidden_b, py::array wo, py::array bo,
-         const std::string& activation, py::object ln_w, py::object ln_b, py::object ln_eps) {
+    Pack(py::object wx, py::object wc, py::object b1, py::list hidden_w, py::list hidden_b, py::object wo,
+         py::object bo, const std::string& activation, py::object ln_w, py::object ln_b, py::object ln_eps) {
         std::vector<long> sx{-1, -1};
         check_buf<float>(wx, "wx", sx, false);
         const long H = sx[0], nx = sx[1];
@@ -869,8 +869,8 @@ PYBIND11_MODULE(_C, m) {
     py::register_exception<UnreadableBuffer>(
         m, "UnreadableBuffer", py::module_::import("qipo_kernels.backends").attr("Fallback").ptr());
     py::class_<Pack, std::shared_ptr<Pack>>(m, "Pack")
-        .def(py::init<py::array, py::array, py::array, py::list, py::list, py::array, py::array, const std::string&,
-                      py::object, py::object, py::object>(),
+        .def(py::init<py::object, py::object, py::object, py::list, py::list, py::object, py::object,
+                      const std::string&, py::object, py::object, py::object>(),
              py::arg("wx"), py::arg("wc"), py::arg("b1"), py::arg("hidden_w"), py::arg("hidden_b"), py::arg("wo"),
              py::arg("bo"), py::arg("activation"), py::arg("ln_w") = py::none(), py::arg("ln_b") = py::none(),
              py::arg("ln_eps") = py::none(),

@@ -78,19 +78,6 @@ def _buf(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    """The numpy view of a CPU tensor (a contiguous copy first when it is not contiguous)."""
-    if t.requires_grad:
-        t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t.numpy()
-
-
-def n_threads() -> int:
-    return torch.get_num_threads()
-
-
 class Unsupported(_b.Fallback):
     """Raised by an impl on a module the C++ backend cannot run now (e.g. its parameters changed
     dtype since the last call): ops then runs the reference (backend="auto") or raises
@@ -214,10 +201,10 @@ def _build_policy_pack(net: ConditionalMLP):
     A, T = net.act_dim, net.t_dim
     with torch.no_grad():
         W1 = net.layers[0].weight
-        hw = [_np(l.weight) for l in net.layers[1:]]
-        hb = [_np(l.bias) for l in net.layers[1:]]
-        return _C.Pack(_np(W1[:, :A]), _np(W1[:, A + T:]), _np(net.layers[0].bias), hw, hb,
-                       _np(net.out.weight), _np(net.out.bias), net.activation)
+        hw = [_buf(l.weight) for l in net.layers[1:]]
+        hb = [_buf(l.bias) for l in net.layers[1:]]
+        return _C.Pack(_buf(W1[:, :A]), _buf(W1[:, A + T:]), _buf(net.layers[0].bias), hw, hb,
+                       _buf(net.out.weight), _buf(net.out.bias), net.activation)
 
 
 def _build_critic_packs(critic: DoubleCritic):
@@ -230,12 +217,12 @@ def _build_critic_packs(critic: DoubleCritic):
             if norms:
                 H = lins[0].out_features
                 ones, zeros = torch.ones(H), torch.zeros(H)
-                ln = dict(ln_w=[_np(n.weight if n.weight is not None else ones) for n in norms],
-                          ln_b=[_np(n.bias if n.bias is not None else zeros) for n in norms],
+                ln = dict(ln_w=[_buf(n.weight if n.weight is not None else ones) for n in norms],
+                          ln_b=[_buf(n.bias if n.bias is not None else zeros) for n in norms],
                           ln_eps=[float(n.eps) for n in norms])
-            packs.append(_C.Pack(_np(W1[:, S:]), _np(W1[:, :S]), _np(lins[0].bias),
-                                 [_np(l.weight) for l in lins[1:-1]], [_np(l.bias) for l in lins[1:-1]],
-                                 _np(lins[-1].weight), _np(lins[-1].bias), critic.activation, **ln))
+            packs.append(_C.Pack(_buf(W1[:, S:]), _buf(W1[:, :S]), _buf(lins[0].bias),
+                                 [_buf(l.weight) for l in lins[1:-1]], [_buf(l.bias) for l in lins[1:-1]],
+                                 _buf(lins[-1].weight), _buf(lins[-1].bias), critic.activation, **ln))
     return packs
 
 
@@ -636,7 +623,7 @@ class _FMLoss(torch.autograd.Function):
         w = _empty((B, M)) if ctx.needs_input_grad[4] else None
         e = None if energy is None else _buf(energy.detach().to(torch.float32))
         loss = _C.fm_loss(_buf(pred), _buf(a), None if z is None else _buf(z), e, float(beta), normalize,
-                          None if pair_weight is None else _buf(pair_weight), grad, sq, w, n_threads())
+                          None if pair_weight is None else _buf(pair_weight), grad, sq, w, torch.get_num_threads())
         grad, sq, w = (None if b is None else _T(b) for b in (grad, sq, w))
         ctx.mode = mode
         ctx.save_for_backward(grad, sq, w)
