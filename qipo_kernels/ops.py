@@ -108,7 +108,7 @@ def consistency_sample(net: Callable, noise, obs, sigmas: Optional[Sequence[floa
     name, fn = _b.choose("consistency_sample", backend, noise.device, _cons._consistency_sample, net=net,
                          noise=noise, obs=obs, sigmas=sig, step_noise=step_noise, clip=clip)
     args = (net, noise, obs, sig, step_noise, float(sigma_max), float(sigma_min), float(sigma_data), clip, generator)
-    try:
+    try:  # (_run inlined: one frame less on the one-state real-time path)
         return fn(*args)
     except _b.Fallback as err:
         _fallback("consistency_sample", backend, name, err)
