@@ -621,15 +621,18 @@ void act_chunk(const ActArgs* a, long b0, long b1, float* ws) {
         const int off = (int)((b - b0) * K);
         float* q = qv[0] + off;
         const float* q2 = qv[1] + off;
+        bool finite = true;
         for (int k = 0; k < K; ++k) {
             float u = q[k], v = q2[k];
             q[k] = (u != u || u < v) ? u : v;  // torch.minimum (NaN propagates)
+            finite = finite && __builtin_isfinite(q[k]);
         }
-        const int idx = select_one(q, K, a->mode, a->temperature, a->mode == 1 ? a->uniform[b] : 0.0, esc);
         if (a->q_out)
             for (int k = 0; k < K; ++k) a->q_out[b * K + k] = q[k];
+        // a NaN / inf score cannot be ranked: index -1 and a NaN action, which the caller reports
+        const int idx = finite ? select_one(q, K, a->mode, a->temperature, a->mode == 1 ? a->uniform[b] : 0.0, esc) : -1;
         if (a->idx_out) a->idx_out[b] = idx;
-        for (int j = 0; j < A; ++j) a->act_out[b * A + j] = cand[(off + idx) * A + j];
+        for (int j = 0; j < A; ++j) a->act_out[b * A + j] = idx >= 0 ? cand[(off + idx) * A + j] : __builtin_nanf("");
     }
 }
 

@@ -77,7 +77,7 @@ struct ActArgs {
     const double* uniform;   // [B] (softmax)
     float* act_out;          // [B, A]
     float* q_out;            // [R] min(Q1, Q2) of every candidate, or null
-    int64_t* idx_out;        // [B] chosen index, or null
+    int64_t* idx_out;        // [B] chosen index (-1: a candidate's min(Q1, Q2) is NaN / inf), or null
 };
 
 // Floats of workspace one chunk of m rows covering ns states needs.

@@ -3,6 +3,7 @@
 What runs in C++ (float32, CPU tensors; each call is one C++ call that releases the GIL):
     integrate           ConditionalMLP, every solver (euler, midpoint, heun, rk4; ddim/dpm1/dpm2 on
                         "vp" and "ot-eps"), both x0 layouts, return_trajectory
+    sample              integrate from the reference's own seeded noise draw (same samples)
     consistency_sample  one-step and multistep
     act                 K candidates per state (flow or consistency) + DoubleCritic min(Q1, Q2) (with or
                         without layer_norm: LayerNorm in float32, two-pass mean / biased variance) +
@@ -51,6 +52,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"the C++ extension qipo_kernels._C is not built ({e}); build it with `pip install -e .` "
                       "or `python setup.py build_ext --inplace` (QIPO_KERNELS_NO_EXT=1 skips it on purpose)") from e
 
+from . import _checks as C
 from . import backends as _b
 from .nets import ConditionalMLP, DoubleCritic, _Act
 from .reference import ode as _ode
@@ -456,6 +458,25 @@ def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     return _T(out)
 
 
+# ------------------------------------------------------------------------------------------- sample
+def _sample_supports(module_reasons):
+    def supports(net=None, obs=None, **_) -> List[str]:
+        return module_reasons(net, "policy") or _input_reasons(obs=obs)
+    return supports
+
+
+_supports_sample = _sample_supports(_module_reasons)
+_fast_supports_sample = _sample_supports(_ready_reasons)
+
+
+def sample(net, obs, num_samples, steps, solver, path, seed, return_trajectory):
+    """reference.ode._sample in C++: the noise is drawn by the reference's own draw (the same
+    torch.Generator seeded with ``seed``, the same numbers), then integrated here: the same
+    samples as backend="torch" to float32 rounding. obs [B, S] -> [B, num_samples, A]."""
+    x0 = _ode.sample_noise(net, obs, num_samples, seed)
+    return integrate(net, x0, obs, steps, solver, 0.0, 1.0, path, return_trajectory)
+
+
 # ------------------------------------------------------------------------------------------- consistency
 def _consistency_supports(module_reasons):
     def supports(net=None, noise=None, obs=None, sigmas=None, step_noise=None, clip=True) -> List[str]:
@@ -567,9 +588,10 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
             uniform = torch.rand(B, dtype=torch.float64, device=obs.device, generator=generator)
         u = uniform.detach().to(torch.float64).contiguous().numpy()
     out = _empty((B, A))
-    cand = q = idx = None
+    cand = q = None
+    idx = _empty((B,), np.int64)  # always: -1 marks a state whose candidates got a NaN / inf score
     if _debug is not None:
-        cand, q, idx = _empty((B, K, A)), _empty((B, K)), _empty((B,), np.int64)
+        cand, q = _empty((B, K, A)), _empty((B, K))
     obs, noise, sn = _buf(obs), _buf(noise), None if sn is None else _buf(sn)
     for first in (True, False):
         kind, sid, nst, ttab, coef = tables(pe)
@@ -578,6 +600,8 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
                   torch.get_num_threads(), CHUNK_ROWS, pe.watch if first else None, ce.watch if first else None):
             break
         pe, ce = _repack(net, "policy"), _repack(critic, "critic")  # weights changed since the last call
+    if B and idx.min() < 0:  # the reference's error, with the same message
+        C.nonfinite_q_states(np.flatnonzero(idx < 0).tolist(), B)
     if _debug is not None:
         _debug.update(candidates=_T(cand), q=_T(q), index=_T(idx))
     return _T(out)
@@ -667,6 +691,7 @@ def flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, p
 
 
 _b.register("integrate", "cpp", integrate, _supports_integrate, _fast_supports_integrate)
+_b.register("sample", "cpp", sample, _supports_sample, _fast_supports_sample)
 _b.register("consistency_sample", "cpp", consistency_sample, _supports_consistency, _fast_supports_consistency)
 _b.register("act", "cpp", act, _supports_act, _fast_supports_act)
 _b.register("select_action", "cpp", select_action, _supports_select)

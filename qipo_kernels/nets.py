@@ -267,6 +267,8 @@ class DoubleCritic(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not isinstance(layer_norm, bool):  # ("yes", 0, None would silently mean one or the other)
+            raise TypeError(f"layer_norm must be a bool, got {type(layer_norm).__name__} {layer_norm!r}")
         self.obs_dim, self.act_dim, self.hidden, self.depth = obs_dim, act_dim, hidden, depth
         self.activation, self.layer_norm = activation, layer_norm
         self.q1_net = MLP(obs_dim + act_dim, 1, hidden, depth, activation, layer_norm)

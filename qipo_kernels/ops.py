@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import _checks as C
 from . import backends as _b
 from .reference import consistency as _cons
 from .reference import loss as _loss
@@ -91,12 +92,14 @@ def sample(net: Callable, obs, num_samples: int, steps: int = 10, solver: str = 
     the noise first, when asked); see reference.ode.sample. The Triton backend draws the noise
     inside the kernel (never materialised: e.g. QIPO's support renewal, 1e6 states x 64 actions),
     from a different generator than the reference: same distribution, same seed -> same output
-    on one backend, but backends do not match each other number for number.
+    on one backend, but Triton does not match the others number for number. The C++ backend
+    draws the reference's noise (reference.ode.sample_noise) and gives the reference's samples.
     """
     _ode.check_sample(net, obs, num_samples, steps, solver, path, seed)
-    _, fn = _b.choose("sample", backend, obs.device, _ode._sample, net=net, obs=obs, num_samples=num_samples,
-                      steps=steps, solver=solver, path=path, seed=seed, return_trajectory=return_trajectory)
-    return fn(net, obs, num_samples, steps, solver, path, seed, return_trajectory)
+    name, fn = _b.choose("sample", backend, obs.device, _ode._sample, net=net, obs=obs, num_samples=num_samples,
+                         steps=steps, solver=solver, path=path, seed=seed, return_trajectory=return_trajectory)
+    return _run("sample", backend, name, fn, _ode._sample, (net, obs, num_samples, steps, solver, path, seed,
+                                                            return_trajectory))
 
 
 def consistency_sample(net: Callable, noise, obs, sigmas: Optional[Sequence[float]] = None, step_noise=None,
@@ -140,8 +143,6 @@ SAMPLERS = ("flow", "consistency")
 
 def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
                noise, step_noise, uniform):
-    from . import _checks as C
-
     if not callable(net):
         raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
     if not (hasattr(critic, "q_min") and callable(critic.q_min)):
@@ -157,13 +158,16 @@ def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, s
         if noise.shape[:2] != (obs.shape[0], num_candidates) or (act_dim is not None and noise.shape[2] != act_dim):
             raise ValueError(f"noise must be [{obs.shape[0]}, {num_candidates}, {act_dim or 'A'}], got {tuple(noise.shape)}")
         C.same_device(obs=obs, noise=noise)
+        C.same_dtype(obs=obs, noise=noise)
     elif act_dim is None:
         raise ValueError("noise must be given when net has no act_dim attribute")
+    C.module_inputs("net", net, obs=obs)
+    C.module_inputs("critic", critic, obs=obs)
     if uniform is not None:
         C.tensor("uniform", uniform, shape=(obs.shape[0],))
+        C.unit_interval("uniform", uniform)
     if sampler == "flow":
-        C.positive_int("steps", steps)
-        C.choice("solver", solver, _ode.SOLVERS)
+        _ode.check_solver(steps, solver, 0.0, 1.0, path)  # (as integrate: e.g. "euler" on path "vp" is refused)
     elif sigmas is not None or step_noise is not None:
         shape = (obs.shape[0], num_candidates, act_dim if act_dim is not None else noise.shape[2])
         _cons.check_consistency_sample(net, torch.empty(shape, device=obs.device), obs, sigmas, step_noise,
@@ -185,6 +189,7 @@ def _act_ref(net, critic, obs, num_candidates, sampler, steps, solver, path, sig
     A = cand.shape[-1]
     q = critic.q_min(obs.repeat_interleave(num_candidates, dim=0), cand.reshape(B * num_candidates, A))
     q = q.reshape(B, num_candidates)
+    C.candidate_q(q)
     return _select_ref(q, cand, mode, temperature, uniform, generator)
 
 
@@ -204,6 +209,8 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: str = "fl
         noise: optional initial noise [B, K, A]; step_noise: consistency re-noise [len(sigmas), B, K, A].
         clip: clamp candidates to [-1, 1] before scoring (the consistency sampler clamps anyway).
     Returns: [B, A] actions.
+    Raises ValueError (every backend) when the critic scores a candidate NaN or inf: such a
+    score cannot be ranked, and act never picks a candidate silently.
     """
     _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
                noise, step_noise, uniform)

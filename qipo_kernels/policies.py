@@ -11,9 +11,11 @@
 
 Both keep the network in ``.net`` (a ConditionalMLP), so ``backend="auto"`` routes sampling to the
 fused backends (Triton on CUDA, the C++ extension on CPU) whenever they are available here, and
-to the plain-PyTorch reference otherwise. Sampling while autograd records and the network has
-trainable parameters always uses the reference (the fused samplers are inference-only), so a
-differentiable sample (CPQL's Q loss) is never silently cut from the graph.
+to the plain-PyTorch reference otherwise. FlowPolicy.sample / .act and ConsistencyPolicy.act are
+inference: they run under torch.no_grad() (fused backends, results that do not require grad)
+even outside a no_grad block; ``FlowPolicy.sample(..., grad=True)`` differentiates through the
+sampler. ConsistencyPolicy.sample is differentiable while autograd records (CPQL's Q loss): then
+it always uses the reference, so the sample is never silently cut from the graph.
 
 ``make_sampler`` turns an existing actor (ours or a CPQL / Diffusion-QL ``MLP`` state_dict) into a
 fast callable obs -> actions in one call.
@@ -77,6 +79,31 @@ def _initial_noise(policy, obs, num_samples, noise, generator) -> torch.Tensor:
     return C.tensor("noise", noise, shape=shape)
 
 
+# Actions live in [-1, 1] (datasets are rescaled from the env's Box bounds); FlowPolicy.loss accepts
+# |a| <= 1 + ACTION_TOL, the slack for float32 rounding of that rescaling (a bound mapped to
+# 1.0000001) and for data clipped a little outside the box. Anything further out is not this
+# package's action scale (a dataset that was not rescaled, raw env units) and is refused.
+ACTION_TOL = 1e-3
+
+
+def _check_loss_ranges(actions: torch.Tensor, t: torch.Tensor) -> None:
+    """FlowPolicy.loss' data: |actions| <= 1 + ACTION_TOL and t in [0, 1], NaN refused (one host sync;
+    skipped during CUDA-graph capture / compilation)."""
+    if C._capturing():
+        return
+    a_bad = ~(actions.abs() <= 1.0 + ACTION_TOL)
+    t_bad = ~((t >= 0) & (t <= 1))
+    a_any, t_any = torch.stack([a_bad.any(), t_bad.any()]).tolist()
+    if a_any:
+        v = float(actions[a_bad][0])
+        raise ValueError(f"actions must lie in [-1, 1] (|a| <= 1 + {ACTION_TOL:g}; rescale the dataset's actions "
+                         f"from the env's bounds), got {int(a_bad.sum())} value(s) outside, e.g. {v!r}")
+    if t_any:
+        v = float(t[t_bad][0])
+        raise ValueError(f"t must lie in [0, 1] (noise at 0, data at 1), got {int(t_bad.sum())} value(s) outside, "
+                         f"e.g. {v!r}")
+
+
 class FlowPolicy(nn.Module):
     """Flow-matching (QIPO-OT) or diffusion (QIPO-Diff) policy.
 
@@ -120,12 +147,13 @@ class FlowPolicy(nn.Module):
 
         Args:
             obs: [B, S].
-            actions: [B, A] (one action per state) or [B, M, A] (M support actions per state), in [-1, 1].
+            actions: [B, A] (one action per state) or [B, M, A] (M support actions per state), in
+                [-1, 1]: |a| > 1 + ACTION_TOL (1e-3) or NaN is a ValueError.
             energy: None (plain flow matching) or Q values [B, M] (higher = better), weights
                 softmax(beta * energy) over each state's support ("support") or over the batch ("batch").
             beta: inverse temperature > 0 (QIPO: 3.0).
             generator: for t ~ U(0, 1) ("ot", "ot-eps") or U(0, 1 - 1e-3) ("vp") and z ~ N(0, I).
-            t, noise: optional fixed draws, [B, M] and [B, M, A].
+            t, noise: optional fixed draws, [B, M] (in [0, 1], else a ValueError) and [B, M, A].
         Returns: scalar loss.
         """
         _check_obs(obs, self.obs_dim)
@@ -149,6 +177,8 @@ class FlowPolicy(nn.Module):
             t = torch.rand((B, M), dtype=obs.dtype, device=obs.device, generator=generator) * hi
         else:
             C.tensor("t", t, shape=(B, M))
+            C.same_device(obs=obs, t=t)
+        _check_loss_ranges(actions, t)
         if noise is None:
             noise = torch.randn((B, M, A), dtype=obs.dtype, device=obs.device, generator=generator)
         else:
@@ -169,16 +199,28 @@ class FlowPolicy(nn.Module):
 
     def sample(self, obs: torch.Tensor, num_samples: int = 1, steps: Optional[int] = None,
                solver: Optional[str] = None, noise: Optional[torch.Tensor] = None,
-               generator: Optional[torch.Generator] = None, clip: bool = True, backend: str = "auto") -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, clip: bool = True, backend: str = "auto",
+               grad: bool = False) -> torch.Tensor:
         """Draw num_samples actions per state: obs [B, S] -> [B, num_samples, A] (clamped to [-1, 1]).
 
         noise: optional initial noise [B, num_samples, A]; steps / solver default to the policy's.
+        Sampling is inference: it runs under torch.no_grad() (the fused backends take it, the
+        result does not require grad) whether or not the caller is in no_grad. grad=True asks for
+        gradients through the sampler instead: then, while autograd records, backend="auto" runs
+        the reference and the result carries the graph of every solver step.
         """
+        if not isinstance(grad, bool):
+            raise TypeError(f"grad must be a bool, got {type(grad).__name__}")
         steps = self.steps if steps is None else C.positive_int("steps", steps)
         solver = self._solver(solver)
         noise = _initial_noise(self, obs, num_samples, noise, generator)
-        out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver,
-                            path=None if self.path == "ot" else self.path, backend=_backend_for(self.net, backend))
+        path = None if self.path == "ot" else self.path
+        if grad:
+            out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver, path=path,
+                                backend=_backend_for(self.net, backend))
+        else:
+            with torch.no_grad():
+                out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver, path=path, backend=backend)
         return out.clamp(-1.0, 1.0) if clip else out
 
     def act(self, obs: torch.Tensor, critic, num_candidates: int = 50, select: str = "argmax",

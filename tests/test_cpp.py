@@ -806,7 +806,8 @@ def test_reasons_and_auto_fallback():
         assert any("float64" in s for s in _cpp_reasons("integrate", **dict(kw, net=n64)))
         out = qk.integrate(n64, x0.double(), obs.double(), steps=2)
         assert out.dtype == torch.float64
-        with pytest.raises(RuntimeError, match="float64"):
+        # float64 inputs with a float32 net: refused before any backend is chosen (issue 12)
+        with pytest.raises(TypeError, match="x0 has dtype torch.float64 but net's parameters are torch.float32"):
             qk.integrate(net, x0.double(), obs.double(), steps=2, backend="cpp")
         # not a ConditionalMLP
         r = _cpp_reasons("integrate", **dict(kw, net=lambda x, t, o: x))

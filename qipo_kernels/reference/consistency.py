@@ -84,8 +84,13 @@ def _check_net_x_obs(net, x, obs, xname="x"):
         C.tensor("obs", obs, ndim=2)
     if obs.shape[0] != x.shape[0]:
         raise ValueError(f"obs must have {x.shape[0]} rows, got {obs.shape[0]}")
+    if x.shape[-1] == 0 or (x.dim() == 3 and x.shape[1] == 0):
+        C.nonempty_samples(xname, x)
     if not (x.is_cpu and obs.is_cpu) and x.device != obs.device:  # (both on the CPU: one device)
         C.same_device(**{xname: x, "obs": obs})
+    if x.dtype is not obs.dtype:
+        C.same_dtype(**{xname: x, "obs": obs})
+    C.module_inputs("net", net, **{xname: x})
 
 
 def consistency_denoise(net: Callable, x: torch.Tensor, sigma, obs: torch.Tensor,
@@ -121,13 +126,31 @@ def _consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_mi
     return a.reshape(shape3) if shape3 is not None else a
 
 
-def check_consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data):
-    _check_net_x_obs(net, noise, obs, "noise")
+def check_sigmas(sigma_max, sigma_min, sigma_data, dtype: torch.dtype) -> None:
+    """0 < sigma_min < sigma_max <= C.sigma_limit(dtype), 0 < sigma_data <= C.sigma_limit(dtype).
+
+    The limit (9.2e18 in float32, 128 in float16) keeps sigma^2 finite in the dtype the scalings
+    are computed in; past it every action would come out 0 (see _checks.sigma_limit)."""
     if not (sigma_max.__class__ is float and sigma_min.__class__ is float and sigma_data.__class__ is float
-            and 0.0 < sigma_max < math.inf and 0.0 < sigma_min < math.inf and 0.0 < sigma_data < math.inf):
+            and 0.0 < sigma_min < sigma_max <= _LIMIT.get(dtype, 0.0) and 0.0 < sigma_data <= _LIMIT[dtype]):
         C.positive_float("sigma_max", sigma_max)  # (the common case above without a call)
         C.positive_float("sigma_min", sigma_min)
         C.positive_float("sigma_data", sigma_data)
+        if not float(sigma_min) < float(sigma_max):
+            raise ValueError(f"sigma_min must be < sigma_max, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
+        lim = C.sigma_limit(dtype)
+        for name, v in (("sigma_max", sigma_max), ("sigma_data", sigma_data)):
+            if float(v) > lim:
+                raise ValueError(f"{name} must be <= {lim:.3g} for {dtype} inputs (the Karras scalings square it: "
+                                 f"past that sigma^2 overflows and every action is 0), got {v!r}")
+
+
+_LIMIT = {dt: C.sigma_limit(dt) for dt in C.FLOAT_DTYPES}
+
+
+def check_consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data):
+    _check_net_x_obs(net, noise, obs, "noise")
+    check_sigmas(sigma_max, sigma_min, sigma_data, noise.dtype)
     if sigmas is not None:
         if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
             raise TypeError(f"sigmas must be a sequence of floats, got {type(sigmas).__name__}")
@@ -138,6 +161,7 @@ def check_consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sig
         n = len(sigmas) if sigmas is not None else 0
         C.tensor("step_noise", step_noise, shape=(n,) + tuple(noise.shape))
         C.same_device(noise=noise, step_noise=step_noise)
+        C.same_dtype(noise=noise, step_noise=step_noise)
 
 
 def consistency_sample(net: Callable, noise: torch.Tensor, obs: torch.Tensor, sigmas: Optional[Sequence[float]] = None,
@@ -180,7 +204,11 @@ def consistency_loss(net: Callable, actions: torch.Tensor, obs: torch.Tensor, si
     _check_net_x_obs(net, actions, obs, "actions")
     if actions.dim() != 2:
         raise ValueError(f"actions must be [N, A], got shape {tuple(actions.shape)}")
+    if actions.shape[0] == 0:
+        raise ValueError(f"actions must have at least one row (the mean over none is undefined), got shape "
+                         f"{tuple(actions.shape)}")
     C.choice("reduction", reduction, ("mean", "none"))
+    check_sigmas(sigma_max, sigma_min, sigma_data, actions.dtype)
     n, A = actions.shape
     sig = karras_sigmas(num_scales, sigma_min, sigma_max, rho, dtype=actions.dtype, device=actions.device)
     if sigma_idx is None:

@@ -8,6 +8,9 @@ import torch
 from .. import _checks as C
 
 NORMALIZE = ("support", "batch")
+# beta is a float32 scalar in the fused kernels: above float32's largest value it would be inf
+# there (and inf * 0 = NaN at the maximum energy).
+BETA_MAX = float(torch.finfo(torch.float32).max)
 
 
 def energy_weights(energy: torch.Tensor, beta: float, normalize: str = "support") -> torch.Tensor:
@@ -17,13 +20,18 @@ def energy_weights(energy: torch.Tensor, beta: float, normalize: str = "support"
                the loss then averages states (QIPO official code).
     "batch":   softmax over all B*M pairs, multiplied by B*M so the weights average to 1
                (w = exp(beta Q) / E_batch[exp(beta Q)], the paper's Algorithm 1).
-    Computed with the max subtracted, so beta * energy in the thousands is fine.
+    The logits are beta * (energy - max energy): the difference is formed first (exact for
+    energies within a factor 2 of each other), so large energies with a small spread (Q = 5e3 +
+    N(0, 1)) keep their float32 precision and beta * energy can never overflow. Every backend
+    computes it this way. float16 / bfloat16 energies are computed in float32 (as the fused
+    kernels do); the result has energy's dtype.
     """
-    z = beta * energy
+    e = energy if energy.dtype in (torch.float32, torch.float64) else energy.float()
     if normalize == "support":
-        return torch.softmax(z, dim=1)
-    n = z.numel()
-    return torch.softmax(z.reshape(-1), dim=0).reshape(z.shape) * n
+        return torch.softmax(beta * (e - e.amax(dim=1, keepdim=True)), dim=1).to(energy.dtype)
+    n = e.numel()
+    w = torch.softmax((beta * (e - e.max())).reshape(-1), dim=0).reshape(e.shape) * n
+    return w.to(energy.dtype)
 
 
 def _weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
@@ -33,7 +41,9 @@ def _weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
         per_pair = per_pair * pair_weight
     if energy is None:
         return per_pair.mean()  # uniform weights: the same under both normalisations
-    w = energy_weights(energy.to(per_pair.dtype), beta, normalize).detach()
+    # weights from energies in float32 (float64 with float64 pairs), as every fused backend reads them
+    wd = torch.float64 if per_pair.dtype == torch.float64 else torch.float32
+    w = energy_weights(energy.to(wd), beta, normalize).to(per_pair.dtype).detach()
     if normalize == "support":
         return (per_pair * w).sum(1).mean()
     return (per_pair * w).mean()
@@ -54,6 +64,8 @@ def check_weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
         C.finite("pair_weight", pair_weight)
     C.same_device(pred=pred, target=target, energy=energy, pair_weight=pair_weight)
     C.positive_float("beta", beta)
+    if float(beta) > BETA_MAX:
+        raise ValueError(f"beta must be <= {BETA_MAX:.7g} (the weights are computed in float32), got {beta!r}")
     C.choice("normalize", normalize, NORMALIZE)
 
 

@@ -62,8 +62,11 @@ def check_integrate(net, x0, obs, steps, solver, t0, t1, path):
     C.tensor("obs", obs, ndim=2)
     if obs.shape[0] != x0.shape[0]:
         raise ValueError(f"obs must have {x0.shape[0]} rows (one per {'sample' if x0.dim() == 2 else 'state'} of x0), got {obs.shape[0]}")
+    C.nonempty_samples("x0", x0)
     if not (x0.is_cpu and obs.is_cpu) and x0.device != obs.device:  # (both on the CPU: one device)
         C.same_device(x0=x0, obs=obs)
+    C.same_dtype(x0=x0, obs=obs)
+    C.module_inputs("net", net, x0=x0)
     check_solver(steps, solver, t0, t1, path)
 
 
@@ -188,16 +191,23 @@ def check_sample(net, obs, num_samples, steps, solver, path, seed):
     if isinstance(act_dim, bool) or not isinstance(act_dim, int) or act_dim < 1:
         raise TypeError(f"net must have a positive int act_dim attribute (e.g. a ConditionalMLP), got {act_dim!r}")
     C.tensor("obs", obs, ndim=2)
+    C.module_inputs("net", net, obs=obs)
     C.positive_int("num_samples", num_samples)
     check_solver(steps, solver, 0.0, 1.0, path)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
 
 
-def _sample(net: Callable, obs, num_samples, steps, solver, path, seed, return_trajectory):
+def sample_noise(net, obs, num_samples: int, seed: int) -> torch.Tensor:
+    """sample's initial noise [B, num_samples, net.act_dim]: torch.randn in obs' dtype from a
+    torch.Generator on obs' device seeded with ``seed`` (also the C++ backend's draw)."""
     g = torch.Generator(device=obs.device)
     g.manual_seed(seed)
-    x0 = torch.randn((obs.shape[0], num_samples, net.act_dim), dtype=obs.dtype, device=obs.device, generator=g)
+    return torch.randn((obs.shape[0], num_samples, net.act_dim), dtype=obs.dtype, device=obs.device, generator=g)
+
+
+def _sample(net: Callable, obs, num_samples, steps, solver, path, seed, return_trajectory):
+    x0 = sample_noise(net, obs, num_samples, seed)
     return _integrate(net, x0, obs, steps, solver, 0.0, 1.0, path, return_trajectory)
 
 

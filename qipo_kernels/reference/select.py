@@ -23,9 +23,7 @@ def check_select_action(q_values, candidates, mode, temperature, uniform):
     C.positive_float("temperature", temperature)
     if uniform is not None:
         C.tensor("uniform", uniform, shape=(B,))
-        # a value check needs a host sync: skipped during CUDA-graph capture / torch.compile tracing
-        if not C._capturing() and bool(((uniform < 0) | (uniform >= 1)).any()):
-            raise ValueError("uniform must lie in [0, 1)")
+        C.unit_interval("uniform", uniform)  # (a host sync: skipped during graph capture / tracing)
     C.same_device(q_values=q_values, candidates=candidates, uniform=uniform)
 
 
@@ -36,11 +34,14 @@ def select_index(q_values: torch.Tensor, mode: str = "argmax", temperature: floa
     "argmax": the first index of the largest Q.
     "softmax": a draw from softmax(Q / temperature) by inverse CDF with u ~ U[0, 1) per state
                (``uniform`` [B] when given, so every backend can be checked on the same draw):
-               the smallest k with cumsum(p)[k] > u.
+               the smallest k with cumsum(p)[k] > u. The logits are (Q - max Q) / temperature in
+               float64: the difference first, so that a tiny temperature (1e-300) or a huge Q
+               cannot overflow (the max gets logit 0, the rest <= 0; ties share the mass).
     """
     if mode == "argmax":
         return q_values.argmax(dim=1)
-    p = torch.softmax(q_values.double() / temperature, dim=1)
+    q = q_values.double()
+    p = torch.softmax((q - q.amax(dim=1, keepdim=True)) / temperature, dim=1)
     if uniform is None:
         uniform = torch.rand(q_values.shape[0], dtype=torch.float64, device=q_values.device, generator=generator)
     cdf = p.cumsum(dim=1)

@@ -11,11 +11,12 @@ target [B, M, D]; energy, pair_weight [B, M]; t [B, M] (flow_path: any [..., D] 
 
 The loss kernel reads pred and the target's ingredients once, forms the target in registers
 ("ot": a - z; "ot-eps" / "vp": z; the target never exists in memory), computes the support softmax
-of beta * energy with the maximum subtracted (beta * Q in the thousands is fine), the weighted
+of beta * (energy - max energy) (beta * Q in the thousands is fine), the weighted
 squared error and d loss / d pred in the same pass. The backward pass only scales the saved
 gradient by grad_output. normalize="batch" first runs a tiny launch that reduces the global
 (max, sum exp) of beta * energy over all B * M pairs into at most 128 partials; the loss kernel
-combines those partials itself (no host round trip, nothing to synchronise).
+combines those partials itself (no host round trip, nothing to synchronise). The logits are
+beta * (energy - max energy), the difference first, in every backend.
 
 Gradients: the same as the reference's autograd: pred; target (weighted_fm_loss); actions
 ("ot") and noise (flow_matching_loss) through the target; pair_weight. Energy gets none (the
@@ -54,9 +55,9 @@ _TARGET_MODE = {"ot": 1, "ot-eps": 2, "vp": 2}
 
 @triton.jit(do_not_specialize=["N", "n_iter", "n_prog"])
 def _batch_stats_kernel(e_ptr, stats_ptr, N, beta, n_iter, n_prog, BLOCK: tl.constexpr):
-    """Per program: running (max, sum exp(z - max)) of z = beta * energy over its chunks.
+    """Per program: running (max e, sum exp(beta (e - max e))) of the energies e over its chunks.
 
-    Writes stats[pid] = max, stats[n_prog + pid] = sum.
+    Writes stats[pid] = max, stats[n_prog + pid] = sum. (The difference before beta: see _fm_loss_kernel.)
     """
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
@@ -65,15 +66,15 @@ def _batch_stats_kernel(e_ptr, stats_ptr, N, beta, n_iter, n_prog, BLOCK: tl.con
     for it in range(0, n_iter):
         offs = (it * n_prog + pid).to(tl.int64) * BLOCK + lanes
         mask = offs < N
-        z = beta * tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = tl.where(mask, z, float("-inf"))
-        new_max = tl.maximum(run_max, z)
+        e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        e = tl.where(mask, e, float("-inf"))
+        new_max = tl.maximum(run_max, e)
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(z - safe)
+        run_sum = run_sum * tl.exp(beta * (run_max - safe)) + tl.exp(beta * (e - safe))
         run_max = new_max
     m = tl.max(run_max, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(run_sum * tl.exp(run_max - m_safe), axis=0)
+    s = tl.sum(run_sum * tl.exp(beta * (run_max - m_safe)), axis=0)
     tl.store(stats_ptr + pid, m)
     tl.store(stats_ptr + n_prog + pid, s)
 
@@ -90,9 +91,11 @@ def _fm_loss_kernel(
 ):
     """One program: BLOCK_S states (rows of [S, M, D]), all their M support actions in chunks.
 
-    NORM 0: weight 1; 1: softmax over the M actions of a state; 2: exp(z - gmax) / gsum with the
-    global statistics combined from the n_stats partials. loss partial = scale * sum w * lambda * sq,
+    NORM 0: weight 1; 1: softmax over the M actions of a state; 2: exp(beta (e - gmax)) / gsum with
+    the global statistics combined from the n_stats partials. loss partial = scale * sum w * lambda * sq,
     grad = 2 * scale * w * lambda * (pred - target), dpw = scale * w * sq.
+    The logits are beta * (e - max e), the difference formed before the product (as every backend):
+    energies 5e3 + N(0, 1) keep their float32 precision, and beta * e never overflows.
     """
     pid = tl.program_id(0)
     s_off = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -102,17 +105,17 @@ def _fm_loss_kernel(
     m_lane = tl.arange(0, BLOCK_M)
 
     if NORM == 1:
-        # pass 1 over the energies only: per-state max and sum of exp(z - max)
+        # pass 1 over the energies only: per-state max e and sum of exp(beta (e - max))
         run_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
         run_sum = tl.zeros([BLOCK_S], tl.float32)
         for m0 in range(0, M, BLOCK_M):
             m_off = m0 + m_lane
             mask2 = s_mask[:, None] & (m_off < M)[None, :]
-            z = beta * tl.load(e_ptr + s_off[:, None] * M + m_off[None, :], mask=mask2, other=0.0).to(tl.float32)
-            z = tl.where(mask2, z, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(z, axis=1))
+            e = tl.load(e_ptr + s_off[:, None] * M + m_off[None, :], mask=mask2, other=0.0).to(tl.float32)
+            e = tl.where(mask2, e, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(e, axis=1))
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(z - safe[:, None]), axis=1)
+            run_sum = run_sum * tl.exp(beta * (run_max - safe)) + tl.sum(tl.exp(beta * (e - safe[:, None])), axis=1)
             run_max = new_max
         w_max = tl.where(run_max == float("-inf"), 0.0, run_max)
         w_inv = 1.0 / tl.where(run_sum > 0.0, run_sum, 1.0)
@@ -123,7 +126,7 @@ def _fm_loss_kernel(
         ps = tl.load(stats_ptr + n_stats + p_off, mask=p_mask, other=0.0)
         g_max = tl.max(pm, axis=0)
         g_max = tl.where(g_max == float("-inf"), 0.0, g_max)
-        g_sum = tl.sum(tl.where(p_mask & (pm > float("-inf")), ps * tl.exp(pm - g_max), 0.0), axis=0)
+        g_sum = tl.sum(tl.where(p_mask & (pm > float("-inf")), ps * tl.exp(beta * (pm - g_max)), 0.0), axis=0)
         g_inv = 1.0 / tl.where(g_sum > 0.0, g_sum, 1.0)
 
     acc = tl.zeros([BLOCK_S], tl.float32)
@@ -132,11 +135,11 @@ def _fm_loss_kernel(
         mask2 = s_mask[:, None] & (m_off < M)[None, :]
         pair = s_off[:, None] * M + m_off[None, :]  # [BLOCK_S, BLOCK_M] pair index
         if NORM == 1:
-            z = beta * tl.load(e_ptr + pair, mask=mask2, other=0.0).to(tl.float32)
-            w = tl.exp(z - w_max[:, None]) * w_inv[:, None]
+            e = tl.load(e_ptr + pair, mask=mask2, other=0.0).to(tl.float32)
+            w = tl.exp(beta * (e - w_max[:, None])) * w_inv[:, None]
         elif NORM == 2:
-            z = beta * tl.load(e_ptr + pair, mask=mask2, other=0.0).to(tl.float32)
-            w = tl.exp(z - g_max) * g_inv
+            e = tl.load(e_ptr + pair, mask=mask2, other=0.0).to(tl.float32)
+            w = tl.exp(beta * (e - g_max)) * g_inv
         else:
             w = tl.full([BLOCK_S, BLOCK_M], 1.0, tl.float32)
         w = tl.where(mask2, w, 0.0)

@@ -7,8 +7,9 @@ Op registered here (backend "triton"):
 
 Same result as qipo_kernels.ops._select_ref / reference.select.select_index:
 "argmax" takes the first index of the largest Q (torch.argmax); "softmax" draws by inverse CDF
-from softmax(Q / temperature), computed in float64 like the reference: the index is the number of
-k with cdf[k] <= u, capped at K - 1. When ``uniform`` is None, u [B] is drawn on the host with
+from softmax(Q / temperature), computed in float64 like the reference as (Q - max Q) / temperature
+(the difference first): the index is the number of k with cdf[k] <= u, capped at K - 1. When
+``uniform`` is None, u [B] is drawn on the host with
 torch.rand(B, dtype=float64, generator=generator), exactly the reference's draw, so the same
 generator state gives the same choice. One launch: each program handles a block of states, loops
 over K in chunks (any K), and gathers the chosen candidate's D values (any D, in chunks).
@@ -33,25 +34,28 @@ MAX_BLOCK_K = 256
 MAX_BLOCK_D = 128
 
 
+# temperature is a float64 scalar (a Python float would be passed as float32: 1e-300 would be 0)
 @triton.jit(do_not_specialize=["B"])
-def _select_kernel(q_ptr, c_ptr, u_ptr, out_ptr, B, K, D, inv_temp,
+def _select_kernel(q_ptr, c_ptr, u_ptr, out_ptr, B, K, D, temperature: tl.float64,
                    SOFTMAX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     b_off = pid.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b_off < B
     k_lane = tl.arange(0, BLOCK_K)
     if SOFTMAX:
-        # pass 1: per state max and sum of exp(z - max), z = q / temperature in float64
+        # pass 1: per state max q and sum of exp((q - max) / temperature), in float64; the difference
+        # first (as the reference), so a tiny temperature or a huge q cannot overflow
         run_max = tl.full([BLOCK_B], float("-inf"), tl.float64)
         run_sum = tl.zeros([BLOCK_B], tl.float64)
         for k0 in range(0, K, BLOCK_K):
             k_off = k0 + k_lane
             mask = b_mask[:, None] & (k_off < K)[None, :]
-            z = tl.load(q_ptr + b_off[:, None] * K + k_off[None, :], mask=mask, other=0.0).to(tl.float64) * inv_temp
-            z = tl.where(mask, z, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(z, axis=1))
+            q = tl.load(q_ptr + b_off[:, None] * K + k_off[None, :], mask=mask, other=0.0).to(tl.float64)
+            q = tl.where(mask, q, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(q, axis=1))
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(z - safe[:, None]), axis=1)
+            run_sum = (run_sum * tl.exp((run_max - safe) / temperature)
+                       + tl.sum(tl.exp((q - safe[:, None]) / temperature), axis=1))
             run_max = new_max
         safe_max = tl.where(run_max == float("-inf"), 0.0, run_max)
         inv_sum = 1.0 / tl.where(run_sum > 0.0, run_sum, 1.0)
@@ -62,8 +66,8 @@ def _select_kernel(q_ptr, c_ptr, u_ptr, out_ptr, B, K, D, inv_temp,
         for k0 in range(0, K, BLOCK_K):
             k_off = k0 + k_lane
             mask = b_mask[:, None] & (k_off < K)[None, :]
-            z = tl.load(q_ptr + b_off[:, None] * K + k_off[None, :], mask=mask, other=0.0).to(tl.float64) * inv_temp
-            p = tl.where(mask, tl.exp(z - safe_max[:, None]) * inv_sum[:, None], 0.0)
+            q = tl.load(q_ptr + b_off[:, None] * K + k_off[None, :], mask=mask, other=0.0).to(tl.float64)
+            p = tl.where(mask, tl.exp((q - safe_max[:, None]) / temperature) * inv_sum[:, None], 0.0)
             cdf = carry[:, None] + tl.cumsum(p, axis=1)
             count += tl.sum((mask & (cdf <= u[:, None])).to(tl.int64), axis=1)
             carry += tl.sum(p, axis=1)
@@ -104,7 +108,7 @@ def _select_launch(q_values, candidates, softmax: bool, temperature: float, unif
     block_d = min(_host.next_pow2(D), MAX_BLOCK_D)
     u = uniform.to(torch.float64).contiguous() if uniform is not None else q  # the reference uses u.double()
     with _host.device_guard(q.device):
-        _select_kernel[(triton.cdiv(B, block_b),)](q, c, u, out, B, K, D, 1.0 / float(temperature),
+        _select_kernel[(triton.cdiv(B, block_b),)](q, c, u, out, B, K, D, float(temperature),
                                                    SOFTMAX=softmax, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d)
     return out
 
