@@ -1,0 +1,164 @@
+"""DDPM sampler (Diffusion-QL): the reference against an independent eager loop written here from the
+official semantics, and every backend against the reference.
+
+The official loop below is written from Diffusion-QL's ``Diffusion`` (agents/diffusion.py): buffers
+computed at construction in float32, ``p_sample_loop`` over i = T-1..0 with the integer step as the
+time input, x0 predicted from eps and clamped, posterior mean + exp(0.5 log var) noise except at
+i = 0, the result clamped. No code is downloaded: it is the few lines a reader of the paper writes.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qipo_kernels import ops
+from qipo_kernels.nets import ConditionalMLP
+from qipo_kernels.reference import ddpm as R
+
+from conftest import TOL
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # np.sqrt on a tensor, as the official module does
+              pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")]
+
+
+# ------------------------------------------------------------------ the official loop, written independently
+def official_betas(T, schedule):
+    if schedule == "vp":
+        t = np.arange(1, T + 1)
+        alpha = np.exp(-0.1 / T - 0.5 * (10.0 - 0.1) * (2 * t - 1) / T ** 2)
+        return torch.tensor(1 - alpha, dtype=torch.float32)
+    if schedule == "linear":
+        return torch.tensor(np.linspace(1e-4, 2e-2, T), dtype=torch.float32)
+    steps = T + 1
+    x = np.linspace(0, steps, steps)
+    ac = np.cos(((x / steps) + 0.008) / (1 + 0.008) * np.pi * 0.5) ** 2
+    ac = ac / ac[0]
+    return torch.tensor(np.clip(1 - (ac[1:] / ac[:-1]), 0, 0.999), dtype=torch.float32)
+
+
+class OfficialDiffusion(torch.nn.Module):
+    """The buffers and sampling loop of Diffusion-QL's Diffusion, noise given instead of drawn."""
+
+    def __init__(self, model, T=5, schedule="vp", max_action=1.0, predict_epsilon=True):
+        super().__init__()
+        self.model, self.T, self.max_action, self.predict_epsilon = model, T, max_action, predict_epsilon
+        betas = official_betas(T, schedule)
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, axis=0)
+        ac_prev = torch.cat([torch.ones(1), ac[:-1]])
+        self.register_buffer("betas", betas)
+        self.register_buffer("alphas_cumprod", ac)
+        self.register_buffer("alphas_cumprod_prev", ac_prev)
+        self.register_buffer("sqrt_alphas_cumprod", torch.sqrt(ac))
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", torch.sqrt(1.0 - ac))
+        self.register_buffer("log_one_minus_alphas_cumprod", torch.log(1.0 - ac))
+        self.register_buffer("sqrt_recip_alphas_cumprod", torch.sqrt(1.0 / ac))
+        self.register_buffer("sqrt_recipm1_alphas_cumprod", torch.sqrt(1.0 / ac - 1))
+        var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        self.register_buffer("posterior_variance", var)
+        self.register_buffer("posterior_log_variance_clipped", torch.log(torch.clamp(var, min=1e-20)))
+        self.register_buffer("posterior_mean_coef1", betas * np.sqrt(ac_prev) / (1.0 - ac))
+        self.register_buffer("posterior_mean_coef2", (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac))
+
+    def sample(self, state, x, noises):
+        b = x.shape[0]
+        for k, i in enumerate(reversed(range(self.T))):
+            t = torch.full((b,), i, dtype=torch.long)
+            out = self.model(x, t, state)
+            if self.predict_epsilon:
+                x_recon = self.sqrt_recip_alphas_cumprod.gather(-1, t)[:, None] * x - \
+                    self.sqrt_recipm1_alphas_cumprod.gather(-1, t)[:, None] * out
+            else:
+                x_recon = out
+            x_recon = x_recon.clamp(-self.max_action, self.max_action)
+            mean = self.posterior_mean_coef1.gather(-1, t)[:, None] * x_recon + \
+                self.posterior_mean_coef2.gather(-1, t)[:, None] * x
+            logvar = self.posterior_log_variance_clipped.gather(-1, t)[:, None]
+            nonzero = (1 - (t == 0).float()).reshape(b, 1)
+            z = noises[k] if k < len(noises) else torch.zeros_like(x)
+            x = mean + nonzero * (0.5 * logvar).exp() * z
+        return x.clamp(-self.max_action, self.max_action)
+
+
+def net_and_data(A=6, S=17, H=64, B=13, K=1, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    net = ConditionalMLP(A, S, hidden=H, depth=3).to(dtype)
+    obs = torch.randn(B, S, dtype=dtype)
+    noise = torch.randn(B, K, A, dtype=dtype) if K > 1 else torch.randn(B, A, dtype=dtype)
+    return net, obs, noise
+
+
+@pytest.mark.parametrize("schedule", ["vp", "linear", "cosine"])
+@pytest.mark.parametrize("T", [5, 1, 17])
+@pytest.mark.parametrize("predict_epsilon", [True, False])
+def test_reference_is_the_official_loop(schedule, T, predict_epsilon):
+    net, obs, x = net_and_data()
+    max_action = 0.75
+    off = OfficialDiffusion(net, T, schedule, max_action, predict_epsilon)
+    step = torch.randn(T - 1, *x.shape)
+    with torch.no_grad():
+        want = off.sample(obs, x, list(step))
+        got = R.ddpm_sample(net, x, obs, schedule, n_timesteps=T, step_noise=step, max_action=max_action,
+                            predict_epsilon=predict_epsilon)
+        # the buffers as saved by the official module give the same numbers
+        got_sd = R.ddpm_sample(net, x, obs, R.DDPMSchedule.from_state_dict(off.state_dict()), step_noise=step,
+                               max_action=max_action, predict_epsilon=predict_epsilon)
+    assert torch.equal(got, want)
+    assert torch.equal(got_sd, want)
+
+
+def test_schedule_values():
+    T = 5
+    b = R.beta_schedule(T, "vp")
+    i = torch.arange(1, T + 1, dtype=torch.float64)
+    want = 1 - torch.exp(-0.1 / T - 0.5 * 9.9 * (2 * i - 1) / T ** 2)
+    torch.testing.assert_close(b.double(), want, atol=0, rtol=1e-7)
+    sch = R.DDPMSchedule.from_betas(b)
+    # last step (i = 0): c1 = 1, c2 = 0; the log variance at i = 0 is the clipped floor
+    assert abs(float(sch.posterior_mean_coef1[0]) - 1.0) < 1e-6 and float(sch.posterior_mean_coef2[0]) == 0.0
+    assert float(sch.posterior_log_variance_clipped[0]) == pytest.approx(math.log(1e-20), rel=1e-6)
+    assert R.ddpm_time_inputs(3) == [2.0, 1.0, 0.0]
+
+
+def test_float64_against_float32():
+    net, obs, x = net_and_data(K=4, B=7)
+    step = torch.randn(4, *x.shape)
+    with torch.no_grad():
+        y32 = R.ddpm_sample(net, x, obs, step_noise=step)
+        net64 = ConditionalMLP(6, 17, hidden=64, depth=3).double()
+        net64.load_state_dict(net.state_dict())
+        y64 = R.ddpm_sample(net64, x.double(), obs.double(), step_noise=step.double())
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(y32.double(), y64, atol=20 * atol, rtol=20 * rtol)
+
+
+def test_generator_draws_in_order():
+    net, obs, x = net_and_data(K=3, B=5)
+    T = 5
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        a = R.ddpm_sample(net, x, obs, generator=g)
+        g2 = torch.Generator().manual_seed(7)
+        step = torch.stack([torch.randn((15, 6), generator=g2) for _ in range(T - 1)]).reshape(T - 1, 5, 3, 6)
+        b = R.ddpm_sample(net, x, obs, step_noise=step)
+    assert torch.equal(a, b)
+
+
+def test_bad_arguments():
+    net, obs, x = net_and_data()
+    with pytest.raises(ValueError, match="step_noise"):
+        R.ddpm_sample(net, x, obs, step_noise=torch.randn(5, *x.shape))
+    with pytest.raises(ValueError, match="schedule"):
+        R.ddpm_sample(net, x, obs, "quadratic")
+    with pytest.raises(ValueError, match="max_action"):
+        R.ddpm_sample(net, x, obs, max_action=0.0)
+    with pytest.raises(ValueError, match="n_timesteps"):
+        R.ddpm_sample(net, x, obs, n_timesteps=0)
+    with pytest.raises(ValueError, match="beta"):
+        R.ddpm_sample(net, x, obs, torch.tensor([0.5, 1.5]))
+    with pytest.raises(TypeError, match="predict_epsilon"):
+        R.ddpm_sample(net, x, obs, predict_epsilon=1)
+    with pytest.raises(ValueError, match="no DDPM schedule"):
+        R.DDPMSchedule.from_state_dict({"model.final_layer.weight": torch.zeros(2, 2)})
