@@ -55,6 +55,7 @@ from . import backends as _b
 from .nets import ConditionalMLP, DoubleCritic, _Act
 from .reference import ode as _ode
 from .reference import consistency as _cons
+from .reference import ddpm as _ddpm
 from .reference.paths import alpha_sigma, inverse_log_snr, log_snr
 
 CHUNK_ROWS = 64
@@ -521,6 +522,64 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     return _T(out)
 
 
+# ------------------------------------------------------------------------------------------- ddpm
+def _ddpm_tables(net, entry, schedule, max_action, predict_epsilon, clip_denoised, clip):
+    """(kind, solver id, steps, time table, coef [T, 8]) of reference.ddpm._ddpm_sample; the
+    coefficients are the schedule's float32 values, eval e = step i = T-1-e."""
+    rows = schedule.rows()
+    key = ("ddpm", rows, max_action, predict_epsilon, clip_denoised, clip)
+    tab = entry.tables.get(key)
+    if tab is not None:
+        return tab
+    T = len(rows)
+    inf = math.inf
+    lo, hi = (-max_action, max_action) if clip_denoised else (-inf, inf)
+    bound = max_action if clip else inf
+    coef = np.array([[cr, crm1, c1, c2, sd if i > 0 else 0.0, lo, hi, bound]
+                     for i, (cr, crm1, c1, c2, sd) in ((i, rows[i]) for i in range(T - 1, -1, -1))], dtype=np.float32)
+    ttab = _time_share(net, torch.tensor(_ddpm.ddpm_time_inputs(T), dtype=torch.float32))
+    tab = ("ddpm", int(bool(predict_epsilon)), T, ttab, coef)
+    entry.tables[key] = tab
+    return tab
+
+
+def _ddpm_supports(module_reasons):
+    def supports(net=None, noise=None, obs=None, schedule=None, step_noise=None, **_) -> List[str]:
+        why = module_reasons(net, "policy")
+        if why:
+            return why
+        return _input_reasons(noise=noise, obs=obs, step_noise=step_noise)
+    return supports
+
+
+_supports_ddpm = _ddpm_supports(_module_reasons)
+_fast_supports_ddpm = _ddpm_supports(_ready_reasons)
+
+
+def ddpm_sample(net, noise, obs, schedule, step_noise, max_action, predict_epsilon, clip_denoised, clip, generator):
+    """reference.ddpm._ddpm_sample in C++: noise [N, A] or [B, K, A] -> same shape. The step noise
+    (when not given) is drawn here from ``generator`` in the reference's order, after the module is
+    validated (a Fallback leaves the generator untouched)."""
+    e = _repack(net, "policy")
+    shape = noise.shape
+    K = shape[1] if len(shape) == 3 else 1
+    T = schedule.n_timesteps
+    R, A = shape[0] * K, shape[-1]
+    if step_noise is None and T > 1:
+        step_noise = torch.stack([torch.randn((R, A), dtype=noise.dtype, device=noise.device, generator=generator)
+                                  for _ in range(T - 1)])
+    sn = None if T == 1 else _buf(step_noise)
+    out = _empty(shape)
+    obs, noise = _buf(obs), _buf(noise)
+    for first in (True, False):
+        kind, sid, nst, ttab, coef = _ddpm_tables(net, e, schedule, max_action, predict_epsilon, clip_denoised, clip)
+        if _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, False, out, None,
+                     torch.get_num_threads(), CHUNK_ROWS, e.watch if first else None):
+            break
+        e = _repack(net, "policy")  # the weights changed since the last call
+    return _T(out)
+
+
 # ------------------------------------------------------------------------------------------- act
 def _act_supports(module_reasons):
     def supports(net=None, critic=None, obs=None, num_candidates=None, sampler=None, steps=None, solver=None,
@@ -668,6 +727,7 @@ def flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, p
 
 _b.register("integrate", "cpp", integrate, _supports_integrate, _fast_supports_integrate)
 _b.register("consistency_sample", "cpp", consistency_sample, _supports_consistency, _fast_supports_consistency)
+_b.register("ddpm_sample", "cpp", ddpm_sample, _supports_ddpm, _fast_supports_ddpm)
 _b.register("act", "cpp", act, _supports_act, _fast_supports_act)
 _b.register("select_action", "cpp", select_action, _supports_select)
 _b.register("weighted_fm_loss", "cpp", weighted_fm_loss, _supports_loss)

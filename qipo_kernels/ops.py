@@ -13,6 +13,7 @@ import torch
 
 from . import backends as _b
 from .reference import consistency as _cons
+from .reference import ddpm as _ddpm
 from .reference import loss as _loss
 from .reference import ode as _ode
 from .reference import paths as _paths
@@ -20,7 +21,7 @@ from .reference import select as _sel
 from .reference.consistency import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, consistency_loss, karras_sigmas  # noqa: F401
 
 OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "sample", "consistency_sample",
-       "select_action", "act")
+       "ddpm_sample", "select_action", "act")
 
 
 def _fallback(op: str, backend: str, name: str, err: Exception) -> None:
@@ -113,6 +114,23 @@ def consistency_sample(net: Callable, noise, obs, sigmas: Optional[Sequence[floa
     except _b.Fallback as err:
         _fallback("consistency_sample", backend, name, err)
     return _cons._consistency_sample(*args)
+
+
+def ddpm_sample(net: Callable, noise, obs, schedule="vp", n_timesteps: int = _ddpm.T_DEFAULT, step_noise=None,
+                max_action: float = 1.0, predict_epsilon: bool = True, clip_denoised: bool = True, clip: bool = True,
+                generator: Optional[torch.Generator] = None, backend: str = "auto"):
+    """Diffusion-QL's ancestral DDPM sampler; see reference.ddpm.ddpm_sample.
+
+    noise [N, A] (obs [N, S]) or [B, K, A] (obs [B, S]) -> actions of noise's shape.
+    schedule: "vp" | "linear" | "cosine" (with n_timesteps), a reference.ddpm.DDPMSchedule (e.g. read
+    from a Diffusion-QL state_dict) or betas [T]; step_noise [T-1, *noise.shape] or drawn from generator.
+    """
+    sch = _ddpm.as_schedule(schedule, n_timesteps)
+    _ddpm.check_ddpm_sample(net, noise, obs, sch, step_noise, max_action, predict_epsilon, clip_denoised, clip)
+    name, fn = _b.choose("ddpm_sample", backend, noise.device, _ddpm._ddpm_sample, net=net, noise=noise, obs=obs,
+                         schedule=sch, step_noise=step_noise)
+    return _run("ddpm_sample", backend, name, fn, _ddpm._ddpm_sample,
+                (net, noise, obs, sch, step_noise, float(max_action), predict_epsilon, clip_denoised, clip, generator))
 
 
 def consistency_denoise(net, x, sigma, obs, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN, clip: bool = True):

@@ -162,3 +162,95 @@ def test_bad_arguments():
         R.ddpm_sample(net, x, obs, predict_epsilon=1)
     with pytest.raises(ValueError, match="no DDPM schedule"):
         R.DDPMSchedule.from_state_dict({"model.final_layer.weight": torch.zeros(2, 2)})
+
+
+# ------------------------------------------------------------------ backends against the reference
+def _poison_cpp(monkeypatch):
+    from qipo_kernels import cpp
+
+    def nan_empty(shape, dtype=np.float32):
+        a = np.empty(shape, dtype=dtype)
+        a.fill(np.nan if a.dtype.kind == "f" else -7)
+        return a
+
+    monkeypatch.setattr(cpp, "_empty", nan_empty)
+
+
+def _fast_backends():
+    from qipo_kernels import backends
+
+    return [b for b in ("cpp", "triton") if not backends.reasons("ddpm_sample", b, torch.device("cpu"))
+            and b in backends._IMPLS.get("ddpm_sample", {})]
+
+
+def test_cpp_is_registered():
+    from qipo_kernels import backends
+
+    backends.backend_reasons("cpp", torch.device("cpu"))
+    if "cpp" not in backends._IMPORT_ERRORS:
+        assert "cpp" in backends._IMPLS["ddpm_sample"]
+
+
+@pytest.mark.parametrize("A,S,H,B,K,depth", [(6, 17, 40, 13, 1, 3), (1, 3, 17, 1, 50, 2), (3, 11, 70, 9, 6, 1)])
+@pytest.mark.parametrize("schedule,T", [("vp", 5), ("linear", 1), ("cosine", 7)])
+@pytest.mark.parametrize("predict_epsilon,clip_denoised,max_action", [(True, True, 1.0), (False, True, 0.4),
+                                                                       (True, False, 2.5)])
+def test_backends_match_reference(monkeypatch, A, S, H, B, K, depth, schedule, T, predict_epsilon, clip_denoised,
+                                  max_action):
+    _poison_cpp(monkeypatch)
+    torch.manual_seed(A * 100 + B)
+    net = ConditionalMLP(A, S, hidden=H, depth=depth)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)
+    obs = torch.randn(B, S)
+    noise = torch.randn(B, K, A) if K > 1 else torch.randn(B, A)
+    step = torch.randn(T - 1, *noise.shape)
+    kw = dict(schedule=schedule, n_timesteps=T, step_noise=step, max_action=max_action,
+              predict_epsilon=predict_epsilon, clip_denoised=clip_denoised)
+    with torch.no_grad():
+        want = ops.ddpm_sample(net, noise, obs, backend="torch", **kw)
+        net64 = ConditionalMLP(A, S, hidden=H, depth=depth).double()
+        net64.load_state_dict(net.state_dict())
+        truth = ops.ddpm_sample(net64, noise.double(), obs.double(), backend="torch",
+                                **dict(kw, step_noise=step.double()))
+        for b in _fast_backends():
+            got = ops.ddpm_sample(net, noise, obs, backend=b, **kw)
+            assert got.shape == noise.shape and torch.isfinite(got).all()
+            # float32 rounding, as far from the float64 truth as the float32 reference at most ~2x
+            err = (got.double() - truth).abs().max().item()
+            ref_err = (want.double() - truth).abs().max().item()
+            assert err <= 2 * ref_err + 1e-5, (b, err, ref_err)
+            torch.testing.assert_close(got, want, atol=2e-5 * max(1.0, max_action), rtol=2e-5)
+
+
+def test_backends_draw_the_reference_noise(monkeypatch):
+    _poison_cpp(monkeypatch)
+    net, obs, x = net_and_data(K=4, B=3)
+    with torch.no_grad():
+        want = ops.ddpm_sample(net, x, obs, generator=torch.Generator().manual_seed(3), backend="torch")
+        for b in _fast_backends():
+            got = ops.ddpm_sample(net, x, obs, generator=torch.Generator().manual_seed(3), backend=b)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_auto_uses_reference_when_grad_needed():
+    net, obs, x = net_and_data(B=2)
+    out = ops.ddpm_sample(net, x, obs, generator=torch.Generator().manual_seed(0))
+    assert out.requires_grad  # the reference ran: the fused samplers do not backpropagate
+    from qipo_kernels import backends
+
+    why = backends.explain("ddpm_sample", torch.device("cpu"), net=net, noise=x, obs=obs, schedule=None,
+                           step_noise=None)
+    assert any("grad" in r for r in why["cpp"]) or why["cpp"] and "import" in why["cpp"][0]
+
+
+def test_ops_bad_arguments_before_any_kernel():
+    net, obs, x = net_and_data()
+    for b in ["torch"] + _fast_backends():
+        with pytest.raises(ValueError, match="step_noise"):
+            ops.ddpm_sample(net, x, obs, step_noise=torch.randn(2, *x.shape), backend=b)
+        with pytest.raises(ValueError, match="obs must have"):
+            ops.ddpm_sample(net, x, obs[:3], backend=b)
+        with pytest.raises(TypeError, match="schedule"):
+            ops.ddpm_sample(net, x, obs, schedule=3, backend=b)

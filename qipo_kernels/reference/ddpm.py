@@ -26,6 +26,7 @@ Noise: z [N, A] (or [B, K, A]); the per-step draws z_i, i = T-1 .. 1, are ``step
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
@@ -101,11 +102,17 @@ class DDPMSchedule:
         """exp(0.5 log_var_clipped), float32 [T] (the noise scale of each step; step 0 adds none)."""
         return (0.5 * self.posterior_log_variance_clipped).exp()
 
+    @cached_property
+    def _rows(self):
+        cols = [c.detach().cpu().tolist() for c in (
+            self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod, self.posterior_mean_coef1,
+            self.posterior_mean_coef2, self.std())]
+        return tuple(tuple(c[i] for c in cols) for i in range(self.n_timesteps))
+
     def rows(self):
-        """[(c_recip, c_recipm1, c1, c2, std)] as Python floats per step i (exactly the float32 values)."""
-        cols = [self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod, self.posterior_mean_coef1,
-                self.posterior_mean_coef2, self.std()]
-        return [tuple(float(c[i]) for c in cols) for i in range(self.n_timesteps)]
+        """((c_recip, c_recipm1, c1, c2, std), ...) as Python floats per step i (exactly the float32
+        values; read once per schedule object, which the fast backends key their tables by)."""
+        return self._rows
 
     @classmethod
     def from_betas(cls, betas) -> "DDPMSchedule":
