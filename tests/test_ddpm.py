@@ -179,8 +179,15 @@ def _poison_cpp(monkeypatch):
 def _fast_backends():
     from qipo_kernels import backends
 
-    return [b for b in ("cpp", "triton") if not backends.reasons("ddpm_sample", b, torch.device("cpu"))
+    return [b for b in ("cpp", "triton") if not backends.backend_reasons(b, torch.device("cpu"))
             and b in backends._IMPLS.get("ddpm_sample", {})]
+
+
+def test_fast_backends_found():
+    from qipo_kernels import backends
+
+    if not backends.backend_reasons("cpp", torch.device("cpu")):
+        assert "cpp" in _fast_backends()
 
 
 def test_cpp_is_registered():
