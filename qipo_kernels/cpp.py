@@ -598,8 +598,30 @@ _supports_act = _act_supports(_module_reasons)
 _fast_supports_act = _act_supports(_ready_reasons)
 
 
+def _supports_act_ext_with(module_reasons):
+    base = _act_supports(module_reasons)
+
+    def supports(step_noise=None, **kw) -> List[str]:
+        return base(**kw) or _input_reasons(step_noise=step_noise)
+    return supports
+
+
+_supports_act_ext = _supports_act_ext_with(_module_reasons)
+_fast_supports_act_ext = _supports_act_ext_with(_ready_reasons)
+
+
+def act_ext(net, critic, obs, num_candidates, sampler, sargs, mode, temperature, noise, step_noise, uniform, generator,
+            clip, _debug: Optional[dict] = None):
+    """ops._act_ext_ref in one C++ call: a DDPM sampler (sargs = (schedule, max_action, predict_epsilon,
+    clip_denoised)) or consistency with given sigma parameters (sargs = (sigmas, sigma_max, sigma_min,
+    sigma_data))."""
+    sigmas = sargs[0] if sampler == "consistency" else None
+    return act(net, critic, obs, num_candidates, sampler, None, None, None, sigmas, mode, temperature, noise,
+               step_noise, uniform, generator, clip, _debug, _sargs=sargs)
+
+
 def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature, noise,
-        step_noise, uniform, generator, clip, _debug: Optional[dict] = None):
+        step_noise, uniform, generator, clip, _debug: Optional[dict] = None, _sargs=None):
     """ops._act_ref in one C++ call: obs [B, S] -> actions [B, A].
 
     Random draws (noise, re-noise, the softmax uniform) are made here with ``generator`` in the
@@ -617,9 +639,17 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     def tables(pe):
         if sampler == "flow":
             return _flow_tables(net, pe, steps, solver, 0.0, 1.0, path)
-        return _consistency_tables(net, pe, sigmas, _cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA)
+        if sampler == "ddpm":
+            return _ddpm_tables(net, pe, _sargs[0], _sargs[1], _sargs[2], _sargs[3], clip)
+        smax, smin, sdata = _sargs[1:] if _sargs is not None else (_cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA)
+        return _consistency_tables(net, pe, sigmas, smax, smin, sdata)
 
-    sn = None if sampler == "flow" else _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator)
+    if sampler == "flow":
+        sn = None
+    elif sampler == "ddpm":  # the T - 1 step draws, in the reference's order
+        sn = _step_noise(step_noise, [None] * (_sargs[0].n_timesteps - 1), R, A, noise.dtype, noise.device, generator)
+    else:
+        sn = _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator)
     u = None
     if mode == "softmax":
         if uniform is None:
@@ -632,7 +662,9 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     obs, noise, sn = _buf(obs), _buf(noise), None if sn is None else _buf(sn)
     for first in (True, False):
         kind, sid, nst, ttab, coef = tables(pe)
-        if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip),
+        # (ddpm: the clamp to the action bound is the sampler's own, in its coefficients)
+        if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn,
+                  bool(clip) and sampler != "ddpm",
                   mode, float(temperature), u, out, None if q is None else q.reshape(R), idx, cand,
                   torch.get_num_threads(), CHUNK_ROWS, pe.watch if first else None, ce.watch if first else None):
             break
@@ -729,6 +761,7 @@ _b.register("integrate", "cpp", integrate, _supports_integrate, _fast_supports_i
 _b.register("consistency_sample", "cpp", consistency_sample, _supports_consistency, _fast_supports_consistency)
 _b.register("ddpm_sample", "cpp", ddpm_sample, _supports_ddpm, _fast_supports_ddpm)
 _b.register("act", "cpp", act, _supports_act, _fast_supports_act)
+_b.register("act_ext", "cpp", act_ext, _supports_act_ext, _fast_supports_act_ext)
 _b.register("select_action", "cpp", select_action, _supports_select)
 _b.register("weighted_fm_loss", "cpp", weighted_fm_loss, _supports_loss)
 _b.register("flow_matching_loss", "cpp", flow_matching_loss, _supports_loss)

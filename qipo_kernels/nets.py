@@ -15,7 +15,7 @@ This is the architecture family of Diffusion-QL and CPQL (their ``MLP`` with ``m
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -164,6 +164,10 @@ class ConditionalMLP(nn.Module):
         )
         self.out = nn.Linear(hidden, act_dim)
         self._act = activation_fn(activation)
+        # what the network was trained as, when a loader knows: "flow", "consistency", "ddpm" or None;
+        # ops.act picks its sampler from it and refuses another (see ops.resolve_sampler)
+        self.kind = None
+        self.ddpm_schedule = None  # a reference.ddpm.DDPMSchedule read from a Diffusion-QL checkpoint
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         """Time embedding e(t): [N] -> [N, t_dim]."""
@@ -190,7 +194,8 @@ class ConditionalMLP(nn.Module):
         )
 
     @classmethod
-    def from_cpql_state_dict(cls, state_dict: Mapping[str, torch.Tensor], obs_dim: int, act_dim: int) -> "ConditionalMLP":
+    def from_cpql_state_dict(cls, state_dict: Mapping[str, torch.Tensor], obs_dim: int, act_dim: int,
+                             kind: Optional[str] = None) -> "ConditionalMLP":
         """Build a ConditionalMLP holding a CPQL / Diffusion-QL ``MLP`` actor's weights.
 
         Their module (``agents/model.py``) is::
@@ -203,9 +208,25 @@ class ConditionalMLP(nn.Module):
 
         Keys ``time_mlp.1.*``, ``time_mlp.3.*``, ``mid_layer.{0,2,4,...}.*`` and ``final_layer.*``
         map onto ``time_mlp.1/3``, ``layers.{0,1,2,...}`` and ``out``. An optional ``model.``
-        prefix (the Consistency wrapper's attribute) is stripped. Sizes are read from the tensors.
+        prefix (Diffusion-QL's ``Diffusion`` wrapper's attribute) is stripped. Sizes are read from the tensors.
+
+        ``kind`` (set on the result as ``net.kind``): None = detect: a state_dict carrying Diffusion-QL's
+        DDPM schedule buffers (``betas``, ``alphas_cumprod``, ...; what ``Diffusion_QL.save_model``
+        writes) is a "ddpm" actor, and its schedule is kept as ``net.ddpm_schedule``; a bare ``MLP``
+        state_dict (CPQL's ``save_model``, or a Diffusion-QL ``MLP`` saved alone) says nothing and
+        leaves ``kind`` None. A ``kind`` that contradicts the buffers raises.
         """
-        sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state_dict.items()}
+        from .reference import ddpm as _ddpm
+
+        has_sched = any(k in state_dict for k in _ddpm.BUFFERS)
+        if kind is not None and kind not in ("flow", "consistency", "ddpm"):
+            raise ValueError(f"kind must be one of ('flow', 'consistency', 'ddpm') or None, got {kind!r}")
+        if has_sched and kind not in (None, "ddpm"):
+            raise ValueError(f"kind={kind!r}, but this state_dict carries Diffusion-QL's DDPM schedule buffers "
+                             f"({[k for k in _ddpm.BUFFERS if k in state_dict][:3]}...): it is a DDPM actor, "
+                             "which only the 'ddpm' sampler samples correctly")
+        sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state_dict.items()
+              if k not in _ddpm.BUFFERS}
         need = ["time_mlp.1.weight", "time_mlp.3.weight", "final_layer.weight", "mid_layer.0.weight"]
         missing = [k for k in need if k not in sd]
         if missing:
@@ -229,6 +250,9 @@ class ConditionalMLP(nn.Module):
             ours[f"layers.{i}.weight"] = sd[f"mid_layer.{j}.weight"]
             ours[f"layers.{i}.bias"] = sd[f"mid_layer.{j}.bias"]
         net.load_state_dict(ours)
+        net.kind = "ddpm" if has_sched else kind
+        if has_sched:
+            net.ddpm_schedule = _ddpm.DDPMSchedule.from_state_dict(state_dict)
         return net
 
 

@@ -38,6 +38,34 @@ def official_betas(T, schedule):
     return torch.tensor(np.clip(1 - (ac[1:] / ac[:-1]), 0, 0.999), dtype=torch.float32)
 
 
+class OfficialSinusoidal(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        half = self.dim // 2
+        f = torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1)))
+        e = x[:, None] * f[None, :]
+        return torch.cat((e.sin(), e.cos()), dim=-1)
+
+
+class OfficialMLP(torch.nn.Module):
+    """The layout of Diffusion-QL's / CPQL's agents/model.py MLP (time_mlp, mid_layer, final_layer)."""
+
+    def __init__(self, state_dim, action_dim, t_dim=16, hidden=256):
+        super().__init__()
+        self.time_mlp = torch.nn.Sequential(OfficialSinusoidal(t_dim), torch.nn.Linear(t_dim, 2 * t_dim),
+                                            torch.nn.Mish(), torch.nn.Linear(2 * t_dim, t_dim))
+        self.mid_layer = torch.nn.Sequential(
+            torch.nn.Linear(state_dim + action_dim + t_dim, hidden), torch.nn.Mish(),
+            torch.nn.Linear(hidden, hidden), torch.nn.Mish(), torch.nn.Linear(hidden, hidden), torch.nn.Mish())
+        self.final_layer = torch.nn.Linear(hidden, action_dim)
+
+    def forward(self, x, time, state):
+        return self.final_layer(self.mid_layer(torch.cat([x, self.time_mlp(time), state], dim=1)))
+
+
 class OfficialDiffusion(torch.nn.Module):
     """The buffers and sampling loop of Diffusion-QL's Diffusion, noise given instead of drawn."""
 
@@ -261,3 +289,63 @@ def test_ops_bad_arguments_before_any_kernel():
             ops.ddpm_sample(net, x, obs[:3], backend=b)
         with pytest.raises(TypeError, match="schedule"):
             ops.ddpm_sample(net, x, obs, schedule=3, backend=b)
+
+
+# ------------------------------------------------------------------ act with a ddpm actor
+def test_act_ddpm_reference_and_backends(monkeypatch):
+    from qipo_kernels import DoubleCritic
+    from qipo_kernels.reference import select as RS
+
+    _poison_cpp(monkeypatch)
+    torch.manual_seed(5)
+    A, S, B, K, T = 6, 17, 7, 50, 5
+    net = ConditionalMLP(A, S, hidden=40, depth=3)
+    critic = DoubleCritic(S, A, hidden=40, depth=3)
+    obs = torch.randn(B, S)
+    noise = torch.randn(B, K, A)
+    step = torch.randn(T - 1, B, K, A)
+    u = torch.rand(B, dtype=torch.float64)
+    off = OfficialDiffusion(net, T, "vp", 1.0, True)
+    with torch.no_grad():
+        cand = off.sample(obs.repeat_interleave(K, 0), noise.reshape(B * K, A), list(step.reshape(T - 1, B * K, A)))
+        q = critic.q_min(obs.repeat_interleave(K, 0), cand).reshape(B, K)
+        want = cand.reshape(B, K, A)[torch.arange(B), RS.select_index(q, "softmax", 1.0, u)]
+        got = {}
+        for b in ["torch"] + _fast_backends():
+            got[b] = ops.act(net, critic, obs, K, sampler="ddpm", noise=noise, step_noise=step, uniform=u, backend=b)
+        # generator draws: noise, step noise, uniform, on every backend alike
+        gdraw = {b: ops.act(net, critic, obs, K, sampler="ddpm", generator=torch.Generator().manual_seed(9),
+                            backend=b) for b in ["torch"] + _fast_backends()}
+    torch.testing.assert_close(got["torch"], want, atol=0, rtol=0)
+    for b, v in got.items():
+        torch.testing.assert_close(v, want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(gdraw[b], gdraw["torch"], atol=2e-5, rtol=2e-5)
+
+
+def test_act_picks_sampler_from_kind_and_refuses_another():
+    from qipo_kernels import DoubleCritic
+
+    torch.manual_seed(0)
+    off = OfficialDiffusion(OfficialMLP(5, 3, hidden=32), 5, "cosine")
+    sd = off.state_dict()
+    assert "model.final_layer.weight" in sd and "betas" in sd
+    loaded = ConditionalMLP.from_cpql_state_dict(sd, obs_dim=5, act_dim=3)
+    assert loaded.kind == "ddpm" and loaded.ddpm_schedule.n_timesteps == 5
+    critic = DoubleCritic(5, 3, hidden=16, depth=2)
+    obs = torch.randn(4, 5)
+    noise = torch.randn(4, 8, 3)
+    step = torch.randn(4, 4, 8, 3)
+    u = torch.rand(4, dtype=torch.float64)
+    with torch.no_grad():
+        a = ops.act(loaded, critic, obs, 8, noise=noise, step_noise=step, uniform=u)
+        cand = off.sample(obs.repeat_interleave(8, 0), noise.reshape(32, 3), list(step.reshape(4, 32, 3)))
+        q = critic.q_min(obs.repeat_interleave(8, 0), cand).reshape(4, 8)
+        from qipo_kernels.reference import select as RS
+
+        want = cand.reshape(4, 8, 3)[torch.arange(4), RS.select_index(q, "softmax", 1.0, u)]
+    torch.testing.assert_close(a, want, atol=1e-5, rtol=1e-5)
+    for s in ("flow", "consistency"):
+        with pytest.raises(ValueError, match="loaded as a 'ddpm' actor"):
+            ops.act(loaded, critic, obs, 8, sampler=s)
+    with pytest.raises(ValueError, match="DDPM actor"):
+        ConditionalMLP.from_cpql_state_dict(sd, obs_dim=5, act_dim=3, kind="consistency")
