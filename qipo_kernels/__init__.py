@@ -10,13 +10,13 @@ from .ops import (
     act, consistency_denoise, consistency_loss, consistency_sample, ddpm_sample, flow_matching_loss, flow_path, integrate,
     karras_sigmas, sample, select_action, weighted_fm_loss,
 )
-from .policies import ConsistencyPolicy, FlowPolicy, Sampler, make_sampler
+from .policies import ConsistencyPolicy, DDPMPolicy, FlowPolicy, Sampler, make_sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backends", "nets", "ops", "reference", "ConditionalMLP", "DoubleCritic", "act", "consistency_denoise",
     "consistency_loss", "consistency_sample", "ddpm_sample", "flow_matching_loss", "flow_path", "integrate", "karras_sigmas",
-    "sample", "select_action", "weighted_fm_loss", "refresh", "FlowPolicy", "ConsistencyPolicy", "Sampler", "make_sampler",
+    "sample", "select_action", "weighted_fm_loss", "refresh", "FlowPolicy", "ConsistencyPolicy", "DDPMPolicy", "Sampler", "make_sampler",
     "__version__",
 ]
