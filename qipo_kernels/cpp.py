@@ -145,16 +145,56 @@ def _critic_structure_reasons(critic: DoubleCritic) -> List[str]:
     return []
 
 
+class FastPathSkipped(UserWarning):
+    """A module the C++ backend cannot run (its type or structure) sent an "auto" call to the reference."""
+
+
+_WARNED: dict = {}  # id(module) -> weakref: modules already warned about (one warning per module)
+
+
+def _warn_skipped(module, why: List[str]) -> None:
+    """One warning per module whose type / structure keeps it off the C++ fast path (the reasons are
+    also what backends.explain reports)."""
+    mid = id(module)
+    ref = _WARNED.get(mid)
+    if ref is not None and ref() is module:
+        return
+    try:
+        _WARNED[mid] = weakref.ref(module, lambda _r, mid=mid: _WARNED.pop(mid, None))
+    except TypeError:  # not weak-referenceable: warn every time rather than never
+        pass
+    import warnings
+
+    warnings.warn("qipo_kernels: the C++ fast path is skipped for this module (the PyTorch reference runs "
+                  "instead, several times slower): " + "; ".join(why), FastPathSkipped, stacklevel=5)
+
+
 def _type_reasons(module, kind: str) -> List[str]:
+    why = _type_reasons_of(module, kind)
+    if why and module is not None:
+        _warn_skipped(module, why)
+    return why
+
+
+def _type_reasons_of(module, kind: str) -> List[str]:
     if kind == "policy":
         if not isinstance(module, ConditionalMLP):
-            return [f"net is a {type(module).__name__}; the C++ sampler runs qipo_kernels.nets.ConditionalMLP only"]
+            hint = ""
+            if all(hasattr(module, k) for k in ("time_mlp", "mid_layer", "final_layer")) or hasattr(module, "betas"):
+                hint = (" (a CPQL / Diffusion-QL actor: load it with qipo_kernels.make_sampler(actor, ...) or "
+                        "ConditionalMLP.from_cpql_state_dict(actor.state_dict(), obs_dim, act_dim))")
+            return [f"net is a {type(module).__name__}; the C++ sampler runs qipo_kernels.nets.ConditionalMLP only"
+                    + hint]
         if type(module).forward is not ConditionalMLP.forward or type(module).embed_time is not ConditionalMLP.embed_time:
             return [f"net is a {type(module).__name__} that overrides forward/embed_time; the C++ sampler "
                     "implements ConditionalMLP.forward"]
         return []
     if not isinstance(module, DoubleCritic):
-        return [f"critic is a {type(module).__name__}; the C++ act runs qipo_kernels.nets.DoubleCritic only"]
+        hint = ""
+        if hasattr(module, "q1_model") and hasattr(module, "q2_model"):
+            hint = (" (a CPQL / Diffusion-QL Critic: convert it with DoubleCritic.from_cpql_state_dict(critic.state_dict(), "
+                    "obs_dim=S) or DoubleCritic.from_diffusion_ql_state_dict(...))")
+        return [f"critic is a {type(module).__name__}; the C++ act runs qipo_kernels.nets.DoubleCritic only" + hint]
     if type(module).q_min is not DoubleCritic.q_min or type(module).forward is not DoubleCritic.forward:
         return [f"critic is a {type(module).__name__} that overrides forward/q_min"]
     return _critic_structure_reasons(module)

@@ -229,3 +229,30 @@ def test_cpql_custom_sigma_parameters_and_obs_normaliser():
             u = torch.rand(4, dtype=torch.float64, generator=g)
             want = cand.reshape(4, 7, A)[torch.arange(4), RS.select_index(q, "softmax", 1.0, u)]
         torch.testing.assert_close(a, want, atol=ATOL * 3, rtol=RTOL)
+
+
+def test_official_critic_on_the_fast_path_warns_once_and_explain_says_why():
+    if "cpp" not in _cpu_backends("act"):
+        pytest.skip("the C++ backend is not available here")
+    from qipo_kernels.cpp import FastPathSkipped
+
+    model, off_critic = _cpql(H=16, norm="layernorm")
+    net = qk.ConditionalMLP.from_cpql_state_dict(model.state_dict(), obs_dim=S, act_dim=A, kind="consistency")
+    obs = torch.randn(2, S)
+    with torch.no_grad():
+        with pytest.warns(FastPathSkipped, match="from_cpql_state_dict") as rec:
+            a1 = qk.act(net, off_critic, obs, 4, generator=torch.Generator().manual_seed(0))
+            a2 = qk.act(net, off_critic, obs, 4, generator=torch.Generator().manual_seed(0))
+        assert len([w for w in rec if issubclass(w.category, FastPathSkipped)]) == 1  # once per module
+        assert torch.equal(a1, a2)
+        why = backends.explain("act", torch.device("cpu"), net=net, critic=off_critic, obs=obs, num_candidates=4,
+                               sampler="consistency", mode="softmax", noise=None)
+        assert any("DoubleCritic.from_cpql_state_dict" in r for r in why["cpp"])
+        # converted, the same call runs on the C++ backend without a warning
+        import warnings
+
+        dc = DoubleCritic.from_cpql_state_dict(off_critic.state_dict(), obs_dim=S)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FastPathSkipped)
+            a3 = qk.act(net, dc, obs, 4, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(a3, a1, atol=ATOL, rtol=RTOL)
