@@ -4,9 +4,11 @@ What runs in C++ (float32, CPU tensors; each call is one C++ call that releases 
     integrate           ConditionalMLP, every solver (euler, midpoint, heun, rk4; ddim/dpm1/dpm2 on
                         "vp" and "ot-eps"), both x0 layouts, return_trajectory
     consistency_sample  one-step and multistep
+    ddpm_sample         Diffusion-QL's T-step ancestral DDPM sampler (reference.ddpm), eps or x0 prediction
     act                 K candidates per state (flow or consistency) + DoubleCritic min(Q1, Q2) (with or
                         without layer_norm: LayerNorm in float32, two-pass mean / biased variance) +
                         argmax / softmax selection, in one call
+    act_ext             act with a ddpm sampler or consistency sigma parameters other than CPQL's defaults
     select_action       the selection alone (argmax / softmax draw by inverse CDF)
     weighted_fm_loss, flow_matching_loss
                         forward and gradient (a torch.autograd.Function; first derivatives only)

@@ -265,3 +265,23 @@ def test_act_picks_sampler_from_kind_and_refuses_another():
             ops.act(loaded, critic, obs, 8, sampler=s)
     with pytest.raises(ValueError, match="DDPM actor"):
         ConditionalMLP.from_cpql_state_dict(sd, obs_dim=5, act_dim=3, kind="consistency")
+
+
+def test_cpp_follows_weight_changes_and_dtype(monkeypatch):
+    if "cpp" not in _fast_backends():
+        pytest.skip("the C++ backend is not available here")
+    _poison_cpp(monkeypatch)
+    net, obs, x = net_and_data(K=3, B=5)
+    step = torch.randn(4, *x.shape)
+    with torch.no_grad():
+        a = ops.ddpm_sample(net, x, obs, step_noise=step, backend="cpp")
+        net.out.weight.mul_(0.5)  # an in-place update: the pack must follow
+        b = ops.ddpm_sample(net, x, obs, step_noise=step, backend="cpp")
+        torch.testing.assert_close(b, ops.ddpm_sample(net, x, obs, step_noise=step, backend="torch"),
+                                   atol=1e-4, rtol=2e-5)
+        assert not torch.equal(a, b)
+        # float64 input: auto runs the reference, a named cpp says why
+        y = ops.ddpm_sample(net.double(), x.double(), obs.double(), step_noise=step.double())
+        assert y.dtype == torch.float64
+        with pytest.raises(RuntimeError, match="float32"):
+            ops.ddpm_sample(net, x.double(), obs.double(), step_noise=step.double(), backend="cpp")
