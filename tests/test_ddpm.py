@@ -285,3 +285,13 @@ def test_cpp_follows_weight_changes_and_dtype(monkeypatch):
         assert y.dtype == torch.float64
         with pytest.raises(RuntimeError, match="float32"):
             ops.ddpm_sample(net, x.double(), obs.double(), step_noise=step.double(), backend="cpp")
+
+
+def test_explain_says_why_triton_does_not_run_ddpm():
+    from qipo_kernels import backends
+
+    net, obs, x = net_and_data(B=2)
+    why = backends.explain("ddpm_sample", torch.device("cpu"), net=net, noise=x, obs=obs, schedule=None,
+                           step_noise=None)
+    assert why["torch"] == [] and why["triton"]  # no Triton DDPM kernel: auto uses C++ on CPU, else the reference
+    assert "ddpm_sample" in backends.table()
