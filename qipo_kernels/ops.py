@@ -171,12 +171,10 @@ def resolve_sampler(net, sampler: Optional[str], mode: Optional[str]):
     """(sampler, mode) for act: sampler None = the network's kind (``flow`` when it does not say);
     mode None = that sampler's authors' selection (DEFAULT_MODE). A sampler that contradicts the kind
     the network was loaded as is refused: it would return wrong actions without a word."""
-    from . import _checks as C
-
     kind = net_kind(net)
     if sampler is None:
         sampler = kind or "flow"
-    C.choice("sampler", sampler, SAMPLERS)
+    _C.choice("sampler", sampler, SAMPLERS)
     if kind is not None and sampler != kind:
         raise ValueError(f"sampler={sampler!r} cannot sample this network: it was loaded as a {kind!r} actor "
                          f"(net.kind); use sampler={kind!r} (or None)")

@@ -260,7 +260,15 @@ class ConsistencyPolicy(nn.Module):
         _check_obs(obs, self.obs_dim)
         C.choice("select", select, SELECT_MODES)
         _param_like(self.net, obs)
-        with torch.no_grad():
+        if (self.sigma_min, self.sigma_max, self.sigma_data) != (SIGMA_MIN, SIGMA_MAX, SIGMA_DATA) and obs.is_cuda:
+            # act with other sigma parameters has no Triton kernel (act_ext): sample with the fused
+            # sampler, then score and select, in two calls
+            with torch.no_grad():
+                cand = self.sample(obs, num_candidates, sigmas=sigmas, noise=noise, generator=generator, backend=backend)
+                q = critic.q_min(obs.repeat_interleave(num_candidates, 0), cand.reshape(-1, self.act_dim))
+                return ops.select_action(q.reshape(obs.shape[0], num_candidates), cand, mode=select,
+                                         temperature=temperature, generator=generator, backend=backend)
+        with torch.no_grad():  # (on the CPU, other sigma parameters run in one C++ call: act_ext)
             return ops.act(self.net, critic, obs, num_candidates=num_candidates, sampler="consistency",
                            sigmas=sigmas, mode=select, temperature=temperature, noise=noise, generator=generator,
                            backend=backend, sigma_max=self.sigma_max, sigma_min=self.sigma_min,

@@ -26,7 +26,7 @@ Noise: z [N, A] (or [B, K, A]); the per-step draws z_i, i = T-1 .. 1, are ``step
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
@@ -164,12 +164,19 @@ class DDPMSchedule:
 ScheduleLike = Union[str, DDPMSchedule, torch.Tensor]
 
 
+@lru_cache(maxsize=64)
+def _named(schedule: str, n_timesteps: int) -> DDPMSchedule:
+    """The named schedules, built once (their coefficient tables are then cached by the backends)."""
+    return DDPMSchedule.named(schedule, n_timesteps)
+
+
 def as_schedule(schedule: ScheduleLike = "vp", n_timesteps: int = T_DEFAULT) -> DDPMSchedule:
     """A DDPMSchedule from a schedule name (with n_timesteps), a DDPMSchedule, or betas [T]."""
     if isinstance(schedule, DDPMSchedule):
         return schedule
     if isinstance(schedule, str):
-        return DDPMSchedule.named(schedule, n_timesteps)
+        C.choice("schedule", schedule, SCHEDULES)
+        return _named(schedule, C.positive_int("n_timesteps", n_timesteps))
     if torch.is_tensor(schedule):
         return DDPMSchedule.from_betas(schedule)
     raise TypeError("schedule must be a name in "
