@@ -86,6 +86,15 @@ def build(kind):
     return _official_sampler(kind, model, diff), off_critic, smp, critic
 
 
+def _isa():
+    try:
+        from qipo_kernels import _C
+
+        return _C.isa()
+    except ImportError:
+        return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--actors", default="cpql-onestep,cpql-multistep,diffusion-ql")
@@ -96,6 +105,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     cpp_why = backends.backend_reasons("cpp", torch.device("cpu"))
+    load_start = os.getloadavg()  # the machine may be shared: the ratios are interleaved, the times are not clean
     rows = []
     for kind in a.actors.split(","):
         off_sample, off_critic, smp, critic = build(kind)
@@ -113,8 +123,9 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{kind:15s} {what:6s} B={B:<4d} official {1e3 * r_med:8.3f} ms  ours ({used}) "
                       f"{1e3 * f_med:8.3f} ms  x{r_med / f_med:5.2f}", flush=True)
-    out = dict(device=cpu_name(), date=_dt.date.today().isoformat(), torch=torch.__version__, threads=1,
-               cpp_reasons=cpp_why, rows=rows)
+    out = dict(device=cpu_name(), cpus=os.cpu_count(), date=_dt.date.today().isoformat(), torch=torch.__version__,
+               threads=1, isa=_isa(), loadavg_start=load_start, loadavg_end=os.getloadavg(), cpp_reasons=cpp_why,
+               rows=rows)
     if not a.no_write:
         os.makedirs(a.out_dir, exist_ok=True)
         slug = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")[:40]
