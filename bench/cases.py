@@ -236,7 +236,7 @@ def prepare(case: Dict, device) -> Dict:
         def run(backend, obs, noise):
             with torch.no_grad():
                 return ops.act(net, critic, obs, num_candidates=K, sampler=sampler, steps=steps, solver="euler",
-                               noise=noise, backend=backend)
+                               mode="argmax", noise=noise, backend=backend)
 
         def reasons(b):
             with torch.no_grad():

@@ -605,8 +605,11 @@ qk::SampleArgs make_sample_args(const Pack& net, py::handle obs, py::handle x0, 
         if (solver < 0 || solver > 1) throw py::value_error("noise solver id must be 0 (ddim/dpm1) or 1 (dpm2)");
     } else if (kind == "consistency") {
         a.kind = qk::KIND_CONSISTENCY;
+    } else if (kind == "ddpm") {
+        a.kind = qk::KIND_DDPM;
+        if (solver < 0 || solver > 1) throw py::value_error("ddpm solver id must be 0 (predicts x0) or 1 (eps)");
     } else {
-        throw py::value_error("kind must be 'velocity', 'noise' or 'consistency', got '" + kind + "'");
+        throw py::value_error("kind must be 'velocity', 'noise', 'consistency' or 'ddpm', got '" + kind + "'");
     }
     a.solver = solver;
     if (steps < 1) throw py::value_error("steps must be >= 1");
@@ -618,6 +621,10 @@ qk::SampleArgs make_sample_args(const Pack& net, py::handle obs, py::handle x0, 
     } else if (a.kind == qk::KIND_NOISE) {
         n_evals = steps * (solver == qk::N_DPM2 ? 2 : 1);
         a.coef = check<float>(coef, "coef", {steps, qk::NCOEF_NOISE});
+    } else if (a.kind == qk::KIND_DDPM) {
+        n_evals = steps;  // one network evaluation per DDPM step
+        a.coef = check<float>(coef, "coef", {steps, qk::NCOEF_DDPM});
+        if (steps > 1) a.step_noise = check_rows<float>(step_noise, "step_noise", (steps - 1) * B * K, A);
     } else {
         n_evals = steps;  // consistency: steps = number of denoiser evaluations
         a.coef = check<float>(coef, "coef", {steps, qk::NCOEF_CONS});
@@ -643,7 +650,8 @@ bool sample(const Pack& net, py::handle obs, py::handle x0, int K, const std::st
     const long A = net.d.nout;
     a.out = check_rows<float>(out, "out", a.R, A, true);
     if (!traj.is_none()) {
-        if (a.kind == qk::KIND_CONSISTENCY) throw py::value_error("traj is only for the ODE solvers");
+        if (a.kind == qk::KIND_CONSISTENCY || a.kind == qk::KIND_DDPM)
+            throw py::value_error("traj is only for the ODE solvers");
         a.traj = check_rows<float>(traj, "traj", (steps + 1) * a.R, A, true);
     }
     if (chunk_rows <= 0) chunk_rows = CHUNK_ROWS;

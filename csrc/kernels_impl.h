@@ -487,6 +487,34 @@ void sample_rows(const SampleArgs* a, long r0, long r1, float* ws, float* out_ro
         return;
     }
 
+    if (a->kind == KIND_DDPM) {
+        // Diffusion-QL's ancestral step (reference.ddpm): x0_hat from eps (or the output), clamped;
+        // posterior mean; + std z except at the last step; the result clamped to +-bound
+        for (int i = 0; i < mA; ++i) x[i] = x0[i];
+        const bool eps = a->solver != 0;
+        for (int e = 0; e < a->n_evals; ++e) {
+            const float* ce = c + (long)e * NCOEF_DDPM;
+            const float cr = ce[0], crm1 = ce[1], c1 = ce[2], c2 = ce[3], sd = ce[4], lo = ce[5], hi = ce[6];
+            const bool last = e == a->n_evals - 1;
+            const float* zk = last ? nullptr : a->step_noise + (long)e * RA + r0 * A;
+            eval(e, x, k1);
+            for (int r = 0; r < m; ++r)
+                for (int j = 0; j < A; ++j) {
+                    const float xv = x[r * A + j], f = k1[r * Ap + j];
+                    float x0h = eps ? cr * xv - crm1 * f : f;
+                    x0h = x0h < lo ? lo : (x0h > hi ? hi : x0h);  // (NaN stays NaN, as torch.clamp)
+                    const float mean = c1 * x0h + c2 * xv;
+                    x[r * A + j] = last ? mean : mean + sd * zk[r * A + j];
+                }
+        }
+        const float bd = c[(long)(a->n_evals - 1) * NCOEF_DDPM + 7];
+        for (int i = 0; i < mA; ++i) {
+            const float v = x[i];
+            out_rows[i] = v < -bd ? -bd : (v > bd ? bd : v);
+        }
+        return;
+    }
+
     for (int i = 0; i < mA; ++i) x[i] = x0[i];
     if (a->traj)
         for (int i = 0; i < mA; ++i) a->traj[r0 * A + i] = x[i];

@@ -41,7 +41,7 @@ struct NetDesc {
     const float* ln_eps;  // [depth] or null
 };
 
-enum Kind { KIND_VELOCITY = 0, KIND_NOISE = 1, KIND_CONSISTENCY = 2 };
+enum Kind { KIND_VELOCITY = 0, KIND_NOISE = 1, KIND_CONSISTENCY = 2, KIND_DDPM = 3 };
 enum VelSolver { V_EULER = 0, V_MIDPOINT = 1, V_HEUN = 2, V_RK4 = 3 };
 enum NoiseSolver { N_DDIM = 0, N_DPM2 = 1 };
 
@@ -50,8 +50,13 @@ enum NoiseSolver { N_DDIM = 0, N_DPM2 = 1 };
 //   velocity:    coef = [h, 0.5 h, h / 6]
 //   noise:       coef[step] = [s_t, a_t, cx, c0, s_m, a_m, cxm, c0m]   (NCOEF_NOISE per step)
 //   consistency: coef[eval] = [x_scale, c_in, c_skip, c_out]           (NCOEF_CONS per evaluation)
+//   ddpm:        coef[eval] = [c_recip, c_recipm1, c1, c2, std, lo, hi, bound]   (NCOEF_DDPM; eval e is
+//                step i = steps-1-e; std is 0 at the last step; [lo, hi] the x0 clamp (+-inf: none);
+//                bound the clamp of the result (inf: none)); solver = 1 predict eps, 0 predict x0;
+//                step_noise [steps - 1, R, A] for the steps i = steps-1 .. 1
 static const int NCOEF_NOISE = 8;
 static const int NCOEF_CONS = 4;
+static const int NCOEF_DDPM = 8;
 struct SampleArgs {
     const NetDesc* net;
     const float* obs;        // [B, S]
@@ -61,7 +66,7 @@ struct SampleArgs {
     int kind, solver, steps, n_evals;
     const float* ttab;       // [n_evals, H] time share W1_t e(t) per network evaluation
     const float* coef;
-    const float* step_noise; // consistency: [n_evals - 1, R, A] or null
+    const float* step_noise; // consistency / ddpm: [n_evals - 1, R, A] or null
     int clip;                // consistency: clamp every denoised output to [-1, 1]
     float* out;              // [R, A]
     float* traj;             // [steps + 1, R, A] or null

@@ -7,16 +7,16 @@ from . import backends, nets, ops, reference
 from .backends import refresh
 from .nets import ConditionalMLP, DoubleCritic
 from .ops import (
-    act, consistency_denoise, consistency_loss, consistency_sample, flow_matching_loss, flow_path, integrate,
+    act, consistency_denoise, consistency_loss, consistency_sample, ddpm_sample, flow_matching_loss, flow_path, integrate,
     karras_sigmas, sample, select_action, weighted_fm_loss,
 )
-from .policies import ConsistencyPolicy, FlowPolicy, Sampler, make_sampler
+from .policies import ConsistencyPolicy, DDPMPolicy, FlowPolicy, Sampler, make_sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backends", "nets", "ops", "reference", "ConditionalMLP", "DoubleCritic", "act", "consistency_denoise",
-    "consistency_loss", "consistency_sample", "flow_matching_loss", "flow_path", "integrate", "karras_sigmas",
-    "sample", "select_action", "weighted_fm_loss", "refresh", "FlowPolicy", "ConsistencyPolicy", "Sampler", "make_sampler",
+    "consistency_loss", "consistency_sample", "ddpm_sample", "flow_matching_loss", "flow_path", "integrate", "karras_sigmas",
+    "sample", "select_action", "weighted_fm_loss", "refresh", "FlowPolicy", "ConsistencyPolicy", "DDPMPolicy", "Sampler", "make_sampler",
     "__version__",
 ]

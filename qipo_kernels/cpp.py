@@ -5,9 +5,11 @@ What runs in C++ (float32, CPU tensors; each call is one C++ call that releases 
                         "vp" and "ot-eps"), both x0 layouts, return_trajectory
     sample              integrate from the reference's own seeded noise draw (same samples)
     consistency_sample  one-step and multistep
+    ddpm_sample         Diffusion-QL's T-step ancestral DDPM sampler (reference.ddpm), eps or x0 prediction
     act                 K candidates per state (flow or consistency) + DoubleCritic min(Q1, Q2) (with or
                         without layer_norm: LayerNorm in float32, two-pass mean / biased variance) +
                         argmax / softmax selection, in one call
+    act_ext             act with a ddpm sampler or consistency sigma parameters other than CPQL's defaults
     select_action       the selection alone (argmax / softmax draw by inverse CDF)
     weighted_fm_loss, flow_matching_loss
                         forward and gradient (a torch.autograd.Function; first derivatives only)
@@ -57,6 +59,7 @@ from . import backends as _b
 from .nets import ConditionalMLP, DoubleCritic, _Act
 from .reference import ode as _ode
 from .reference import consistency as _cons
+from .reference import ddpm as _ddpm
 from .reference.paths import alpha_sigma, inverse_log_snr, log_snr
 
 CHUNK_ROWS = 64
@@ -146,16 +149,56 @@ def _critic_structure_reasons(critic: DoubleCritic) -> List[str]:
     return []
 
 
+class FastPathSkipped(UserWarning):
+    """A module the C++ backend cannot run (its type or structure) sent an "auto" call to the reference."""
+
+
+_WARNED: dict = {}  # id(module) -> weakref: modules already warned about (one warning per module)
+
+
+def _warn_skipped(module, why: List[str]) -> None:
+    """One warning per module whose type / structure keeps it off the C++ fast path (the reasons are
+    also what backends.explain reports)."""
+    mid = id(module)
+    ref = _WARNED.get(mid)
+    if ref is not None and ref() is module:
+        return
+    try:
+        _WARNED[mid] = weakref.ref(module, lambda _r, mid=mid: _WARNED.pop(mid, None))
+    except TypeError:  # not weak-referenceable: warn every time rather than never
+        pass
+    import warnings
+
+    warnings.warn("qipo_kernels: the C++ fast path is skipped for this module (the PyTorch reference runs "
+                  "instead, several times slower): " + "; ".join(why), FastPathSkipped, stacklevel=5)
+
+
 def _type_reasons(module, kind: str) -> List[str]:
+    why = _type_reasons_of(module, kind)
+    if why and module is not None:
+        _warn_skipped(module, why)
+    return why
+
+
+def _type_reasons_of(module, kind: str) -> List[str]:
     if kind == "policy":
         if not isinstance(module, ConditionalMLP):
-            return [f"net is a {type(module).__name__}; the C++ sampler runs qipo_kernels.nets.ConditionalMLP only"]
+            hint = ""
+            if all(hasattr(module, k) for k in ("time_mlp", "mid_layer", "final_layer")) or hasattr(module, "betas"):
+                hint = (" (a CPQL / Diffusion-QL actor: load it with qipo_kernels.make_sampler(actor, ...) or "
+                        "ConditionalMLP.from_cpql_state_dict(actor.state_dict(), obs_dim, act_dim))")
+            return [f"net is a {type(module).__name__}; the C++ sampler runs qipo_kernels.nets.ConditionalMLP only"
+                    + hint]
         if type(module).forward is not ConditionalMLP.forward or type(module).embed_time is not ConditionalMLP.embed_time:
             return [f"net is a {type(module).__name__} that overrides forward/embed_time; the C++ sampler "
                     "implements ConditionalMLP.forward"]
         return []
     if not isinstance(module, DoubleCritic):
-        return [f"critic is a {type(module).__name__}; the C++ act runs qipo_kernels.nets.DoubleCritic only"]
+        hint = ""
+        if hasattr(module, "q1_model") and hasattr(module, "q2_model"):
+            hint = (" (a CPQL / Diffusion-QL Critic: convert it with DoubleCritic.from_cpql_state_dict(critic.state_dict(), "
+                    "obs_dim=S) or DoubleCritic.from_diffusion_ql_state_dict(...))")
+        return [f"critic is a {type(module).__name__}; the C++ act runs qipo_kernels.nets.DoubleCritic only" + hint]
     if type(module).q_min is not DoubleCritic.q_min or type(module).forward is not DoubleCritic.forward:
         return [f"critic is a {type(module).__name__} that overrides forward/q_min"]
     return _critic_structure_reasons(module)
@@ -542,6 +585,64 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     return _T(out)
 
 
+# ------------------------------------------------------------------------------------------- ddpm
+def _ddpm_tables(net, entry, schedule, max_action, predict_epsilon, clip_denoised, clip):
+    """(kind, solver id, steps, time table, coef [T, 8]) of reference.ddpm._ddpm_sample; the
+    coefficients are the schedule's float32 values, eval e = step i = T-1-e."""
+    rows = schedule.rows()
+    key = ("ddpm", rows, max_action, predict_epsilon, clip_denoised, clip)
+    tab = entry.tables.get(key)
+    if tab is not None:
+        return tab
+    T = len(rows)
+    inf = math.inf
+    lo, hi = (-max_action, max_action) if clip_denoised else (-inf, inf)
+    bound = max_action if clip else inf
+    coef = np.array([[cr, crm1, c1, c2, sd if i > 0 else 0.0, lo, hi, bound]
+                     for i, (cr, crm1, c1, c2, sd) in ((i, rows[i]) for i in range(T - 1, -1, -1))], dtype=np.float32)
+    ttab = _time_share(net, torch.tensor(_ddpm.ddpm_time_inputs(T), dtype=torch.float32))
+    tab = ("ddpm", int(bool(predict_epsilon)), T, ttab, coef)
+    entry.tables[key] = tab
+    return tab
+
+
+def _ddpm_supports(module_reasons):
+    def supports(net=None, noise=None, obs=None, schedule=None, step_noise=None, **_) -> List[str]:
+        why = module_reasons(net, "policy")
+        if why:
+            return why
+        return _input_reasons(noise=noise, obs=obs, step_noise=step_noise)
+    return supports
+
+
+_supports_ddpm = _ddpm_supports(_module_reasons)
+_fast_supports_ddpm = _ddpm_supports(_ready_reasons)
+
+
+def ddpm_sample(net, noise, obs, schedule, step_noise, max_action, predict_epsilon, clip_denoised, clip, generator):
+    """reference.ddpm._ddpm_sample in C++: noise [N, A] or [B, K, A] -> same shape. The step noise
+    (when not given) is drawn here from ``generator`` in the reference's order, after the module is
+    validated (a Fallback leaves the generator untouched)."""
+    e = _repack(net, "policy")
+    shape = noise.shape
+    K = shape[1] if len(shape) == 3 else 1
+    T = schedule.n_timesteps
+    R, A = shape[0] * K, shape[-1]
+    if step_noise is None and T > 1:
+        step_noise = torch.stack([torch.randn((R, A), dtype=noise.dtype, device=noise.device, generator=generator)
+                                  for _ in range(T - 1)])
+    sn = None if T == 1 else _buf(step_noise)
+    out = _empty(shape)
+    obs, noise = _buf(obs), _buf(noise)
+    for first in (True, False):
+        kind, sid, nst, ttab, coef = _ddpm_tables(net, e, schedule, max_action, predict_epsilon, clip_denoised, clip)
+        if _C.sample(e.packs[0], obs, noise, K, kind, sid, nst, ttab, coef, sn, False, out, None,
+                     torch.get_num_threads(), CHUNK_ROWS, e.watch if first else None):
+            break
+        e = _repack(net, "policy")  # the weights changed since the last call
+    return _T(out)
+
+
 # ------------------------------------------------------------------------------------------- act
 def _act_supports(module_reasons):
     def supports(net=None, critic=None, obs=None, num_candidates=None, sampler=None, steps=None, solver=None,
@@ -560,8 +661,30 @@ _supports_act = _act_supports(_module_reasons)
 _fast_supports_act = _act_supports(_ready_reasons)
 
 
+def _supports_act_ext_with(module_reasons):
+    base = _act_supports(module_reasons)
+
+    def supports(step_noise=None, **kw) -> List[str]:
+        return base(**kw) or _input_reasons(step_noise=step_noise)
+    return supports
+
+
+_supports_act_ext = _supports_act_ext_with(_module_reasons)
+_fast_supports_act_ext = _supports_act_ext_with(_ready_reasons)
+
+
+def act_ext(net, critic, obs, num_candidates, sampler, sargs, mode, temperature, noise, step_noise, uniform, generator,
+            clip, _debug: Optional[dict] = None):
+    """ops._act_ext_ref in one C++ call: a DDPM sampler (sargs = (schedule, max_action, predict_epsilon,
+    clip_denoised)) or consistency with given sigma parameters (sargs = (sigmas, sigma_max, sigma_min,
+    sigma_data))."""
+    sigmas = sargs[0] if sampler == "consistency" else None
+    return act(net, critic, obs, num_candidates, sampler, None, None, None, sigmas, mode, temperature, noise,
+               step_noise, uniform, generator, clip, _debug, _sargs=sargs)
+
+
 def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature, noise,
-        step_noise, uniform, generator, clip, _debug: Optional[dict] = None):
+        step_noise, uniform, generator, clip, _debug: Optional[dict] = None, _sargs=None):
     """ops._act_ref in one C++ call: obs [B, S] -> actions [B, A].
 
     Random draws (noise, re-noise, the softmax uniform) are made here with ``generator`` in the
@@ -579,9 +702,17 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     def tables(pe):
         if sampler == "flow":
             return _flow_tables(net, pe, steps, solver, 0.0, 1.0, path)
-        return _consistency_tables(net, pe, sigmas, _cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA)
+        if sampler == "ddpm":
+            return _ddpm_tables(net, pe, _sargs[0], _sargs[1], _sargs[2], _sargs[3], clip)
+        smax, smin, sdata = _sargs[1:] if _sargs is not None else (_cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA)
+        return _consistency_tables(net, pe, sigmas, smax, smin, sdata)
 
-    sn = None if sampler == "flow" else _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator)
+    if sampler == "flow":
+        sn = None
+    elif sampler == "ddpm":  # the T - 1 step draws, in the reference's order
+        sn = _step_noise(step_noise, [None] * (_sargs[0].n_timesteps - 1), R, A, noise.dtype, noise.device, generator)
+    else:
+        sn = _step_noise(step_noise, sigmas, R, A, noise.dtype, noise.device, generator)
     u = None
     if mode == "softmax":
         if uniform is None:
@@ -595,7 +726,9 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     obs, noise, sn = _buf(obs), _buf(noise), None if sn is None else _buf(sn)
     for first in (True, False):
         kind, sid, nst, ttab, coef = tables(pe)
-        if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn, bool(clip),
+        # (ddpm: the clamp to the action bound is the sampler's own, in its coefficients)
+        if _C.act(pe.packs[0], ce.packs[0], ce.packs[1], obs, noise, K, kind, sid, nst, ttab, coef, sn,
+                  bool(clip) and sampler != "ddpm",
                   mode, float(temperature), u, out, None if q is None else q.reshape(R), idx, cand,
                   torch.get_num_threads(), CHUNK_ROWS, pe.watch if first else None, ce.watch if first else None):
             break
@@ -693,7 +826,9 @@ def flow_matching_loss(pred, actions, noise, t, path, energy, beta, normalize, p
 _b.register("integrate", "cpp", integrate, _supports_integrate, _fast_supports_integrate)
 _b.register("sample", "cpp", sample, _supports_sample, _fast_supports_sample)
 _b.register("consistency_sample", "cpp", consistency_sample, _supports_consistency, _fast_supports_consistency)
+_b.register("ddpm_sample", "cpp", ddpm_sample, _supports_ddpm, _fast_supports_ddpm)
 _b.register("act", "cpp", act, _supports_act, _fast_supports_act)
+_b.register("act_ext", "cpp", act_ext, _supports_act_ext, _fast_supports_act_ext)
 _b.register("select_action", "cpp", select_action, _supports_select)
 _b.register("weighted_fm_loss", "cpp", weighted_fm_loss, _supports_loss)
 _b.register("flow_matching_loss", "cpp", flow_matching_loss, _supports_loss)

@@ -15,7 +15,7 @@ This is the architecture family of Diffusion-QL and CPQL (their ``MLP`` with ``m
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -164,6 +164,10 @@ class ConditionalMLP(nn.Module):
         )
         self.out = nn.Linear(hidden, act_dim)
         self._act = activation_fn(activation)
+        # what the network was trained as, when a loader knows: "flow", "consistency", "ddpm" or None;
+        # ops.act picks its sampler from it and refuses another (see ops.resolve_sampler)
+        self.kind = None
+        self.ddpm_schedule = None  # a reference.ddpm.DDPMSchedule read from a Diffusion-QL checkpoint
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
         """Time embedding e(t): [N] -> [N, t_dim]."""
@@ -190,7 +194,8 @@ class ConditionalMLP(nn.Module):
         )
 
     @classmethod
-    def from_cpql_state_dict(cls, state_dict: Mapping[str, torch.Tensor], obs_dim: int, act_dim: int) -> "ConditionalMLP":
+    def from_cpql_state_dict(cls, state_dict: Mapping[str, torch.Tensor], obs_dim: int, act_dim: int,
+                             kind: Optional[str] = None) -> "ConditionalMLP":
         """Build a ConditionalMLP holding a CPQL / Diffusion-QL ``MLP`` actor's weights.
 
         Their module (``agents/model.py``) is::
@@ -203,9 +208,25 @@ class ConditionalMLP(nn.Module):
 
         Keys ``time_mlp.1.*``, ``time_mlp.3.*``, ``mid_layer.{0,2,4,...}.*`` and ``final_layer.*``
         map onto ``time_mlp.1/3``, ``layers.{0,1,2,...}`` and ``out``. An optional ``model.``
-        prefix (the Consistency wrapper's attribute) is stripped. Sizes are read from the tensors.
+        prefix (Diffusion-QL's ``Diffusion`` wrapper's attribute) is stripped. Sizes are read from the tensors.
+
+        ``kind`` (set on the result as ``net.kind``): None = detect: a state_dict carrying Diffusion-QL's
+        DDPM schedule buffers (``betas``, ``alphas_cumprod``, ...; what ``Diffusion_QL.save_model``
+        writes) is a "ddpm" actor, and its schedule is kept as ``net.ddpm_schedule``; a bare ``MLP``
+        state_dict (CPQL's ``save_model``, or a Diffusion-QL ``MLP`` saved alone) says nothing and
+        leaves ``kind`` None. A ``kind`` that contradicts the buffers raises.
         """
-        sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state_dict.items()}
+        from .reference import ddpm as _ddpm
+
+        has_sched = any(k in state_dict for k in _ddpm.BUFFERS)
+        if kind is not None and kind not in ("flow", "consistency", "ddpm"):
+            raise ValueError(f"kind must be one of ('flow', 'consistency', 'ddpm') or None, got {kind!r}")
+        if has_sched and kind not in (None, "ddpm"):
+            raise ValueError(f"kind={kind!r}, but this state_dict carries Diffusion-QL's DDPM schedule buffers "
+                             f"({[k for k in _ddpm.BUFFERS if k in state_dict][:3]}...): it is a DDPM actor, "
+                             "which only the 'ddpm' sampler samples correctly")
+        sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state_dict.items()
+              if k not in _ddpm.BUFFERS}
         need = ["time_mlp.1.weight", "time_mlp.3.weight", "final_layer.weight", "mid_layer.0.weight"]
         missing = [k for k in need if k not in sd]
         if missing:
@@ -229,6 +250,9 @@ class ConditionalMLP(nn.Module):
             ours[f"layers.{i}.weight"] = sd[f"mid_layer.{j}.weight"]
             ours[f"layers.{i}.bias"] = sd[f"mid_layer.{j}.bias"]
         net.load_state_dict(ours)
+        net.kind = "ddpm" if has_sched else kind
+        if has_sched:
+            net.ddpm_schedule = _ddpm.DDPMSchedule.from_state_dict(state_dict)
         return net
 
 
@@ -298,3 +322,123 @@ class DoubleCritic(nn.Module):
     def config(self) -> Dict[str, object]:
         return dict(obs_dim=self.obs_dim, act_dim=self.act_dim, hidden=self.hidden, depth=self.depth,
                     activation=self.activation, layer_norm=self.layer_norm)
+
+    # ---- loading the official critics -------------------------------------------------------------
+    @classmethod
+    def from_cpql_state_dict(cls, state_dict: Mapping[str, torch.Tensor], obs_dim: Optional[int] = None,
+                             act_dim: Optional[int] = None, activation: str = "mish") -> "DoubleCritic":
+        """A CPQL ``Critic`` (agents/model.py) state_dict as a DoubleCritic. Their heads are::
+
+            q{1,2}_model = Sequential(Linear(S + A, H), LN, Mish, Linear(H, H), LN, Mish,
+                                      Linear(H, H), LN, Mish, Linear(H, 1))
+
+        with LN = LayerNorm(H) offline (rl_type "offline") or Identity online: keys ``q1_model.{0,3,6,9}.*``
+        (+ ``{1,4,7}.*`` for the LayerNorms); their ``v_model.*`` (an IQL value net, not part of the twin
+        Q) is ignored. Give obs_dim or act_dim (the tensors hold only their sum); see from_official_state_dict.
+        """
+        return cls.from_official_state_dict(state_dict, "cpql", obs_dim, act_dim, activation)
+
+    @classmethod
+    def from_diffusion_ql_state_dict(cls, state_dict: Mapping[str, torch.Tensor], obs_dim: Optional[int] = None,
+                                     act_dim: Optional[int] = None, activation: str = "mish") -> "DoubleCritic":
+        """A Diffusion-QL ``Critic`` (agents/ql_diffusion.py) state_dict as a DoubleCritic: heads
+        ``q{1,2}_model = Sequential(Linear(S + A, H), Mish, Linear(H, H), Mish, Linear(H, H), Mish, Linear(H, 1))``,
+        keys ``q1_model.{0,2,4,6}.*``. Give obs_dim or act_dim; see from_official_state_dict."""
+        return cls.from_official_state_dict(state_dict, "diffusion_ql", obs_dim, act_dim, activation)
+
+    @classmethod
+    def from_official_state_dict(cls, state_dict: Mapping[str, torch.Tensor], layout: str = "auto",
+                                 obs_dim: Optional[int] = None, act_dim: Optional[int] = None,
+                                 activation: str = "mish") -> "DoubleCritic":
+        """Load a CPQL / Diffusion-QL twin critic (``q1_model.*`` / ``q2_model.*`` Sequentials).
+
+        Args:
+            layout: "cpql" (Linear, LayerNorm or Identity, Mish per hidden layer: a Linear every 3
+                indices), "diffusion_ql" (Linear, Mish: every 2) or "auto" (whichever fits).
+            obs_dim, act_dim: the split of the first layer's input [obs, act] (only their sum is in the
+                tensors): give one of them (or both, checked); the result's q1 / q2 / q_min take
+                (obs [N, obs_dim], act [N, act_dim]) as the official ``q_min(state, action)``.
+            activation: the hidden activation (theirs: Mish; not stored in a state_dict).
+        Unknown layouts (other module indices, shapes that do not chain, a head that does not end in
+        one output, LayerNorms on only some layers) raise ValueError naming what was found.
+        """
+        if layout not in ("auto", "cpql", "diffusion_ql"):
+            raise ValueError(f"layout must be 'auto', 'cpql' or 'diffusion_ql', got {layout!r}")
+        sd = {k[len("critic."):] if k.startswith("critic.") else k: v for k, v in state_dict.items()}
+        heads = {}
+        for h in ("q1_model", "q2_model"):
+            mods: Dict[int, Dict[str, torch.Tensor]] = {}
+            for k, v in sd.items():
+                if k.startswith(h + "."):
+                    parts = k.split(".")
+                    if len(parts) != 3 or not parts[1].isdigit():
+                        raise ValueError(f"unknown critic layout: key {k!r} is not {h}.<index>.<weight|bias>")
+                    mods.setdefault(int(parts[1]), {})[parts[2]] = v
+            if not mods:
+                raise ValueError(f"unknown critic layout: no {h}.* keys (expected CPQL's / Diffusion-QL's Critic with "
+                                 f"q1_model / q2_model Sequentials); keys start with {sorted({k.split('.')[0] for k in sd})}")
+            heads[h] = mods
+        layouts = ("cpql", "diffusion_ql") if layout == "auto" else (layout,)
+        errors = []
+        for lay in layouts:
+            try:
+                return cls._from_heads(heads, lay, obs_dim, act_dim, activation)
+            except ValueError as e:
+                errors.append(f"{lay}: {e}")
+        raise ValueError("unknown critic layout: " + "; ".join(errors))
+
+    @classmethod
+    def _from_heads(cls, heads, lay, obs_dim, act_dim, activation):
+        unit = 3 if lay == "cpql" else 2
+        parsed = []
+        for h, mods in heads.items():
+            idx = sorted(mods)
+            lin = [i for i in idx if mods[i].get("weight") is not None and mods[i]["weight"].dim() == 2]
+            norms = [i for i in idx if i not in lin]
+            n_lin = len(lin)
+            if n_lin < 2 or lin != [unit * j for j in range(n_lin)]:
+                raise ValueError(f"{h} has Linear layers at {lin}, expected at 0, {unit}, {2 * unit}, ...")
+            if norms and (unit != 3 or norms != [unit * j + 1 for j in range(n_lin - 1)]):
+                raise ValueError(f"{h} has 1-d (LayerNorm) parameters at {norms}; expected none"
+                                 + (f" or at every {', '.join(str(unit * j + 1) for j in range(n_lin - 1))}"
+                                    if unit == 3 else ""))
+            for i in lin:
+                if set(mods[i]) != {"weight", "bias"}:
+                    raise ValueError(f"{h}.{i} has {sorted(mods[i])}, expected weight and bias")
+            for i in norms:
+                H = mods[i - 1]["weight"].shape[0]
+                if set(mods[i]) != {"weight", "bias"} or any(t.shape != (H,) for t in mods[i].values()):
+                    raise ValueError(f"{h}.{i} is not a LayerNorm({H}) (weight and bias [{H}])")
+            ws = [mods[i]["weight"] for i in lin]
+            H, D = ws[0].shape
+            for a, b in zip(ws[:-1], ws[1:]):
+                if b.shape[1] != a.shape[0]:
+                    raise ValueError(f"{h}'s Linear shapes do not chain: {[tuple(w.shape) for w in ws]}")
+            if ws[-1].shape[0] != 1 or any(w.shape[0] != H for w in ws[:-1]):
+                raise ValueError(f"{h} must be Linear(S + A, H), (Linear(H, H))*, Linear(H, 1); got "
+                                 f"{[tuple(w.shape) for w in ws]}")
+            parsed.append((lin, norms, D, H))
+        (l1, n1, D, H), (l2, n2, D2, H2) = parsed
+        if (l1, bool(n1), D, H) != (l2, bool(n2), D2, H2):
+            raise ValueError("q1_model and q2_model differ in layout or size")
+        if obs_dim is None and act_dim is None:
+            raise ValueError(f"the first layer takes obs_dim + act_dim = {D} inputs: give obs_dim or act_dim")
+        if obs_dim is None:
+            obs_dim = D - act_dim
+        if act_dim is None:
+            act_dim = D - obs_dim
+        if obs_dim + act_dim != D or obs_dim < 1 or act_dim < 1:
+            raise ValueError(f"obs_dim + act_dim must be the first layer's {D} inputs, got {obs_dim} + {act_dim}")
+        depth = len(l1) - 1
+        critic = cls(obs_dim, act_dim, hidden=H, depth=depth, activation=activation, layer_norm=bool(n1))
+        ours = {}
+        ounit = 3 if n1 else 2  # nets.MLP: [Linear, (LayerNorm,) act] x depth + Linear
+        for h, name in (("q1_model", "q1_net"), ("q2_model", "q2_net")):
+            mods = heads[h]
+            for j, i in enumerate(l1):
+                for p in ("weight", "bias"):
+                    ours[f"{name}.net.{ounit * j}.{p}"] = mods[i][p]
+                    if n1 and j < depth:
+                        ours[f"{name}.net.{ounit * j + 1}.{p}"] = mods[i + 1][p]
+        critic.load_state_dict(ours)
+        return critic

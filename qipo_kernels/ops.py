@@ -14,6 +14,7 @@ import torch
 from . import _checks as C
 from . import backends as _b
 from .reference import consistency as _cons
+from .reference import ddpm as _ddpm
 from .reference import loss as _loss
 from .reference import ode as _ode
 from .reference import paths as _paths
@@ -21,7 +22,7 @@ from .reference import select as _sel
 from .reference.consistency import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, consistency_loss, karras_sigmas  # noqa: F401
 
 OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "sample", "consistency_sample",
-       "select_action", "act")
+       "ddpm_sample", "select_action", "act", "act_ext")
 
 
 def _fallback(op: str, backend: str, name: str, err: Exception) -> None:
@@ -118,6 +119,23 @@ def consistency_sample(net: Callable, noise, obs, sigmas: Optional[Sequence[floa
     return _cons._consistency_sample(*args)
 
 
+def ddpm_sample(net: Callable, noise, obs, schedule="vp", n_timesteps: int = _ddpm.T_DEFAULT, step_noise=None,
+                max_action: float = 1.0, predict_epsilon: bool = True, clip_denoised: bool = True, clip: bool = True,
+                generator: Optional[torch.Generator] = None, backend: str = "auto"):
+    """Diffusion-QL's ancestral DDPM sampler; see reference.ddpm.ddpm_sample.
+
+    noise [N, A] (obs [N, S]) or [B, K, A] (obs [B, S]) -> actions of noise's shape.
+    schedule: "vp" | "linear" | "cosine" (with n_timesteps), a reference.ddpm.DDPMSchedule (e.g. read
+    from a Diffusion-QL state_dict) or betas [T]; step_noise [T-1, *noise.shape] or drawn from generator.
+    """
+    sch = _ddpm.as_schedule(schedule, n_timesteps)
+    _ddpm.check_ddpm_sample(net, noise, obs, sch, step_noise, max_action, predict_epsilon, clip_denoised, clip)
+    name, fn = _b.choose("ddpm_sample", backend, noise.device, _ddpm._ddpm_sample, net=net, noise=noise, obs=obs,
+                         schedule=sch, step_noise=step_noise)
+    return _run("ddpm_sample", backend, name, fn, _ddpm._ddpm_sample,
+                (net, noise, obs, sch, step_noise, float(max_action), predict_epsilon, clip_denoised, clip, generator))
+
+
 def consistency_denoise(net, x, sigma, obs, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN, clip: bool = True):
     """One consistency-function evaluation (reference only: it is one network call)."""
     return _cons.consistency_denoise(net, x, sigma, obs, sigma_data, sigma_min, clip)
@@ -138,11 +156,42 @@ def select_action(q_values, candidates, mode: str = "argmax", temperature: float
                 (q_values, candidates, mode, float(temperature), uniform, generator))
 
 
-SAMPLERS = ("flow", "consistency")
+SAMPLERS = ("flow", "consistency", "ddpm")
+# what each sampler's authors select with when none is asked for: QIPO argmax over the candidates,
+# CPQL and Diffusion-QL a draw from softmax(Q) (their sample_action)
+DEFAULT_MODE = {"flow": "argmax", "consistency": "softmax", "ddpm": "softmax"}
+
+
+def net_kind(net) -> Optional[str]:
+    """What a network was trained as, when it says: "flow", "consistency", "ddpm" or None. Loaders set
+    ``net.kind`` (ConditionalMLP.from_cpql_state_dict, make_sampler); a plain ConditionalMLP has None."""
+    k = getattr(net, "kind", None)
+    return k if k in SAMPLERS else None
+
+
+def resolve_sampler(net, sampler: Optional[str], mode: Optional[str]):
+    """(sampler, mode) for act: sampler None = the network's kind (``flow`` when it does not say);
+    mode None = that sampler's authors' selection (DEFAULT_MODE). A sampler that contradicts the kind
+    the network was loaded as is refused: it would return wrong actions without a word."""
+    kind = net_kind(net)
+    if sampler is None:
+        sampler = kind or "flow"
+    C.choice("sampler", sampler, SAMPLERS)
+    if kind is not None and sampler != kind:
+        raise ValueError(f"sampler={sampler!r} cannot sample this network: it was loaded as a {kind!r} actor "
+                         f"(net.kind); use sampler={kind!r} (or None)")
+    if mode is None:
+        mode = DEFAULT_MODE[sampler]
+    return sampler, mode
+
+
+class _DDPMArgs(tuple):
+    """(schedule, max_action, predict_epsilon, clip_denoised): the ddpm sampler's settings for act."""
 
 
 def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
-               noise, step_noise, uniform):
+               noise, step_noise, uniform, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA,
+               ddpm=None):
     if not callable(net):
         raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
     if not (hasattr(critic, "q_min") and callable(critic.q_min)):
@@ -166,25 +215,46 @@ def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, s
     if uniform is not None:
         C.tensor("uniform", uniform, shape=(obs.shape[0],))
         C.unit_interval("uniform", uniform)
+    shape = (obs.shape[0], num_candidates, act_dim if act_dim is not None else noise.shape[2])
     if sampler == "flow":
         _ode.check_solver(steps, solver, 0.0, 1.0, path)  # (as integrate: e.g. "euler" on path "vp" is refused)
-    elif sigmas is not None or step_noise is not None:
-        shape = (obs.shape[0], num_candidates, act_dim if act_dim is not None else noise.shape[2])
+    elif sampler == "ddpm":
+        sch, max_action, pe, cd = ddpm
+        _ddpm.check_ddpm_sample(net, torch.empty(shape, device=obs.device), obs, sch, step_noise, max_action, pe, cd,
+                                True)
+    elif (sigmas is not None or step_noise is not None
+          or (sigma_max, sigma_min, sigma_data) != (SIGMA_MAX, SIGMA_MIN, SIGMA_DATA)):
         _cons.check_consistency_sample(net, torch.empty(shape, device=obs.device), obs, sigmas, step_noise,
-                                       SIGMA_MAX, SIGMA_MIN, SIGMA_DATA)
+                                       float(sigma_max), float(sigma_min), float(sigma_data))
 
 
 def _act_ref(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
              noise, step_noise, uniform, generator, clip):
+    """The reference of act (the plain flow / CPQL-default consistency call)."""
+    return _act_ext_ref(net, critic, obs, num_candidates, sampler,
+                        (steps, solver, path) if sampler == "flow" else (sigmas, SIGMA_MAX, SIGMA_MIN, SIGMA_DATA),
+                        mode, temperature, noise, step_noise, uniform, generator, clip)
+
+
+def _act_ext_ref(net, critic, obs, num_candidates, sampler, sargs, mode, temperature, noise, step_noise, uniform,
+                 generator, clip):
+    """act's reference for every sampler. sargs: (steps, solver, path) for "flow", (sigmas, sigma_max,
+    sigma_min, sigma_data) for "consistency", _DDPMArgs (schedule, max_action, predict_epsilon,
+    clip_denoised) for "ddpm". Draw order: noise, the sampler's step noise, the softmax uniform."""
     B = obs.shape[0]
     if noise is None:
         noise = torch.randn((B, num_candidates, net.act_dim), dtype=obs.dtype, device=obs.device, generator=generator)
     if sampler == "flow":
+        steps, solver, path = sargs
         cand = _ode._integrate(net, noise, obs, steps, solver, 0.0, 1.0, path, False)
+    elif sampler == "consistency":
+        sigmas, smax, smin, sdata = sargs
+        cand = _cons._consistency_sample(net, noise, obs, sigmas, step_noise, smax, smin, sdata, True, generator)
     else:
-        cand = _cons._consistency_sample(net, noise, obs, sigmas, step_noise, SIGMA_MAX, SIGMA_MIN, SIGMA_DATA,
-                                         True, generator)
-    if clip:
+        sch, max_action, pe, cd = sargs
+        # clip: the official final clamp to the action bound (not to [-1, 1])
+        cand = _ddpm._ddpm_sample(net, noise, obs, sch, step_noise, max_action, pe, cd, clip, generator)
+    if clip and sampler != "ddpm":
         cand = cand.clamp(-1.0, 1.0)
     A = cand.shape[-1]
     q = critic.q_min(obs.repeat_interleave(num_candidates, dim=0), cand.reshape(B * num_candidates, A))
@@ -193,10 +263,13 @@ def _act_ref(net, critic, obs, num_candidates, sampler, steps, solver, path, sig
     return _select_ref(q, cand, mode, temperature, uniform, generator)
 
 
-def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: str = "flow", steps: int = 10,
+def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: Optional[str] = None, steps: int = 10,
         solver: str = "euler", path: Optional[str] = None, sigmas: Optional[Sequence[float]] = None,
-        mode: str = "argmax", temperature: float = 1.0, noise=None, step_noise=None, uniform=None,
-        generator: Optional[torch.Generator] = None, clip: bool = True, backend: str = "auto"):
+        mode: Optional[str] = None, temperature: float = 1.0, noise=None, step_noise=None, uniform=None,
+        generator: Optional[torch.Generator] = None, clip: bool = True, backend: str = "auto", *,
+        sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, sigma_data: float = SIGMA_DATA,
+        schedule=None, n_timesteps: int = _ddpm.T_DEFAULT, max_action: float = 1.0, predict_epsilon: bool = True,
+        clip_denoised: bool = True):
     """Sample K candidates per state, score them by min(Q1, Q2), pick one: B states in, B actions out.
 
     Args:
@@ -204,20 +277,47 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: str = "fl
         critic: a DoubleCritic (anything with q_min(obs [N, S], act [N, A]) -> [N] for the reference).
         obs: [B, S].
         num_candidates: K (Diffusion-QL / CPQL evaluate 50).
-        sampler: "flow" (integrate with steps/solver/path) or "consistency" (sigmas: None = one step).
-        mode, temperature, uniform: see select_action.
-        noise: optional initial noise [B, K, A]; step_noise: consistency re-noise [len(sigmas), B, K, A].
-        clip: clamp candidates to [-1, 1] before scoring (the consistency sampler clamps anyway).
+        sampler: "flow" (integrate with steps/solver/path), "consistency" (sigmas: None = one step;
+            sigma_max / sigma_min / sigma_data) or "ddpm" (reference.ddpm: schedule (None = the one
+            ``net.ddpm_schedule`` carries, else "vp"), n_timesteps, max_action, predict_epsilon,
+            clip_denoised). None = what the network was loaded as (``net.kind``; "flow" when unknown).
+            A sampler other than ``net.kind`` raises.
+        mode: None = the sampler's authors' choice: "argmax" for flow (QIPO), "softmax" (a draw from
+            softmax(Q / temperature)) for consistency (CPQL) and ddpm (Diffusion-QL). See select_action.
+        temperature, uniform: see select_action.
+        noise: optional initial noise [B, K, A]; step_noise: consistency re-noise [len(sigmas), B, K, A]
+            or ddpm step noise [n_timesteps - 1, B, K, A].
+        clip: clamp candidates to [-1, 1] before scoring (ddpm: to [-max_action, max_action], its final clamp).
     Returns: [B, A] actions.
     Raises ValueError (every backend) when the critic scores a candidate NaN or inf: such a
     score cannot be ranked, and act never picks a candidate silently.
     """
+    sampler, mode = resolve_sampler(net, sampler, mode)
+    ddpm = None
+    if sampler == "ddpm":
+        if schedule is None:
+            schedule = getattr(net, "ddpm_schedule", None) or "vp"
+        ddpm = _DDPMArgs((_ddpm.as_schedule(schedule, n_timesteps), float(C.positive_float("max_action", max_action)),
+                          predict_epsilon, clip_denoised))
     _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
-               noise, step_noise, uniform)
+               noise, step_noise, uniform, sigma_max, sigma_min, sigma_data, ddpm)
     sig = [float(s) for s in sigmas] if sigmas is not None else None
-    name, fn = _b.choose("act", backend, obs.device, _act_ref, net=net, critic=critic, obs=obs,
-                         num_candidates=num_candidates, sampler=sampler, steps=steps, solver=solver, path=path,
-                         sigmas=sig, mode=mode, noise=noise)
-    return _run("act", backend, name, fn, _act_ref, (net, critic, obs, num_candidates, sampler, steps, solver, path,
-                                                   sig, mode, float(temperature), noise, step_noise, uniform,
-                                                   generator, clip))
+    plain = sampler == "flow" or (float(sigma_max), float(sigma_min), float(sigma_data)) == (SIGMA_MAX, SIGMA_MIN,
+                                                                                            SIGMA_DATA)
+    if sampler != "ddpm" and plain:
+        name, fn = _b.choose("act", backend, obs.device, _act_ref, net=net, critic=critic, obs=obs,
+                             num_candidates=num_candidates, sampler=sampler, steps=steps, solver=solver, path=path,
+                             sigmas=sig, mode=mode, noise=noise)
+        return _run("act", backend, name, fn, _act_ref, (net, critic, obs, num_candidates, sampler, steps, solver,
+                                                       path, sig, mode, float(temperature), noise, step_noise,
+                                                       uniform, generator, clip))
+    # a DDPM actor, or consistency sigmas other than CPQL's defaults: the "act_ext" implementations
+    sargs = ddpm if sampler == "ddpm" else (sig, float(sigma_max), float(sigma_min), float(sigma_data))
+    name, fn = _b.choose("act_ext", backend, obs.device, _act_ext_ref, net=net, critic=critic, obs=obs,
+                         num_candidates=num_candidates, sampler=sampler, sargs=sargs, mode=mode, noise=noise,
+                         step_noise=step_noise)
+    return _run("act_ext", backend, name, fn, _act_ext_ref, (net, critic, obs, num_candidates, sampler, sargs, mode,
+                                                           float(temperature), noise, step_noise, uniform,
+                                                           generator, clip))
+
+

@@ -37,7 +37,7 @@ from .reference.ode import NOISE_SOLVERS, SOLVERS, VELOCITY_SOLVERS
 from .reference.paths import PATHS, VP_EPS
 from .reference.select import SELECT_MODES
 
-__all__ = ["FlowPolicy", "ConsistencyPolicy", "make_sampler", "Sampler"]
+__all__ = ["FlowPolicy", "ConsistencyPolicy", "DDPMPolicy", "make_sampler", "Sampler"]
 
 
 def _check_obs(obs, obs_dim: int, name: str = "obs") -> torch.Tensor:
@@ -302,17 +302,77 @@ class ConsistencyPolicy(nn.Module):
         _check_obs(obs, self.obs_dim)
         C.choice("select", select, SELECT_MODES)
         _param_like(self.net, obs)
-        if (self.sigma_min, self.sigma_max, self.sigma_data) != (SIGMA_MIN, SIGMA_MAX, SIGMA_DATA):
-            # ops.act samples with the package's default sigmas: do it in two calls instead.
+        if (self.sigma_min, self.sigma_max, self.sigma_data) != (SIGMA_MIN, SIGMA_MAX, SIGMA_DATA) and obs.is_cuda:
+            # act with other sigma parameters has no Triton kernel (act_ext): sample with the fused
+            # sampler, then score and select, in two calls
             with torch.no_grad():
                 cand = self.sample(obs, num_candidates, sigmas=sigmas, noise=noise, generator=generator, backend=backend)
                 q = critic.q_min(obs.repeat_interleave(num_candidates, 0), cand.reshape(-1, self.act_dim))
                 return ops.select_action(q.reshape(obs.shape[0], num_candidates), cand, mode=select,
                                          temperature=temperature, generator=generator, backend=backend)
-        with torch.no_grad():
+        with torch.no_grad():  # (on the CPU, other sigma parameters run in one C++ call: act_ext)
             return ops.act(self.net, critic, obs, num_candidates=num_candidates, sampler="consistency",
                            sigmas=sigmas, mode=select, temperature=temperature, noise=noise, generator=generator,
-                           backend=backend)
+                           backend=backend, sigma_max=self.sigma_max, sigma_min=self.sigma_min,
+                           sigma_data=self.sigma_data)
+
+
+class DDPMPolicy(nn.Module):
+    """Diffusion-QL's discrete-time DDPM policy (reference.ddpm) over a ConditionalMLP (``.net``).
+
+    Args:
+        obs_dim, act_dim, hidden, depth, activation, time_embedding, t_dim: the network (Diffusion-QL's
+            defaults: 3 x 256 Mish, sinusoidal time embedding of width 16).
+        schedule: "vp" (Diffusion-QL), "linear" or "cosine" with n_timesteps (5), a DDPMSchedule (e.g.
+            read from their state_dict) or betas [T].
+        max_action: the action bound (Diffusion-QL: the env's action_space.high[0]); predict_epsilon,
+            clip_denoised: as their Diffusion module.
+
+    Sampling only (training a DDPM actor is Diffusion-QL's own code): .sample(obs [B, S], K) -> [B, K, A],
+    .act(obs, critic, num_candidates=50) -> [B, A] (softmax(Q) draw, as their sample_action).
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 3, activation: str = "mish",
+                 time_embedding: str = "sinusoidal", t_dim: Optional[int] = None, schedule="vp",
+                 n_timesteps: int = 5, max_action: float = 1.0, predict_epsilon: bool = True,
+                 clip_denoised: bool = True):
+        super().__init__()
+        from .reference import ddpm as _ddpm
+
+        self.net = ConditionalMLP(act_dim, obs_dim, hidden=hidden, depth=depth, activation=activation,
+                                  time_embedding=time_embedding, t_dim=t_dim)
+        self.net.kind = "ddpm"
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.schedule = _ddpm.as_schedule(schedule, n_timesteps)
+        self.max_action = C.positive_float("max_action", max_action)
+        for name, v in (("predict_epsilon", predict_epsilon), ("clip_denoised", clip_denoised)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        self.predict_epsilon, self.clip_denoised = predict_epsilon, clip_denoised
+
+    def _ddpm_kw(self):
+        return dict(schedule=self.schedule, max_action=self.max_action, predict_epsilon=self.predict_epsilon,
+                    clip_denoised=self.clip_denoised)
+
+    def sample(self, obs: torch.Tensor, num_samples: int = 1, noise: Optional[torch.Tensor] = None,
+               step_noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+               backend: str = "auto") -> torch.Tensor:
+        """obs [B, S] -> [B, num_samples, A] in [-max_action, max_action]."""
+        noise = _initial_noise(self, obs, num_samples, noise, generator)
+        return ops.ddpm_sample(self.net, noise, obs, step_noise=step_noise, generator=generator,
+                               backend=_backend_for(self.net, backend), **self._ddpm_kw())
+
+    def act(self, obs: torch.Tensor, critic, num_candidates: int = 50, select: str = "softmax",
+            temperature: float = 1.0, noise: Optional[torch.Tensor] = None,
+            generator: Optional[torch.Generator] = None, backend: str = "auto") -> torch.Tensor:
+        """Diffusion-QL evaluation: num_candidates samples per state, one drawn by softmax(min Q)."""
+        _check_obs(obs, self.obs_dim)
+        C.choice("select", select, SELECT_MODES)
+        _param_like(self.net, obs)
+        with torch.no_grad():
+            return ops.act(self.net, critic, obs, num_candidates=num_candidates, sampler="ddpm", mode=select,
+                           temperature=temperature, noise=noise, generator=generator, backend=backend,
+                           **self._ddpm_kw())
 
 
 # ---- drop-in sampler -------------------------------------------------------------------------
@@ -321,20 +381,30 @@ class Sampler:
     """A fast, gradient-free obs -> actions callable (see ``make_sampler``).
 
     __call__(obs [B, S] or [S]) -> [B, A] (or [A]) when num_samples == 1, else [B, K, A].
-    ``.net`` is the ConditionalMLP it runs; ``.backend_used(obs)`` names the backend chosen for obs.
+    ``.act(obs, critic)`` -> [B, A] (or [A]): K candidates scored by the critic, one picked, with the
+    defaults of the actor's authors (QIPO: argmax; CPQL / Diffusion-QL: a softmax(Q) draw of 50).
+    Observations pass through ``obs_normalizer`` first; actions come out as ``a * action_scale +
+    action_bias`` (identity unless given). ``.net`` is the ConditionalMLP it runs; ``.kind`` its sampler;
+    ``.backend_used(obs)`` names the backend chosen for obs.
     """
 
     def __init__(self, policy: nn.Module, kind: str, num_samples: int, steps: int, solver: Optional[str],
-                 sigmas: Optional[Sequence[float]], backend: str, generator: Optional[torch.Generator]):
+                 sigmas: Optional[Sequence[float]], backend: str, generator: Optional[torch.Generator],
+                 obs_normalizer=None, action_scale=None, action_bias=None):
         self.policy, self.kind, self.num_samples = policy, kind, num_samples
         self.steps, self.solver, self.sigmas, self.backend, self.generator = steps, solver, sigmas, backend, generator
         self.net = policy.net
+        self.obs_normalizer = obs_normalizer
+        self.action_scale, self.action_bias = action_scale, action_bias
+        self._affine_cache = None
         # Real-time path: once a call of some (obs shape, dtype, device) has been dispatched to the C++
         # backend, later calls with the same kind of obs go straight to its impl, skipping the ops-layer
         # checks and backend choice (~10 us of a ~25 us single-state call). The impl still checks the
         # module's packed weights on every call (re-packs after a change, raises cpp.Unsupported when
         # it can no longer run it, which drops the plan and takes the checked path again).
         self._plan = None
+
+    _OP = {"flow": "integrate", "consistency": "consistency_sample", "ddpm": "ddpm_sample"}
 
     @torch.no_grad()
     def backend_used(self, obs: torch.Tensor) -> str:
@@ -346,10 +416,36 @@ class Sampler:
             name, _ = B.choose("integrate", self.backend, obs.device, None, net=self.net, x0=noise, obs=obs,
                                steps=self.steps, solver=self.policy._solver(self.solver),
                                path=None if self.policy.path == "ot" else self.policy.path, return_trajectory=False)
+        elif self.kind == "ddpm":
+            name, _ = B.choose("ddpm_sample", self.backend, obs.device, None, net=self.net, noise=noise, obs=obs,
+                               schedule=self.policy.schedule, step_noise=None)
         else:
             name, _ = B.choose("consistency_sample", self.backend, obs.device, None, net=self.net, noise=noise, obs=obs,
                                sigmas=self.sigmas, step_noise=None, clip=True)
         return name
+
+    def _affine(self, out: torch.Tensor) -> torch.Tensor:
+        if self.action_scale is None and self.action_bias is None:
+            return out
+        c = self._affine_cache
+        if c is None or c[0] != (out.dtype, out.device):
+            A = self.policy.act_dim
+            sc = torch.as_tensor(1.0 if self.action_scale is None else self.action_scale, dtype=out.dtype,
+                                 device=out.device).expand(A).clone()
+            bi = torch.as_tensor(0.0 if self.action_bias is None else self.action_bias, dtype=out.dtype,
+                                 device=out.device).expand(A).clone()
+            c = self._affine_cache = ((out.dtype, out.device), sc, bi)
+        return out * c[1] + c[2]
+
+    def _obs(self, obs):
+        if not torch.is_tensor(obs):
+            raise TypeError(f"obs must be a torch.Tensor, got {type(obs).__name__}")
+        single = obs.dim() == 1
+        if single:
+            obs = obs.unsqueeze(0)
+        if self.obs_normalizer is not None:
+            obs = self.obs_normalizer(obs)
+        return obs, single
 
     def __call__(self, obs: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # (a no_grad decorator would cost every real-time call ~3 us)
@@ -358,17 +454,17 @@ class Sampler:
         return self._call(obs)
 
     def _call(self, obs: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(obs):
-            raise TypeError(f"obs must be a torch.Tensor, got {type(obs).__name__}")
-        single = obs.dim() == 1
-        if single:
-            obs = obs.unsqueeze(0)
+        obs, single = self._obs(obs)
+        out = self._affine(self._sample(obs))
+        return out[0] if single else out
+
+    def _sample(self, obs: torch.Tensor) -> torch.Tensor:
         plan = self._plan
         noise = None
         if plan is not None and plan[0] == (obs.shape, obs.dtype, obs.device):
             out, noise = self._planned(plan[1], plan[2], obs)
             if out is not None:
-                return out[0] if single else out
+                return out
             # the plan's impl could not run this module any more: the checked path, with the noise
             # already drawn (the generator stream stays the one the checked path alone would use)
             noise = noise.reshape(obs.shape[0], self.num_samples, -1)
@@ -376,22 +472,23 @@ class Sampler:
         if self.kind == "flow":
             out = self.policy.sample(obs, self.num_samples, steps=self.steps, solver=self.solver, noise=noise,
                                      generator=self.generator, backend=self.backend)
+        elif self.kind == "ddpm":
+            out = self.policy.sample(obs, self.num_samples, noise=noise, generator=self.generator, backend=self.backend)
         else:
             out = self.policy.sample(obs, self.num_samples, sigmas=self.sigmas, noise=noise,
                                      generator=self.generator, backend=self.backend)
         if self.num_samples == 1:
             out = out[:, 0]
         self._plan = self._make_plan(key, obs)
-        return out[0] if single else out
+        return out
 
     def _make_plan(self, key, obs):
         from . import backends as B
 
         if self.backend not in ("auto", "cpp") or self.backend_used(obs) != "cpp":
             return None
-        op = "integrate" if self.kind == "flow" else "consistency_sample"
         # B.Fallback: what an impl raises when it cannot run this call after all (ops catches it too)
-        return key, B._IMPLS[op]["cpp"], B.Fallback
+        return key, B._IMPLS[self._OP[self.kind]]["cpp"], B.Fallback
 
     def _planned(self, impl, unsupported, obs):
         """The C++ impl called directly (same noise draw and arguments as policy.sample): (actions,
@@ -406,6 +503,9 @@ class Sampler:
             if self.kind == "flow":
                 out = impl(self.net, noise, obs, self.steps, pol._solver(self.solver), 0.0, 1.0,
                            None if pol.path == "ot" else pol.path, False).clamp_(-1.0, 1.0)
+            elif self.kind == "ddpm":
+                out = impl(self.net, noise, obs, pol.schedule, None, pol.max_action, pol.predict_epsilon,
+                           pol.clip_denoised, True, self.generator)
             else:
                 sig = None if self.sigmas is None else [float(v) for v in self.sigmas]
                 out = impl(self.net, noise, obs, sig, None, pol.sigma_max, pol.sigma_min, pol.sigma_data,
@@ -415,66 +515,233 @@ class Sampler:
             return None, noise
         return out, noise
 
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, critic, num_candidates: int = 50, mode: Optional[str] = None,
+            temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+            backend: Optional[str] = None) -> torch.Tensor:
+        """num_candidates actions per state from this sampler, scored by ``critic.q_min`` (a DoubleCritic,
+        e.g. DoubleCritic.from_cpql_state_dict), one picked: obs [B, S] -> [B, A] (or [S] -> [A]).
 
-def make_sampler(actor, kind: str = "flow", obs_dim: Optional[int] = None, act_dim: Optional[int] = None,
+        mode None = the actor's authors' selection: "softmax" (a draw from softmax(Q / temperature),
+        CPQL's and Diffusion-QL's sample_action) for consistency and ddpm, "argmax" (QIPO) for flow.
+        The critic sees the normalised observation and the actions before action_scale / action_bias.
+        """
+        obs, single = self._obs(obs)
+        pol = self.policy
+        kw = {}
+        if self.kind == "flow":
+            kw = dict(steps=self.steps, solver=pol._solver(self.solver), path=None if pol.path == "ot" else pol.path)
+        elif self.kind == "consistency":
+            kw = dict(sigmas=self.sigmas, sigma_max=pol.sigma_max, sigma_min=pol.sigma_min, sigma_data=pol.sigma_data)
+        else:
+            kw = pol._ddpm_kw()
+        out = ops.act(self.net, critic, obs, num_candidates=num_candidates, sampler=self.kind, mode=mode,
+                      temperature=temperature, generator=self.generator if generator is None else generator,
+                      backend=self.backend if backend is None else backend, **kw)
+        out = self._affine(out)
+        return out[0] if single else out
+
+
+def _obs_normalizer(norm):
+    """A callable obs -> normalised obs from None, a callable, or (mean, std): (obs - mean) / std."""
+    if norm is None or callable(norm):
+        return norm
+    if isinstance(norm, (tuple, list)) and len(norm) == 2:
+        mean, std = (torch.as_tensor(v, dtype=torch.float64) for v in norm)
+        if not bool((std > 0).all()):
+            raise ValueError("obs_normalizer's std must be > 0 everywhere")
+        cache = {}
+
+        def normalize(obs):
+            key = (obs.dtype, obs.device)
+            if key not in cache:
+                cache[key] = (mean.to(obs.device, obs.dtype), std.to(obs.device, obs.dtype))
+            m, sd = cache[key]
+            return (obs - m) / sd
+        return normalize
+    raise TypeError(f"obs_normalizer must be None, a callable obs -> obs or a (mean, std) pair, got {type(norm).__name__}")
+
+
+def _box_bounds(space):
+    try:
+        low = torch.as_tensor(space.low, dtype=torch.float64).reshape(-1)
+        high = torch.as_tensor(space.high, dtype=torch.float64).reshape(-1)
+    except AttributeError:
+        raise TypeError(f"action_space must have .low and .high (e.g. a gymnasium Box), got {type(space).__name__}") from None
+    if low.shape != high.shape or not bool(torch.isfinite(low).all() and torch.isfinite(high).all() and (high > low).all()):
+        raise ValueError("action_space must have finite bounds with high > low")
+    return low, high
+
+
+def _official_module(actor):
+    """(state_dict, attributes) of an official Diffusion-QL ``Diffusion`` / CPQL or Diffusion-QL ``MLP``
+    module, or None for anything else."""
+    if isinstance(actor, nn.Module) and hasattr(actor, "betas") and isinstance(getattr(actor, "model", None), nn.Module):
+        attrs = {k: getattr(actor, k) for k in ("max_action", "predict_epsilon", "clip_denoised") if hasattr(actor, k)}
+        return actor.state_dict(), attrs
+    if isinstance(actor, nn.Module) and all(hasattr(actor, k) for k in ("time_mlp", "mid_layer", "final_layer")):
+        return actor.state_dict(), {}
+    return None
+
+
+def _infer_dims(sd, obs_dim, act_dim):
+    """(obs_dim, act_dim) of a CPQL / Diffusion-QL MLP state_dict, those given checked against it."""
+    g = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+    try:
+        A = int(g["final_layer.weight"].shape[0])
+        T = int(g["time_mlp.3.weight"].shape[0])
+        S = int(g["mid_layer.0.weight"].shape[1]) - A - T
+    except (KeyError, AttributeError, IndexError):
+        return obs_dim, act_dim  # from_cpql_state_dict names what is missing
+    return (S if obs_dim is None else obs_dim), (A if act_dim is None else act_dim)
+
+
+KINDS = ("flow", "consistency", "ddpm")
+
+
+def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = None, act_dim: Optional[int] = None,
                  num_samples: int = 1, steps: int = 10, solver: Optional[str] = None, path: str = "ot",
                  sigmas: Optional[Sequence[float]] = None, backend: str = "auto", device=None,
-                 dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None) -> Sampler:
+                 dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None, *,
+                 sigma_max: Optional[float] = None, sigma_min: Optional[float] = None,
+                 sigma_data: Optional[float] = None, schedule=None, n_timesteps: int = 5,
+                 max_action: Optional[float] = None, predict_epsilon: Optional[bool] = None,
+                 clip_denoised: Optional[bool] = None, action_space=None, action_scale=None, action_bias=None,
+                 obs_normalizer=None) -> Sampler:
     """Build a fast sampler obs -> actions from an existing actor, in one call.
 
     Args:
-        actor: a FlowPolicy / ConsistencyPolicy, a ConditionalMLP, or a state_dict of a CPQL /
-            Diffusion-QL ``MLP`` actor (keys ``time_mlp.*``, ``mid_layer.*``, ``final_layer.*``, an optional
-            ``model.`` prefix; loaded with ConditionalMLP.from_cpql_state_dict, which needs obs_dim and act_dim).
+        actor: one of
+            - a FlowPolicy / ConsistencyPolicy / DDPMPolicy, or a ConditionalMLP;
+            - a CPQL / Diffusion-QL actor's state_dict: CPQL's ``MLP`` (keys ``time_mlp.*``, ``mid_layer.*``,
+              ``final_layer.*``) or Diffusion-QL's ``Diffusion`` (the same under ``model.``, plus its
+              schedule buffers ``betas``, ``alphas_cumprod``, ...);
+            - the official module objects themselves (their ``MLP``, or Diffusion-QL's ``Diffusion``, whose
+              max_action / predict_epsilon / clip_denoised attributes are read).
+            obs_dim / act_dim are read from the tensors (give them to check).
         kind: "flow" (ODE from noise at t = 0 to actions at t = 1; ``path`` says what the net predicts:
-            "ot" velocity, "ot-eps" / "vp" noise) or "consistency" (CPQL: one step from sigma_max, then
-            ``sigmas`` if given).
+            "ot" velocity, "ot-eps" / "vp" noise), "consistency" (CPQL: one step from sigma_max, then
+            ``sigmas`` if given) or "ddpm" (Diffusion-QL's T-step ancestral sampler). None = what the
+            actor is: its policy class, ``net.kind``, or "ddpm" for a state_dict / module carrying a
+            DDPM schedule. A bare MLP state_dict does not say how it samples (CPQL's and Diffusion-QL's
+            networks are the same ``MLP``): kind is then required. A kind that contradicts the actor
+            (e.g. "consistency" for a Diffusion-QL checkpoint) raises instead of returning wrong actions.
         num_samples: K actions per state (K = 1 returns [B, A]).
         steps, solver: flow sampling (solver None = "euler" for "ot", "dpm2" for noise paths).
+        sigmas, sigma_max, sigma_min, sigma_data: consistency sampling (CPQL defaults 80 / 0.002 / 0.5;
+            CPQL's multistep = ``sigmas=karras_sigmas(40)[[0, 20]] + [0.002]``, see consistency_sample).
+        schedule, n_timesteps, max_action, predict_epsilon, clip_denoised: ddpm sampling (defaults: the
+            schedule the checkpoint carries, else "vp" with 5 steps; Diffusion-QL's module attributes;
+            max_action 1 or action_space.high[0]).
+        action_space: an env's Box: flow / consistency actions are mapped from [-1, 1] to [low, high]
+            (scale (high - low) / 2, bias (high + low) / 2, as CPQL's sample_action); for ddpm it gives
+            max_action = high[0] (Diffusion-QL samples in env units; the box must be symmetric).
+        action_scale, action_bias: the map a * scale + bias explicitly (instead of action_space).
+        obs_normalizer: None, a callable obs -> obs, or (mean, std): applied to every obs first.
         backend: "auto" (fused Triton / C++ kernels where they run, else PyTorch), or a named backend.
         device, dtype: move the network there first (default: where it is).
     Returns:
-        a ``Sampler``; ``sampler(obs [B, S]) -> actions [B, A]`` (no gradient, clamped to [-1, 1]).
-
-    Diffusion-QL's own DDPM sampler (discrete timesteps) is not provided: a Diffusion-QL state_dict
-    loads into the same network, but only the flow / consistency samplers of this package run it.
+        a ``Sampler``: ``sampler(obs [B, S]) -> actions [B, A]`` (no gradient) and
+        ``sampler.act(obs, critic) -> [B, A]`` (candidates + critic selection, the authors' defaults).
     """
-    C.choice("kind", kind, ("flow", "consistency"))
+    from .reference import ddpm as _ddpm
+
+    if kind is not None:
+        C.choice("kind", kind, KINDS)
     C.positive_int("num_samples", num_samples)
     C.positive_int("steps", steps)
     C.choice("backend", backend, ("auto", "torch", "triton", "cpp"))
-    if isinstance(actor, (FlowPolicy, ConsistencyPolicy)):
-        want = FlowPolicy if kind == "flow" else ConsistencyPolicy
-        if not isinstance(actor, want):
+    attrs = {}
+    sd_schedule = None
+    if isinstance(actor, (FlowPolicy, ConsistencyPolicy, DDPMPolicy)):
+        have = "flow" if isinstance(actor, FlowPolicy) else "consistency" if isinstance(actor, ConsistencyPolicy) else "ddpm"
+        if kind is not None and kind != have:
             raise ValueError(f"kind={kind!r} does not match the actor, a {type(actor).__name__}")
-        policy = actor
+        kind, policy, net = have, actor, None
     else:
+        off = None if isinstance(actor, (Mapping, ConditionalMLP)) else _official_module(actor)
+        if off is not None:
+            actor, attrs = off
         if isinstance(actor, Mapping):
+            detected = "ddpm" if any(k in actor for k in _ddpm.BUFFERS) else None
+            if kind is not None and detected is not None and kind != detected:
+                raise ValueError(f"kind={kind!r}, but this actor carries Diffusion-QL's DDPM schedule buffers: it is a "
+                                 "DDPM actor, and the flow / consistency samplers would return wrong actions from it; "
+                                 "use kind='ddpm' (or None)")
+            if kind is None and detected is None:
+                raise ValueError("kind must be given for this actor: a CPQL / Diffusion-QL MLP state_dict does not say "
+                                 "how it samples (CPQL: kind='consistency'; a Diffusion-QL MLP saved alone: kind='ddpm')")
+            kind = kind or detected
+            obs_dim, act_dim = _infer_dims(actor, obs_dim, act_dim)
             if obs_dim is None or act_dim is None:
-                raise ValueError("obs_dim and act_dim are required to load a state_dict")
+                raise ValueError("obs_dim and act_dim are required to load this state_dict")
             C.positive_int("obs_dim", obs_dim)
             C.positive_int("act_dim", act_dim)
-            net = ConditionalMLP.from_cpql_state_dict(actor, obs_dim=obs_dim, act_dim=act_dim)
+            net = ConditionalMLP.from_cpql_state_dict(actor, obs_dim=obs_dim, act_dim=act_dim, kind=kind)
+            sd_schedule = net.ddpm_schedule
         elif isinstance(actor, ConditionalMLP):
             net = actor
             for name, v, have in (("obs_dim", obs_dim, net.obs_dim), ("act_dim", act_dim, net.act_dim)):
                 if v is not None and v != have:
                     raise ValueError(f"{name}={v} does not match the network's {have}")
+            detected = getattr(net, "kind", None)
+            if kind is not None and detected is not None and kind != detected:
+                raise ValueError(f"kind={kind!r} does not match the network, loaded as a {detected!r} actor (net.kind)")
+            kind = kind or detected or "flow"
+            sd_schedule = getattr(net, "ddpm_schedule", None)
         else:
-            raise TypeError("actor must be a FlowPolicy, ConsistencyPolicy, ConditionalMLP or a CPQL/Diffusion-QL "
-                            f"state_dict (a Mapping of tensors), got {type(actor).__name__}")
+            raise TypeError("actor must be a FlowPolicy, ConsistencyPolicy, DDPMPolicy, ConditionalMLP, a CPQL / "
+                            "Diffusion-QL MLP or Diffusion module, or their state_dict (a Mapping of tensors), "
+                            f"got {type(actor).__name__}")
+    # ---- action map
+    scale = bias = None
+    if action_space is not None:
+        if action_scale is not None or action_bias is not None:
+            raise ValueError("give action_space or action_scale / action_bias, not both")
+        low, high = _box_bounds(action_space)
+        if kind == "ddpm":
+            if not (torch.equal(low, -high) and bool((high == high[0]).all())):
+                raise ValueError("a ddpm actor (Diffusion-QL) samples in [-max_action, max_action] with max_action = "
+                                 "action_space.high[0]: the Box must be symmetric with one bound; give max_action "
+                                 "and action_scale / action_bias instead")
+            if max_action is None:
+                max_action = float(high[0])
+        else:
+            scale, bias = (high - low) / 2.0, (high + low) / 2.0
+    else:
+        scale, bias = action_scale, action_bias
+    if net is not None:
         if kind == "flow":
             policy = FlowPolicy(net.obs_dim, net.act_dim, hidden=1, depth=1, path=path, steps=steps, solver=solver)
+        elif kind == "consistency":
+            policy = ConsistencyPolicy(net.obs_dim, net.act_dim, hidden=1, depth=1,
+                                       sigma_max=SIGMA_MAX if sigma_max is None else sigma_max,
+                                       sigma_min=SIGMA_MIN if sigma_min is None else sigma_min,
+                                       sigma_data=SIGMA_DATA if sigma_data is None else sigma_data)
         else:
-            policy = ConsistencyPolicy(net.obs_dim, net.act_dim, hidden=1, depth=1)
+            sch = schedule if schedule is not None else (sd_schedule if sd_schedule is not None else "vp")
+            policy = DDPMPolicy(net.obs_dim, net.act_dim, hidden=1, depth=1, schedule=sch, n_timesteps=n_timesteps,
+                                max_action=float(attrs.get("max_action", 1.0) if max_action is None else max_action),
+                                predict_epsilon=bool(attrs.get("predict_epsilon", True)) if predict_epsilon is None
+                                else predict_epsilon,
+                                clip_denoised=bool(attrs.get("clip_denoised", True)) if clip_denoised is None
+                                else clip_denoised)
         policy.net = net  # share, don't copy
+    else:
+        given = {"sigma_max": sigma_max, "sigma_min": sigma_min, "sigma_data": sigma_data, "schedule": schedule,
+                 "max_action": max_action, "predict_epsilon": predict_epsilon, "clip_denoised": clip_denoised}
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            raise ValueError(f"{extra} are the policy object's own settings; build the {type(policy).__name__} with "
+                             "them instead")
     if device is not None or dtype is not None:
         policy.to(device=device, dtype=dtype)
     policy.eval()
     if kind == "flow":
         policy._solver(solver)  # validates solver against the path now
-    elif sigmas is not None:
+    elif kind == "consistency" and sigmas is not None:
         for s in sigmas:
             if not (policy.sigma_min <= float(s) <= policy.sigma_max):
                 raise ValueError(f"every sigma in sigmas must lie in [{policy.sigma_min}, {policy.sigma_max}], got {s}")
-    return Sampler(policy, kind, num_samples, steps, solver, sigmas, backend, generator)
+    return Sampler(policy, kind, num_samples, steps, solver, sigmas, backend, generator,
+                   obs_normalizer=_obs_normalizer(obs_normalizer), action_scale=scale, action_bias=bias)

@@ -162,6 +162,9 @@ def test_cpql_task_defaults():
     assert (c.eta, c.grad_norm, c.batch, c.task) == (1.0, 1.0, 64, "walker2d-medium")
     c = cpql_config_for("antmaze-medium-play")
     assert c.lr == 1e-3 and c.eta == 4.0 and c.max_q_backup and c.reward_scale == "cpql-antmaze" and c.steps == 1_000_000
+    # CPQL samples multistep on AntMaze: ts = [0, 20, 40] of its N = 40 Karras levels, clipped
+    assert c.sigmas == pytest.approx((80.0, 2.2404397589312026, 0.002), rel=1e-12)
+    assert cpql_config_for("hopper-medium").sigmas is None
     assert cpql_config_for("pen-human").lr == 3e-5
     assert len(CPQL_TASK_DEFAULTS) == 17
     with pytest.raises(ValueError, match="known tasks"):
@@ -171,7 +174,8 @@ def test_cpql_task_defaults():
 
 
 def test_cpql_max_q_backup_and_multistep(tiny_ds, tmp_path):
-    cfg = _ccfg(steps=4, max_q_backup=True, num_max_q=3, q_norm=False, sigmas=(2.0, 0.5), layer_norm=False,
+    cfg = _ccfg(steps=4, max_q_backup=True, num_max_q=3, q_norm=False, sigmas=(80.0, 2.2404397589312026, 0.002),
+                layer_norm=False,
                 grad_norm=0.0)
     tr = CPQL(tiny_ds, cfg, out_dir=str(tmp_path), progress_bar=False)
     s = tr.fit()

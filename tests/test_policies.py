@@ -263,14 +263,15 @@ def test_make_sampler_flow_from_conditional_mlp():
 def test_make_sampler_bad_input():
     net = ConditionalMLP(A, S, hidden=8, depth=1)
     sd = _CPQLMLP(S, A, hidden=8).state_dict()
-    with pytest.raises(ValueError, match="obs_dim and act_dim"):
-        make_sampler(sd, kind="consistency")
+    with pytest.raises(ValueError, match="kind must be given"):
+        make_sampler(sd)  # a bare MLP state_dict: CPQL's and Diffusion-QL's networks are the same module
+    assert make_sampler(sd, kind="consistency").net.obs_dim == S  # sizes read from the tensors
     with pytest.raises(ValueError, match="mid_layer.0"):
         make_sampler(sd, kind="consistency", obs_dim=S + 1, act_dim=A)
     with pytest.raises(ValueError, match="missing keys"):
         make_sampler({"foo": torch.zeros(1)}, kind="consistency", obs_dim=S, act_dim=A)
     with pytest.raises(ValueError, match="kind"):
-        make_sampler(net, kind="ddpm")
+        make_sampler(net, kind="diffusion")
     with pytest.raises(TypeError, match="actor"):
         make_sampler(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="obs_dim"):

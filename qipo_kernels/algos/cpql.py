@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .. import _checks as C
 from ..nets import DoubleCritic
 from ..policies import ConsistencyPolicy
+from ..reference.consistency import cpql_multistep_sigmas
 from .common import Trainer, hard_update, polyak, seed_everything
 
 # task -> (lr, eta, grad_norm, epochs of 1000 steps); AntMaze also uses max-Q backup and (r - 0.5) * 4.
@@ -50,7 +51,9 @@ _add("hopper", ["medium", "medium-replay", "medium-expert"], [3e-4] * 3, [2.0, 1
 _add("walker2d", ["medium", "medium-replay", "medium-expert"], [3e-4] * 3, [1.0, 1.0, 1.0], [1.0, 4.0, 5.0], 2000)
 _add("antmaze", ["umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"],
      [3e-4, 3e-4, 1e-3, 3e-4, 3e-4, 3e-4], [1.0, 2.0, 4.0, 3.0, 4.5, 3.5], [2.0, 3.0, 2.0, 1.0, 10.0, 7.0], 1000,
-     max_q_backup=True, reward_scale="cpql-antmaze")
+     max_q_backup=True, reward_scale="cpql-antmaze",
+     # the official code samples multistep on AntMaze (main.py: args.sampler = 'multistep'), everywhere it samples
+     sigmas=tuple(cpql_multistep_sigmas()))
 # ALGORITHMS.md gives no grad-norm clip for pen: the config's default applies.
 _add("pen", ["human", "cloned"], [3e-5, 3e-5], [0.15, 0.1], [None, None], 1000)
 
@@ -170,7 +173,7 @@ class _CPQLCore:
         with torch.no_grad():
             if getattr(cfg, "max_q_backup", False):
                 K = cfg.num_max_q
-                na = self.actor.sample(nobs, K, generator=self.gen, backend=cfg.backend)       # [B, K, A]
+                na = self.actor.sample(nobs, K, sigmas=cfg.sigmas, generator=self.gen, backend=cfg.backend)  # [B, K, A]
                 q1n, q2n = self.critic_target(nobs.repeat_interleave(K, 0), na.reshape(-1, self.act_dim))
                 qn = torch.minimum(q1n.reshape(B, K).max(1).values, q2n.reshape(B, K).max(1).values)
             else:
@@ -185,7 +188,8 @@ class _CPQLCore:
         self.optims["critic"].step()
         # actor
         recon = self.actor.loss(obs, act, generator=self.gen)
-        new_a = self.actor.sample(obs, 1, generator=self.gen, backend="torch")[:, 0]   # differentiable one-step sample
+        # differentiable sample (one-step, or multistep where the official code samples multistep)
+        new_a = self.actor.sample(obs, 1, sigmas=cfg.sigmas, generator=self.gen, backend="torch")[:, 0]
         nq1, nq2 = self.critic(obs, new_a)
         if cfg.q_norm and not online:
             if float(torch.rand((), generator=self.gen, device=self.device)) > 0.5:

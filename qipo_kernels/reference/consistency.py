@@ -39,6 +39,27 @@ def karras_sigmas(N: int = NUM_SCALES, sigma_min: float = SIGMA_MIN, sigma_max: 
     return ((hi + i / (N - 1) * (lo - hi)) ** rho).to(dtype=dtype, device=device)
 
 
+CPQL_MULTISTEP_TS = (0, 20, 40)
+
+
+def cpql_multistep_sigmas(ts=CPQL_MULTISTEP_TS, N: int = NUM_SCALES, sigma_min: float = SIGMA_MIN,
+                          sigma_max: float = SIGMA_MAX, rho: float = RHO):
+    """The re-noise levels of CPQL's multistep sampler (its KarrasDenoiser.sample_multistep, AntMaze):
+    the Karras level at each index of ``ts`` on the N-level grid, clipped to [sigma_min, sigma_max]
+    (index 40 of N = 40 lies past the grid's end and clips to sigma_min). Defaults give
+    [80.0, 2.2404..., 0.002]; pass them as ``sigmas`` to consistency_sample / act / make_sampler."""
+    C.positive_int("N", N, minimum=2)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    out = []
+    for i in ts:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"ts must hold ints >= 0, got {i!r}")
+        base = hi + i / (N - 1) * (lo - hi)
+        t = base ** rho if base > 0 else 0.0
+        out.append(float(min(max(t, sigma_min), sigma_max)))
+    return out
+
+
 def scalings(sigma, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN):
     """(c_skip, c_out, c_in) for noise level(s) sigma (tensor or float), elementwise."""
     if torch.is_tensor(sigma):
@@ -175,7 +196,9 @@ def consistency_sample(net: Callable, noise: torch.Tensor, obs: torch.Tensor, si
 
     Args:
         noise: z, [N, A] (obs [N, S]) or [B, K, A] (obs [B, S], K samples per state).
-        sigmas: None (one step) or the extra noise levels, e.g. [2.0, 0.5] (CPQL AntMaze).
+        sigmas: None (one step, CPQL's default) or the extra noise levels: CPQL's multistep (AntMaze) is
+            ``cpql_multistep_sigmas()`` = [80.0, 2.2404..., 0.002], the levels ts = [0, 20, 40] of the
+            N = 40 Karras grid, clipped to [sigma_min, sigma_max].
         step_noise: z_k for the extra steps, [len(sigmas), *noise.shape]; drawn from ``generator``
             when None.
     Returns: actions with the shape of noise.
