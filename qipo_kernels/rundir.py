@@ -54,13 +54,17 @@ def ensure_run_dir(path: str) -> str:
     return path
 
 
-def check_writable(path: str) -> str:
+def check_writable(path: str, run_dir: bool = True) -> str:
     """Raise RunDirError (one line, naming ``path``) unless files can be created in folder ``path``.
 
-    Creates the folder (marked, see ensure_run_dir) when it is missing; writes and removes a probe file.
+    Creates the folder when it is missing (as a marked run folder when ``run_dir``, see ensure_run_dir);
+    writes and removes a probe file.
     """
     try:
-        ensure_run_dir(path)
+        if run_dir:
+            ensure_run_dir(path)
+        else:
+            os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(prefix=".write-probe-", dir=path) as f:
             f.write(b"0" * 4096)
             f.flush()
