@@ -169,6 +169,7 @@ def test_every_error_is_one_line(demo_minari_root, tmp_path, capsys, monkeypatch
                   "--set", f"{field}={value}"], field)
     assert not (tmp_path / "x").exists()
     one_line(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--set", "sigmas=a,b"], "sigmas: expected comma")
+    one_line(["train", "cpql-online", "--dataset", data.DEMO_DATASET_ID], "takes no --dataset")
     one_line(["eval", str(tmp_path), "--episodes", "0"], "--episodes: expected an integer >= 1", code=2)
     one_line(["train", "cpql", "--threads", "0"], "--threads: expected an integer >= 1", code=2)
     one_line(["eval", str(tmp_path), "--seeds", "a,b"], "--seeds expects comma-separated integers")

@@ -567,10 +567,8 @@ class Trainer:
         The run directory is locked for the duration (rundir.run_lock: a second process is refused with
         RunDirBusy). Ctrl-C writes a checkpoint of the last completed step, then raises KeyboardInterrupt.
         """
-        from ..rundir import run_lock
-
         self._ckpt_ok = self._interrupted = False
-        with run_lock(self.out_dir), _checkpoint_on_interrupt(self):
+        with self._run_dir_lock(), _checkpoint_on_interrupt(self):
             try:
                 return self._fit(resume)
             except KeyboardInterrupt:
@@ -583,6 +581,15 @@ class Trainer:
                 raise
             finally:
                 self._ckpt_ok = self._in_step = False
+
+    def _run_dir_lock(self):
+        """The run folder's lock (rundir.run_lock); in a torch.distributed job only rank 0 takes it."""
+        from ..rundir import run_lock
+
+        dist = getattr(torch, "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return contextlib.nullcontext()
+        return run_lock(self.out_dir)
 
     def _fit(self, resume: bool) -> Dict[str, Any]:
         cfg = self.cfg
