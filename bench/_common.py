@@ -344,3 +344,82 @@ def replot(results_json: str, out_dir: Optional[str], save: Callable[[Dict, str]
     for p in save(res, out_dir or os.path.dirname(os.path.abspath(results_json))):
         print(p)
     return 0
+
+
+# ----------------------------------------------------------------------------- plot labels
+def place_labels(ax, points: Sequence, labels: Sequence[str], colors: Optional[Sequence] = None,
+                 fontsize: float = 7) -> None:
+    """Annotate ``points`` [(x, y) in data units] with ``labels`` so that no two labels overlap and no label
+    covers a marker: each label takes the nearest free spot around its point (searched on rings of growing
+    radius, in display space), with a thin leader line when it had to move away. Call it after the axes'
+    scales, limits and the figure layout (tight_layout) are final."""
+    import math
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    to_pt = 72.0 / fig.dpi
+    disp = [tuple(ax.transData.transform((x, y))) for x, y in points]
+    frame = ax.get_window_extent(renderer)
+    r0 = 4.0 * fig.dpi / 72.0
+    taken = [(px - r0, py - r0, px + r0, py + r0) for px, py in disp]   # the labelled markers
+    step = 5.0 * fig.dpi / 72.0
+    r1 = 2.5 * fig.dpi / 72.0
+    for line in ax.get_lines():   # every other marker and line: a label goes to empty space
+        xy = line.get_xydata()
+        if len(xy) == 0:
+            continue
+        try:
+            d = line.get_transform().transform(xy)
+        except ValueError:
+            continue
+        for (x0, y0), (x1, y1) in zip(d[:-1], d[1:]) if len(d) > 1 else []:
+            if not all(map(math.isfinite, (x0, y0, x1, y1))):
+                continue
+            n = max(1, int(math.hypot(x1 - x0, y1 - y0) / step))
+            if n > 400:   # a long straight segment (an axhline, a front's step): its ends and a few points
+                n = 400
+            taken += [(x0 + (x1 - x0) * j / n - r1, y0 + (y1 - y0) * j / n - r1,
+                       x0 + (x1 - x0) * j / n + r1, y0 + (y1 - y0) * j / n + r1) for j in range(n + 1)]
+        if len(d) == 1 and all(map(math.isfinite, d[0])):
+            taken.append((d[0][0] - r0, d[0][1] - r0, d[0][0] + r0, d[0][1] + r0))
+    if ax.get_legend() is not None:
+        lb = ax.get_legend().get_window_extent(renderer)
+        taken.append((lb.x0, lb.y0, lb.x1, lb.y1))
+
+    def free(b):
+        if b[0] < frame.x0 or b[2] > frame.x1 or b[1] < frame.y0 or b[3] > frame.y1:
+            return False
+        return all(b[2] <= o[0] or b[0] >= o[2] or b[3] <= o[1] or b[1] >= o[3] for o in taken)
+
+    order = sorted(range(len(points)), key=lambda i: (disp[i][0], disp[i][1]))
+    for i in order:
+        px, py = disp[i]
+        t = ax.text(0, 0, labels[i], fontsize=fontsize)
+        bb = t.get_window_extent(renderer)
+        t.remove()
+        w, h = bb.width + 2, bb.height + 1
+        best = None
+        for radius in (3, 8, 14, 22, 32, 45, 60, 80):
+            rad = radius * fig.dpi / 72.0
+            for k in range(16):
+                a = math.pi / 4 + 2 * math.pi * k / 16   # up-right first
+                dx, dy = rad * math.cos(a), rad * math.sin(a)
+                cx = px + dx + (w / 2 if dx > 1e-6 else -w / 2 if dx < -1e-6 else 0.0)
+                cy = py + dy + (h / 2 if dy > 1e-6 else -h / 2 if dy < -1e-6 else 0.0)
+                box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+                if free(box):
+                    best = (box, cx - px, cy - py, radius)
+                    break
+            if best:
+                break
+        if best is None:  # nowhere free: up-right, overlapping as little as the first ring allows
+            box = (px + r0, py + r0, px + r0 + w, py + r0 + h)
+            best = (box, r0 + w / 2, r0 + h / 2, 3)
+        box, ox, oy, radius = best
+        taken.append(box)
+        col = colors[i] if colors is not None else "black"
+        ax.annotate(labels[i], points[i], xytext=(ox * to_pt, oy * to_pt), textcoords="offset points",
+                    ha="center", va="center", fontsize=fontsize, color=col,
+                    arrowprops=dict(arrowstyle="-", lw=0.7, color=col, alpha=0.9, shrinkA=0, shrinkB=2)
+                    if radius > 8 else None)

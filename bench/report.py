@@ -340,6 +340,15 @@ def newest_runs(results_dir: str = RESULTS_DIR) -> List[str]:
     return out
 
 
+def have_matplotlib() -> bool:
+    """True when matplotlib can be imported (the plots need it; the tables do not)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_report(inputs: Optional[Sequence[str]] = None, out_dir: Optional[str] = None,
                  summary_path: Optional[str] = None, make_plots: bool = True) -> List[str]:
     """Write report.md (+ plots) for each result file and a README summary; returns the paths written.
@@ -348,6 +357,7 @@ def build_report(inputs: Optional[Sequence[str]] = None, out_dir: Optional[str] 
     out_dir: where to write (None: next to each input file).
     summary_path: README summary file (None: bench/results/SUMMARY.md when inputs is None, else
         <out_dir or the first input's directory>/SUMMARY.md).
+    make_plots: also draw the PNGs; without matplotlib the report is tables only (with a note saying so).
     """
     files: List[str] = []
     if not inputs:
@@ -363,6 +373,12 @@ def build_report(inputs: Optional[Sequence[str]] = None, out_dir: Optional[str] 
                 files.append(p)
             else:
                 raise FileNotFoundError(f"no such result file or directory: {p}")
+    note = ""
+    if make_plots and not have_matplotlib():
+        make_plots = False
+        note = ("\n> Plots skipped: matplotlib is not installed here (`pip install 'qipo_kernels[bench]'`); "
+                "the tables above are complete.\n")
+        print("bench.report: matplotlib is not installed; writing the tables without plots", file=sys.stderr)
     written: List[str] = []
     summary = ["### Benchmark results", "",
                "Speedups are median(eager reference) / median(variant), measured in the same run on the same device.",
@@ -377,7 +393,7 @@ def build_report(inputs: Optional[Sequence[str]] = None, out_dir: Optional[str] 
             if stale not in pngs and os.path.exists(stale):
                 os.remove(stale)
         p = os.path.join(od, "report.md")
-        atomic_write(p, markdown(run, [os.path.basename(q) for q in pngs]))
+        atomic_write(p, markdown(run, [os.path.basename(q) for q in pngs]) + note)
         written += [p] + pngs
         base = os.path.dirname(os.path.abspath(summary_path)) if summary_path else (
             out_dir if out_dir else (RESULTS_DIR if not inputs else os.path.dirname(os.path.abspath(files[0]))))

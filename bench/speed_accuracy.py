@@ -44,7 +44,7 @@ from qipo_kernels import ConditionalMLP, ops
 from qipo_kernels.reference.ode import NOISE_SOLVERS, STAGES, VELOCITY_SOLVERS, time_grid
 from qipo_kernels.reference.paths import alpha_sigma, inverse_log_snr, log_snr
 
-from ._common import atomic_savefig, cpu_model, device_name, replot, results_dir, save_study, today
+from ._common import atomic_savefig, cpu_model, device_name, place_labels, replot, results_dir, save_study, today
 
 STEPS = (1, 2, 4, 8, 16, 32, 64)
 CM_SIGMAS = {1: None, 2: [1.0], 3: [1.0, 0.3]}  # extra noise levels of 2- and 3-step consistency sampling
@@ -457,6 +457,7 @@ def plots(res: Dict, out_dir: str) -> List[str]:
 
     # 2. error vs time with the Pareto front
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    to_label = []
     for ax, which in zip(axes, ("random", "trained")):
         pts = []
         for kind in ("velocity", "noise"):
@@ -470,8 +471,7 @@ def plots(res: Dict, out_dir: str) -> List[str]:
                 pts += [(t, v, f"{s}-{n}") for t, v, n in zip(ts, es, steps)]
         front = pareto(pts)
         ax.plot([p[0] for p in front], [p[1] for p in front], color="black", lw=2, alpha=0.35, label="Pareto front")
-        for t, v, lab in front:
-            ax.annotate(lab, (t, v), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        to_label.append((ax, front))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"time per call (ms, {res['time_batch']} samples, float32)")
@@ -482,6 +482,8 @@ def plots(res: Dict, out_dir: str) -> List[str]:
     fig.legend(h, lab, loc="lower center", ncol=8, fontsize=8)
     fig.suptitle(f"Error vs time (lower left is better) - {title}", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    for ax, front in to_label:  # labels of the Pareto front, after the layout: none overlaps another or a marker
+        place_labels(ax, [(t, v) for t, v, _ in front], [lab for _, _, lab in front], fontsize=6.5)
     p = os.path.join(out_dir, "error_vs_time.png")
     atomic_savefig(fig, p)
     plt.close(fig)

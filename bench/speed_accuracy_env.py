@@ -48,7 +48,7 @@ import torch
 
 from qipo_kernels.reference.ode import VELOCITY_SOLVERS
 
-from ._common import atomic_savefig, cpu_model, device_name, replot, results_dir, save_study, today
+from ._common import atomic_savefig, cpu_model, device_name, place_labels, replot, results_dir, save_study, today
 from .speed_accuracy import CM_SIGMAS
 
 STEPS = (1, 2, 4, 8, 16)
@@ -323,22 +323,20 @@ def plots(res: Dict[str, Any], out_dir: str) -> List[str]:
     written.append(p)
 
     # 2. return vs time per call (Pareto)
-    fig, ax = plt.subplots(figsize=(6.8, 4.6))
-    pts = []
+    fig, ax = plt.subplots(figsize=(7.6, 5.2))
+    pts, labels, label_colors = [], [], []
     for solver, rows in res["flow"].items():
         x = [r["ms_auto"] for r in rows]
         y = [r["return"]["mean"] for r in rows]
-        ax.plot(x, y, marker="o", ms=4, color=COLORS.get(solver), label=f"flow {solver}")
-        for r in rows:
-            ax.annotate(str(r["steps"]), (r["ms_auto"], r["return"]["mean"]), fontsize=6, xytext=(2, 2),
-                        textcoords="offset points")
+        line, = ax.plot(x, y, marker="o", ms=4, color=COLORS.get(solver), label=f"flow {solver}")
+        labels += [str(r["steps"]) for r in rows]
+        label_colors += [line.get_color()] * len(rows)
         pts += list(zip(x, y))
     x = [r["ms_auto"] for r in cons]
     y = [r["return"]["mean"] for r in cons]
     ax.plot(x, y, marker="s", ms=6, color=COLORS["consistency"], ls="--", label="consistency (CPQL)")
-    for r in cons:
-        ax.annotate(str(r["steps"]), (r["ms_auto"], r["return"]["mean"]), fontsize=6, xytext=(2, 2),
-                    textcoords="offset points")
+    labels += [str(r["steps"]) for r in cons]
+    label_colors += [COLORS["consistency"]] * len(cons)
     pts += list(zip(x, y))
     front, best = [], -float("inf")
     for t, v in sorted(pts):
@@ -351,10 +349,11 @@ def plots(res: Dict[str, Any], out_dir: str) -> List[str]:
     ax.set_xscale("log")
     ax.set_xlabel("ms per sampling call (64 states x 1 action, backend auto)")
     ax.set_ylabel("episode return (one action per state)")
-    ax.set_title("return vs cost (labels: steps)", fontsize=10)
+    ax.set_title("return vs cost (labels: sampling steps, in the colour of their line)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    place_labels(ax, pts, labels, colors=label_colors, fontsize=7)
     p = os.path.join(out_dir, "return_vs_time.png")
     atomic_savefig(fig, p)
     plt.close(fig)

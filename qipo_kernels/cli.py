@@ -5,19 +5,22 @@
     qipo-kernels train cpql --dataset mujoco/halfcheetah/medium-v0 --task halfcheetah-medium
     qipo-kernels train cpql-online --set env_id=Pendulum-v1 --set steps=20000
     qipo-kernels eval DIR_OR_CHECKPOINT [--episodes 10] [--seeds 0,1,2]
-    qipo-kernels bench [NAME ...]                        runs the scripts under bench/ (lists them without NAME)
+    qipo-kernels bench [NAME ...] [-- ARGS]              runs a benchmark under bench/ (lists them without NAME)
     qipo-kernels backends                               which backends run here, and why the others don't
 
 Training resumes from ``<out>/checkpoint.pt`` when it exists (``--fresh`` starts over) and writes CSV
-logs, atomic checkpoints and ``<out>/summary.json``.
+logs, atomic checkpoints and ``<out>/summary.json``. A run folder holds one configuration: a changed
+``--set`` on an existing run is refused unless the field may change on resume (steps, learning rates,
+evaluation and logging settings). Ctrl-C writes a checkpoint. train / eval / demo use one torch CPU thread
+unless ``--threads N`` says otherwise. Errors are one line; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import glob
 import os
-import shutil
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Sequence
@@ -25,32 +28,94 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 
-def _parse_sets(cfg_cls, sets: Sequence[str], base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """--set key=value pairs, each value parsed to the type of the field's default."""
+class CLIError(Exception):
+    """An error the command line reports in one line (exit status 1), without a traceback."""
+
+
+def parse_field(cfg_cls, name: str, text: str) -> Any:
+    """Parse the ``--set`` value ``text`` for field ``name`` of config dataclass ``cfg_cls``, by the field's
+    declared type: tuples from comma-separated numbers ("0.5,1,2"), ``Any`` (reward_scale) as a number when
+    it is one, else as text; "none" is None for optional fields. Raises ValueError naming what was expected."""
     from .algos.common import parse_value
 
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cfg_cls)}
+    f = {f.name: f for f in dataclasses.fields(cfg_cls)}[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    default = f.default if f.default is not dataclasses.MISSING else None
+    text = text.strip()
+    if text.lower() == "none" and (default is None or "Optional" in kind or kind == "Any"):
+        return None
+    if "tuple" in kind:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise ValueError(f"expected comma-separated numbers, got {text!r}")
+        try:
+            return tuple(int(p) if p.lstrip("+-").isdigit() else float(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+    if kind == "Any":
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    try:
+        return parse_value(text, default)
+    except ValueError as e:
+        kind_name = type(default).__name__ if default is not None else kind
+        raise ValueError(f"expected {'an' if kind_name[0] in 'aeiou' else 'a'} {kind_name}, got {text!r}"
+                         if "expected" not in str(e) else str(e)) from None
+
+
+def _parse_sets(cfg_cls, sets: Sequence[str], base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """--set key=value pairs, each value parsed by the field's type (parse_field)."""
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
     out: Dict[str, Any] = dict(base or {})
     for s in sets or ():
         if "=" not in s:
-            raise SystemExit(f"--set expects key=value, got {s!r}")
+            raise CLIError(f"--set expects key=value, got {s!r}")
         k, v = s.split("=", 1)
         k = k.strip().replace("-", "_")
-        if k not in defaults:
-            raise SystemExit(f"unknown {cfg_cls.__name__} field {k!r}; known: {', '.join(sorted(defaults))}")
-        like = out.get(k, defaults[k])
+        if k not in names:
+            raise CLIError(f"unknown {cfg_cls.__name__} field {k!r}; known: {', '.join(sorted(names))}")
         try:
-            out[k] = parse_value(v, like)
+            out[k] = parse_field(cfg_cls, k, v)
         except ValueError as e:
-            raise SystemExit(f"--set {k}: {e}") from None
+            raise CLIError(f"--set {k}: {e}") from None
     return out
+
+
+def _make_config(cfg_cls, cfg_dict: Dict[str, Any]):
+    """The config dataclass from --set values; a value out of range is a one-line error naming the field."""
+    from .algos.common import config_from_dict
+
+    try:
+        return config_from_dict(cfg_cls, cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--set: {e}") from None
+
+
+def set_threads(threads: Optional[int], verbose: bool = True) -> int:
+    """Set torch's CPU thread count: ``threads`` or, by default, 1, which cannot oversubscribe a shared
+    machine (torch's own default, one per core, can make small networks many times slower when other
+    processes compete for the cores). Prints the choice when verbose. Returns it."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise CLIError(f"--threads must be an int >= 1, got {threads!r}")
+    n = threads or 1
+    torch.set_num_threads(n)
+    if verbose:
+        how = "--threads" if threads else "default; --threads N for more"
+        print(f"torch CPU threads: {n} ({how})")
+    return n
 
 
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available here")
+        raise CLIError("--device cuda requested but CUDA is not available here")
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CLIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     return name
 
 
@@ -61,8 +126,8 @@ def _load_dataset(dataset_id: str, device: str, reward_scale="auto", normalize_o
         data.make_local_dataset(dataset_id)
     try:
         return data.load_minari(dataset_id, device=device, reward_scale=reward_scale, normalize_obs=normalize_obs)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        raise CLIError(str(e)) from None
 
 
 def build_trainer(algo: str, cfg_dict: Dict[str, Any], out_dir: str, device: str, dataset=None, progress_bar=True,
@@ -84,14 +149,18 @@ def build_trainer(algo: str, cfg_dict: Dict[str, Any], out_dir: str, device: str
 
 def cmd_train(a) -> int:
     from .algos import ALGOS, cpql_config_for
+    from .rundir import check_writable, clear_run_dir, run_lock
 
     device = _device(a.device)
     cls, cfg_cls = ALGOS[a.algo]
     base: Dict[str, Any] = {}
     if a.task:
         if a.algo != "cpql":
-            raise SystemExit("--task (per-task defaults) applies to cpql only")
-        base = dataclasses.asdict(cpql_config_for(a.task))
+            raise CLIError("--task (per-task defaults) applies to cpql only")
+        try:
+            base = dataclasses.asdict(cpql_config_for(a.task))
+        except ValueError as e:
+            raise CLIError(f"--task: {e}") from None
     elif a.algo == "cpql" and a.dataset:
         from .algos.cpql import task_key
 
@@ -102,17 +171,25 @@ def cmd_train(a) -> int:
         base["seed"] = a.seed
     cfg_dict = _parse_sets(cfg_cls, a.set, base)
     out = a.out or os.path.join("runs", a.algo)
-    if a.fresh and os.path.exists(out):
-        shutil.rmtree(out)
+    probe = _make_config(cfg_cls, cfg_dict)   # every argument is checked before anything is written or removed
+    set_threads(a.threads)
     dataset = None
     if a.algo != "cpql-online":
         if not a.dataset:
-            raise SystemExit(f"train {a.algo} needs --dataset ID (e.g. qipo/pendulum/mixed-v0, the embedded one)")
-        probe = cfg_cls(**cfg_dict)
+            raise CLIError(f"train {a.algo} needs --dataset ID (e.g. qipo/pendulum/mixed-v0, the embedded one)")
         dataset = _load_dataset(a.dataset, device, probe.reward_scale, probe.normalize_obs, a.make_local)
-    tr = build_trainer(a.algo, cfg_dict, out, device, dataset, progress_bar=not a.no_progress)
-    tr.dataset_id = a.dataset
-    summary = tr.fit(resume=not a.fresh)
+    elif a.dataset:
+        raise CLIError("train cpql-online takes no --dataset (it collects its own data from --set env_id=...)")
+    check_writable(out)   # read-only / full / not a folder: one line now, not a traceback later
+    with run_lock(out):
+        if a.fresh:       # only a folder qipo-kernels made (marker file), and only under the lock
+            clear_run_dir(out)
+        try:
+            tr = build_trainer(a.algo, cfg_dict, out, device, dataset, progress_bar=not a.no_progress)
+        except (TypeError, ValueError) as e:
+            raise CLIError(str(e)) from None
+        tr.dataset_id = a.dataset
+        summary = tr.fit(resume=not a.fresh)
     _print_eval(a.algo, summary.get("final_eval"))
     print(f"summary: {os.path.join(out, 'summary.json')}")
     return 0
@@ -123,10 +200,10 @@ def load_checkpoint(path: str, device: str = "cpu", dataset=None):
 
     The dataset (for QIPO / CPQL) is reloaded from the id stored in the checkpoint unless given.
     """
+    from .algos.common import read_checkpoint
+
     p = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"no checkpoint at {p}")
-    st = torch.load(p, map_location=device, weights_only=False)
+    st = read_checkpoint(p, map_location=device)   # weights_only=True; CheckpointError names p when unreadable
     algo, cfg = st["algo"], st["config"]
     if dataset is None and algo != "cpql-online":
         did = st.get("dataset_id")
@@ -138,13 +215,43 @@ def load_checkpoint(path: str, device: str = "cpu", dataset=None):
     return tr
 
 
+def parse_seeds(text: Optional[str]) -> Optional[List[int]]:
+    """``--seeds 0,1,2`` -> [0, 1, 2] (None for None); a one-line CLIError for anything else."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise CLIError(f"--seeds expects comma-separated integers such as 0,1,2, got {text!r}") from None
+    if any(s < 0 for s in seeds):
+        raise CLIError(f"--seeds must be >= 0, got {text!r}")
+    return seeds
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
 def cmd_eval(a) -> int:
     device = _device(a.device)
+    seeds = parse_seeds(a.seeds)
+    if a.json:  # fail now, not after the whole evaluation
+        from .rundir import check_writable
+
+        check_writable(os.path.dirname(os.path.abspath(a.json)), run_dir=False)
+    set_threads(a.threads)
     try:
         tr = load_checkpoint(a.checkpoint, device)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
+        raise CLIError(str(e)) from None
     res = tr.evaluate(num_episodes=a.episodes, seeds=seeds)
     _print_eval(tr.algo, res)
     if a.json:
@@ -162,24 +269,56 @@ def _print_eval(name: str, res: Optional[Dict[str, Any]]) -> None:
     print(f"{name:>12s}: return {res['mean']:.1f} ± {res['std']:.1f} over {res['episodes']} episodes{ns}")
 
 
+MICRO_BENCH = "micro"   # `python -m bench`: the pytest-benchmark micro-benchmarks, then the report
+
+
+def bench_modules(root: str) -> Dict[str, tuple]:
+    """The runnable benchmarks under the bench folder ``root``: {name: (module, first docstring line)}.
+
+    A benchmark is a public module (not ``_*``, ``test_*``, ``conftest``) with a ``__main__`` block, run as
+    ``python -m bench.<name>`` so its relative imports work; ``micro`` is ``python -m bench`` itself.
+    """
+    found: Dict[str, tuple] = {}
+    if os.path.isfile(os.path.join(root, "__main__.py")):
+        found[MICRO_BENCH] = ("bench", "micro-benchmarks of every op x backend (pytest-benchmark), then the report")
+    for path in sorted(glob.glob(os.path.join(root, "*.py"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name.startswith(("_", "test_")) or name == "conftest":
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read(), filename=path)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        has_main = any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
+        if has_main:
+            doc = (ast.get_docstring(tree) or "").strip().splitlines()
+            found[name] = (f"bench.{name}", doc[0] if doc else "")
+    return found
+
+
 def cmd_bench(a) -> int:
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    scripts = sorted(glob.glob(os.path.join(root, "*.py")))
-    if not scripts:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.join(repo, "bench")
+    names = bench_modules(root) if os.path.isdir(root) else {}
+    if not names:
         print("no bench/ folder next to the package (benchmarks live in the source checkout: bench/*.py);\n"
               "`qipo-kernels demo` prints sampling speed per backend on this machine.")
         return 0
-    names = {os.path.splitext(os.path.basename(s))[0]: s for s in scripts}
+    extra = list(a.args or []) + list(getattr(a, "passthrough", None) or [])
     if not a.names:
-        print("benchmarks (run with `qipo-kernels bench NAME [-- args]`):")
-        for n in names:
-            print(f"  {n}")
+        print("benchmarks (run with `qipo-kernels bench NAME [-- ARGS]`; `-- --help` shows a benchmark's options):")
+        width = max(len(n) for n in names)
+        for n, (_, doc) in names.items():
+            print(f"  {n:<{width}s}  {doc}")
         return 0
+    unknown = [n for n in a.names if n not in names]
+    if unknown:
+        raise CLIError(f"unknown benchmark {unknown[0]!r}; known: {', '.join(names)}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     rc = 0
     for n in a.names:
-        if n not in names:
-            raise SystemExit(f"unknown benchmark {n!r}; known: {', '.join(names)}")
-        rc = subprocess.call([sys.executable, names[n]] + list(a.args or [])) or rc
+        rc = subprocess.call([sys.executable, "-m", names[n][0]] + extra, env=env) or rc
     return rc
 
 
@@ -193,25 +332,41 @@ def cmd_backends(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
+    threads = set_threads(a.threads)
     run_demo(out_dir=a.out, seed=a.seed, fresh=a.fresh, progress_bar=not a.no_progress, quick=a.quick,
-             threads=a.threads)
+             threads=threads)
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qipo-kernels", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit status 2)."""
 
-    d = sub.add_parser("demo", help="offline demo on the embedded Pendulum dataset (no network)")
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_THREADS_HELP = "torch CPU threads (default 1: never oversubscribes a shared machine)"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="qipo-kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+
+    d = sub.add_parser("demo", help="offline demo on the embedded Pendulum dataset (no network)", parents=[common])
     d.add_argument("--out", default=os.path.join("runs", "demo"))
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--fresh", action="store_true", help="delete previous demo runs first (default: resume them)")
+    d.add_argument("--fresh", action="store_true",
+                   help="delete previous demo runs first (only a folder the demo made; default: resume them)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; scores not meaningful)")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    d.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
 
-    t = sub.add_parser("train", help="train QIPO / CPQL (offline) or CPQL (online)")
+    t = sub.add_parser("train", help="train QIPO / CPQL (offline) or CPQL (online)", parents=[common])
     t.add_argument("algo", choices=["qipo", "cpql", "cpql-online"])
     t.add_argument("--dataset", help="Minari dataset id (offline algos)")
     t.add_argument("--task", help="CPQL per-task defaults, e.g. halfcheetah-medium")
@@ -219,32 +374,69 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config field override (repeatable)")
-    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    t.add_argument("--fresh", action="store_true",
+                   help="start over: empty the --out folder first (only a folder qipo-kernels made)")
+    t.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
     t.add_argument("--make-local", action="store_true", help="make the embedded dataset first if it is missing")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e = sub.add_parser("eval", help="evaluate a checkpoint", parents=[common])
     e.add_argument("checkpoint", help="run folder or checkpoint file")
-    e.add_argument("--episodes", type=int, default=10)
+    e.add_argument("--episodes", type=_positive_int, default=10, help="episodes per seed (default 10)")
     e.add_argument("--seeds", default=None, help="comma-separated evaluation seeds")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the result here (atomic)")
+    e.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
     e.set_defaults(fn=cmd_eval)
 
-    b = sub.add_parser("bench", help="run the benchmark scripts under bench/")
+    b = sub.add_parser("bench", help="run a benchmark under bench/ (`bench NAME -- ARGS` passes ARGS on)",
+                       parents=[common])
     b.add_argument("names", nargs="*")
-    b.add_argument("--args", nargs=argparse.REMAINDER, help="arguments passed to the scripts")
+    b.add_argument("--args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (or use `-- ARGS`)")
     b.set_defaults(fn=cmd_bench)
 
-    k = sub.add_parser("backends", help="which backends run here")
+    k = sub.add_parser("backends", help="which backends run here", parents=[common])
     k.set_defaults(fn=cmd_backends)
     return ap
 
 
+def _one_line(e: BaseException) -> str:
+    """The error as one line: the message of an expected error, else its type and message plus a hint."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (CLIError, ValueError, TypeError, OSError, ImportError)):
+        return text
+    return f"{type(e).__name__}: {text} (--debug shows the traceback)"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; an error ends it with one line on stderr (SystemExit), a traceback with --debug.
+
+    Arguments after a ``--`` are passed on to ``bench`` (``qipo-kernels bench NAME -- --help``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: List[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
     args = make_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    if passthrough and args.cmd != "bench":
+        raise SystemExit(f"qipo-kernels {args.cmd}: error: arguments after `--` are for `bench` only")
+    args.passthrough = passthrough
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("qipo-kernels: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # every error is one line; --debug shows where it came from
+        if debug:
+            raise
+        raise SystemExit(f"qipo-kernels {args.cmd}: error: {_one_line(e)}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -140,6 +139,7 @@ def train_demo(ds, out_dir: str, seed: int = 0, quick: bool = False, device: str
         t = time.perf_counter()
         tr = cls(ds, cfg_cls(**cfgs[name]), out_dir=os.path.join(out_dir, name), device=device,
                  progress_bar=progress_bar)
+        tr.verbose = verbose
         s = tr.fit(resume=True)
         results[name] = {"final_eval": s["final_eval"], "train_time_s": s["train_time_s"], "steps": s["steps"],
                          "wall_s": time.perf_counter() - t, "config": cfgs[name]}
@@ -150,18 +150,34 @@ def train_demo(ds, out_dir: str, seed: int = 0, quick: bool = False, device: str
 
 def run_demo(out_dir: str = os.path.join("runs", "demo"), seed: int = 0, fresh: bool = False, progress_bar: bool = True,
              quick: bool = False, threads: Optional[int] = None, device: str = "cpu", verbose: bool = True) -> Dict[str, Any]:
-    """Run the demo; returns (and writes to ``out_dir/demo_summary.json``) its results."""
+    """Run the demo; returns (and writes to ``out_dir/demo_summary.json``) its results.
+
+    ``fresh`` empties ``out_dir`` first, only when the demo (or another qipo-kernels run) made it or it is
+    empty (rundir.clear_run_dir; anything else is refused, nothing deleted). ``threads``: torch CPU threads
+    (None: leave torch's setting). The folder is locked while the demo runs (rundir.run_lock).
+    """
+    from .rundir import check_writable, clear_run_dir, run_lock
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    check_writable(out_dir)
+    with run_lock(out_dir):
+        if fresh:
+            clear_run_dir(out_dir)
+        return _run_demo(out_dir, seed, progress_bar, quick, device, verbose)
+
+
+def _run_demo(out_dir: str, seed: int, progress_bar: bool, quick: bool, device: str, verbose: bool) -> Dict[str, Any]:
     from . import backends as B
     from . import data
     from .algos.common import atomic_write_json
 
     say = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()
-    if threads:
-        torch.set_num_threads(int(threads))
-    if fresh and os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     say(f"qipo-kernels demo: torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"{platform.processor() or platform.machine()}; output in {out_dir}")
 

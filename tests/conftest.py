@@ -46,10 +46,26 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+RL_MODULES = ("minari", "gymnasium", "h5py")
+
+
+def require_rl():
+    """Skip the calling test, saying why, unless the 'rl' extra (minari, gymnasium, h5py) imports: the
+    'test' extra alone (`pip install -e ".[test]"`) runs everything else."""
+    import importlib
+
+    for m in RL_MODULES:
+        try:
+            importlib.import_module(m)
+        except ImportError as e:
+            pytest.skip(f"needs {m} (the 'rl' extra: pip install -e '.[rl]'): {e}")
+
+
 @pytest.fixture(scope="module")
 def demo_minari_root(tmp_path_factory):
     """A private $MINARI_DATASETS_PATH holding the embedded demo dataset (made once per session,
-    the variable set for the whole module that asks for it)."""
+    the variable set for the whole module that asks for it). Skips without the 'rl' extra."""
+    require_rl()
     from qipo_kernels import data
 
     root = str(tmp_path_factory.getbasetemp() / "minari")
@@ -61,6 +77,7 @@ def demo_minari_root(tmp_path_factory):
 
 def make_demo_root(tmp_path_factory, name: str, num_episodes: int):
     """A fresh datasets directory holding a small embedded demo dataset (num_episodes episodes)."""
+    require_rl()
     from qipo_kernels.data import DEMO_DATASET_ID, make_local_dataset
 
     root = tmp_path_factory.mktemp(name)

@@ -210,12 +210,14 @@ def test_atomic_writes_and_logger(tmp_path):
 
 
 def test_cpql_online_smoke_and_resume(tmp_path):
+    pytest.importorskip("gymnasium", reason="online CPQL needs gymnasium (the 'rl' extra)")
     cfg = CPQLOnlineConfig(env_id="Pendulum-v1", hidden=16, depth=2, critic_hidden=16, critic_depth=2, steps=40,
                            warmup_steps=20, batch=8, buffer_size=100, eval_episodes=1, log_every=10,
                            checkpoint_every=15, tensorboard=False)
     run = CPQLOnline(cfg, out_dir=str(tmp_path), progress_bar=False, callback=_kill_at(33))
     with pytest.raises(StopTraining):
         run.fit()
+    torch.load(os.path.join(str(tmp_path), "checkpoint.pt"), weights_only=True)  # replay buffer, numpy RNG: safe
     resumed = CPQLOnline(cfg, out_dir=str(tmp_path), progress_bar=False)
     assert resumed.try_resume() and resumed.step == 30 and len(resumed.buffer) == 30 and resumed.updates == 10
     s = resumed.fit()

@@ -267,3 +267,41 @@ def test_pytest_bench_save_writes_results_atomically(tmp_path):
     assert "torch" in [x["variant"] for x in rows] and {x["op"] for x in rows} == {"select_action"}
     paths = R.build_report([str(tmp_path)], make_plots=False)
     assert any(p.endswith("report.md") for p in paths)
+
+
+def test_report_without_matplotlib_writes_the_tables(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "run.json"
+    _fake_run(f)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    assert R.main([str(f), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "500.0 us (4.00x)" in md and "Plots skipped: matplotlib is not installed" in md
+    assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".png")]
+    assert "without plots" in capsys.readouterr().err
+
+
+def test_point_labels_do_not_overlap():
+    """Labels of points that sit on top of each other (as in return_vs_time.png) are spread apart."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from bench._common import place_labels
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = [1.0, 1.0, 1.01, 1.02, 2.0, 2.0, 2.0, 3.0] * 2
+    ys = [5.0, 5.0, 5.02, 5.0, 1.0, 1.01, 1.0, 3.0] + [5.0, 5.01, 5.0, 5.02, 1.0, 1.0, 1.02, 3.0]
+    ax.plot(xs, ys, "o")
+    ax.set_xlim(0, 4)
+    ax.set_ylim(0, 6)
+    fig.tight_layout()
+    place_labels(ax, list(zip(xs, ys)), [f"rk4-{i}" for i in range(len(xs))])
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, r) for t in ax.texts]   # the label, without its leader line
+    assert len(boxes) == len(xs)
+    for i in range(len(boxes)):
+        for j in range(i):
+            assert not boxes[i].overlaps(boxes[j]), (ax.texts[i].get_text(), ax.texts[j].get_text())
+    plt.close(fig)

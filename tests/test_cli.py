@@ -1,10 +1,14 @@
 """The command line: train / eval / demo / bench / backends, and its errors."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from qipo_kernels import cli, data
 
@@ -67,8 +71,9 @@ def test_cli_errors(demo_minari_root, tmp_path):
         cli.main(["train", "qipo", "--task", "hopper-medium", "--dataset", data.DEMO_DATASET_ID])
     with pytest.raises(SystemExit):
         cli.main(["train", "sac"])
-    with pytest.raises(ValueError, match="beta"):
+    with pytest.raises(SystemExit, match="beta"):
         cli.main(["train", "qipo", "--dataset", data.DEMO_DATASET_ID, "--out", str(tmp_path / "b"), "--set", "beta=-1"])
+    assert not os.path.exists(tmp_path / "b")   # nothing made for a run that cannot start
 
 
 def test_demo_quick(demo_minari_root, tmp_path, capsys):
@@ -85,9 +90,174 @@ def test_demo_quick(demo_minari_root, tmp_path, capsys):
 
 def test_bench_backends_and_module_entry(capsys):
     assert cli.main(["bench"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert {"micro", "report", "speed_accuracy", "bench_cpu"} <= set(listed)
+    assert not {"_common", "conftest", "cases", "run", "flops", "test_bench_loss", "__init__"} & set(listed)
     assert cli.main(["backends"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out
     r = subprocess.run([sys.executable, "-m", "qipo_kernels", "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert r.returncode == 0 and "demo" in r.stdout and "train" in r.stdout
+
+
+# ---- safety and errors (issue 12) --------------------------------------------------------------------
+
+QUICK_CPQL = ["--no-progress", "--device", "cpu", "--set", "hidden=8", "--set", "critic_hidden=8", "--set", "steps=6",
+              "--set", "batch=8", "--set", "eval_episodes=0", "--set", "checkpoint_every=3", "--set", "log_every=2",
+              "--set", "tensorboard=false", "--set", "step_start_ema=2"]
+
+
+def _train(out, *extra):
+    return cli.main(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", str(out)] + QUICK_CPQL + list(extra))
+
+
+def test_fresh_never_deletes_what_the_package_did_not_make(demo_minari_root, tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(mine)
+    with pytest.raises(SystemExit, match="not on this machine"):   # a typo: nothing is deleted
+        cli.main(["train", "cpql", "--dataset", "mujoco/typo/medium-v0", "--out", ".", "--fresh"])
+    with pytest.raises(SystemExit, match="--fresh refuses to delete .*not created by qipo-kernels"):
+        _train(".", "--fresh")
+    with pytest.raises(SystemExit, match="refuses to delete"):
+        cli.main(["demo", "--quick", "--out", ".", "--fresh", "--no-progress"])
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert not (mine / "checkpoint.pt").exists()
+
+
+def test_run_folder_holds_one_configuration(demo_minari_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--set", "reward_scale=2.5", "--set", "sigmas=2.0,0.5", "--threads", "2") == 0
+    assert torch.get_num_threads() == 2
+    text = capsys.readouterr().out
+    assert "torch CPU threads: 2" in text
+    s = json.load(open(out / "summary.json"))
+    assert s["config"]["reward_scale"] == 2.5 and s["config"]["sigmas"] == [2.0, 0.5] and s["steps"] == 6
+    # a changed field that cannot change on resume: refused, one line, naming it and the ways forward
+    with pytest.raises(SystemExit) as ei:
+        _train(out, "--set", "reward_scale=2.5", "--set", "sigmas=2.0,0.5", "--set", "hidden=16")
+    msg = str(ei.value)
+    assert "\n" not in msg and "hidden 8 -> 16" in msg and "--fresh" in msg and "--out" in msg
+    assert json.load(open(out / "summary.json"))["config"]["hidden"] == 8
+    # fields that may change on resume are applied: more steps, a new learning rate
+    assert _train(out, "--set", "reward_scale=2.5", "--set", "sigmas=2.0,0.5", "--set", "steps=8",
+                  "--set", "lr=1e-4") == 0
+    text = capsys.readouterr().out
+    assert "resuming from step 6 of 8" in text and "torch CPU threads: 1 (default" in text
+    tr = cli.load_checkpoint(str(out), "cpu")
+    assert tr.step == 8 and all(g["lr"] == 1e-4 for o in tr.optims.values() for g in o.param_groups)
+    # --fresh on the package's own folder starts over
+    (out / "extra.csv").write_text("step\n1\n")
+    assert _train(out, "--fresh", "--set", "hidden=16") == 0
+    assert json.load(open(out / "summary.json"))["config"]["hidden"] == 16 and not (out / "extra.csv").exists()
+
+
+def test_every_error_is_one_line(demo_minari_root, tmp_path, capsys, monkeypatch):
+    def one_line(args, match, code=None):
+        with pytest.raises(SystemExit) as ei:
+            cli.main(args)
+        msg = str(ei.value) if code is None else capsys.readouterr().err
+        assert msg.count("\n") <= (0 if code is None else 1) and re.search(match, msg), msg
+        if code is not None:
+            assert ei.value.code == code
+        return msg
+
+    for field, value in (("lr", "0"), ("gamma", "2"), ("batch", "0"), ("reward_scale", "big")):
+        one_line(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", str(tmp_path / "x"),
+                  "--set", f"{field}={value}"], field)
+    assert not (tmp_path / "x").exists()
+    one_line(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--set", "sigmas=a,b"], "sigmas: expected comma")
+    one_line(["train", "cpql-online", "--dataset", data.DEMO_DATASET_ID], "takes no --dataset")
+    one_line(["eval", str(tmp_path), "--episodes", "0"], "--episodes: expected an integer >= 1", code=2)
+    one_line(["train", "cpql", "--threads", "0"], "--threads: expected an integer >= 1", code=2)
+    one_line(["eval", str(tmp_path), "--seeds", "a,b"], "--seeds expects comma-separated integers")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    # --json into a place that cannot be written: refused before the checkpoint is even read
+    one_line(["eval", str(tmp_path / "no-run"), "--json", str(blocker / "res.json")], "cannot write to .*blocker")
+    one_line(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", str(blocker / "run")] + QUICK_CPQL,
+             "cannot write to .*blocker")
+    # a corrupt checkpoint, on eval and on resume
+    out = tmp_path / "run"
+    assert _train(out) == 0
+    ck = out / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:100])
+    one_line(["eval", str(out)], "cannot read checkpoint .*checkpoint.pt: it is corrupt or truncated")
+    one_line(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", str(out)] + QUICK_CPQL,
+             "cannot read checkpoint")
+    ck.unlink()
+    # a disk that fills up during the run
+    import qipo_kernels.algos.common as common
+
+    def full(obj, f):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(common.torch, "save", full)
+    one_line(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", str(tmp_path / "full")] + QUICK_CPQL,
+             "No space left on device")
+    monkeypatch.undo()
+    # --debug shows the traceback (the exception itself), in either position
+    with pytest.raises(cli.CLIError, match="no checkpoint"):
+        cli.main(["--debug", "eval", str(tmp_path / "nothing")])
+    with pytest.raises(cli.CLIError, match="no checkpoint"):
+        cli.main(["eval", str(tmp_path / "nothing"), "--debug"])
+
+
+def test_ctrl_c_on_the_command_line_writes_a_checkpoint(demo_minari_root, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "qipo_kernels", "train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out",
+            str(out)] + QUICK_CPQL + ["--set", "steps=1000000", "--set", "log_every=1", "--set", "checkpoint_every=0"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), MINARI_DATASETS_PATH=demo_minari_root)
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            csv_path = out / "train.csv"
+            if csv_path.exists() and len(csv_path.read_text().splitlines()) > 3:
+                break
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stderr and "qipo-kernels: interrupted" in stderr
+    assert "interrupted: checkpoint of step" in stdout
+    st = torch.load(str(out / "checkpoint.pt"), weights_only=True)
+    assert st["step"] >= 3
+
+
+def test_load_minari_cuda_on_a_cpu_build_is_a_clear_error(demo_minari_root):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        data.load_minari(data.DEMO_DATASET_ID, device="cuda")
+
+
+def test_bench_runs_modules_and_passes_arguments_on(capfd):
+    assert cli.main(["bench", "report", "--", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "usage: python -m bench.report" in out and "--no-plots" in out
+    with pytest.raises(SystemExit, match="unknown benchmark 'nope'"):
+        cli.main(["bench", "nope"])
+    with pytest.raises(SystemExit, match="for `bench` only"):
+        cli.main(["backends", "--", "x"])
+
+
+_BLOCK_RL = "import sys\nfor m in ('minari', 'gymnasium', 'h5py'):\n    sys.modules[m] = None\n"
+
+
+def test_without_the_rl_extra_the_tests_skip_with_the_reason(tmp_path):
+    """`pip install -e ".[test]"` then pytest: tests that need minari / gymnasium skip, saying why."""
+    (tmp_path / "block_rl.py").write_text(_BLOCK_RL)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "block_rl", "-q", "-rs", "-p", "no:cacheprovider",
+                        os.path.join(root, "tests", "test_cli.py") + "::test_cli_errors",
+                        os.path.join(root, "tests", "test_algos.py") + "::test_cpql_online_smoke_and_resume",
+                        os.path.join(root, "tests", "test_algos.py") + "::test_configs_reject_bad_values"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 passed, 2 skipped" in r.stdout and "needs minari" in r.stdout and "gymnasium" in r.stdout

@@ -12,13 +12,17 @@ randomness comes from one saved torch.Generator, continues exactly as an uninter
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
 import random
+import signal
+import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -36,6 +40,16 @@ SUMMARY_NAME = "summary.json"
 
 # ---- atomic writes ---------------------------------------------------------------------------
 
+def _file_mode(path: str) -> int:
+    """The mode a new file gets here (0666 less the umask), or the mode of the file being replaced."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic(path: str, write: Callable[[str], None]) -> str:
     path = os.path.abspath(path)
     d = os.path.dirname(path)
@@ -44,6 +58,7 @@ def _atomic(path: str, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; results are as readable as the CSV logs
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -91,7 +106,10 @@ def atomic_write_json(obj: Any, path: str) -> str:
 # ---- RNG -------------------------------------------------------------------------------------
 
 def rng_state(gen: torch.Generator) -> Dict[str, Any]:
-    return {"gen": gen.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every RNG state of a run, as tensors / dicts / numbers only (loadable with weights_only=True)."""
+    npst = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key": uint32[624], "pos"}, ...}
+    npst = dict(npst, state=dict(npst["state"], key=torch.from_numpy(npst["state"]["key"].astype(np.int64))))
+    return {"gen": gen.get_state(), "torch": torch.get_rng_state(), "numpy": npst,
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -99,7 +117,12 @@ def rng_state(gen: torch.Generator) -> Dict[str, Any]:
 def set_rng_state(gen: torch.Generator, st: Dict[str, Any]) -> None:
     gen.set_state(st["gen"])
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    npst = st["numpy"]
+    if isinstance(npst, dict):
+        key = npst["state"]["key"]
+        key = key.numpy() if torch.is_tensor(key) else np.asarray(key)
+        npst = dict(npst, state=dict(npst["state"], key=key.astype(np.uint32)))
+    np.random.set_state(npst)
     random.setstate(st["python"])
     if st.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -109,6 +132,54 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
+
+
+# ---- checkpoint files -----------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read (corrupt, truncated, not a checkpoint, or unsafe to unpickle)."""
+
+
+def checkpoint_safe(x: Any) -> Any:
+    """``x`` with numpy arrays as tensors and numpy scalars as Python numbers (recursively in dicts, lists
+    and tuples), so that ``torch.load(weights_only=True)`` can read it back."""
+    if isinstance(x, dict):
+        return {k: checkpoint_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [checkpoint_safe(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(checkpoint_safe(v) for v in x)
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint written by ``Trainer.save_checkpoint`` with ``torch.load(weights_only=True)``.
+
+    Raises FileNotFoundError when ``path`` is missing and CheckpointError (a ValueError, one line naming
+    ``path`` and what to do) when it is corrupt, truncated, not a qipo-kernels checkpoint, or holds objects
+    that a weights-only load refuses (it may then run code: it is not loaded).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    hint = ("delete it (or train with --fresh) to start over, or restore it from a copy")
+    try:
+        st = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # PytorchStreamReader / EOFError / UnpicklingError / zipfile errors ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "Weights only load failed" in first or "weights_only" in first:
+            why = "it holds objects other than tensors, numbers, strings, lists and dicts, and is not loaded " \
+                  "(written by an older qipo-kernels, or not by qipo-kernels)"
+        else:
+            why = f"it is corrupt or truncated ({type(e).__name__}: {first[:160]})"
+        raise CheckpointError(f"cannot read checkpoint {path}: {why}; {hint}") from e
+    missing = [k for k in ("algo", "config", "step", "modules") if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a qipo-kernels checkpoint (no {missing}); {hint}")
+    return st
 
 
 # ---- networks --------------------------------------------------------------------------------
@@ -283,6 +354,61 @@ class StopTraining(Exception):
     """Raised by a callback to stop a run early (tests use it to simulate a kill)."""
 
 
+class ConfigMismatch(ValueError):
+    """A run directory's checkpoint was made with another configuration than the one asked for."""
+
+
+def _show(v: Any) -> str:
+    return repr(tuple(v) if isinstance(v, list) else v)
+
+
+def config_changes(old: Dict[str, Any], cfg) -> Dict[str, tuple]:
+    """{field: (old value, new value)} for every field of dataclass ``cfg`` that differs from the config
+    dict ``old`` (a checkpoint's; a field it lacks counts as that field's default)."""
+    out: Dict[str, tuple] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in old:
+            was = old[f.name]
+        elif f.default is not dataclasses.MISSING:
+            was = f.default
+        else:
+            continue
+        now = getattr(cfg, f.name)
+        if _jsonable(was) != _jsonable(now):
+            out[f.name] = (was, now)
+    return out
+
+
+@contextlib.contextmanager
+def _checkpoint_on_interrupt(trainer: "Trainer"):
+    """While training, Ctrl-C (SIGINT) stops the run with a checkpoint instead of losing the steps since the
+    last one. Inside a training step the interrupt is deferred to the end of that step (the state is then
+    consistent); anywhere else it raises KeyboardInterrupt at once. The trainer saves on its way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer._in_step:
+            if not trainer._interrupted:
+                trainer._interrupted = True
+                print("\ninterrupt: writing a checkpoint at the end of this step (Ctrl-C again to quit without)",
+                      file=sys.stderr, flush=True)
+                return
+            trainer._ckpt_ok = False  # a second Ctrl-C inside a step: that state is half-updated, not saved
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except (ValueError, OSError):  # not allowed here (e.g. an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Trainer:
     """Base class: subclasses define the networks and ``train_step``.
 
@@ -295,6 +421,13 @@ class Trainer:
     """
 
     algo = "base"
+    # Config fields that may differ between a run directory's checkpoint and the config it is resumed
+    # with (read from the config as the run goes, so a change applies from the resumed step on); any other
+    # difference is refused (ConfigMismatch). Subclasses add theirs (e.g. the number of steps).
+    resume_fields = frozenset({"eval_every", "eval_episodes", "eval_seeds", "eval_candidates", "eval_select",
+                               "log_every", "checkpoint_every", "tensorboard", "backend"})
+    # learning-rate field -> the optimizers (keys of self.optims) it sets; applied on resume
+    lr_fields: Dict[str, tuple] = {}
 
     def __init__(self, cfg, out_dir: str, device: str = "cpu", progress_bar: bool = True,
                  callback: Optional[Callable[["Trainer", Dict[str, float]], None]] = None):
@@ -311,6 +444,11 @@ class Trainer:
         self.eval_history: List[Dict[str, Any]] = []
         self.train_time = 0.0
         self.logger: Optional[RunLogger] = None
+        self.verbose = True            # one-line notes (resuming, interrupted) on stdout
+        self.resume_changes: Dict[str, tuple] = {}   # config fields changed by the last resume
+        self._in_step = False          # inside train_step (a Ctrl-C waits for the step to end)
+        self._interrupted = False
+        self._ckpt_ok = False          # the in-memory state is the run's (a checkpoint of it may be written)
 
     # -- to be provided by subclasses
     total_steps: int = 0
@@ -366,25 +504,99 @@ class Trainer:
         set_rng_state(self.gen, st["rng"])  # last: _load_state may draw (e.g. regenerate a support set)
 
     def save_checkpoint(self) -> str:
-        return atomic_torch_save(self.state_dict(), self.checkpoint_path)
+        """Write ``<out_dir>/checkpoint.pt`` atomically (tensors, numbers, strings, lists and dicts only)."""
+        return atomic_torch_save(checkpoint_safe(self.state_dict()), self.checkpoint_path)
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(msg, flush=True)
+
+    def check_resume(self, st: Dict[str, Any]) -> Dict[str, tuple]:
+        """Compare checkpoint ``st`` with this trainer's config and dataset; returns the changed fields that
+        may change on resume, raises ConfigMismatch (one line, naming the fields and the ways forward) for
+        any other difference."""
+        where = os.path.dirname(self.checkpoint_path) or "."
+        if st.get("algo") != self.algo:
+            raise ConfigMismatch(f"run directory {where} holds a {st.get('algo')!r} run, not {self.algo!r}; "
+                                 "pass --fresh to start over there or a new --out folder")
+        changes = config_changes(st.get("config") or {}, self.cfg)
+        bad = {k: v for k, v in changes.items() if k not in self.resume_fields and k not in self.lr_fields}
+        did = getattr(getattr(self, "dataset", None), "dataset_id", None)
+        if st.get("dataset_id") and did and st["dataset_id"] != did:
+            bad["dataset"] = (st["dataset_id"], did)
+        if bad:
+            shown = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in list(bad.items())[:8])
+            more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+            raise ConfigMismatch(f"run directory {where} was trained with another configuration ({shown}{more}); "
+                                 "pass --fresh to start over there, or a new --out folder for this configuration")
+        return changes
+
+    def _apply_resume_changes(self, changes: Dict[str, tuple]) -> None:
+        for field, names in self.lr_fields.items():
+            if field in changes:
+                for name in names:
+                    for group in self.optims[name].param_groups:
+                        group["lr"] = float(getattr(self.cfg, field))
+        if self.step > self.total_steps:
+            where = os.path.dirname(self.checkpoint_path) or "."
+            raise ConfigMismatch(f"run directory {where} is at step {self.step}, past the {self.total_steps} steps "
+                                 "now asked for; ask for at least as many steps, pass --fresh, or a new --out folder")
 
     def try_resume(self) -> bool:
+        """Resume from ``<out_dir>/checkpoint.pt`` if it exists: check its config (``check_resume``), load it
+        and apply the fields that changed (e.g. a new learning rate reaches the restored optimizers)."""
         if not os.path.exists(self.checkpoint_path):
             return False
-        st = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        st = read_checkpoint(self.checkpoint_path, map_location=self.device)
+        changes = self.check_resume(st)
         self.load_state_dict(st)
+        self._apply_resume_changes(changes)
+        self.resume_changes = changes
+        note = ""
+        if changes:
+            note = " with " + ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
+        self._say(f"resuming from step {self.step} of {self.total_steps} in {os.path.dirname(self.checkpoint_path) or '.'}"
+                  f"{note}")
         return True
 
     # -- the loop
     def fit(self, resume: bool = True) -> Dict[str, Any]:
         """Train to ``total_steps`` (resuming from ``<out_dir>/checkpoint.pt`` when resume), evaluate,
-        and write ``<out_dir>/summary.json``. Returns the summary."""
+        and write ``<out_dir>/summary.json``. Returns the summary.
+
+        The run directory is locked for the duration (rundir.run_lock: a second process is refused with
+        RunDirBusy). Ctrl-C writes a checkpoint of the last completed step, then raises KeyboardInterrupt.
+        """
+        self._ckpt_ok = self._interrupted = False
+        with self._run_dir_lock(), _checkpoint_on_interrupt(self):
+            try:
+                return self._fit(resume)
+            except KeyboardInterrupt:
+                if self._ckpt_ok:
+                    self.save_checkpoint()
+                    self._say(f"\ninterrupted: checkpoint of step {self.step} written to {self.checkpoint_path}; "
+                              "run the same command again to resume")
+                else:
+                    self._say("\ninterrupted: no new checkpoint written (the last one stands)")
+                raise
+            finally:
+                self._ckpt_ok = self._in_step = False
+
+    def _run_dir_lock(self):
+        """The run folder's lock (rundir.run_lock); in a torch.distributed job only rank 0 takes it."""
+        from ..rundir import run_lock
+
+        dist = getattr(torch, "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return contextlib.nullcontext()
+        return run_lock(self.out_dir)
+
+    def _fit(self, resume: bool) -> Dict[str, Any]:
         cfg = self.cfg
-        os.makedirs(self.out_dir, exist_ok=True)
         resumed = self.try_resume() if resume else False
         summary_path = os.path.join(self.out_dir, SUMMARY_NAME)
-        if resumed and self.step >= self.total_steps and os.path.exists(summary_path):
-            with open(summary_path) as f:  # a finished run: its results stand
+        if resumed and self.step >= self.total_steps and os.path.exists(summary_path) and not self.resume_changes:
+            with open(summary_path) as f:  # a finished run, same config: its results stand
                 return json.load(f)
         self.logger = RunLogger(self.out_dir, tensorboard=getattr(cfg, "tensorboard", True))
         if resumed:
@@ -392,10 +604,12 @@ class Trainer:
         atomic_write_json({"algo": self.algo, "config": dataclasses.asdict(cfg)}, os.path.join(self.out_dir, "config.json"))
         bar = progress(total=self.total_steps, desc=f"{self.algo}", enabled=self.progress_bar, initial=self.step)
         t_last, n_last, s_last = time.perf_counter(), 0, self.step
+        self._ckpt_ok = True
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 stage = self.stage()
+                self._in_step = True   # until the step is logged: a Ctrl-C here waits for the end of it
                 metrics, nsamples = self.train_step()
                 self.step += 1
                 self.train_time += time.perf_counter() - t0
@@ -413,6 +627,9 @@ class Trainer:
                     post["samples/s"] = f"{m['samples_per_s']:.3g}"
                     bar.set_postfix(post, refresh=False)
                     t_last, n_last, s_last = now, 0, self.step
+                self._in_step = False
+                if self._interrupted:
+                    raise KeyboardInterrupt
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps \
                         and self.should_eval():
                     res = self.evaluate()

@@ -236,6 +236,8 @@ class CPQL(_CPQLCore, Trainer):
     """Offline CPQL on an OfflineDataset."""
 
     algo = "cpql"
+    resume_fields = Trainer.resume_fields | {"steps", "grad_norm", "task"}   # may change on resume
+    lr_fields = {"lr": ("actor", "critic")}
 
     def __init__(self, dataset, cfg: Optional[CPQLConfig] = None, out_dir: str = "runs/cpql", device: str = "cpu",
                  progress_bar: bool = True, callback=None):
@@ -328,6 +330,8 @@ class CPQLOnline(_CPQLCore, Trainer):
     """
 
     algo = "cpql-online"
+    resume_fields = Trainer.resume_fields | {"steps", "grad_norm"}   # may change on resume
+    lr_fields = {"lr": ("actor", "critic")}
 
     def __init__(self, cfg: Optional[CPQLOnlineConfig] = None, out_dir: str = "runs/cpql-online", device: str = "cpu",
                  progress_bar: bool = True, callback=None, store_buffer: bool = True):

@@ -111,6 +111,9 @@ class QIPO(Trainer):
     """QIPO trainer on an OfflineDataset (qipo_kernels.data). ``fit()`` runs all three stages."""
 
     algo = "qipo"
+    # may change on resume: the length of the last stage, memory knobs, the learning rates
+    resume_fields = Trainer.resume_fields | {"policy_steps", "store_support_max", "renew_chunk"}
+    lr_fields = {"pretrain_lr": ("behaviour",), "q_lr": ("critic",), "policy_lr": ("policy",)}
 
     def __init__(self, dataset, cfg: Optional[QIPOConfig] = None, out_dir: str = "runs/qipo", device: str = "cpu",
                  progress_bar: bool = True, callback=None):

@@ -190,6 +190,21 @@ def _env_spec_json(ds) -> tuple:
         return spec.id, None
 
 
+def check_device_usable(device: torch.device) -> torch.device:
+    """Raise ValueError naming ``device`` unless tensors can be made on it here (e.g. "cuda" on a CPU-only
+    build of torch, or "cuda:3" on a machine with two GPUs), before any data is read."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here (torch {torch.__version__}, "
+                         f"{'a CPU-only build' if torch.version.cuda is None else 'no usable GPU'}); use device='cpu'")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"device={str(device)!r} cannot be used here: {first}") from None
+    return device
+
+
 def load_minari(dataset_id: str, device="cpu", reward_scale="auto", normalize_obs: bool = True,
                 dtype: torch.dtype = torch.float32, obs_keys: Optional[Sequence[str]] = None) -> OfflineDataset:
     """Load a local Minari dataset, flatten it to transitions and put them on ``device`` once.
@@ -208,13 +223,14 @@ def load_minari(dataset_id: str, device="cpu", reward_scale="auto", normalize_ob
         terminations [N], truncations [N].
     Raises:
         FileNotFoundError naming ``minari download <id>`` (or make_local_dataset for the demo id)
-        when the dataset is not on this machine.
+        when the dataset is not on this machine; ValueError when ``device`` cannot be used here
+        (e.g. "cuda" on a CPU-only torch).
     """
     from .dataset import _check_device, _check_dtype, check_reward_scale
 
     check_dataset_id(dataset_id)
     gym = require("gymnasium")
-    _check_device(device)
+    check_device_usable(_check_device(device))
     _check_dtype(dtype)
     check_reward_scale(reward_scale)
     if not isinstance(normalize_obs, bool):
