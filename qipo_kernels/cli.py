@@ -83,9 +83,24 @@ def build_trainer(algo: str, cfg_dict: Dict[str, Any], out_dir: str, device: str
 
 
 def cmd_train(a) -> int:
-    from .algos import ALGOS, cpql_config_for
+    from .algos import distributed
 
     device = _device(a.device)
+    try:  # under torchrun with several processes: join the group (gloo on CPU, NCCL on cuda:LOCAL_RANK)
+        ctx = distributed.from_env(device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        return _train(a, str(ctx.device) if ctx else device, ctx)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _train(a, device: str, ctx) -> int:
+    from .algos import ALGOS, cpql_config_for
+
+    main = ctx is None or ctx.rank == 0
     cls, cfg_cls = ALGOS[a.algo]
     base: Dict[str, Any] = {}
     if a.task:
@@ -97,24 +112,40 @@ def cmd_train(a) -> int:
 
         if task_key(a.dataset):
             base = dataclasses.asdict(cpql_config_for(a.dataset))
-            print(f"using CPQL defaults for task {base['task']!r}")
+            if main:
+                print(f"using CPQL defaults for task {base['task']!r}")
     if a.seed is not None:
         base["seed"] = a.seed
     cfg_dict = _parse_sets(cfg_cls, a.set, base)
     out = a.out or os.path.join("runs", a.algo)
-    if a.fresh and os.path.exists(out):
+    if ctx is not None and a.algo == "cpql-online":
+        raise SystemExit("cpql-online trains from one environment and runs on one process only; launch it without "
+                         "torchrun (or with --nproc_per_node 1)")
+    if a.fresh and os.path.exists(out) and main:
         shutil.rmtree(out)
+    if ctx is not None:
+        ctx.barrier()  # no rank reads <out> before rank 0 has cleared it
     dataset = None
     if a.algo != "cpql-online":
         if not a.dataset:
             raise SystemExit(f"train {a.algo} needs --dataset ID (e.g. qipo/pendulum/mixed-v0, the embedded one)")
         probe = cfg_cls(**cfg_dict)
+        if ctx is not None and not main:
+            ctx.barrier()  # rank 0 makes the embedded dataset (when it is missing) first
         dataset = _load_dataset(a.dataset, device, probe.reward_scale, probe.normalize_obs, a.make_local)
+        if ctx is not None and main:
+            ctx.barrier()
     tr = build_trainer(a.algo, cfg_dict, out, device, dataset, progress_bar=not a.no_progress)
     tr.dataset_id = a.dataset
+    if ctx is not None:
+        try:
+            ctx.attach(tr)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     summary = tr.fit(resume=not a.fresh)
-    _print_eval(a.algo, summary.get("final_eval"))
-    print(f"summary: {os.path.join(out, 'summary.json')}")
+    if main:
+        _print_eval(a.algo, summary.get("final_eval"))
+        print(f"summary: {os.path.join(out, 'summary.json')}")
     return 0
 
 

@@ -295,6 +295,10 @@ class Trainer:
     """
 
     algo = "base"
+    # torch.distributed (qipo_kernels.algos.distributed): the DistContext attached by its attach(), and
+    # the config fields that hold global batch sizes (shared among the processes).
+    dist = None
+    dist_batches: tuple = ()
 
     def __init__(self, cfg, out_dir: str, device: str = "cpu", progress_bar: bool = True,
                  callback: Optional[Callable[["Trainer", Dict[str, float]], None]] = None):
@@ -333,6 +337,19 @@ class Trainer:
     def stage(self) -> str:
         return "train"
 
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes logs, checkpoints and evaluates (rank 0, or the only one)."""
+        return self.dist is None or self.dist.rank == 0
+
+    def rows(self, x):
+        """This process's share of a global-batch tensor (all of it on one process)."""
+        return x if self.dist is None else self.dist.rows(x)
+
+    def train_call(self, module, fn):
+        """``fn(module)``; under torch.distributed through DistributedDataParallel (gradients averaged)."""
+        return fn(module) if self.dist is None else self.dist.call(module, fn)
+
     # -- checkpoints
     @property
     def checkpoint_path(self) -> str:
@@ -344,6 +361,7 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
             "dataset_id": getattr(getattr(self, "dataset", None), "dataset_id", None),
             "step": self.step,
+            "world_size": self.dist.world_size if self.dist is not None else 1,
             "train_time": self.train_time,
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optims": {k: o.state_dict() for k, o in self.optims.items()},
@@ -366,6 +384,8 @@ class Trainer:
         set_rng_state(self.gen, st["rng"])  # last: _load_state may draw (e.g. regenerate a support set)
 
     def save_checkpoint(self) -> str:
+        if not self.is_main:
+            return self.checkpoint_path
         return atomic_torch_save(self.state_dict(), self.checkpoint_path)
 
     def try_resume(self) -> bool:
@@ -373,6 +393,9 @@ class Trainer:
             return False
         st = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
         self.load_state_dict(st)
+        from .distributed import warn_resume
+
+        warn_resume(self, st.get("world_size", 1))
         return True
 
     # -- the loop
@@ -386,10 +409,16 @@ class Trainer:
         if resumed and self.step >= self.total_steps and os.path.exists(summary_path):
             with open(summary_path) as f:  # a finished run: its results stand
                 return json.load(f)
-        self.logger = RunLogger(self.out_dir, tensorboard=getattr(cfg, "tensorboard", True))
+        if self.is_main:
+            self.logger = RunLogger(self.out_dir, tensorboard=getattr(cfg, "tensorboard", True))
+        else:
+            from .distributed import NullLogger
+
+            self.logger = NullLogger()
         if resumed:
             self.logger.truncate_after(self.step)
-        atomic_write_json({"algo": self.algo, "config": dataclasses.asdict(cfg)}, os.path.join(self.out_dir, "config.json"))
+        if self.is_main:
+            atomic_write_json({"algo": self.algo, "config": dataclasses.asdict(cfg)}, os.path.join(self.out_dir, "config.json"))
         bar = progress(total=self.total_steps, desc=f"{self.algo}", enabled=self.progress_bar, initial=self.step)
         t_last, n_last, s_last = time.perf_counter(), 0, self.step
         try:
@@ -397,6 +426,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 stage = self.stage()
                 metrics, nsamples = self.train_step()
+                if self.dist is not None:
+                    metrics = self.dist.mean_metrics(metrics)
                 self.step += 1
                 self.train_time += time.perf_counter() - t0
                 n_last += nsamples
@@ -414,7 +445,7 @@ class Trainer:
                     bar.set_postfix(post, refresh=False)
                     t_last, n_last, s_last = now, 0, self.step
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps \
-                        and self.should_eval():
+                        and self.is_main and self.should_eval():
                     res = self.evaluate()
                     self._record_eval(res)
                 if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0) and self.step < self.total_steps:
@@ -425,13 +456,16 @@ class Trainer:
             bar.close()
             self.logger.close()
         # final evaluation, checkpoint and summary
-        res = self.evaluate() if cfg.eval_episodes > 0 else None
+        res = self.evaluate() if cfg.eval_episodes > 0 and self.is_main else None
         if res is not None:
             self._record_eval(res)
             self.logger.close()
         self.save_checkpoint()
         summary = self.summary(res)
-        atomic_write_json(summary, summary_path)
+        if self.is_main:
+            atomic_write_json(summary, summary_path)
+        if self.dist is not None:
+            self.dist.barrier()  # every rank returns once rank 0's files are written
         return summary
 
     def should_eval(self) -> bool:
