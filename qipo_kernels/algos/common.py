@@ -292,6 +292,9 @@ class Trainer:
         _state() -> dict / _load_state(dict)  algorithm state beyond modules/optimizers
         self.modules: Dict[str, nn.Module]; self.optims: Dict[str, Optimizer]
         policy_fn() -> callable(obs [n, S]) -> actions [n, A]  (for evaluation)
+        dist_batches: config fields of global batch sizes (torch.distributed: see algos/distributed.py;
+            train_step draws global batches, keeps ``rows(x)`` and runs backward passes through
+            ``train_call(module, fn)``)
     """
 
     algo = "base"
