@@ -140,8 +140,8 @@ def _train(a, device: str, ctx) -> int:
     if ctx is not None:
         try:
             ctx.attach(tr)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
+        except ValueError as e:  # the same on every rank: rank 0 says it
+            raise SystemExit(str(e) if main else 1) from None
     summary = tr.fit(resume=not a.fresh)
     if main:
         _print_eval(a.algo, summary.get("final_eval"))
