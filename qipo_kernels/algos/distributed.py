@@ -178,8 +178,9 @@ class DistContext:
         keys = sorted(k for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float)))
         if not keys:
             return metrics
-        v = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
-        tdist.all_reduce(v)
+        v = torch.stack([metrics[k].detach().reshape(()).to(self.device, torch.float64) if torch.is_tensor(metrics[k])
+                         else torch.tensor(float(metrics[k]), dtype=torch.float64, device=self.device) for k in keys])
+        tdist.all_reduce(v)  # one host sync (tolist) for all the metrics
         out = dict(metrics)
         out.update({k: float(x) / self.world_size for k, x in zip(keys, v.tolist())})
         return out
