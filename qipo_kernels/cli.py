@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import glob
 import os
@@ -148,10 +149,27 @@ def build_trainer(algo: str, cfg_dict: Dict[str, Any], out_dir: str, device: str
 
 
 def cmd_train(a) -> int:
+    from .algos import distributed
+
+    device = _device(a.device)
+    try:  # under torchrun with several processes: join the group (gloo on CPU, NCCL on cuda:LOCAL_RANK)
+        ctx = distributed.from_env(device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:
+        return _train(a, str(ctx.device) if ctx else device, ctx)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _train(a, device: str, ctx) -> int:
+    """train's body on one process (ctx None) or on each rank of a torch.distributed job (ctx a
+    distributed.DistContext): rank 0 alone checks, locks and clears the run folder and prints."""
     from .algos import ALGOS, cpql_config_for
     from .rundir import check_writable, clear_run_dir, run_lock
 
-    device = _device(a.device)
+    main = ctx is None or ctx.rank == 0
     cls, cfg_cls = ALGOS[a.algo]
     base: Dict[str, Any] = {}
     if a.task:
@@ -166,32 +184,50 @@ def cmd_train(a) -> int:
 
         if task_key(a.dataset):
             base = dataclasses.asdict(cpql_config_for(a.dataset))
-            print(f"using CPQL defaults for task {base['task']!r}")
+            if main:
+                print(f"using CPQL defaults for task {base['task']!r}")
     if a.seed is not None:
         base["seed"] = a.seed
     cfg_dict = _parse_sets(cfg_cls, a.set, base)
     out = a.out or os.path.join("runs", a.algo)
     probe = _make_config(cfg_cls, cfg_dict)   # every argument is checked before anything is written or removed
     set_threads(a.threads)
+    if ctx is not None and a.algo == "cpql-online":
+        raise CLIError("cpql-online trains from one environment and runs on one process only; launch it without "
+                       "torchrun (or with --nproc_per_node 1)")
     dataset = None
     if a.algo != "cpql-online":
         if not a.dataset:
             raise CLIError(f"train {a.algo} needs --dataset ID (e.g. qipo/pendulum/mixed-v0, the embedded one)")
+        if ctx is not None and not main:
+            ctx.barrier()  # rank 0 makes the embedded dataset (when it is missing) first
         dataset = _load_dataset(a.dataset, device, probe.reward_scale, probe.normalize_obs, a.make_local)
+        if ctx is not None and main:
+            ctx.barrier()
     elif a.dataset:
         raise CLIError("train cpql-online takes no --dataset (it collects its own data from --set env_id=...)")
-    check_writable(out)   # read-only / full / not a folder: one line now, not a traceback later
-    with run_lock(out):
-        if a.fresh:       # only a folder qipo-kernels made (marker file), and only under the lock
+    # (an error raised by rank 0 alone ends the job: torchrun stops the other ranks)
+    if main:
+        check_writable(out)   # read-only / full / not a folder: one line now, not a traceback later
+    with run_lock(out) if main else contextlib.nullcontext():
+        if a.fresh and main:  # only a folder qipo-kernels made (marker file), and only under the lock
             clear_run_dir(out)
+        if ctx is not None:
+            ctx.barrier()     # no rank reads <out> before rank 0 has cleared it
         try:
             tr = build_trainer(a.algo, cfg_dict, out, device, dataset, progress_bar=not a.no_progress)
         except (TypeError, ValueError) as e:
             raise CLIError(str(e)) from None
         tr.dataset_id = a.dataset
+        if ctx is not None:
+            try:
+                ctx.attach(tr)
+            except ValueError as e:  # the same on every rank: rank 0 says it
+                raise (CLIError(str(e)) if main else SystemExit(1)) from None
         summary = tr.fit(resume=not a.fresh)
-    _print_eval(a.algo, summary.get("final_eval"))
-    print(f"summary: {os.path.join(out, 'summary.json')}")
+    if main:
+        _print_eval(a.algo, summary.get("final_eval"))
+        print(f"summary: {os.path.join(out, 'summary.json')}")
     return 0
 
 

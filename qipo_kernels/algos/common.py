@@ -418,6 +418,9 @@ class Trainer:
         _state() -> dict / _load_state(dict)  algorithm state beyond modules/optimizers
         self.modules: Dict[str, nn.Module]; self.optims: Dict[str, Optimizer]
         policy_fn() -> callable(obs [n, S]) -> actions [n, A]  (for evaluation)
+        dist_batches: config fields of global batch sizes (torch.distributed: see algos/distributed.py;
+            train_step draws global batches, keeps ``rows(x)`` and runs backward passes through
+            ``train_call(module, fn)``)
     """
 
     algo = "base"
@@ -428,6 +431,10 @@ class Trainer:
                                "log_every", "checkpoint_every", "tensorboard", "backend"})
     # learning-rate field -> the optimizers (keys of self.optims) it sets; applied on resume
     lr_fields: Dict[str, tuple] = {}
+    # torch.distributed (qipo_kernels.algos.distributed): the DistContext attached by its attach(), and
+    # the config fields that hold global batch sizes (shared among the processes).
+    dist = None
+    dist_batches: tuple = ()
 
     def __init__(self, cfg, out_dir: str, device: str = "cpu", progress_bar: bool = True,
                  callback: Optional[Callable[["Trainer", Dict[str, float]], None]] = None):
@@ -471,6 +478,19 @@ class Trainer:
     def stage(self) -> str:
         return "train"
 
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes logs, checkpoints and evaluates (rank 0, or the only one)."""
+        return self.dist is None or self.dist.rank == 0
+
+    def rows(self, x):
+        """This process's share of a global-batch tensor (all of it on one process)."""
+        return x if self.dist is None else self.dist.rows(x)
+
+    def train_call(self, module, fn):
+        """``fn(module)``; under torch.distributed through DistributedDataParallel (gradients averaged)."""
+        return fn(module) if self.dist is None else self.dist.call(module, fn)
+
     # -- checkpoints
     @property
     def checkpoint_path(self) -> str:
@@ -482,6 +502,7 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
             "dataset_id": getattr(getattr(self, "dataset", None), "dataset_id", None),
             "step": self.step,
+            "world_size": self.dist.world_size if self.dist is not None else 1,
             "train_time": self.train_time,
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optims": {k: o.state_dict() for k, o in self.optims.items()},
@@ -505,10 +526,12 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Write ``<out_dir>/checkpoint.pt`` atomically (tensors, numbers, strings, lists and dicts only)."""
+        if not self.is_main:
+            return self.checkpoint_path
         return atomic_torch_save(checkpoint_safe(self.state_dict()), self.checkpoint_path)
 
     def _say(self, msg: str) -> None:
-        if self.verbose:
+        if self.verbose and self.is_main:
             print(msg, flush=True)
 
     def check_resume(self, st: Dict[str, Any]) -> Dict[str, tuple]:
@@ -550,6 +573,9 @@ class Trainer:
         st = read_checkpoint(self.checkpoint_path, map_location=self.device)
         changes = self.check_resume(st)
         self.load_state_dict(st)
+        from .distributed import warn_resume
+
+        warn_resume(self, st.get("world_size", 1))
         self._apply_resume_changes(changes)
         self.resume_changes = changes
         note = ""
@@ -598,10 +624,16 @@ class Trainer:
         if resumed and self.step >= self.total_steps and os.path.exists(summary_path) and not self.resume_changes:
             with open(summary_path) as f:  # a finished run, same config: its results stand
                 return json.load(f)
-        self.logger = RunLogger(self.out_dir, tensorboard=getattr(cfg, "tensorboard", True))
+        if self.is_main:
+            self.logger = RunLogger(self.out_dir, tensorboard=getattr(cfg, "tensorboard", True))
+        else:
+            from .distributed import NullLogger
+
+            self.logger = NullLogger()
         if resumed:
             self.logger.truncate_after(self.step)
-        atomic_write_json({"algo": self.algo, "config": dataclasses.asdict(cfg)}, os.path.join(self.out_dir, "config.json"))
+        if self.is_main:
+            atomic_write_json({"algo": self.algo, "config": dataclasses.asdict(cfg)}, os.path.join(self.out_dir, "config.json"))
         bar = progress(total=self.total_steps, desc=f"{self.algo}", enabled=self.progress_bar, initial=self.step)
         t_last, n_last, s_last = time.perf_counter(), 0, self.step
         self._ckpt_ok = True
@@ -611,6 +643,8 @@ class Trainer:
                 stage = self.stage()
                 self._in_step = True   # until the step is logged: a Ctrl-C here waits for the end of it
                 metrics, nsamples = self.train_step()
+                if self.dist is not None:
+                    metrics = self.dist.mean_metrics(metrics)
                 self.step += 1
                 self.train_time += time.perf_counter() - t0
                 n_last += nsamples
@@ -631,7 +665,7 @@ class Trainer:
                 if self._interrupted:
                     raise KeyboardInterrupt
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps \
-                        and self.should_eval():
+                        and self.is_main and self.should_eval():
                     res = self.evaluate()
                     self._record_eval(res)
                 if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0) and self.step < self.total_steps:
@@ -642,13 +676,16 @@ class Trainer:
             bar.close()
             self.logger.close()
         # final evaluation, checkpoint and summary
-        res = self.evaluate() if cfg.eval_episodes > 0 else None
+        res = self.evaluate() if cfg.eval_episodes > 0 and self.is_main else None
         if res is not None:
             self._record_eval(res)
             self.logger.close()
         self.save_checkpoint()
         summary = self.summary(res)
-        atomic_write_json(summary, summary_path)
+        if self.is_main:
+            atomic_write_json(summary, summary_path)
+        if self.dist is not None:
+            self.dist.barrier()  # every rank returns once rank 0's files are written
         return summary
 
     def should_eval(self) -> bool:

@@ -33,6 +33,7 @@ from ..nets import DoubleCritic
 from ..policies import ConsistencyPolicy
 from ..reference.consistency import cpql_multistep_sigmas
 from .common import Trainer, hard_update, polyak, seed_everything
+from .distributed import rank_mean
 
 # task -> (lr, eta, grad_norm, epochs of 1000 steps); AntMaze also uses max-Q backup and (r - 0.5) * 4.
 CPQL_TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {}
@@ -165,37 +166,67 @@ class _CPQLCore:
                        "critic": torch.optim.Adam(self.critic.parameters(), lr=cfg.lr)}
         self.act_dim = A
 
+    def _draws(self, B: int, online: bool, dtype: torch.dtype) -> Dict[str, Any]:
+        """Every random number of one update on a (global) batch of B, drawn from the training generator
+        in the order the samplers and the loss would draw them themselves."""
+        cfg, g, A = self.cfg, self.gen, self.act_dim
+        kw = dict(device=self.device, dtype=dtype)
+        maxq = getattr(cfg, "max_q_backup", False)
+        K = cfg.num_max_q if maxq else 1
+        r: Dict[str, Any] = {"next": torch.randn((B, K, A), **kw, generator=g), "next_steps": None,
+                             "new_steps": None}
+        if cfg.sigmas:  # multistep: the re-noise of each extra step (backup and actor samples alike)
+            r["next_steps"] = torch.randn((len(cfg.sigmas), B, K, A), **kw, generator=g)
+        r["sigma_idx"] = torch.randint(0, self.actor.num_scales - 1, (B,), device=self.device, generator=g)
+        r["recon"] = torch.randn((B, A), **kw, generator=g)
+        r["new"] = torch.randn((B, 1, A), **kw, generator=g)
+        if cfg.sigmas:
+            r["new_steps"] = torch.randn((len(cfg.sigmas), B, 1, A), **kw, generator=g)
+        r["swap"] = None
+        if cfg.q_norm and not online:
+            r["swap"] = float(torch.rand((), generator=g, device=self.device)) > 0.5
+        return r
+
     def _update(self, batch: Dict[str, torch.Tensor], online: bool) -> Dict[str, torch.Tensor]:
+        """One critic + actor update on a global batch; under torch.distributed on this process's share of it
+        (same random draws as one process, gradients averaged by DDP, the |Q| normaliser global)."""
         cfg = self.cfg
-        obs, act, rew, nobs, done = batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"], batch["dones"]
+        z = self._draws(batch["obs"].shape[0], online, batch["obs"].dtype)
+        obs, act, rew, nobs, done = (self.rows(batch[k]) for k in ("obs", "actions", "rewards", "next_obs", "dones"))
+        zn, zr, zs, za = self.rows(z["next"]), self.rows(z["recon"]), self.rows(z["sigma_idx"]), self.rows(z["new"])
+        zsteps, zasteps = (None if z[k] is None else self.rows(z[k].transpose(0, 1)).transpose(0, 1)
+                           for k in ("next_steps", "new_steps"))
         B = obs.shape[0]
         # critic
         with torch.no_grad():
             if getattr(cfg, "max_q_backup", False):
                 K = cfg.num_max_q
-                na = self.actor.sample(nobs, K, sigmas=cfg.sigmas, generator=self.gen, backend=cfg.backend)  # [B, K, A]
+                na = self.actor.sample(nobs, K, sigmas=cfg.sigmas, noise=zn, step_noise=zsteps,
+                                       backend=cfg.backend)                                  # [B, K, A]
                 q1n, q2n = self.critic_target(nobs.repeat_interleave(K, 0), na.reshape(-1, self.act_dim))
                 qn = torch.minimum(q1n.reshape(B, K).max(1).values, q2n.reshape(B, K).max(1).values)
             else:
-                na = self.actor.sample(nobs, 1, sigmas=cfg.sigmas, generator=self.gen, backend=cfg.backend)[:, 0]
+                na = self.actor.sample(nobs, 1, sigmas=cfg.sigmas, noise=zn, step_noise=zsteps,
+                                       backend=cfg.backend)[:, 0]
                 qn = self.critic_target.q_min(nobs, na)
             y = rew + cfg.gamma * (1.0 - done) * qn
-        q1, q2 = self.critic(obs, act)
+        q1, q2 = self.train_call(self.critic, lambda m: m(obs, act))
         critic_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
         self.optims["critic"].zero_grad(set_to_none=True)
         critic_loss.backward()
         cgn = _clip(self.critic.parameters(), cfg.grad_norm)
         self.optims["critic"].step()
-        # actor
-        recon = self.actor.loss(obs, act, generator=self.gen)
-        # differentiable sample (one-step, or multistep where the official code samples multistep)
-        new_a = self.actor.sample(obs, 1, sigmas=cfg.sigmas, generator=self.gen, backend="torch")[:, 0]
-        nq1, nq2 = self.critic(obs, new_a)
-        if cfg.q_norm and not online:
-            if float(torch.rand((), generator=self.gen, device=self.device)) > 0.5:
-                q_loss = -nq1.mean() / nq2.abs().mean().detach()
+        # actor (the reconstruction loss and the differentiable sample, one-step or multistep where the
+        # official code samples multistep, in one DDP forward)
+        recon, new_a = self.train_call(self.actor, lambda m: (m.loss(obs, act, sigma_idx=zs, noise=zr),
+                                                              m.sample(obs, 1, sigmas=cfg.sigmas, noise=za,
+                                                                       step_noise=zasteps, backend="torch")[:, 0]))
+        nq1, nq2 = self.critic(obs, new_a)  # the critic's own gradients from here are discarded below
+        if z["swap"] is not None:
+            if z["swap"]:
+                q_loss = -nq1.mean() / rank_mean(self, nq2.abs()).detach()
             else:
-                q_loss = -nq2.mean() / nq1.abs().mean().detach()
+                q_loss = -nq2.mean() / rank_mean(self, nq1.abs()).detach()
         else:
             q_loss = -torch.minimum(nq1, nq2).mean()
         actor_loss = cfg.alpha * recon + cfg.eta * q_loss
@@ -238,6 +269,7 @@ class CPQL(_CPQLCore, Trainer):
     algo = "cpql"
     resume_fields = Trainer.resume_fields | {"steps", "grad_norm", "task"}   # may change on resume
     lr_fields = {"lr": ("actor", "critic")}
+    dist_batches = ("batch",)
 
     def __init__(self, dataset, cfg: Optional[CPQLConfig] = None, out_dir: str = "runs/cpql", device: str = "cpu",
                  progress_bar: bool = True, callback=None):

@@ -32,6 +32,7 @@ from ..policies import FlowPolicy
 from ..reference.ode import NOISE_SOLVERS, VELOCITY_SOLVERS
 from ..reference.paths import PATHS
 from .common import Trainer, hard_update, polyak, progress, seed_everything
+from .distributed import block_noise, flow_loss, gather_rows, shard_range, stream_id
 
 
 @dataclass
@@ -114,6 +115,7 @@ class QIPO(Trainer):
     # may change on resume: the length of the last stage, memory knobs, the learning rates
     resume_fields = Trainer.resume_fields | {"policy_steps", "store_support_max", "renew_chunk"}
     lr_fields = {"pretrain_lr": ("behaviour",), "q_lr": ("critic",), "policy_lr": ("policy",)}
+    dist_batches = ("pretrain_batch", "q_batch", "policy_batch")
 
     def __init__(self, dataset, cfg: Optional[QIPOConfig] = None, out_dir: str = "runs/qipo", device: str = "cpu",
                  progress_bar: bool = True, callback=None):
@@ -162,22 +164,28 @@ class QIPO(Trainer):
     @torch.no_grad()
     def sample_support(self, policy: FlowPolicy, obs: torch.Tensor, M: int, desc: str, critic=None):
         """M actions per state from ``policy`` with the batched sampler (ops.integrate on [B, M, A] noise,
-        backend=cfg.backend), in chunks of ``renew_chunk`` states: obs [N, S] -> ([N, M, A], [N, M] min Q or None)."""
+        backend=cfg.backend), in chunks of ``renew_chunk`` states: obs [N, S] -> ([N, M, A], [N, M] min Q or None).
+
+        The noise of state i depends only on (seed, desc, step, i) (distributed.block_noise), so under
+        torch.distributed each rank samples its own range of states and the gathered result is the
+        one-process result."""
         N, A = obs.shape[0], policy.act_dim
-        out = torch.empty((N, M, A), dtype=obs.dtype, device=obs.device)
-        q = torch.empty((N, M), dtype=obs.dtype, device=obs.device) if critic is not None else None
-        chunk = self.cfg.renew_chunk
-        starts = range(0, N, chunk)
+        lo, hi = shard_range(self, N)
+        out = torch.empty((hi - lo, M, A), dtype=obs.dtype, device=obs.device)
+        q = torch.empty((hi - lo, M), dtype=obs.dtype, device=obs.device) if critic is not None else None
+        chunk, key = self.cfg.renew_chunk, (int(self.cfg.seed), stream_id(desc), self.step)
+        starts = range(lo, hi, chunk)
         bar = progress(starts, total=len(starts), desc=desc, enabled=self.progress_bar, leave=False)
         for i in bar:
-            o = obs[i:i + chunk]
-            noise = torch.randn((o.shape[0], M, A), dtype=obs.dtype, device=obs.device, generator=self.gen)
+            j = min(i + chunk, hi)
+            o = obs[i:j]
+            noise = block_noise(key, i, j, (M, A), obs.dtype, obs.device)
             a = policy.sample(o, M, noise=noise, backend=self.cfg.backend)
-            out[i:i + chunk] = a
+            out[i - lo:j - lo] = a
             if critic is not None:
-                q[i:i + chunk] = critic.q_min(o.repeat_interleave(M, 0), a.reshape(-1, A)).reshape(-1, M)
+                q[i - lo:j - lo] = critic.q_min(o.repeat_interleave(M, 0), a.reshape(-1, A)).reshape(-1, M)
         bar.close()
-        return out, q
+        return gather_rows(self, out, N), gather_rows(self, q, N)
 
     def _refresh_q_support(self):
         self.q_support_actions, _ = self.sample_support(self.behaviour, self.dataset.next_obs, self.cfg.q_support,
@@ -201,7 +209,7 @@ class QIPO(Trainer):
         s = self.step
         if s < self.P:  # behaviour pre-training
             idx = self._idx(cfg.pretrain_batch)
-            loss = self.behaviour.loss(d.obs[idx], d.actions[idx], generator=self.gen)
+            loss = flow_loss(self, self.behaviour, d.obs[idx], d.actions[idx])
             self.optims["behaviour"].zero_grad(set_to_none=True)
             loss.backward()
             self.optims["behaviour"].step()
@@ -210,7 +218,7 @@ class QIPO(Trainer):
             k = s - self.P
             if k % cfg.q_support_refresh == 0 or self.q_support_actions is None:
                 self._refresh_q_support()
-            idx = self._idx(cfg.q_batch)
+            idx = self.rows(self._idx(cfg.q_batch))  # this process's share of the global batch
             obs, act, rew = d.obs[idx], d.actions[idx], d.rewards[idx]
             nobs, done = d.next_obs[idx], d.terminations[idx]
             Mq = cfg.q_support
@@ -219,7 +227,7 @@ class QIPO(Trainer):
                 qn = self.critic_target.q_min(nobs.repeat_interleave(Mq, 0), na.reshape(-1, d.act_dim)).reshape(-1, Mq)
                 v = (torch.softmax(cfg.q_alpha * qn, dim=1) * qn).sum(1)
                 y = rew + cfg.gamma * (1.0 - done) * v
-            q1, q2 = self.critic(obs, act)
+            q1, q2 = self.train_call(self.critic, lambda m: m(obs, act))
             loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
             self.optims["critic"].zero_grad(set_to_none=True)
             loss.backward()
@@ -235,8 +243,8 @@ class QIPO(Trainer):
         if k % cfg.renew_every == 0 or self.support is None:
             self._renew_support()
         idx = self._idx(cfg.policy_batch)
-        loss = self.policy.loss(d.obs[idx], self.support[idx], energy=self.support_q[idx], beta=cfg.beta,
-                                normalize=cfg.normalize, generator=self.gen, backend=cfg.backend)
+        loss = flow_loss(self, self.policy, d.obs[idx], self.support[idx], energy=self.support_q[idx], beta=cfg.beta,
+                         normalize=cfg.normalize, backend=cfg.backend)
         self.optims["policy"].zero_grad(set_to_none=True)
         loss.backward()
         self.optims["policy"].step()
