@@ -591,6 +591,10 @@ def test_autotuner_keys_are_stable_kernel_arguments():
     assert not {"N", "B", "K"} & set(k.keys)  # never the batch
     assert tl_launch.choose_bm(50, 1, 256, 132) == 16 and tl_launch.choose_bm(64_000_000, 1, 256, 132) == 128
     assert tl_launch.choose_bm(100, 64, 256, 132) == 64  # a tile holds all of a state's candidates
+    # 16-row tiles keep only the two-stage configs (the single-stage ones spill on sm_90a)
+    kept = tl_launch.prune_configs(k.configs, {}, BM=16)
+    assert kept and all(c.num_stages >= 2 for c in kept) and len(kept) < len(k.configs)
+    assert tl_launch.prune_configs(k.configs, {}, BM=64) == k.configs
 
 
 _COMPILE_SCRIPT = """
