@@ -27,8 +27,6 @@ import statistics
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (dispatch to Triton on CPU tensors)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -69,11 +67,17 @@ def measure(calls: int = 3000, rounds: int = 5) -> dict:
 
     mock = _NoLaunch()
     real = sampler_launch._policy_kernel
+    env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the dispatcher then offers Triton for CPU tensors
     sampler_launch._policy_kernel = mock  # plans made from here on launch the recorder
     try:
         return _measure(mock, calls, rounds)
     finally:
         sampler_launch._policy_kernel = real
+        if env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = env
 
 
 def _measure(mock, calls, rounds):

@@ -22,7 +22,10 @@ def test_host_overhead_measures_the_prepared_and_functional_paths():
 
 def test_traffic_model_counts_weights_scratch_and_flops():
     pytest.importorskip("triton")
+    before = os.environ.get("TRITON_INTERPRET")
     from bench.static_sm90 import CASES, traffic
+
+    assert os.environ.get("TRITON_INTERPRET") == before  # importing the tool leaves the environment alone
 
     case = CASES["integrate_256x50x10_bf16"]
     meta = dict(BM=64, BN=64, HP=256, AP=16, SP=32, DEPTH=3, SOLVER=0, KP=1, HS=256)
