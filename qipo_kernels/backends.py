@@ -18,6 +18,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 BACKENDS = ("triton", "cpp", "torch")
+# The functional ops of qipo_kernels.ops (named here so that this module never imports ops: ops
+# imports backends, not the other way round).
+OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "sample", "consistency_sample",
+       "ddpm_sample", "select_action", "act", "act_ext")
 # backend -> module that registers its implementations when imported
 _MODULES = {"triton": "qipo_kernels.triton", "cpp": "qipo_kernels.cpp"}
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
@@ -151,6 +155,8 @@ def choose(op: str, backend: str, device: Optional[torch.device], reference: Cal
     plan = _PLANS.get((op, backend, device))
     if plan is None:
         plan = _plan(op, backend, device)
+    elif plan.__class__ is _InterpretPlan and plan.interpret != interpret_mode():
+        plan = _plan(op, backend, device)
     for name, impl, sup in plan:
         if name == "torch":
             return "torch", reference
@@ -164,11 +170,18 @@ def choose(op: str, backend: str, device: Optional[torch.device], reference: Cal
     return "torch", reference
 
 
+class _InterpretPlan(list):
+    """A plan that involves Triton off CUDA: valid while TRITON_INTERPRET keeps the value it had."""
+    interpret = False
+
+
 def _plan(op: str, backend: str, device) -> list:
-    """The candidate list for choose; cached unless an answer can change (Triton off CUDA
-    depends on TRITON_INTERPRET). A named backend that cannot run here raises."""
+    """The candidate list for choose; cached per (op, backend, device), and for Triton off CUDA
+    together with the TRITON_INTERPRET value it was made under (choose re-plans when that changed).
+    A named backend that cannot run here raises."""
     dt = _device_type(device)
     cache = dt is not None
+    interp = False
     if backend == "auto":
         names = _AUTO_ORDER.get(dt, ("torch",))
     elif backend in BACKENDS:
@@ -178,7 +191,7 @@ def _plan(op: str, backend: str, device) -> list:
     plan = []
     for b in names:
         if b == "triton" and dt != "cuda":
-            cache = False
+            interp = True
         if b == "torch":
             plan.append(("torch", None, None))
             continue
@@ -191,6 +204,9 @@ def _plan(op: str, backend: str, device) -> list:
                 raise RuntimeError(f"backend={backend!r} cannot run {op} here: " + "; ".join(why))
             continue
         plan.append((b, reg[0], reg[2]))
+    if interp:
+        plan = _InterpretPlan(plan)
+        plan.interpret = interpret_mode()
     if cache:
         _PLANS[(op, backend, device)] = plan
     return plan
@@ -198,10 +214,11 @@ def _plan(op: str, backend: str, device) -> list:
 
 def refresh(module=None) -> None:
     """Drop the packed weights that loaded backends keep for ``module`` (every module when None);
-    the next call re-packs. Only the C++ backend keeps packs, and it re-packs by itself after any
-    change but one: an edit of a few elements through ``p.data`` (see qipo_kernels.cpp.refresh)."""
-    for b in list(_LOADED):
-        mod = sys.modules.get(_MODULES[b])
+    the next call re-packs. The C++ and Triton backends keep packs and re-pack by themselves after
+    any change but one: an edit through ``p.data`` that no version counter records (see
+    qipo_kernels.cpp.refresh, qipo_kernels.triton.refresh)."""
+    for b in _MODULES:
+        mod = sys.modules.get(_MODULES[b])  # every backend imported so far (by dispatch or directly)
         fn = getattr(mod, "refresh", None)
         if fn is not None:
             fn(module)
@@ -214,8 +231,6 @@ def explain(op: str, device: Optional[torch.device] = None, **call_args) -> Dict
 
 def table() -> str:
     """A text table: each backend and op, on each device kind present, with the reasons."""
-    from . import ops  # noqa: F401  (ops names the op list)
-
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines = [f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}; "
              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
@@ -225,7 +240,7 @@ def table() -> str:
             if r:
                 lines.append(f"  {b:7s} on {d:4s}: unavailable - {'; '.join(r)}")
             else:
-                ops_here = sorted(o for o in ops.OPS if b == "torch" or b in _IMPLS.get(o, {}))
+                ops_here = sorted(o for o in OPS if b == "torch" or b in _IMPLS.get(o, {}))
                 lines.append(f"  {b:7s} on {d:4s}: available for {', '.join(ops_here)}")
     return "\n".join(lines)
 

@@ -21,8 +21,7 @@ from .reference import paths as _paths
 from .reference import select as _sel
 from .reference.consistency import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, consistency_loss, karras_sigmas  # noqa: F401
 
-OPS = ("flow_path", "weighted_fm_loss", "flow_matching_loss", "integrate", "sample", "consistency_sample",
-       "ddpm_sample", "select_action", "act", "act_ext")
+OPS = _b.OPS  # (the op list lives in backends, which must not import this module)
 
 
 def _fallback(op: str, backend: str, name: str, err: Exception) -> None:

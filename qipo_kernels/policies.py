@@ -390,9 +390,10 @@ class Sampler:
 
     def __init__(self, policy: nn.Module, kind: str, num_samples: int, steps: int, solver: Optional[str],
                  sigmas: Optional[Sequence[float]], backend: str, generator: Optional[torch.Generator],
-                 obs_normalizer=None, action_scale=None, action_bias=None):
+                 obs_normalizer=None, action_scale=None, action_bias=None, cuda_graph: bool = False):
         self.policy, self.kind, self.num_samples = policy, kind, num_samples
         self.steps, self.solver, self.sigmas, self.backend, self.generator = steps, solver, sigmas, backend, generator
+        self.cuda_graph = cuda_graph
         self.net = policy.net
         self.obs_normalizer = obs_normalizer
         self.action_scale, self.action_bias = action_scale, action_bias
@@ -402,6 +403,9 @@ class Sampler:
         # checks and backend choice (~10 us of a ~25 us single-state call). The impl still checks the
         # module's packed weights on every call (re-packs after a change, raises cpp.Unsupported when
         # it can no longer run it, which drops the plan and takes the checked path again).
+        # On the Triton backend the plan is a triton.sampler.Prepared call (weights, tables and launch
+        # configuration looked up once; a call checks the pack's watch, draws the noise and launches)
+        # or, with cuda_graph=True, a _GraphCall replaying that call captured in a CUDA graph.
         self._plan = None
 
     _OP = {"flow": "integrate", "consistency": "consistency_sample", "ddpm": "ddpm_sample"}
@@ -461,7 +465,12 @@ class Sampler:
     def _sample(self, obs: torch.Tensor) -> torch.Tensor:
         plan = self._plan
         noise = None
-        if plan is not None and plan[0] == (obs.shape, obs.dtype, obs.device):
+        if plan is not None and plan[0] == (obs.shape, obs.dtype, obs.device) and plan[2] is None:
+            out = plan[1](obs)  # the Triton prepared call (or its CUDA graph)
+            if out is not None:
+                return out
+            self._plan = None  # the module changed: the checked path re-packs, then a new plan
+        elif plan is not None and plan[0] == (obs.shape, obs.dtype, obs.device):
             out, noise = self._planned(plan[1], plan[2], obs)
             if out is not None:
                 return out
@@ -485,10 +494,31 @@ class Sampler:
     def _make_plan(self, key, obs):
         from . import backends as B
 
-        if self.backend not in ("auto", "cpp") or self.backend_used(obs) != "cpp":
+        used = self.backend_used(obs) if self.backend in ("auto", "triton", "cpp") else "torch"
+        if used == "triton":
+            return key, self._prepare_triton(obs), None
+        if self.cuda_graph:
+            why = B.reasons(self._OP[self.kind], "triton", obs.device,
+                            net=self.net, x0=obs.new_empty(obs.shape[0], 1, self.policy.act_dim), obs=obs)
+            raise RuntimeError(f"cuda_graph=True captures the fused Triton sampler, but this call runs on the "
+                               f"{used!r} backend: " + "; ".join(why))
+        if used != "cpp":
             return None
         # B.Fallback: what an impl raises when it cannot run this call after all (ops catches it too)
         return key, B._IMPLS[self._OP[self.kind]]["cpp"], B.Fallback
+
+    def _prepare_triton(self, obs):
+        from .triton.sampler import Prepared
+
+        pol = self.policy
+        if self.kind == "flow":
+            call = Prepared(self.net, "flow", self.num_samples, obs, steps=self.steps, solver=pol._solver(self.solver),
+                            path=None if pol.path == "ot" else pol.path, generator=self.generator)
+        else:
+            call = Prepared(self.net, "consistency", self.num_samples, obs, sigmas=self.sigmas,
+                            sigma_max=pol.sigma_max, sigma_min=pol.sigma_min, sigma_data=pol.sigma_data,
+                            generator=self.generator)
+        return _GraphCall(call, obs) if self.cuda_graph else call
 
     def _planned(self, impl, unsupported, obs):
         """The C++ impl called directly (same noise draw and arguments as policy.sample): (actions,
@@ -607,7 +637,7 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
                  sigma_data: Optional[float] = None, schedule=None, n_timesteps: int = 5,
                  max_action: Optional[float] = None, predict_epsilon: Optional[bool] = None,
                  clip_denoised: Optional[bool] = None, action_space=None, action_scale=None, action_bias=None,
-                 obs_normalizer=None) -> Sampler:
+                 obs_normalizer=None, cuda_graph: bool = False) -> Sampler:
     """Build a fast sampler obs -> actions from an existing actor, in one call.
 
     Args:
@@ -640,6 +670,10 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
         obs_normalizer: None, a callable obs -> obs, or (mean, std): applied to every obs first.
         backend: "auto" (fused Triton / C++ kernels where they run, else PyTorch), or a named backend.
         device, dtype: move the network there first (default: where it is).
+        cuda_graph: capture the whole fused call (noise draw, launch) in a CUDA graph per obs shape on
+            first use and replay it afterwards (the Triton backend on a CUDA device only; a ValueError
+            otherwise). The graph is re-captured after the network changes (optimizer step,
+            load_state_dict, replaced layer); the warm-up before a capture draws from ``generator``.
     Returns:
         a ``Sampler``: ``sampler(obs [B, S]) -> actions [B, A]`` (no gradient) and
         ``sampler.act(obs, critic) -> [B, A]`` (candidates + critic selection, the authors' defaults).
@@ -743,5 +777,47 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
         for s in sigmas:
             if not (policy.sigma_min <= float(s) <= policy.sigma_max):
                 raise ValueError(f"every sigma in sigmas must lie in [{policy.sigma_min}, {policy.sigma_max}], got {s}")
+    if cuda_graph:
+        dev = next(policy.parameters()).device
+        if dev.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the policy on a CUDA device (device='cuda'), it is on {dev}")
+        if backend not in ("auto", "triton"):
+            raise ValueError(f"cuda_graph=True captures the fused Triton sampler; backend must be 'auto' or 'triton', "
+                             f"got {backend!r}")
     return Sampler(policy, kind, num_samples, steps, solver, sigmas, backend, generator,
-                   obs_normalizer=_obs_normalizer(obs_normalizer), action_scale=scale, action_bias=bias)
+                   obs_normalizer=_obs_normalizer(obs_normalizer), action_scale=scale, action_bias=bias,
+                   cuda_graph=bool(cuda_graph))
+
+
+class _GraphCall:
+    """A Triton ``Prepared`` call captured in a CUDA graph for one obs shape: a call copies obs into
+    the graph's input, replays, and returns a copy of the graph's output (None, drawing nothing, when
+    the network changed since the capture: the Sampler then re-plans and captures again)."""
+
+    def __init__(self, call, obs: torch.Tensor):
+        self.call = call
+        self.obs = obs.clone()
+        side = torch.cuda.Stream(device=obs.device)
+        side.wait_stream(torch.cuda.current_stream(obs.device))
+        with torch.cuda.stream(side):  # autotune / compile / first launch outside the capture
+            for _ in range(2):
+                call(self.obs)
+        torch.cuda.current_stream(obs.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        gen = call.generator
+        if gen is not None and hasattr(self.graph, "register_generator_state"):
+            self.graph.register_generator_state(gen)
+        before = set(call.plan.scratch)
+        with torch.cuda.graph(self.graph):
+            self.out = call(self.obs)
+        # scratch allocated during the capture lives in the graph's private pool: the graph keeps it,
+        # eager launches must not use it
+        for key in set(call.plan.scratch) - before:
+            del call.plan.scratch[key]
+
+    def __call__(self, obs: torch.Tensor):
+        if self.call.entry.watch.changed():
+            return None
+        self.obs.copy_(obs)
+        self.graph.replay()
+        return self.out.clone()

@@ -49,7 +49,7 @@ def test_choose_uses_fast_supports_and_reasons_the_full_one(registry):
     assert not registry._PLANS
 
 
-def test_choose_errors_and_devices(registry):
+def test_choose_errors_and_devices(registry, monkeypatch):
     ref = object()
     with pytest.raises(ValueError, match="backend must be one of"):
         registry.choose("integrate", "cuda", torch.device("cpu"), ref)
@@ -59,12 +59,18 @@ def test_choose_errors_and_devices(registry):
         registry.choose("integrate", "cpp", torch.device("meta"), ref)
     with pytest.raises(RuntimeError, match="no cpp implementation of flow_path|failed to import"):
         registry.choose("flow_path", "cpp", torch.device("cpu"), ref)
-    # Triton off CUDA depends on TRITON_INTERPRET: never cached
-    try:
-        registry.choose("flow_path", "triton", torch.device("cpu"), ref, actions=None)
-    except Exception:
-        pass
-    assert not any(k[1] == "triton" for k in registry._PLANS)
+    # Triton off CUDA depends on TRITON_INTERPRET: a cached plan carries the value it was made under,
+    # and choose re-plans when it changed
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    registry.register("dummy_t", "triton", lambda: "impl")
+    if registry.backend_reasons("triton", torch.device("cpu")):
+        return  # triton does not import here
+    assert registry.choose("dummy_t", "auto", torch.device("cpu"), ref) == ("torch", ref)  # never chosen by auto
+    assert registry.choose("dummy_t", "triton", torch.device("cpu"), ref)[0] == "triton"
+    assert registry._PLANS[("dummy_t", "triton", torch.device("cpu"))].interpret is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="need a CUDA device"):
+        registry.choose("dummy_t", "triton", torch.device("cpu"), ref)
 
 
 def test_fallback_is_a_runtime_error():
@@ -81,3 +87,22 @@ def test_refresh_without_packs_is_harmless():
 
     qk.refresh()
     qk.refresh(torch.nn.Linear(2, 2))
+
+
+def test_backends_does_not_import_ops():
+    """No import circle: ops imports backends (and takes the op list from it), never the reverse."""
+    import ast
+    import inspect
+
+    from qipo_kernels import backends as B
+    from qipo_kernels import ops
+
+    tree = ast.parse(inspect.getsource(B))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {a.name for a in node.names} | {node.module or ""}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert not {"ops", "qipo_kernels.ops"} & imported, imported
+    assert ops.OPS == B.OPS and all(callable(getattr(ops, name)) for name in B.OPS)

@@ -16,7 +16,10 @@ from qipo_kernels import backends, ops
 from qipo_kernels.nets import ConditionalMLP, DoubleCritic
 from qipo_kernels.reference import consistency as ref_cons
 from qipo_kernels.reference import ode as ref_ode
+from qipo_kernels.triton import _host
 from qipo_kernels.triton import sampler as ts
+from qipo_kernels.triton import sampler_launch as tl_launch
+from qipo_kernels.triton import sampler_pack as tpack
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,7 +30,7 @@ def poisoned_buffers(monkeypatch):
     def full_nan(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ts, "_new_buffer", full_nan)
+    monkeypatch.setattr(_host, "empty", full_nan)
     with torch.no_grad():
         yield
 
@@ -255,15 +258,15 @@ def test_packed_weights_refresh_after_optimizer_step():
     x0 = torch.randn(6, 6, device=DEV)
     obs = torch.randn(6, 17, device=DEV)
     out1 = ts.integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False)
-    pack1 = ts._get_pack(net, ts._PolicyPack, torch.float32, x0.device)
-    assert ts._get_pack(net, ts._PolicyPack, torch.float32, x0.device) is pack1  # cached
+    pack1 = tpack.get_pack(net, "policy", torch.float32, x0.device)
+    assert tpack.get_pack(net, "policy", torch.float32, x0.device) is pack1  # cached
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with torch.enable_grad():
         loss = net(x0, torch.rand(6, device=DEV), obs).pow(2).sum()
         loss.backward()
     opt.step()
     out2 = ts.integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False)
-    assert ts._get_pack(net, ts._PolicyPack, torch.float32, x0.device) is not pack1
+    assert tpack.get_pack(net, "policy", torch.float32, x0.device) is not pack1
     assert not torch.allclose(out1, out2)
     _close(out2, ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
     # a time-MLP-only change (in-place) also refreshes the time table
@@ -583,18 +586,22 @@ def test_gpu_tf32_error_at_most_2x_eager():
 
 # ------------------------------------------------------------------------------------ GPU code generation
 def test_autotuner_keys_are_stable_kernel_arguments():
-    k = ts._tuned_kernel(256, 256)
-    assert set(k.keys) <= set(ts._policy_kernel.arg_names)
+    k = tl_launch.tuned_kernel(256, 256)
+    assert set(k.keys) <= set(tl_launch._policy_kernel.arg_names)
     assert not {"N", "B", "K"} & set(k.keys)  # never the batch
-    assert ts._choose_bm(50, 1, 256, 132) == 16 and ts._choose_bm(64_000_000, 1, 256, 132) == 128
-    assert ts._choose_bm(100, 64, 256, 132) == 64  # a tile holds all of a state's candidates
+    assert tl_launch.choose_bm(50, 1, 256, 132) == 16 and tl_launch.choose_bm(64_000_000, 1, 256, 132) == 128
+    assert tl_launch.choose_bm(100, 64, 256, 132) == 64  # a tile holds all of a state's candidates
+    # 16-row tiles keep only the two-stage configs (the single-stage ones spill on sm_90a)
+    kept = tl_launch.prune_configs(k.configs, {}, BM=16)
+    assert kept and all(c.num_stages >= 2 for c in kept) and len(kept) < len(k.configs)
+    assert tl_launch.prune_configs(k.configs, {}, BM=64) == k.configs
 
 
 _COMPILE_SCRIPT = """
 import sys
-from qipo_kernels.triton import sampler as ts
+from qipo_kernels.triton import sampler_launch as tl_launch
 for case in eval(sys.argv[1]):
-    k = ts._compile_for_target(**case)
+    k = tl_launch.compile_for_target(**case)
     print("CUBIN_BYTES", len(k.asm["cubin"]))
 """
 
@@ -651,3 +658,135 @@ def test_gpu_fused_sampler_captures_in_a_cuda_graph():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------------------------------ NaN inputs
+def test_nan_inputs_give_nan_actions_not_clamped_bounds():
+    """A NaN in a sample's noise / observation gives NaN (as torch.clamp in the references), never a
+    valid-looking -1 or 1 from the [-1, 1] clamp; the other samples are unaffected."""
+    net = _net(A=6, S=17, H=24, depth=2)
+    torch.manual_seed(13)
+    critic = DoubleCritic(17, 6, hidden=24, depth=2).to(DEV)
+    g = torch.Generator().manual_seed(14)
+    z = torch.randn(3, 5, 6, generator=g).to(DEV)
+    obs = torch.randn(3, 17, generator=g).to(DEV)
+    z[1, 2, 3] = float("nan")
+    ref = ref_cons._consistency_sample(net, z, obs, [1.0], torch.zeros(1, 3, 5, 6, device=DEV), 80.0, 0.002, 0.5,
+                                       True, None)
+    out = ts.consistency_sample(net, z, obs, [1.0], torch.zeros(1, 3, 5, 6, device=DEV), 80.0, 0.002, 0.5, True,
+                                None)
+    assert torch.isnan(ref[1, 2]).all() and torch.isnan(out[1, 2]).all()
+    keep = ~torch.isnan(ref)
+    torch.testing.assert_close(out[keep], ref[keep], rtol=3e-5, atol=3e-5)
+    obs_nan = obs.clone()
+    obs_nan[2, 0] = float("nan")
+    for sampler in ("flow", "consistency"):
+        a = ts.act(net, critic, obs_nan, 5, sampler, 2, "euler", None, None, "argmax", 1.0, z, None, None, None, True)
+        r = ops._act_ref(net, critic, obs_nan, 5, sampler, 2, "euler", None, None, "argmax", 1.0, z, None, None,
+                         None, True)
+        assert torch.isnan(a[2]).all() and torch.isnan(r[2]).all(), (sampler, a[2], r[2])
+        assert torch.isfinite(a[0]).all()
+        torch.testing.assert_close(a[0], r[0], rtol=3e-5, atol=3e-5)
+
+
+# ------------------------------------------------------------------------------------ host path
+def test_cache_is_not_revalidated_by_walking_but_sees_every_change():
+    """The pack cache: one entry reused while nothing changes; a replaced layer, a `p.data = ...`
+    write, an in-place update and refresh() after a `.data` element edit are each seen."""
+    net = _net(H=24, depth=2)
+    x0 = torch.randn(4, 3, 6, device=DEV)
+    obs = torch.randn(4, 17, device=DEV)
+
+    def check():
+        _close(ts.integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False),
+               ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
+        return tpack.get_pack(net, "policy", torch.float32, x0.device)
+
+    e1 = check()
+    assert check() is e1 and not e1.watch.changed()
+    net.out = torch.nn.Linear(net.out.in_features, 6).to(DEV)  # replaced layer
+    e2 = check()
+    assert e2 is not e1
+    net.layers[1].weight.data = torch.randn_like(net.layers[1].weight)  # p.data = other
+    e3 = check()
+    assert e3 is not e2
+    with torch.no_grad():
+        net.layers[0].bias.mul_(0.5)  # in place
+    e4 = check()
+    assert e4 is not e3
+    net.layers[0].weight.data[0, 0] += 3.0  # a .data element edit: no version counter sees it ...
+    tpack.refresh(net)  # ... refresh does
+    assert check() is not e4
+    backends.refresh(net)  # (the package-level refresh reaches the Triton cache too)
+    assert tpack.peek(net, torch.float32, x0.device) is None
+
+
+def test_dtype_change_after_packing_falls_back_to_reference():
+    net = _net(H=24, depth=2)
+    x0 = torch.randn(5, 6, device=DEV)
+    obs = torch.randn(5, 17, device=DEV)
+    ops.integrate(net, x0, obs, steps=2, backend="triton")
+    net.double()  # the cached pack says float32 was fine; the impl sees the change
+    with pytest.raises(RuntimeError, match="float64|cannot run"):
+        ops.integrate(net, x0, obs, steps=2, backend="triton")
+    net.float()
+    _close(ops.integrate(net, x0, obs, steps=2, backend="triton"),
+           ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
+
+
+@pytest.mark.parametrize("kind,K", [("flow", 1), ("flow", 4), ("consistency", 3)])
+def test_make_sampler_triton_prepared_path(kind, K):
+    """make_sampler on the Triton backend: the prepared call gives the checked path's numbers
+    (same generator stream), is re-planned after an optimizer step and stays correct."""
+    from qipo_kernels import ConsistencyPolicy, FlowPolicy, make_sampler
+
+    torch.manual_seed(15)
+    pol = (FlowPolicy(17, 6, hidden=24, depth=2, steps=3) if kind == "flow"
+           else ConsistencyPolicy(17, 6, hidden=24, depth=2)).to(DEV)
+    sig = [1.0] if kind == "consistency" else None
+    s = make_sampler(pol, kind=kind, num_samples=K, sigmas=sig, backend="triton",
+                     generator=torch.Generator(device=DEV).manual_seed(3))
+    r = make_sampler(pol, kind=kind, num_samples=K, sigmas=sig, backend="torch",
+                     generator=torch.Generator(device=DEV).manual_seed(3))
+    obs = torch.randn(5, 17, device=DEV)
+    for i in range(3):
+        if i == 2:
+            with torch.no_grad():
+                for p in pol.parameters():
+                    p.add_(0.01)
+        a, b = s(obs), r(obs)
+        assert s._plan is not None and s._plan[2] is None  # the prepared Triton call
+        _close(a, b)
+        assert a.shape == ((5, 6) if K == 1 else (5, K, 6))
+    assert s(obs[0]).shape == ((6,) if K == 1 else (K, 6))
+
+
+def test_make_sampler_cuda_graph_needs_cuda():
+    from qipo_kernels import FlowPolicy, make_sampler
+
+    pol = FlowPolicy(17, 6, hidden=24, depth=2)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present (see the GPU test)")
+    with pytest.raises(ValueError, match="cuda_graph=True needs the policy on a CUDA device"):
+        make_sampler(pol, cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_gpu_make_sampler_cuda_graph_replays_and_follows_updates():
+    from qipo_kernels import FlowPolicy, make_sampler
+
+    torch.manual_seed(16)
+    pol = FlowPolicy(17, 6, hidden=256, depth=3, steps=10).to("cuda", torch.bfloat16)
+    s = make_sampler(pol, num_samples=50, cuda_graph=True, generator=torch.Generator(device="cuda").manual_seed(1))
+    obs = torch.randn(1, 17, device="cuda", dtype=torch.bfloat16)
+    a = s(obs)
+    assert isinstance(s._plan[1], __import__("qipo_kernels.policies", fromlist=["_GraphCall"])._GraphCall)
+    b = s(obs)
+    assert a.shape == (1, 50, 6) and torch.isfinite(a).all() and not torch.equal(a, b)  # fresh noise per replay
+    g = s._plan[1].graph
+    with torch.no_grad():
+        for p in pol.parameters():
+            p.mul_(0.5)
+    c = s(obs)
+    assert s._plan[1].graph is not g  # re-captured after the update
+    assert torch.isfinite(c).all()

@@ -7,4 +7,5 @@ imports on machines without a GPU; there they run only under TRITON_INTERPRET=1 
 import), in float32.
 """
 from . import loss, select  # noqa: F401  (flow_matching_loss, weighted_fm_loss, flow_path, select_action)
-from . import sampler  # noqa: F401  (integrate, consistency_sample, act)
+from . import sampler  # noqa: F401  (integrate, consistency_sample, act, sample)
+from .sampler_pack import refresh  # noqa: F401  (backends.refresh drops the packed weights)

@@ -1,0 +1,191 @@
+"""The fused policy-sampling kernel: a whole ConditionalMLP, every solver step, (for act) the twin
+critic and the selection, in one launch. The host side is in sampler_launch (launcher, tiles,
+tuning), sampler_pack (weights), sampler_tables (solver coefficients) and sampler_ops (custom ops).
+
+How the kernel is organised (one program = a tile of BM samples, persistent over tiles):
+
+* The observation's share of the first layer, W1_obs @ obs + b1, is computed once per tile (i.e.
+  once per sample, not once per step) into a float32 scratch row block and re-read at every
+  network evaluation.
+* The time embedding's share W1_t @ e(t) does not depend on the sample: it is one vector per
+  network evaluation, computed on the host for all evaluation times at once and read from that table.
+* Hidden activations go through a per-program scratch block ([2, BM, HS] ping-pong, in the compute
+  dtype) that stays in L1/L2; each layer is a loop of tl.dot over BN x BK blocks (mlp.mlp_eval).
+  The state x lives in registers (float32) for all steps.
+* Solver coefficients come from a small float32 table [*, NCOEF] computed on the host in float64.
+* Clamps to [-1, 1] propagate NaN (as torch.clamp does): a NaN input gives a NaN action, never a
+  valid-looking bound.
+"""
+import triton
+import triton.language as tl
+
+from .mlp import mlp_eval, net_eval, obs_share
+
+SOLVER_CODES = {"euler": 0, "midpoint": 1, "heun": 2, "rk4": 3, "ddim": 4, "dpm1": 4, "dpm2": 5}
+MODE_INTEGRATE, MODE_CONSISTENCY, MODE_ACT_FLOW, MODE_ACT_CONSISTENCY = 0, 1, 2, 3
+NCOEF = 8  # columns of the per-step coefficient table
+
+
+@triton.jit
+def clamp_unit(x):
+    """Clamp to [-1, 1], NaN stays NaN (tl.minimum / tl.maximum would turn it into a bound)."""
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, -1.0), 1.0))
+
+
+@triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps", "seed"])
+def _policy_kernel(
+    x0_ptr, obs_ptr, snoise_ptr, u_ptr, out_ptr, traj_ptr, tvec_ptr, coef_ptr, osh_ptr, hbuf_ptr,
+    w1x, w1o, b1, wh, bh, wo, bo,
+    qa1, qo1, qb1, qh1, qhb1, qw1, qwb1, qlw1, qlb1,
+    qa2, qo2, qb2, qh2, qhb2, qw2, qwb2, qlw2, qlb2,
+    N, B, K, A, S, steps, n_evals, temperature, HQ, ln_eps, seed,
+    MODE: tl.constexpr, SOLVER: tl.constexpr, CLIP: tl.constexpr, TRAJ: tl.constexpr, SEEDED: tl.constexpr,
+    SOFTMAX: tl.constexpr, LNQ: tl.constexpr,
+    HP: tl.constexpr, AP: tl.constexpr, SP: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
+    HPQ: tl.constexpr, DEPTHQ: tl.constexpr, ACTQ: tl.constexpr, HS: tl.constexpr, KP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    osh = osh_ptr + pid.to(tl.int64) * (BM * HS)
+    hb = hbuf_ptr + pid.to(tl.int64) * (2 * BM * HS)
+    offs_m = tl.arange(0, BM)
+    offs_a = tl.arange(0, AP)
+    GROUP: tl.constexpr = MODE >= 2
+    SB: tl.constexpr = BM // KP
+    if GROUP:
+        num_tiles = tl.cdiv(B, SB)
+    else:
+        num_tiles = tl.cdiv(N, BM)
+    NA = N.to(tl.int64) * A
+    for tile in range(pid, num_tiles, nprog):
+        if GROUP:
+            kk = offs_m % KP
+            state = (offs_m // KP).to(tl.int64) + tile * SB
+            valid = (kk < K) & (state < B)
+            rows = state * K + kk
+        else:
+            rows = offs_m.to(tl.int64) + tile * BM
+            valid = rows < N
+            state = rows // K
+        obs_share(obs_ptr, state, valid, S, w1o, b1, osh, HP, SP, BM, BN, BKS, PREC)
+        amask = valid[:, None] & (offs_a[None, :] < A)
+        xoff = rows[:, None] * A + offs_a[None, :]
+        if SEEDED:
+            # x0[row, a] = randn(seed, row * A + a): Philox on the global element index, so the
+            # noise does not depend on the tiling; rounded to the output dtype as a stored x0 would be.
+            z = tl.randn(seed, xoff)
+            x = tl.where(amask, z, 0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            x = tl.load(x0_ptr + xoff, mask=amask, other=0.0).to(tl.float32)
+        if MODE % 2 == 0:  # MODE 0 (integrate) or 2 (act with the flow sampler)
+            # ---------------- ODE solver, all steps ----------------
+            if TRAJ:
+                tl.store(traj_ptr + xoff, x.to(traj_ptr.dtype.element_ty), mask=amask)
+            for i in range(steps):
+                c = coef_ptr + i * 8
+                if SOLVER == 0:  # euler
+                    k1 = net_eval(x, tvec_ptr + i * HP, osh, hb, w1x, wh, bh, wo, bo,
+                                   HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    x = x + tl.load(c) * k1
+                elif SOLVER == 1:  # midpoint
+                    e0 = 2 * i
+                    k1 = net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
+                                   HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k2 = net_eval(x + tl.load(c + 1) * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
+                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    x = x + tl.load(c) * k2
+                elif SOLVER == 2:  # heun
+                    e0 = 2 * i
+                    k1 = net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
+                                   HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k2 = net_eval(x + tl.load(c) * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
+                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    x = x + tl.load(c + 1) * (k1 + k2)
+                elif SOLVER == 3:  # rk4
+                    e0 = 4 * i
+                    hh = tl.load(c + 1)
+                    k1 = net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
+                                   HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k2 = net_eval(x + hh * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
+                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k3 = net_eval(x + hh * k2, tvec_ptr + (e0 + 2) * HP, osh, hb, w1x, wh, bh,
+                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k4 = net_eval(x + tl.load(c) * k3, tvec_ptr + (e0 + 3) * HP, osh, hb, w1x, wh, bh,
+                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    x = x + tl.load(c + 2) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+                elif SOLVER == 4:  # ddim / dpm1 (DPM-Solver++ 1, data prediction)
+                    eps = net_eval(x, tvec_ptr + i * HP, osh, hb, w1x, wh, bh, wo, bo,
+                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    x0t = (x - tl.load(c) * eps) / tl.load(c + 1)
+                    x = tl.load(c + 2) * x + tl.load(c + 3) * x0t
+                else:  # dpm2: DPM-Solver++(2S), r1 = 1/2
+                    e0 = 2 * i
+                    eps = net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
+                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    x0t = (x - tl.load(c) * eps) / tl.load(c + 1)
+                    xm = tl.load(c + 2) * x - tl.load(c + 3) * x0t
+                    epm = net_eval(xm, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh, wo, bo,
+                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    x0m = (xm - tl.load(c + 4) * epm) / tl.load(c + 5)
+                    cn = tl.load(c + 7)
+                    x = tl.load(c + 6) * x - cn * x0t - cn * (x0m - x0t)
+                if TRAJ:
+                    tl.store(traj_ptr + (i + 1) * NA + xoff, x.to(traj_ptr.dtype.element_ty), mask=amask)
+        else:
+            # ---------------- consistency sampling: one step + re-noise / denoise ----------------
+            a = x
+            for e in range(n_evals):
+                c = coef_ptr + e * 8
+                if e == 0:
+                    xs = tl.load(c + 3) * x  # sigma_max * z
+                else:
+                    zk = tl.load(snoise_ptr + (e - 1) * NA + xoff, mask=amask, other=0.0).to(tl.float32)
+                    xs = a + tl.load(c + 3) * zk
+                f = net_eval(tl.load(c + 2) * xs, tvec_ptr + e * HP, osh, hb, w1x, wh, bh, wo, bo,
+                              HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                a = tl.load(c) * xs + tl.load(c + 1) * f
+                if CLIP:
+                    a = clamp_unit(a)
+            x = a
+        if GROUP:
+            # ---------------- twin critic on the K candidates, min, selection ----------------
+            cand = x
+            if CLIP:
+                cand = clamp_unit(cand)
+            obs_share(obs_ptr, state, valid, S, qo1, qb1, osh, HPQ, SP, BM, BN, BKS, PREC)
+            q1 = mlp_eval(cand, tvec_ptr, osh, hb, qa1, qh1, qhb1, qw1, qwb1, qlw1, qlb1, HQ, ln_eps,
+                           HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, BK, PREC)
+            obs_share(obs_ptr, state, valid, S, qo2, qb2, osh, HPQ, SP, BM, BN, BKS, PREC)
+            q2 = mlp_eval(cand, tvec_ptr, osh, hb, qa2, qh2, qhb2, qw2, qwb2, qlw2, qlb2, HQ, ln_eps,
+                           HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, BK, PREC)
+            offs_q = tl.arange(0, 16)
+            q = tl.sum(tl.where(offs_q[None, :] == 0, tl.minimum(q1, q2), 0.0), axis=1)  # [BM]
+            q2d = tl.reshape(q, (SB, KP))
+            v2d = tl.reshape(valid, (SB, KP))
+            k2d = tl.reshape(kk, (SB, KP))
+            states = tl.arange(0, SB).to(tl.int64) + tile * SB
+            svalid = states < B
+            if SOFTMAX:
+                # padded slots get a finite floor (no inf - inf); a state's sum is >= 1 (its max term)
+                qd = tl.where(v2d, q2d.to(tl.float64) / temperature, -1.0e300)
+                qmax = tl.max(qd, axis=1)
+                p = tl.where(v2d, tl.exp(qd - qmax[:, None]), 0.0)
+                p = p / tl.maximum(tl.sum(p, axis=1), 1.0)[:, None]
+                cdf = tl.cumsum(p, axis=1)
+                u = tl.load(u_ptr + states, mask=svalid, other=0.0)
+                idx = tl.sum(((cdf <= u[:, None]) & v2d).to(tl.int32), axis=1)
+                idx = tl.minimum(idx, K - 1)
+            else:
+                idx = tl.argmax(tl.where(v2d, q2d, float("-inf")), axis=1, tie_break_left=True)
+            cand3 = tl.reshape(cand, (SB, KP, AP))
+            pick = k2d == idx[:, None]
+            chosen = tl.sum(tl.where(pick[:, :, None], cand3, 0.0), axis=1)  # [SB, AP]
+            tl.store(out_ptr + states[:, None] * A + offs_a[None, :], chosen.to(out_ptr.dtype.element_ty),
+                     mask=svalid[:, None] & (offs_a[None, :] < A))
+        else:
+            if CLIP:  # (integrate for make_sampler: the final clamp; consistency: already clamped)
+                x = clamp_unit(x)
+            tl.store(out_ptr + xoff, x.to(out_ptr.dtype.element_ty), mask=amask)
+
+
