@@ -102,13 +102,7 @@ def _diverged_critic(critic, value):
     return bad
 
 
-_TRITON_ACT = pytest.param("triton", marks=pytest.mark.xfail(
-    strict=True, reason="the Triton act kernel (qipo_kernels/triton/sampler.py, being rewritten by another "
-                        "helper) does not yet report NaN/inf Q values: it must mark those states and raise "
-                        "_checks.nonfinite_q_states as the reference and cpp do"))
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpp", _TRITON_ACT, "auto"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "auto"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("mode", ["argmax", "softmax"])
 def test_act_raises_when_the_critic_returns_nonfinite_q(nets, obs, backend, value, mode):
@@ -120,10 +114,10 @@ def test_act_raises_when_the_critic_returns_nonfinite_q(nets, obs, backend, valu
         qk.act(net, bad, obs, 4, mode=mode, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "auto"])
 def test_act_names_the_states_whose_candidates_got_nonfinite_q(nets, obs, backend):
     """A NaN observation row makes that state's candidates and scores NaN: the error names it
-    (the same message on the reference and the C++ backend)."""
+    (the same message on the reference, the C++ and the Triton backend)."""
     need(backend)
     net, critic = nets
     o = obs.clone()

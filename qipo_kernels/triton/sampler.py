@@ -52,6 +52,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .. import _checks
 from .. import backends as _backends
 from ..nets import ConditionalMLP, DoubleCritic
 from ..reference import consistency as _cons
@@ -426,6 +427,10 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     out, _ = _run(net, e, critic, ce, tkey, tbuild, noise.contiguous(), obs.contiguous(), sn, u, m, K, nsteps,
                   n_evals, scode, float(temperature), True if sampler == "consistency" else bool(clip),
                   mode == "softmax", False, dtype, device)
+    if not _checks._capturing():  # the kernel marks states whose candidates scored NaN / inf with NaN
+        bad = ~torch.isfinite(out).all(dim=1)
+        if bool(bad.any()):
+            _checks.nonfinite_q_states(bad.nonzero().flatten().tolist(), B)
     return out
 
 

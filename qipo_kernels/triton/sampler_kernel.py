@@ -163,6 +163,11 @@ def _policy_kernel(
             q = tl.sum(tl.where(offs_q[None, :] == 0, tl.minimum(q1, q2), 0.0), axis=1)  # [BM]
             q2d = tl.reshape(q, (SB, KP))
             v2d = tl.reshape(valid, (SB, KP))
+            # a state with a NaN / inf candidate score cannot be ranked: it is ranked on zeros here and
+            # its action written as NaN, which the host turns into act's error (as the reference and
+            # C++ raise)
+            qbad = tl.sum(tl.where(v2d & ((q2d != q2d) | (tl.abs(q2d) == float("inf"))), 1, 0), axis=1) > 0
+            q2d = tl.where(qbad[:, None], 0.0, q2d)
             k2d = tl.reshape(kk, (SB, KP))
             states = tl.arange(0, SB).to(tl.int64) + tile * SB
             svalid = states < B
@@ -181,6 +186,7 @@ def _policy_kernel(
             cand3 = tl.reshape(cand, (SB, KP, AP))
             pick = k2d == idx[:, None]
             chosen = tl.sum(tl.where(pick[:, :, None], cand3, 0.0), axis=1)  # [SB, AP]
+            chosen = tl.where(qbad[:, None], float("nan"), chosen)
             tl.store(out_ptr + states[:, None] * A + offs_a[None, :], chosen.to(out_ptr.dtype.element_ty),
                      mask=svalid[:, None] & (offs_a[None, :] < A))
         else:
