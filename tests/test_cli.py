@@ -91,3 +91,22 @@ def test_bench_backends_and_module_entry(capsys):
     r = subprocess.run([sys.executable, "-m", "qipo_kernels", "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert r.returncode == 0 and "demo" in r.stdout and "train" in r.stdout
+
+
+def test_eval_line_prints_the_standard_error_and_labels_it(capsys):
+    import numpy as np
+
+    """`eval` prints mean ± s.e. (labelled) where it used to print the s.d. after "±"."""
+    from qipo_kernels.cli import _print_eval
+
+    rets = [10.0, 12.0, 14.0, 16.0, 18.0]
+    sd = float(np.std(rets))
+    _print_eval("qipo", {"mean": 14.0, "std": sd, "episodes": 5, "normalized_mean": 50.0,
+                         "normalized_std": 2 * sd, "returns": rets})
+    out = capsys.readouterr().out
+    se = float(np.std(rets, ddof=1) / np.sqrt(5))       # 1.414
+    assert f"return 14.0 ± {se:.1f} s.e." in out
+    assert f"normalised 50.0 ± {2 * se:.1f} s.e." in out
+    assert f"s.d. {sd:.1f}" in out
+    _print_eval("qipo", {"mean": 3.0, "std": 0.0, "episodes": 1, "normalized_mean": None, "normalized_std": None})
+    assert "s.e. n/a" in capsys.readouterr().out
