@@ -94,11 +94,11 @@ def cmd_train(a) -> int:
             raise SystemExit("--task (per-task defaults) applies to cpql only")
         base = dataclasses.asdict(cpql_config_for(a.task))
     elif a.algo == "cpql" and a.dataset:
-        from .algos.cpql import task_key
+        from .algos.cpql import preset_message, task_key
 
         if task_key(a.dataset):
             base = dataclasses.asdict(cpql_config_for(a.dataset))
-            print(f"using CPQL defaults for task {base['task']!r}")
+        print(preset_message(a.dataset))
     if a.seed is not None:
         base["seed"] = a.seed
     cfg_dict = _parse_sets(cfg_cls, a.set, base)

@@ -66,6 +66,19 @@ def _backend_for(module: nn.Module, backend: str) -> str:
     return backend
 
 
+def _elementwise_backend(op: str, backend: str, like: torch.Tensor) -> str:
+    """A named backend that has no implementation of an elementwise op (e.g. cpp has no flow_path)
+    runs that op on the reference, so the rest of the call (the loss kernel) still runs on it;
+    a backend that cannot run on this device at all is left to raise in the ops that follow."""
+    if backend in ("auto", "torch"):
+        return backend
+    from . import backends as B
+
+    if B.backend_reasons(backend, like.device):
+        return backend
+    return "torch" if (op, backend) not in B._REG else backend
+
+
 def _initial_noise(policy, obs, num_samples, noise, generator) -> torch.Tensor:
     """Check obs (and the given noise) against the policy; draw noise [B, num_samples, A] when None."""
     _check_obs(obs, policy.obs_dim)
@@ -153,7 +166,7 @@ class FlowPolicy(nn.Module):
             noise = torch.randn((B, M, A), dtype=obs.dtype, device=obs.device, generator=generator)
         else:
             C.tensor("noise", noise, shape=(B, M, A))
-        x_t, _ = ops.flow_path(actions, noise, t, self.path, backend=backend)
+        x_t, _ = ops.flow_path(actions, noise, t, self.path, backend=_elementwise_backend("flow_path", backend, obs))
         pred = self.net(x_t.reshape(B * M, A), t.reshape(B * M), obs.repeat_interleave(M, dim=0)).reshape(B, M, A)
         return ops.flow_matching_loss(pred, actions, noise, t, self.path, energy=energy, beta=beta,
                                       normalize=normalize, pair_weight=pair_weight, backend=backend)

@@ -26,7 +26,13 @@ def test_train_then_eval_cpql(demo_minari_root, tmp_path, capsys):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 12 and summary["config"]["seed"] == 3 and summary["config"]["hidden"] == 16
     assert os.path.exists(os.path.join(out, "train.csv")) and os.path.exists(os.path.join(out, "eval.csv"))
-    assert "return" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "return" in printed
+    # a dataset id that names no CPQL task says so, in one line naming the preset it falls back to
+    line = [ln for ln in printed.splitlines() if "CPQL" in ln]
+    assert len(line) == 1 and "matches no CPQL task preset" in line[0] and "generic CPQLConfig defaults" in line[0]
+    assert "eta 1" in line[0] and "grad_norm 5" in line[0]
+    assert summary["train_time_s"] >= 0 and summary["train_wall_s"] > 0
     res_path = str(tmp_path / "res.json")
     assert cli.main(["eval", out, "--episodes", "2", "--seeds", "0,1", "--device", "cpu", "--json", res_path]) == 0
     res = json.load(open(res_path))

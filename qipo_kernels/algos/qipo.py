@@ -73,7 +73,10 @@ class QIPOConfig:
     normalize: str = "support"        # "support" (official code) | "batch" (paper's Algorithm 1)
     keep_data_action: bool = False
     renew_chunk: int = 4096           # states per batched sampler call during renewal
-    store_support_max: int = 50_000_000  # keep support sets in checkpoints up to this many numbers
+    # Support sets are kept in checkpoints only up to this many numbers (4 MB of float32): larger ones
+    # (100k states x 64 x A: ~160 MB) are re-drawn from the restored networks on resume instead (a
+    # fresh draw, so such a resumed run is not bit-identical to an uninterrupted one).
+    store_support_max: int = 1_000_000
     # data
     reward_scale: Any = "auto"
     normalize_obs: bool = True
