@@ -49,6 +49,7 @@ class QIPOConfig:
     # sampling (support renewal, Q-learning support, evaluation)
     solver: Optional[str] = None      # None: "euler" on "ot", "dpm2" (DPM-Solver++(2S)) on noise paths
     sample_steps: int = 8             # dpm2: 2 evaluations per step (16 network evaluations ~ official 15)
+    sample_t0: Optional[float] = None  # sampling start time; None: 0.05 on "ot-eps" (see FlowPolicy), 0 otherwise
     # stage 1: behaviour pre-training
     pretrain_steps: int = 600_000
     pretrain_batch: int = 4096
@@ -125,7 +126,7 @@ class QIPO(Trainer):
         seed_everything(cfg.seed)
         S, A = dataset.obs_dim, dataset.act_dim
         mk = dict(hidden=cfg.hidden, depth=cfg.depth, activation=cfg.activation, time_embedding=cfg.time_embedding,
-                  path=cfg.path, steps=cfg.sample_steps, solver=cfg.solver)
+                  path=cfg.path, steps=cfg.sample_steps, solver=cfg.solver, t0=cfg.sample_t0)
         self.behaviour = FlowPolicy(S, A, **mk).to(self.device)
         self.policy = FlowPolicy(S, A, **mk).to(self.device)
         self.ema = copy.deepcopy(self.policy).requires_grad_(False)
