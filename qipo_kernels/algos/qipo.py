@@ -111,6 +111,25 @@ class QIPOConfig:
         self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
 
 
+# Documented presets: they change only schedule lengths, batch sizes and learning rates (the papers'
+# values stay QIPOConfig's defaults). "cpu-quick": a run of ~8-15 CPU-minutes on one thread (100k transitions);
+# lr 1e-3 for the behaviour model (bench/results/qipo_bc_diagnosis.md: R^2 0.50 vs 0.43 at 1e-4 after
+# 1,000 steps of batch 1024); one support draw per stage (each is a full-dataset sampling pass).
+QIPO_PRESETS: Dict[str, Dict[str, Any]] = {
+    "cpu-quick": dict(pretrain_steps=1000, pretrain_batch=1024, pretrain_lr=1e-3, q_steps=1000,
+                      q_support_refresh=1000, policy_steps=500, renew_every=500),
+}
+
+
+def qipo_config_for(preset: Optional[str] = None, **overrides) -> QIPOConfig:
+    """QIPOConfig with a preset from QIPO_PRESETS (None: the defaults), then ``overrides``."""
+    if preset is not None and preset not in QIPO_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(QIPO_PRESETS)} or None, got {preset!r}")
+    d = dict(QIPO_PRESETS.get(preset, {}))
+    d.update(overrides)
+    return QIPOConfig(**d)
+
+
 class QIPO(Trainer):
     """QIPO trainer on an OfflineDataset (qipo_kernels.data). ``fit()`` runs all three stages."""
 
