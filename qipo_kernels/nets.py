@@ -26,8 +26,8 @@ TIME_EMBEDDINGS = ("sinusoidal", "fourier", "raw")
 
 
 class _MishFn(torch.autograd.Function):
-    """Mish, exact, with fewer elementwise passes than PyTorch's CPU kernel (about 1.7x faster forward
-    + backward on one thread; bench/bench_train_step.py).
+    """Mish, exact, with a cheaper backward than PyTorch's CPU kernel (forward + backward about 1.5x
+    faster on one thread; bench/bench_mish.py, bench/bench_train_step.py).
 
     With e = exp(x) (x clamped at 20, where tanh(softplus(x)) is 1 in float32 and float64 to ~1e-17)
     and n = e (e + 2):  tanh(softplus(x)) = n / (n + 2), so mish(x) = x (n / (n + 2)) (no cancellation
@@ -57,8 +57,9 @@ class _MishFn(torch.autograd.Function):
 
 
 def mish(x: torch.Tensor) -> torch.Tensor:
-    """x tanh(softplus(x)): the faster exact formulation (_MishFn) on CPU tensors, F.mish elsewhere."""
-    if x.is_cpu and x.dtype in (torch.float32, torch.float64):
+    """x tanh(softplus(x)): _MishFn when a gradient is wanted of a CPU tensor (its forward + backward
+    is the faster one), F.mish otherwise (its forward alone is faster; bench/results/mish_cpu.md)."""
+    if x.requires_grad and torch.is_grad_enabled() and x.is_cpu and x.dtype in (torch.float32, torch.float64):
         return _MishFn.apply(x)
     return F.mish(x)
 
