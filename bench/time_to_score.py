@@ -108,21 +108,29 @@ def report(a):
              "evaluation episodes of all seeds (s.e. of the seed means in brackets when there are >= 2 seeds). "
              "CPU seconds are the process CPU time of the train steps (evaluation excluded). The machine's 2 cores "
              "were shared with other jobs: wall time was ~3-5x the CPU time.", "",
-             "| algorithm | dataset | behaviour (data) | seeds | steps | train CPU-s | QIPO behaviour model | final score |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| algorithm | dataset | behaviour (data) | seeds | steps | train CPU-s | QIPO behaviour model | final score | best evaluation on the curve |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (algo, dataset), cs in sorted(groups.items()):
-        finals = [c["final"] for c in cs if "final" in c]
-        if not finals:
+        done = [c for c in cs if "final" in c]
+        if not done:  # killed before its final evaluation: its last evaluation, marked
+            last = [c["points"][-1] for c in cs if c["points"]]
+            for c, p in zip(cs, last):
+                lines.append(f"| {algo} | {dataset} | {c['behaviour_normalized']:.1f} | 1 | {p['step']} | "
+                             f"{p['cpu_s']:.0f} | {p['normalized']:.1f} ({p['tag']}) | not reached: the run was "
+                             f"stopped before its next evaluation | - |")
             continue
+        cs = done
+        finals = [c["final"] for c in cs]
         eps = np.concatenate([np.asarray(_norm_eps(c, f)) for c, f in zip(cs, finals)])
         se = eps.std(ddof=1) / np.sqrt(len(eps)) if len(eps) > 1 else float("nan")
         seed_means = [f["normalized"] for f in finals]
         seed_se = f" [{np.std(seed_means, ddof=1) / np.sqrt(len(seed_means)):.1f}]" if len(seed_means) > 1 else ""
         beh = [p for c in cs for p in c["points"] if p["tag"] == "behaviour"]
         beh_s = f"{np.mean([p['normalized'] for p in beh]):.1f} (at {beh[0]['cpu_s']:.0f} CPU-s)" if beh else "-"
+        best = [max(p["normalized"] for p in c["points"] if p["normalized"] is not None) for c in cs]
         lines.append(f"| {algo} | {dataset} | {cs[0]['behaviour_normalized']:.1f} | {len(finals)} | "
                      f"{int(np.mean([f['step'] for f in finals]))} | {np.mean([f['cpu_s'] for f in finals]):.0f} | "
-                     f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} |")
+                     f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {np.mean(best):.1f} |")
     lines += ["", "Commands (one per run):", ""] + [f"    {c['command']}" for c in curves]
     with open(os.path.join(a.out, "README.md") + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
