@@ -5,6 +5,7 @@
     qipo-kernels train cpql --dataset mujoco/halfcheetah/medium-v0 --task halfcheetah-medium
     qipo-kernels train cpql-online --set env_id=Pendulum-v1 --set steps=20000
     qipo-kernels eval DIR_OR_CHECKPOINT [--episodes 10] [--seeds 0,1,2]
+    qipo-kernels make-dataset --env HalfCheetah-v5 --agent sac.zip --id qipo/halfcheetah/noisy-v0 [--noise 0.1]
     qipo-kernels bench [NAME ...] [-- ARGS]              runs a benchmark under bench/ (lists them without NAME)
     qipo-kernels backends                               which backends run here, and why the others don't
 
@@ -180,12 +181,12 @@ def _train(a, device: str, ctx) -> int:
         except ValueError as e:
             raise CLIError(f"--task: {e}") from None
     elif a.algo == "cpql" and a.dataset:
-        from .algos.cpql import task_key
+        from .algos.cpql import preset_message, task_key
 
         if task_key(a.dataset):
             base = dataclasses.asdict(cpql_config_for(a.dataset))
-            if main:
-                print(f"using CPQL defaults for task {base['task']!r}")
+        if main:
+            print(preset_message(a.dataset))
     if a.seed is not None:
         base["seed"] = a.seed
     cfg_dict = _parse_sets(cfg_cls, a.set, base)
@@ -297,12 +298,47 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def _stderr(std: Optional[float], n: int) -> Optional[float]:
+    """Standard error of a mean of n values from their population s.d. (ddof 0): s.d. / sqrt(n - 1)."""
+    if std is None or n < 2:
+        return None
+    return float(std) / (n - 1) ** 0.5
+
+
 def _print_eval(name: str, res: Optional[Dict[str, Any]]) -> None:
+    """One line: mean ± standard error of the mean over the episodes (labelled "s.e."), and the s.d."""
     if not res:
         return
+    n = int(res["episodes"])
+
+    def pm(mean, std):
+        se = _stderr(std, n)
+        return f"{mean:.1f} ± {se:.1f} s.e." if se is not None else f"{mean:.1f} (s.e. n/a, 1 episode)"
+
     norm = res.get("normalized_mean")
-    ns = f"  normalised {norm:.1f} ± {res.get('normalized_std') or 0:.1f}" if norm is not None else ""
-    print(f"{name:>12s}: return {res['mean']:.1f} ± {res['std']:.1f} over {res['episodes']} episodes{ns}")
+    ns = f"  normalised {pm(norm, res.get('normalized_std') or 0.0)}" if norm is not None else ""
+    print(f"{name:>12s}: return {pm(res['mean'], res['std'])} (s.d. {res['std']:.1f}) over {n} episodes{ns}")
+
+
+def cmd_make_dataset(a) -> int:
+    """Roll out an agent zip in a Gymnasium env and write a Minari dataset (qipo_kernels.data.rollout)."""
+    from .data.rollout import make_rollout_dataset
+
+    if a.root:
+        os.environ["MINARI_DATASETS_PATH"] = a.root
+    try:
+        did = make_rollout_dataset(a.id, env_id=a.env, agent=a.agent, num_episodes=a.episodes, noise=a.noise,
+                                   seed=a.seed, ref_episodes=a.ref_episodes, max_episode_steps=a.max_episode_steps,
+                                   algo=a.algo, overwrite=a.overwrite, progress_bar=not a.no_progress)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    from .data.rollout import existing_params
+    from .data.minari_io import dataset_dir
+
+    meta = existing_params(did) or {}
+    print(f"dataset {did} at {dataset_dir(did)}: ref_min_score {meta.get('ref_min_score')}, ref_max_score "
+          f"{meta.get('ref_max_score')}, behaviour normalised score {meta.get('qipo_behaviour_normalized_score')}")
+    return 0
 
 
 MICRO_BENCH = "micro"   # `python -m bench`: the pytest-benchmark micro-benchmarks, then the report
@@ -425,6 +461,22 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the result here (atomic)")
     e.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
     e.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("make-dataset", help="roll out an SB3 agent zip in a Gymnasium env -> Minari dataset",
+                       parents=[common])
+    m.add_argument("--env", required=True, help="Gymnasium env id, e.g. HalfCheetah-v5")
+    m.add_argument("--agent", required=True, help="Stable-Baselines3 / rl-zoo agent zip")
+    m.add_argument("--id", required=True, help="dataset id to write, e.g. qipo/halfcheetah/noisy-sac-v0")
+    m.add_argument("--episodes", type=int, default=100)
+    m.add_argument("--noise", type=float, default=0.1, help="Gaussian action noise s.d. in [-1, 1] units")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--ref-episodes", type=int, default=10, help="episodes for each of ref_min / ref_max")
+    m.add_argument("--max-episode-steps", type=int, default=None)
+    m.add_argument("--algo", default="auto", help="SB3 algorithm of the zip (auto: read from it)")
+    m.add_argument("--root", default=None, help="datasets directory (default $MINARI_DATASETS_PATH or ~/.minari/datasets)")
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(fn=cmd_make_dataset)
 
     b = sub.add_parser("bench", help="run a benchmark under bench/ (`bench NAME -- ARGS` passes ARGS on)",
                        parents=[common])

@@ -34,10 +34,13 @@ from . import ops
 from .nets import ConditionalMLP
 from .reference.consistency import NUM_SCALES, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from .reference.ode import NOISE_SOLVERS, SOLVERS, VELOCITY_SOLVERS
-from .reference.paths import PATHS, VP_EPS
+from .reference.paths import PATHS, VP_EPS, alpha_sigma
 from .reference.select import SELECT_MODES
 
-__all__ = ["FlowPolicy", "ConsistencyPolicy", "DDPMPolicy", "make_sampler", "Sampler"]
+__all__ = ["FlowPolicy", "ConsistencyPolicy", "DDPMPolicy", "make_sampler", "Sampler", "OT_EPS_SAMPLE_T0"]
+
+# Where sampling starts on the "ot-eps" path (see FlowPolicy): the noise end t = 0 is singular there.
+OT_EPS_SAMPLE_T0 = 0.05
 
 
 def _check_obs(obs, obs_dim: int, name: str = "obs") -> torch.Tensor:
@@ -66,6 +69,19 @@ def _backend_for(module: nn.Module, backend: str) -> str:
     if backend == "auto" and _needs_grad(module):
         return "torch"
     return backend
+
+
+def _elementwise_backend(op: str, backend: str, like: torch.Tensor) -> str:
+    """A named backend that has no implementation of an elementwise op (e.g. cpp has no flow_path)
+    runs that op on the reference, so the rest of the call (the loss kernel) still runs on it;
+    a backend that cannot run on this device at all is left to raise in the ops that follow."""
+    if backend in ("auto", "torch"):
+        return backend
+    from . import backends as B
+
+    if B.backend_reasons(backend, like.device):
+        return backend
+    return "torch" if (op, backend) not in B._REG else backend
 
 
 def _initial_noise(policy, obs, num_samples, noise, generator) -> torch.Tensor:
@@ -115,14 +131,30 @@ class FlowPolicy(nn.Module):
             QIPO-OT's official parameterisation) or "vp" (linear VP, noise target, QIPO-Diff).
         steps: default number of sampling steps.
         solver: default solver; None = "euler" for "ot", "dpm2" (DPM-Solver++(2S)) for noise paths.
+        t0: time at which sampling starts from noise scaled by sigma(t0) (the path's noise level there;
+            plain N(0, I) at t0 = 0). None = ``OT_EPS_SAMPLE_T0`` (0.05) on "ot-eps", 0 on "ot" and "vp".
+
+    Why "ot-eps" starts at 0.05: a noise-predicting network's action estimate is (x - sigma eps) / alpha,
+    and on the OT path alpha(t) = t, so near t = 0 every error of the network is multiplied by ~1/t.
+    From t0 = 1e-3 (the solver's clip) the first of 8 uniform steps (to t = 0.126) multiplies it by
+    ~126 (|a| reached 10-170 before the final clip, most samples saturated, the mean of 64 samples
+    explained R^2 = 0.25 of the data actions after 1,000 steps on HalfCheetah against 0.50 from 0.05;
+    bench/results/qipo_bc_diagnosis.md). From 0.05 the first step's alpha ratio (0.169 / 0.05 = 3.4)
+    is that of the VP path's first step (0.0066 -> 0.021, QGPO / QIPO-Diff), and the start
+    distribution N(0, 0.95^2 I) differs from the true one only by the 0.05 a shift.
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, depth: int = 3, activation: str = "mish",
                  time_embedding: str = "fourier", t_dim: Optional[int] = None, path: str = "ot", steps: int = 10,
-                 solver: Optional[str] = None):
+                 solver: Optional[str] = None, t0: Optional[float] = None):
         super().__init__()
         C.choice("path", path, PATHS)
         C.positive_int("steps", steps)
+        if t0 is None:
+            t0 = OT_EPS_SAMPLE_T0 if path == "ot-eps" else 0.0
+        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not 0.0 <= float(t0) < 0.5:
+            raise ValueError(f"t0 must be a float in [0, 0.5), got {t0!r}")
+        self.t0 = float(t0)
         if solver is not None:
             C.choice("solver", solver, NOISE_SOLVERS if path != "ot" else VELOCITY_SOLVERS)
         self.net = ConditionalMLP(act_dim, obs_dim, hidden=hidden, depth=depth, activation=activation,
@@ -136,7 +168,14 @@ class FlowPolicy(nn.Module):
         c = self.net.config()
         return dict(obs_dim=self.obs_dim, act_dim=self.act_dim, hidden=c["hidden"], depth=c["depth"],
                     activation=c["activation"], time_embedding=c["time_embedding"], t_dim=c["t_dim"],
-                    path=self.path, steps=self.steps, solver=self.solver)
+                    path=self.path, steps=self.steps, solver=self.solver, t0=self.t0)
+
+    def start_noise_scale(self) -> float:
+        """sigma(t0): the initial noise N(0, I) is scaled by this (1 when t0 = 0)."""
+        if self.t0 == 0.0:
+            return 1.0
+        _, sig = alpha_sigma(torch.tensor(self.t0, dtype=torch.float64), self.path)
+        return float(sig)
 
     # ---- training -------------------------------------------------------------------------
     def loss(self, obs: torch.Tensor, actions: torch.Tensor, energy: Optional[torch.Tensor] = None,
@@ -183,7 +222,7 @@ class FlowPolicy(nn.Module):
             noise = torch.randn((B, M, A), dtype=obs.dtype, device=obs.device, generator=generator)
         else:
             C.tensor("noise", noise, shape=(B, M, A))
-        x_t, _ = ops.flow_path(actions, noise, t, self.path, backend=backend)
+        x_t, _ = ops.flow_path(actions, noise, t, self.path, backend=_elementwise_backend("flow_path", backend, obs))
         pred = self.net(x_t.reshape(B * M, A), t.reshape(B * M), obs.repeat_interleave(M, dim=0)).reshape(B, M, A)
         return ops.flow_matching_loss(pred, actions, noise, t, self.path, energy=energy, beta=beta,
                                       normalize=normalize, pair_weight=pair_weight, backend=backend)
@@ -214,13 +253,16 @@ class FlowPolicy(nn.Module):
         steps = self.steps if steps is None else C.positive_int("steps", steps)
         solver = self._solver(solver)
         noise = _initial_noise(self, obs, num_samples, noise, generator)
+        if self.t0 > 0.0:
+            noise = noise * self.start_noise_scale()
         path = None if self.path == "ot" else self.path
         if grad:
-            out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver, path=path,
+            out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver, t0=self.t0, path=path,
                                 backend=_backend_for(self.net, backend))
         else:
             with torch.no_grad():
-                out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver, path=path, backend=backend)
+                out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver, t0=self.t0, path=path,
+                                    backend=backend)
         return out.clamp(-1.0, 1.0) if clip else out
 
     def act(self, obs: torch.Tensor, critic, num_candidates: int = 50, select: str = "argmax",
@@ -233,6 +275,13 @@ class FlowPolicy(nn.Module):
         steps = self.steps if steps is None else C.positive_int("steps", steps)
         solver = self._solver(solver)
         _param_like(self.net, obs)
+        if self.t0 > 0.0:  # ops.act integrates from t = 0: sample, score and select in three calls
+            with torch.no_grad():
+                cand = self.sample(obs, num_candidates, steps=steps, solver=solver, noise=noise, generator=generator,
+                                   backend=backend)
+                q = critic.q_min(obs.repeat_interleave(num_candidates, 0), cand.reshape(-1, self.act_dim))
+                return ops.select_action(q.reshape(obs.shape[0], num_candidates), cand, mode=select,
+                                         temperature=temperature, generator=generator, backend=backend)
         with torch.no_grad():
             return ops.act(self.net, critic, obs, num_candidates=num_candidates, sampler="flow", steps=steps,
                            solver=solver, path=None if self.path == "ot" else self.path, mode=select,
@@ -495,6 +544,8 @@ class Sampler:
         from . import backends as B
 
         used = self.backend_used(obs) if self.backend in ("auto", "triton", "cpp") else "torch"
+        if used == "triton" and self.kind == "flow" and self.policy.t0 > 0.0:
+            return None  # (the prepared Triton call integrates from t = 0; the checked path starts at t0)
         if used == "triton":
             return key, self._prepare_triton(obs), None
         if self.cuda_graph:
@@ -531,7 +582,8 @@ class Sampler:
         noise = torch.randn(shape, dtype=obs.dtype, device=obs.device, generator=self.generator)
         try:
             if self.kind == "flow":
-                out = impl(self.net, noise, obs, self.steps, pol._solver(self.solver), 0.0, 1.0,
+                x0 = noise * pol.start_noise_scale() if pol.t0 > 0.0 else noise
+                out = impl(self.net, x0, obs, self.steps, pol._solver(self.solver), pol.t0, 1.0,
                            None if pol.path == "ot" else pol.path, False).clamp_(-1.0, 1.0)
             elif self.kind == "ddpm":
                 out = impl(self.net, noise, obs, pol.schedule, None, pol.max_action, pol.predict_epsilon,
@@ -559,6 +611,13 @@ class Sampler:
         obs, single = self._obs(obs)
         pol = self.policy
         kw = {}
+        if self.kind == "flow" and pol.t0 > 0.0:  # ops.act integrates from t = 0: FlowPolicy.act starts at t0
+            out = pol.act(obs, critic, num_candidates, select=mode or "argmax", temperature=temperature,
+                          steps=self.steps, solver=self.solver,
+                          generator=self.generator if generator is None else generator,
+                          backend=self.backend if backend is None else backend)
+            out = self._affine(out)
+            return out[0] if single else out
         if self.kind == "flow":
             kw = dict(steps=self.steps, solver=pol._solver(self.solver), path=None if pol.path == "ot" else pol.path)
         elif self.kind == "consistency":
@@ -778,6 +837,10 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
             if not (policy.sigma_min <= float(s) <= policy.sigma_max):
                 raise ValueError(f"every sigma in sigmas must lie in [{policy.sigma_min}, {policy.sigma_max}], got {s}")
     if cuda_graph:
+        if isinstance(policy, FlowPolicy) and policy.t0 > 0.0:
+            raise ValueError(f"cuda_graph=True captures the prepared Triton call, which integrates from t = 0; this "
+                             f"flow policy samples from t0 = {policy.t0} (path {policy.path!r}): build it with t0=0 "
+                             "or pass cuda_graph=False")
         dev = next(policy.parameters()).device
         if dev.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the policy on a CUDA device (device='cuda'), it is on {dev}")

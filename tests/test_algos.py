@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qipo_kernels import data
+from qipo_kernels import backends, data
 from qipo_kernels.algos import (CPQL, CPQL_TASK_DEFAULTS, QIPO, CPQLConfig, CPQLOnline, CPQLOnlineConfig, QIPOConfig,
                                 StopTraining, cpql_config_for, task_key)
 from qipo_kernels.algos.common import RunLogger, atomic_torch_save, atomic_write_json, parse_value
@@ -112,6 +112,63 @@ def test_qipo_resume_regenerates_a_support_set_too_big_to_store(tiny_ds, tmp_pat
     assert resumed.step == 30
     summary = resumed.fit()
     assert summary["steps"] == 36
+
+
+def test_qipo_checkpoint_drops_large_support_sets_by_default(tiny_ds, tmp_path):
+    """Support sets above store_support_max (1M numbers by default) are not written into checkpoints
+    (they made a 100k-transition checkpoint 161 MB); resuming re-draws them."""
+    assert QIPOConfig().store_support_max == 1_000_000
+    cfg = _qcfg(num_support=3400, renew_chunk=300, store_support_max=QIPOConfig().store_support_max)  # 1.02M actions
+    run = QIPO(tiny_ds, cfg, out_dir=str(tmp_path), progress_bar=False, callback=_kill_at(26))
+    with pytest.raises(StopTraining):
+        run.fit()
+    assert run.support is not None and run.support.numel() > cfg.store_support_max
+    path = tmp_path / "checkpoint.pt"
+    ck = torch.load(str(path), weights_only=False)
+    assert "support" not in ck["algo_state"] and "support_q" not in ck["algo_state"]
+    assert os.path.getsize(path) < 1_000_000  # the networks and optimisers only (~0.1 MB here)
+    resumed = QIPO(tiny_ds, cfg, out_dir=str(tmp_path), progress_bar=False)
+    assert resumed.try_resume() and resumed.support.shape == (len(tiny_ds), 3400, 1)
+
+
+@pytest.mark.skipif(bool(backends.backend_reasons("cpp", "cpu")), reason="the C++ extension is not built here")
+def test_qipo_runs_every_stage_with_backend_cpp(tiny_ds, tmp_path):
+    """backend='cpp' used to crash at the first stage-3 step (no cpp flow_path); the elementwise path
+    op now runs on the reference inside a cpp run, the loss and the samplers on cpp."""
+    cfg = _qcfg(backend="cpp", pretrain_steps=3, q_steps=3, policy_steps=4)
+    tr = QIPO(tiny_ds, cfg, out_dir=str(tmp_path), progress_bar=False)
+    summary = tr.fit()
+    assert summary["steps"] == 10 and tr.stage() == "policy"
+    ref = QIPO(tiny_ds, _qcfg(backend="torch", pretrain_steps=3, q_steps=3, policy_steps=4),
+               out_dir=str(tmp_path / "ref"), progress_bar=False)
+    ref.fit()
+    for k in ("policy", "critic"):  # the same run up to float rounding of the fused kernels
+        for p, q in zip(tr.modules[k].parameters(), ref.modules[k].parameters()):
+            torch.testing.assert_close(p, q, atol=1e-3, rtol=1e-3)
+
+
+def test_train_time_is_process_cpu_time_and_wall_time_is_kept_apart(tiny_ds, tmp_path, monkeypatch):
+    from qipo_kernels.algos import common
+
+    class FakeClock:
+        def __init__(self):
+            self.cpu, self.wall = 0.0, 0.0
+
+        def process_time(self):
+            self.cpu += 1.0
+            return self.cpu
+
+        def perf_counter(self):
+            self.wall += 10.0
+            return self.wall
+
+        def time(self):
+            return 0.0
+
+    monkeypatch.setattr(common, "time", FakeClock())
+    summary = QIPO(tiny_ds, _qcfg(), out_dir=str(tmp_path), progress_bar=False).fit()
+    assert summary["train_time_s"] == summary["steps"] == 36  # one fake CPU second per step
+    assert summary["train_wall_s"] >= 10 * 36
 
 
 def test_qipo_support_and_options(tiny_ds, tmp_path):

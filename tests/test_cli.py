@@ -30,7 +30,13 @@ def test_train_then_eval_cpql(demo_minari_root, tmp_path, capsys):
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["steps"] == 12 and summary["config"]["seed"] == 3 and summary["config"]["hidden"] == 16
     assert os.path.exists(os.path.join(out, "train.csv")) and os.path.exists(os.path.join(out, "eval.csv"))
-    assert "return" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "return" in printed
+    # a dataset id that names no CPQL task says so, in one line naming the preset it falls back to
+    line = [ln for ln in printed.splitlines() if "CPQL" in ln]
+    assert len(line) == 1 and "matches no CPQL task preset" in line[0] and "generic CPQLConfig defaults" in line[0]
+    assert "eta 1" in line[0] and "grad_norm 5" in line[0]
+    assert summary["train_time_s"] >= 0 and summary["train_wall_s"] > 0
     res_path = str(tmp_path / "res.json")
     assert cli.main(["eval", out, "--episodes", "2", "--seeds", "0,1", "--device", "cpu", "--json", res_path]) == 0
     res = json.load(open(res_path))
@@ -261,3 +267,22 @@ def test_without_the_rl_extra_the_tests_skip_with_the_reason(tmp_path):
                        capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "1 passed, 2 skipped" in r.stdout and "needs minari" in r.stdout and "gymnasium" in r.stdout
+
+
+def test_eval_line_prints_the_standard_error_and_labels_it(capsys):
+    import numpy as np
+
+    """`eval` prints mean ± s.e. (labelled) where it used to print the s.d. after "±"."""
+    from qipo_kernels.cli import _print_eval
+
+    rets = [10.0, 12.0, 14.0, 16.0, 18.0]
+    sd = float(np.std(rets))
+    _print_eval("qipo", {"mean": 14.0, "std": sd, "episodes": 5, "normalized_mean": 50.0,
+                         "normalized_std": 2 * sd, "returns": rets})
+    out = capsys.readouterr().out
+    se = float(np.std(rets, ddof=1) / np.sqrt(5))       # 1.414
+    assert f"return 14.0 ± {se:.1f} s.e." in out
+    assert f"normalised 50.0 ± {2 * se:.1f} s.e." in out
+    assert f"s.d. {sd:.1f}" in out
+    _print_eval("qipo", {"mean": 3.0, "std": 0.0, "episodes": 1, "normalized_mean": None, "normalized_std": None})
+    assert "s.e. n/a" in capsys.readouterr().out

@@ -119,3 +119,47 @@ def test_gelu_is_tanh_approximation():
 
     x = torch.linspace(-4, 4, 101)
     torch.testing.assert_close(activation_fn("gelu")(x), F.gelu(x, approximate="tanh"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(17,), (6, 1000), (3, 5, 7)])
+def test_fast_mish_matches_float64_mish_and_its_gradient(dtype, shape):
+    """nets.mish (the reformulated CPU Mish the networks use) against F.mish in float64, values and
+    gradients, on fresh random inputs over a wide range plus the edge values."""
+    from qipo_kernels.nets import _MishFn, mish
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 6
+    edges = torch.tensor([-1e30, -1e4, -100.0, -30.0, -20.0, -1.0, 0.0, 1.0, 19.9, 20.0, 20.1, 30.0, 1e4, 1e30],
+                         dtype=torch.float64)
+    x.view(-1)[: edges.numel()] = edges[: x.numel()]
+    xt = x.to(dtype).requires_grad_()
+    gy = torch.randn(shape, generator=g, dtype=torch.float64)
+    xd = xt.detach().double().requires_grad_()
+    want = F.mish(xd)
+    want_grad = torch.autograd.grad(want, xd, gy)[0]
+    got = mish(xt)
+    assert got.dtype == dtype and got.shape == x.shape
+    got_grad = torch.autograd.grad(got, xt, gy.to(dtype))[0]
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_grad.double(), want_grad, atol=tol * 4, rtol=tol * 4)
+    if dtype == torch.float64:
+        small = (torch.randn(40, generator=g, dtype=torch.float64) * 5).requires_grad_()
+        assert torch.autograd.gradcheck(_MishFn.apply, (small,))
+    with torch.no_grad():  # no gradient wanted: nothing saved, same values
+        torch.testing.assert_close(mish(xt.detach()), got.detach())
+    nan = mish(torch.tensor([float("nan"), float("inf")], dtype=dtype))
+    assert torch.isnan(nan[0]) and nan[1] == float("inf")
+
+
+def test_networks_use_the_fast_mish_on_cpu():
+    from qipo_kernels.nets import mish
+
+    net = ConditionalMLP(3, 4, hidden=8, depth=2)
+    assert net._act is mish
+    x, obs, t = torch.randn(7, 3), torch.randn(7, 4), torch.rand(7)
+    h = torch.cat([x, net.embed_time(t), obs], 1)
+    for lin in net.layers:
+        h = F.mish(lin(h))
+    torch.testing.assert_close(net(x, t, obs), net.out(h), atol=2e-6, rtol=2e-6)

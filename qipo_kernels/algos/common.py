@@ -449,7 +449,8 @@ class Trainer:
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(int(cfg.seed))
         self.eval_history: List[Dict[str, Any]] = []
-        self.train_time = 0.0
+        self.train_time = 0.0        # process CPU seconds spent in train steps (all threads)
+        self.train_wall_time = 0.0   # wall-clock seconds spent in train steps
         self.logger: Optional[RunLogger] = None
         self.verbose = True            # one-line notes (resuming, interrupted) on stdout
         self.resume_changes: Dict[str, tuple] = {}   # config fields changed by the last resume
@@ -504,6 +505,8 @@ class Trainer:
             "step": self.step,
             "world_size": self.dist.world_size if self.dist is not None else 1,
             "train_time": self.train_time,
+            "train_wall_time": self.train_wall_time,
+            "train_time_kind": "cpu",
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optims": {k: o.state_dict() for k, o in self.optims.items()},
             "rng": rng_state(self.gen),
@@ -519,7 +522,11 @@ class Trainer:
         for k, o in self.optims.items():
             o.load_state_dict(st["optims"][k])
         self.step = int(st["step"])
-        self.train_time = float(st.get("train_time", 0.0))
+        if st.get("train_time_kind") == "cpu":
+            self.train_time = float(st.get("train_time", 0.0))
+            self.train_wall_time = float(st.get("train_wall_time", 0.0))
+        else:  # checkpoints before train_time meant CPU time held wall time only
+            self.train_time, self.train_wall_time = 0.0, float(st.get("train_time", 0.0))
         self.eval_history = list(st.get("eval_history", []))
         self._load_state(st.get("algo_state", {}))
         set_rng_state(self.gen, st["rng"])  # last: _load_state may draw (e.g. regenerate a support set)
@@ -639,14 +646,15 @@ class Trainer:
         self._ckpt_ok = True
         try:
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 stage = self.stage()
                 self._in_step = True   # until the step is logged: a Ctrl-C here waits for the end of it
                 metrics, nsamples = self.train_step()
                 if self.dist is not None:
                     metrics = self.dist.mean_metrics(metrics)
                 self.step += 1
-                self.train_time += time.perf_counter() - t0
+                self.train_time += time.process_time() - c0
+                self.train_wall_time += time.perf_counter() - t0
                 n_last += nsamples
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps or stage != self.stage():
@@ -693,7 +701,9 @@ class Trainer:
 
     def _record_eval(self, res: Dict[str, Any]) -> None:
         row = {"step": self.step, "mean": res["mean"], "std": res["std"],
-               "normalized_mean": res.get("normalized_mean"), "episodes": res.get("episodes")}
+               "normalized_mean": res.get("normalized_mean"), "normalized_std": res.get("normalized_std"),
+               "episodes": res.get("episodes"), "train_time_s": round(self.train_time, 3),
+               "train_wall_s": round(self.train_wall_time, 3)}
         self.eval_history = [r for r in self.eval_history if r["step"] != self.step] + [row]
         self.logger.log("eval", self.step, {k: (v if v is not None else float("nan")) for k, v in row.items()
                                             if k != "step"})
@@ -702,7 +712,8 @@ class Trainer:
         return {
             "algo": self.algo,
             "steps": self.step,
-            "train_time_s": round(self.train_time, 3),
+            "train_time_s": round(self.train_time, 3),     # process CPU time of the train steps
+            "train_wall_s": round(self.train_wall_time, 3),  # their wall-clock time
             "final_eval": final_eval,
             "eval_history": self.eval_history,
             "config": dataclasses.asdict(self.cfg),

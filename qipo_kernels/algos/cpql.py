@@ -131,6 +131,18 @@ class CPQLConfig:
             self.sigmas = tuple(float(s) for s in self.sigmas)
 
 
+def preset_message(dataset_id: str) -> str:
+    """One line saying which CPQL preset a dataset id selects: its task's defaults, or (an id that
+    matches no task in CPQL_TASK_DEFAULTS) the generic CPQLConfig defaults, named with their values."""
+    key = task_key(dataset_id)
+    if key is not None:
+        return f"using CPQL defaults for task {key!r} (from dataset {dataset_id!r})"
+    c = CPQLConfig()
+    return (f"dataset {dataset_id!r} matches no CPQL task preset: using the generic CPQLConfig defaults "
+            f"(lr {c.lr:g}, eta {c.eta:g}, grad_norm {c.grad_norm:g}, steps {c.steps}); choose one with --task "
+            f"(known: {', '.join(sorted(CPQL_TASK_DEFAULTS))}) or --set")
+
+
 def cpql_config_for(dataset_id_or_task: str, **overrides) -> CPQLConfig:
     """CPQLConfig with the paper's per-task defaults (lr, eta, grad_norm, steps = epochs x 1000, AntMaze
     max-Q backup and reward), then ``overrides``. Unknown tasks raise ValueError listing the known ones."""

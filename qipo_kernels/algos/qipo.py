@@ -50,6 +50,7 @@ class QIPOConfig:
     # sampling (support renewal, Q-learning support, evaluation)
     solver: Optional[str] = None      # None: "euler" on "ot", "dpm2" (DPM-Solver++(2S)) on noise paths
     sample_steps: int = 8             # dpm2: 2 evaluations per step (16 network evaluations ~ official 15)
+    sample_t0: Optional[float] = None  # sampling start time; None: 0.05 on "ot-eps" (see FlowPolicy), 0 otherwise
     # stage 1: behaviour pre-training
     pretrain_steps: int = 600_000
     pretrain_batch: int = 4096
@@ -74,7 +75,10 @@ class QIPOConfig:
     normalize: str = "support"        # "support" (official code) | "batch" (paper's Algorithm 1)
     keep_data_action: bool = False
     renew_chunk: int = 4096           # states per batched sampler call during renewal
-    store_support_max: int = 50_000_000  # keep support sets in checkpoints up to this many numbers
+    # Support sets are kept in checkpoints only up to this many numbers (4 MB of float32): larger ones
+    # (100k states x 64 x A: ~160 MB) are re-drawn from the restored networks on resume instead (a
+    # fresh draw, so such a resumed run is not bit-identical to an uninterrupted one).
+    store_support_max: int = 1_000_000
     # data
     reward_scale: Any = "auto"
     normalize_obs: bool = True
@@ -108,6 +112,25 @@ class QIPOConfig:
         self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
 
 
+# Documented presets: they change only schedule lengths, batch sizes and learning rates (the papers'
+# values stay QIPOConfig's defaults). "cpu-quick": a run of ~8-15 CPU-minutes on one thread (100k transitions);
+# lr 1e-3 for the behaviour model (bench/results/qipo_bc_diagnosis.md: R^2 0.50 vs 0.43 at 1e-4 after
+# 1,000 steps of batch 1024); one support draw per stage (each is a full-dataset sampling pass).
+QIPO_PRESETS: Dict[str, Dict[str, Any]] = {
+    "cpu-quick": dict(pretrain_steps=1000, pretrain_batch=1024, pretrain_lr=1e-3, q_steps=1000,
+                      q_support_refresh=1000, policy_steps=500, renew_every=500),
+}
+
+
+def qipo_config_for(preset: Optional[str] = None, **overrides) -> QIPOConfig:
+    """QIPOConfig with a preset from QIPO_PRESETS (None: the defaults), then ``overrides``."""
+    if preset is not None and preset not in QIPO_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(QIPO_PRESETS)} or None, got {preset!r}")
+    d = dict(QIPO_PRESETS.get(preset, {}))
+    d.update(overrides)
+    return QIPOConfig(**d)
+
+
 class QIPO(Trainer):
     """QIPO trainer on an OfflineDataset (qipo_kernels.data). ``fit()`` runs all three stages."""
 
@@ -127,7 +150,7 @@ class QIPO(Trainer):
         seed_everything(cfg.seed)
         S, A = dataset.obs_dim, dataset.act_dim
         mk = dict(hidden=cfg.hidden, depth=cfg.depth, activation=cfg.activation, time_embedding=cfg.time_embedding,
-                  path=cfg.path, steps=cfg.sample_steps, solver=cfg.solver)
+                  path=cfg.path, steps=cfg.sample_steps, solver=cfg.solver, t0=cfg.sample_t0)
         self.behaviour = FlowPolicy(S, A, **mk).to(self.device)
         self.policy = FlowPolicy(S, A, **mk).to(self.device)
         self.ema = copy.deepcopy(self.policy).requires_grad_(False)

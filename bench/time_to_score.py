@@ -1,0 +1,202 @@
+"""Time-to-score: normalised score against process CPU seconds on one thread, QIPO and CPQL.
+
+Run (one process per algorithm x dataset x seed, one torch thread each; a run stops after
+``--budget-s`` CPU seconds of training or at the end of its schedule, then evaluates once more):
+
+    python bench/time_to_score.py run --algo cpql --dataset qipo/halfcheetah/noisy-sac-v0 --seed 0 \\
+        --budget-s 600 --out bench/results/tts
+    python bench/time_to_score.py report --out bench/results/tts      # table + plot from every run there
+
+The datasets come from `qipo-kernels make-dataset` (bench/make_datasets.sh). CPQL uses the per-task
+"medium" defaults of the dataset's env (cpql_config_for); QIPO the "cpu-quick" preset (QIPO_PRESETS:
+schedule lengths, batch and lr only). Each run writes <out>/<algo>-<dataset>-s<seed>/curve.json: every
+evaluation as (step, train CPU seconds, normalised mean, its s.e. over the episodes). QIPO's
+behaviour model (end of stage 1) is evaluated too.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qipo_kernels.algos import CPQL, QIPO, StopTraining, cpql_config_for  # noqa: E402
+from qipo_kernels.algos.common import atomic_write_json  # noqa: E402
+from qipo_kernels.algos.qipo import qipo_config_for  # noqa: E402
+from qipo_kernels.data import load_minari  # noqa: E402
+
+
+def _point(tr, res, tag):
+    n = res["episodes"]
+    se = float(res["normalized_std"]) / max(n - 1, 1) ** 0.5 if res.get("normalized_std") is not None else None
+    return {"tag": tag, "step": tr.step, "cpu_s": round(tr.train_time, 2), "wall_s": round(tr.train_wall_time, 2),
+            "normalized": res.get("normalized_mean"), "normalized_se": se, "episodes": n,
+            "per_episode": [float(x) for x in np.asarray(res["returns"])]}
+
+
+def run(a):
+    torch.set_num_threads(1)
+    ds = load_minari(a.dataset)
+    env = a.dataset.split("/")[1] if a.dataset.count("/") >= 2 else a.dataset
+    name = f"{a.algo}-{env}-s{a.seed}"
+    out = os.path.join(a.out, name)
+    os.makedirs(out, exist_ok=True)
+    if a.algo == "cpql":
+        cfg = cpql_config_for(f"{env}-medium", seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes,
+                              checkpoint_every=0, tensorboard=False)
+        tr = CPQL(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
+    else:
+        cfg = qipo_config_for(a.preset, seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes,
+                              checkpoint_every=0, tensorboard=False)
+        tr = QIPO(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
+    curve = {"algo": a.algo, "dataset": a.dataset, "seed": a.seed, "budget_s": a.budget_s,
+             "behaviour_normalized": None, "points": [], "command": " ".join(sys.argv),
+             "config": {k: v for k, v in vars(cfg).items()}}
+    curve["ref"] = [ds.ref_min_score, ds.ref_max_score]
+    ep = getattr(ds, "episode_returns", None)
+    if ep is not None and ds.ref_max_score is not None:
+        curve["behaviour_normalized"] = float(100 * (np.mean(np.asarray(ep)) - ds.ref_min_score)
+                                              / (ds.ref_max_score - ds.ref_min_score))
+    deadline = time.time() + a.wall_limit_s if a.wall_limit_s else None
+
+    def save():
+        atomic_write_json(curve, os.path.join(out, "curve.json"))
+
+    def callback(t, metrics):
+        if a.algo == "qipo" and t.step == t.P:  # the behaviour model, at the end of stage 1
+            curve["points"].append(_point(t, t.evaluate(), "behaviour"))
+            save()
+        for h in t.eval_history:
+            if h["step"] == t.step and not any(p["step"] == t.step and p["tag"] == "train" for p in curve["points"]):
+                n = h["episodes"]
+                se = (h["normalized_std"] / max(n - 1, 1) ** 0.5) if h.get("normalized_std") is not None else None
+                curve["points"].append({"tag": "train", "step": t.step, "cpu_s": h["train_time_s"],
+                                        "wall_s": h["train_wall_s"], "normalized": h["normalized_mean"],
+                                        "normalized_se": se, "episodes": n})
+                save()
+        if t.train_time >= a.budget_s or (deadline is not None and time.time() > deadline):
+            raise StopTraining("budget")
+
+    tr.callback = callback
+    try:
+        tr.fit(resume=False)
+    except StopTraining:
+        pass
+    res = tr.evaluate()
+    curve["points"].append(_point(tr, res, "final"))
+    curve["final"] = curve["points"][-1]
+    save()
+    print(json.dumps({k: v for k, v in curve["final"].items() if k != "per_episode"}))
+
+
+def report(a):
+    curves = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out, "*", "curve.json")))]
+    if not curves:
+        raise SystemExit(f"no runs under {a.out}")
+    groups = {}
+    for c in curves:
+        groups.setdefault((c["algo"], c["dataset"]), []).append(c)
+    lines = ["# Time-to-score on one CPU thread", "",
+             "Normalised score 100 (R - ref_min) / (ref_max - ref_min) of the final policy; mean ± s.e. over all "
+             "evaluation episodes of all seeds (s.e. of the seed means in brackets when there are >= 2 seeds). "
+             "CPU seconds are the process CPU time of the train steps (evaluation excluded). The machine's 2 cores "
+             "were shared with other jobs: wall time was ~3-5x the CPU time.", "",
+             "| algorithm | dataset | behaviour (data) | seeds | steps | train CPU-s | QIPO behaviour model | final score | best evaluation on the curve |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (algo, dataset), cs in sorted(groups.items()):
+        done = [c for c in cs if "final" in c]
+        if not done:  # killed before its final evaluation: its last evaluation, marked
+            last = [c["points"][-1] for c in cs if c["points"]]
+            for c, p in zip(cs, last):
+                lines.append(f"| {algo} | {dataset} | {c['behaviour_normalized']:.1f} | 1 | {p['step']} | "
+                             f"{p['cpu_s']:.0f} | {p['normalized']:.1f} ({p['tag']}) | not reached: the run was "
+                             f"stopped before its next evaluation | - |")
+            continue
+        cs = done
+        finals = [c["final"] for c in cs]
+        eps = np.concatenate([np.asarray(_norm_eps(c, f)) for c, f in zip(cs, finals)])
+        se = eps.std(ddof=1) / np.sqrt(len(eps)) if len(eps) > 1 else float("nan")
+        seed_means = [f["normalized"] for f in finals]
+        seed_se = f" [{np.std(seed_means, ddof=1) / np.sqrt(len(seed_means)):.1f}]" if len(seed_means) > 1 else ""
+        beh = [p for c in cs for p in c["points"] if p["tag"] == "behaviour"]
+        beh_s = f"{np.mean([p['normalized'] for p in beh]):.1f} (at {beh[0]['cpu_s']:.0f} CPU-s)" if beh else "-"
+        best = [max(p["normalized"] for p in c["points"] if p["normalized"] is not None) for c in cs]
+        lines.append(f"| {algo} | {dataset} | {cs[0]['behaviour_normalized']:.1f} | {len(finals)} | "
+                     f"{int(np.mean([f['step'] for f in finals]))} | {np.mean([f['cpu_s'] for f in finals]):.0f} | "
+                     f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {np.mean(best):.1f} |")
+    lines += ["", "Commands (one per run):", ""] + [f"    {c['command']}" for c in curves]
+    with open(os.path.join(a.out, "README.md") + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(a.out, "README.md") + ".tmp", os.path.join(a.out, "README.md"))
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    datasets = sorted({c["dataset"] for c in curves})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for c in curves:
+            if c["dataset"] != dataset:
+                continue
+            pts = [p for p in c["points"] if p["normalized"] is not None]
+            x = [p["cpu_s"] for p in pts]
+            y = [p["normalized"] for p in pts]
+            e = [p["normalized_se"] or 0 for p in pts]
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=f"{c['algo']} seed {c['seed']}")
+            beh = [p for p in pts if p["tag"] == "behaviour"]
+            if beh:
+                ax.plot([p["cpu_s"] for p in beh], [p["normalized"] for p in beh], "k*", markersize=12)
+        b = [c["behaviour_normalized"] for c in curves if c["dataset"] == dataset][0]
+        ax.axhline(b, color="gray", ls="--", label="behaviour (data)")
+        ax.axhline(b + 20, color="gray", ls=":", label="behaviour + 20 (target)")
+        ax.set_title(dataset)
+        ax.set_xlabel("train CPU seconds (one thread)")
+        ax.set_ylabel("normalised score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(a.out, "time_to_score.png")
+    fig.savefig(path + ".tmp.png", dpi=90)
+    os.replace(path + ".tmp.png", path)
+    print(f"plot: {path}")
+
+
+def _norm_eps(c, final):
+    """Per-episode normalised scores of a final evaluation."""
+    lo, hi = c["ref"]
+    return 100 * (np.asarray(final["per_episode"], dtype=np.float64) - lo) / (hi - lo)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--algo", choices=["qipo", "cpql"], required=True)
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--budget-s", type=float, default=1800.0, help="train CPU seconds")
+    r.add_argument("--wall-limit-s", type=float, default=None, help="also stop after this many wall seconds")
+    r.add_argument("--eval-every", type=int, default=1000)
+    r.add_argument("--episodes", type=int, default=5)
+    r.add_argument("--preset", default="cpu-quick", help="QIPO preset (QIPO_PRESETS)")
+    r.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
+    r.set_defaults(fn=run)
+    p = sub.add_parser("report")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
+    p.set_defaults(fn=report)
+    a = ap.parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Offline datasets made by rolling out an agent in a Gymnasium env (e.g. a Stable-Baselines3 /
+rl-zoo agent zip in a MuJoCo locomotion task), with optional Gaussian action noise.
+
+    from qipo_kernels.data.rollout import make_rollout_dataset
+    make_rollout_dataset("qipo/halfcheetah/noisy-sac-v0", env_id="HalfCheetah-v5",
+                         agent="sac-HalfCheetah-v3.zip", num_episodes=100, noise=0.5)
+
+Each step the agent's deterministic action a (env units) gets noise: a + noise * (high - low) / 2 * N(0, I),
+clipped to the action Box (``noise`` is the standard deviation in the [-1, 1]-rescaled action units
+that the package trains on). Reference scores, stored in the Minari metadata for the normalised
+score 100 (R - ref_min) / (ref_max - ref_min), are measured on ``ref_episodes`` fixed reset seeds
+(10000, 10001, ...): ``ref_min_score`` = mean return of the uniformly random policy (action RNG seed
+10000), ``ref_max_score`` = mean return of the noiseless agent. Same arguments -> same data.
+
+The dataset is built in a hidden temporary directory under the datasets directory and renamed into
+place (``write_buffers_atomic``), so an interrupted run never leaves a dataset that loads.
+
+``agent`` is a path to an SB3 zip (``load_sb3_agent``: SAC, TD3, DDPG, PPO, A2C; zips saved with
+the old ``gym`` package load too, their spaces are taken from the env) or any callable mapping one
+observation [S] (numpy) to an action [A] in env units.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import zipfile
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .._checks import positive_int
+from .minari_io import check_dataset_id, dataset_dir, datasets_root, require
+
+GENERATOR_VERSION = 1
+REF_SEED0 = 10000
+SB3_ALGOS = ("sac", "td3", "ddpg", "ppo", "a2c")
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+
+# ---- agents ---------------------------------------------------------------------------------------
+
+def sb3_algo_of(path: str) -> str:
+    """The SB3 algorithm a zip was saved by, read from its ``data`` JSON (policy class module)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = json.loads(z.read("data"))
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"agent {path!r} is not a Stable-Baselines3 zip ({type(e).__name__}: {e})") from None
+    module = str(data.get("policy_class", {}).get("__module__", ""))
+    for algo in SB3_ALGOS:
+        if f".{algo}." in module or module.endswith(f".{algo}"):
+            return algo
+    raise ValueError(f"agent {path!r}: cannot tell its algorithm from policy class module {module!r}; "
+                     f"pass algo= one of {SB3_ALGOS}")
+
+
+def load_sb3_agent(path: str, env, algo: str = "auto") -> Policy:
+    """Load an SB3 agent zip as a deterministic policy obs [S] -> action [A] (env units).
+
+    The observation / action spaces are taken from ``env`` (so zips pickled with the old ``gym``
+    package load under gymnasium); their shapes must match what the networks were built for.
+    No replay buffer or optimiser state is built.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"agent must be a path to an SB3 zip or a callable, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"agent zip {path!r} does not exist")
+    if algo == "auto":
+        algo = sb3_algo_of(path)
+    if algo not in SB3_ALGOS:
+        raise ValueError(f"algo must be 'auto' or one of {SB3_ALGOS}, got {algo!r}")
+    sb3 = require("stable_baselines3")
+    cls = getattr(sb3, algo.upper())
+    custom = {"observation_space": env.observation_space, "action_space": env.action_space,
+              "learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0}
+    if algo in ("sac", "td3", "ddpg"):
+        custom["buffer_size"] = 1  # no 1M-transition replay buffer for a rollout
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.load(path, device="cpu", custom_objects=custom)
+    except RuntimeError as e:  # a state_dict of other sizes: the env does not match the agent
+        raise ValueError(f"agent {path!r} does not fit env {env.spec.id if env.spec else env} "
+                         f"(obs {env.observation_space.shape}, action {env.action_space.shape}): {e}") from None
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        a, _ = model.predict(obs, deterministic=True)
+        return a
+
+    return policy
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- rollouts -------------------------------------------------------------------------------------
+
+def rollout_episode(env, policy: Optional[Policy], reset_seed: int, rng: np.random.Generator, noise: float):
+    """One episode. policy None = uniformly random actions (from ``rng``). Returns numpy arrays
+    observations [T+1, S], actions [T, A] (env units, after noise and clipping), rewards [T],
+    terminations [T], truncations [T]."""
+    space = env.action_space
+    low, high = np.asarray(space.low, dtype=np.float64), np.asarray(space.high, dtype=np.float64)
+    half = 0.5 * (high - low)
+    obs, _ = env.reset(seed=int(reset_seed))
+    observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+    while True:
+        if policy is None:
+            a = rng.uniform(low, high)
+        else:
+            a = np.asarray(policy(obs), dtype=np.float64).reshape(space.shape)
+            if noise > 0:
+                a = a + noise * half * rng.standard_normal(space.shape)
+        a = np.clip(a, low, high).astype(space.dtype)
+        obs, r, term, trunc, _ = env.step(a)
+        observations.append(obs)
+        actions.append(a)
+        rewards.append(float(r))
+        terms.append(bool(term))
+        truncs.append(bool(trunc))
+        if term or trunc:
+            break
+    return (np.asarray(observations), np.asarray(actions), np.asarray(rewards, dtype=np.float64),
+            np.asarray(terms), np.asarray(truncs))
+
+
+def reference_scores(env, policy: Policy, episodes: int = 10) -> Tuple[float, float]:
+    """(mean return of the uniform random policy, of the noiseless ``policy``) on reset seeds
+    REF_SEED0 .. REF_SEED0 + episodes - 1."""
+    rng = np.random.default_rng(REF_SEED0)
+    seeds = range(REF_SEED0, REF_SEED0 + episodes)
+    rand = [rollout_episode(env, None, s, rng, 0.0)[2].sum() for s in seeds]
+    good = [rollout_episode(env, policy, s, rng, 0.0)[2].sum() for s in seeds]
+    return float(np.mean(rand)), float(np.mean(good))
+
+
+# ---- atomic writing -------------------------------------------------------------------------------
+
+def existing_params(dataset_id: str) -> Optional[dict]:
+    """The dataset's metadata.json as a dict, or None when it has none (or cannot be read)."""
+    path = os.path.join(dataset_dir(dataset_id), "data", "metadata.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_buffers_atomic(dataset_id: str, buffers: List, env_id: str, metadata: Dict, *, ref_min: float,
+                         ref_max: float, num_ref_episodes: int, algorithm_name: str, description: str,
+                         episode_meta: Optional[List[Dict]] = None, eval_env=None) -> str:
+    """Write Minari EpisodeBuffers as ``dataset_id`` under datasets_root(), all or nothing.
+
+    Built in a hidden temp directory under the datasets directory (minari's listing skips it) and
+    renamed into place; an existing dataset of that id is moved aside first and restored if the
+    rename fails. ``metadata`` (JSON-able) is added to the dataset's metadata.
+    """
+    from .local import _copy_namespace_files, _env_lock, _remove_stale_temp_dirs
+
+    minari = require("minari")
+    require("h5py")
+    require("PIL")
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    root = datasets_root()
+    target = dataset_dir(dataset_id)
+    os.makedirs(root, exist_ok=True)
+    _remove_stale_temp_dirs(root)
+    tmp_root = tempfile.mkdtemp(prefix=".qipo-tmp-", dir=root)
+    try:
+        with _env_lock:  # minari reads $MINARI_DATASETS_PATH when it writes: point it at the temp dir
+            old = os.environ.get("MINARI_DATASETS_PATH")
+            os.environ["MINARI_DATASETS_PATH"] = tmp_root
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*(code_permalink|author_email).*")
+                    ds = minari.create_dataset_from_buffers(
+                        dataset_id=dataset_id, buffer=buffers, env=env_id, eval_env=eval_env or env_id,
+                        algorithm_name=algorithm_name, author="qipo_kernels", ref_min_score=ref_min,
+                        ref_max_score=ref_max, num_episodes_average_score=num_ref_episodes,
+                        description=description, data_format="hdf5")
+                    if episode_meta:
+                        ds.storage.update_episode_metadata(episode_meta, range(len(episode_meta)))
+                    ds.storage.update_metadata(metadata)
+            finally:
+                if old is None:
+                    del os.environ["MINARI_DATASETS_PATH"]
+                else:
+                    os.environ["MINARI_DATASETS_PATH"] = old
+        built = os.path.join(tmp_root, dataset_id)
+        namespace = parse_dataset_id(dataset_id)[0]
+        if namespace is not None:
+            _copy_namespace_files(tmp_root, root, namespace)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        trash = None
+        if os.path.exists(target):
+            trash = tempfile.mkdtemp(prefix=".qipo-old-", dir=root)
+            os.rename(target, os.path.join(trash, "old"))
+        try:
+            os.rename(built, target)
+        except OSError:
+            if trash is not None:
+                os.rename(os.path.join(trash, "old"), target)
+            raise
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return dataset_id
+
+
+# ---- the maker ------------------------------------------------------------------------------------
+
+def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy], num_episodes: int = 100,
+                         noise: float = 0.1, seed: int = 0, ref_episodes: int = 10,
+                         max_episode_steps: Optional[int] = None, algo: str = "auto", overwrite: bool = False,
+                         progress_bar: bool = True) -> str:
+    """Roll out ``agent`` in ``env_id`` for ``num_episodes`` episodes with Gaussian action noise and
+    write a Minari dataset (hdf5) with ref_min_score / ref_max_score (see the module docstring).
+
+    Args:
+        dataset_id: Minari id to write, e.g. "qipo/hopper/noisy-sac-v0".
+        env_id: a registered Gymnasium env with a Box action space, e.g. "HalfCheetah-v5".
+        agent: path to a Stable-Baselines3 zip, or a callable obs [S] -> action [A] (env units).
+        num_episodes: episodes to record (each up to the env's time limit).
+        noise: std of the Gaussian action noise in [-1, 1]-rescaled units (0 = the agent itself).
+        seed: seeds the reset seeds and the noise; same arguments -> identical data.
+        ref_episodes: episodes (fixed reset seeds) for each reference score.
+        max_episode_steps: override the env's time limit (None: the registered one).
+        algo: SB3 algorithm of the zip ("auto": read from the zip).
+        overwrite: replace an existing dataset made with other arguments (the same arguments return
+            at once, nothing is redone).
+    Returns:
+        dataset_id (pass it to ``load_minari``).
+    """
+    check_dataset_id(dataset_id)
+    if not isinstance(env_id, str) or not env_id:
+        raise TypeError(f"env_id must be a registered Gymnasium env id (str), got {env_id!r}")
+    positive_int("num_episodes", num_episodes)
+    positive_int("ref_episodes", ref_episodes)
+    if max_episode_steps is not None:
+        positive_int("max_episode_steps", max_episode_steps)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not np.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite float >= 0, got {noise!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    if not (callable(agent) or isinstance(agent, (str, os.PathLike))):
+        raise TypeError(f"agent must be a path to an SB3 zip or a callable obs -> action, got {type(agent).__name__}")
+    if not callable(agent) and not os.path.isfile(os.fspath(agent)):
+        raise FileNotFoundError(f"agent zip {os.fspath(agent)!r} does not exist")
+    gym = require("gymnasium")
+    require("minari")
+    from minari.data_collector import EpisodeBuffer
+
+    from ..algos.common import progress
+
+    agent_desc = ("callable " + getattr(agent, "__name__", type(agent).__name__)) if callable(agent) \
+        else f"{os.path.basename(os.fspath(agent))} (sha256 {_file_sha256(os.fspath(agent))[:16]})"
+    want = {"qipo_env_id": env_id, "qipo_agent": agent_desc, "qipo_noise": float(noise), "qipo_seed": int(seed),
+            "qipo_num_episodes": int(num_episodes), "qipo_ref_episodes": int(ref_episodes),
+            "qipo_max_episode_steps": max_episode_steps, "qipo_rollout_version": GENERATOR_VERSION}
+    target = dataset_dir(dataset_id)
+    if os.path.isdir(os.path.join(target, "data")) and not overwrite:
+        have = existing_params(dataset_id) or {}
+        have = {k: have.get(k) for k in want}
+        if have == want and not callable(agent):
+            return dataset_id
+        raise ValueError(f"dataset {dataset_id!r} already exists at {target} with parameters {have}; "
+                         "pass overwrite=True (--overwrite) to replace it")
+
+    try:
+        env = gym.make(env_id, max_episode_steps=max_episode_steps) if max_episode_steps else gym.make(env_id)
+    except gym.error.Error as e:
+        raise ValueError(f"env_id {env_id!r} cannot be made: {e}") from None
+    try:
+        if not isinstance(env.action_space, gym.spaces.Box):
+            raise ValueError(f"env {env_id!r} has a {type(env.action_space).__name__} action space; a Box is needed")
+        policy = agent if callable(agent) else load_sb3_agent(agent, env, algo)
+        ref_min, ref_max = reference_scores(env, policy, ref_episodes)
+        reset_seeds = np.random.default_rng(np.random.SeedSequence([seed, 0])).integers(0, 2**31 - 1, num_episodes)
+        buffers, meta, returns = [], [], []
+        bar = progress(range(num_episodes), total=num_episodes, desc=f"rollouts {env_id}", enabled=progress_bar)
+        for i in bar:
+            rng = np.random.default_rng(np.random.SeedSequence([seed, 2, i]))
+            o, a, r, te, tr = rollout_episode(env, policy, int(reset_seeds[i]), rng, float(noise))
+            buffers.append(EpisodeBuffer(id=i, seed=int(reset_seeds[i]), observations=o, actions=a,
+                                         rewards=r.tolist(), terminations=te.tolist(), truncations=tr.tolist(),
+                                         infos={}))
+            meta.append({"noise": float(noise), "return": float(r.sum()), "length": int(r.shape[0])})
+            returns.append(float(r.sum()))
+        bar.close()
+    finally:
+        env.close()
+    behaviour = 100.0 * (np.mean(returns) - ref_min) / (ref_max - ref_min) if ref_max != ref_min else float("nan")
+    want["qipo_behaviour_normalized_score"] = float(behaviour)
+    desc = (f"{env_id}, {num_episodes} episodes of {agent_desc} with N(0, {noise}^2) action noise in [-1, 1] "
+            f"units (seed {seed}); ref_min_score: uniform random policy, ref_max_score: the noiseless agent, "
+            f"mean over reset seeds {REF_SEED0}..{REF_SEED0 + ref_episodes - 1}. Behaviour normalised score "
+            f"{behaviour:.1f}. Made by qipo_kernels.data.rollout.")
+    return write_buffers_atomic(dataset_id, buffers, env_id, want, ref_min=ref_min, ref_max=ref_max,
+                                num_ref_episodes=ref_episodes, algorithm_name=f"{agent_desc} + Gaussian noise {noise}",
+                                description=desc, episode_meta=meta)

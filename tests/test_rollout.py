@@ -1,0 +1,137 @@
+"""The rollout dataset maker (qipo_kernels.data.rollout, `qipo-kernels make-dataset`).
+
+Tiny datasets only: a linear policy (or a tiny freshly saved SB3 agent) in Hopper-v5 with a 15-step
+time limit. Every test uses a temporary $MINARI_DATASETS_PATH.
+"""
+import os
+
+import numpy as np
+import pytest
+
+gym = pytest.importorskip("gymnasium")
+pytest.importorskip("mujoco")
+pytest.importorskip("minari")
+
+from qipo_kernels.data import load_minari  # noqa: E402
+from qipo_kernels.data.rollout import make_rollout_dataset, rollout_episode  # noqa: E402
+
+ENV = "Hopper-v5"
+
+
+def linear_policy(obs):
+    """A fixed linear map obs [11] -> action [3] (saturates often, so clipping is exercised)."""
+    W = np.linspace(-1.0, 1.0, 33).reshape(3, 11)
+    return W @ np.asarray(obs)
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    r = tmp_path / "datasets"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(r))
+    return r
+
+
+def small(dataset_id, **kw):
+    args = dict(env_id=ENV, agent=linear_policy, num_episodes=3, noise=0.2, seed=1, ref_episodes=2,
+                max_episode_steps=15, progress_bar=False)
+    args.update(kw)
+    return make_rollout_dataset(dataset_id, **args)
+
+
+def test_dataset_loads_with_reference_scores_and_is_reproducible(root):
+    small("test/hop-a-v0")
+    d = load_minari("test/hop-a-v0", normalize_obs=False)
+    assert d.obs_dim == 11 and d.act_dim == 3
+    assert 3 <= len(d) <= 45
+    assert d.actions.abs().max() <= 1.0
+    assert d.ref_min_score is not None and d.ref_max_score is not None
+    assert d.ref_min_score != d.ref_max_score
+    # the reference scores are what the random policy and the noiseless agent earn on seeds 10000, 10001
+    env = gym.make(ENV, max_episode_steps=15)
+    rng = np.random.default_rng(10000)
+    rand = [rollout_episode(env, None, s, rng, 0.0)[2].sum() for s in (10000, 10001)]
+    good = [rollout_episode(env, linear_policy, s, rng, 0.0)[2].sum() for s in (10000, 10001)]
+    assert d.ref_min_score == pytest.approx(np.mean(rand))
+    assert d.ref_max_score == pytest.approx(np.mean(good))
+    # same arguments -> the same data
+    small("test/hop-b-v0")
+    e = load_minari("test/hop-b-v0", normalize_obs=False)
+    assert np.array_equal(d.actions.numpy(), e.actions.numpy())
+    assert np.array_equal(d.obs.numpy(), e.obs.numpy())
+    # another seed -> other data
+    small("test/hop-c-v0", seed=2)
+    f = load_minari("test/hop-c-v0", normalize_obs=False)
+    assert f.actions.shape != d.actions.shape or not np.array_equal(d.actions.numpy(), f.actions.numpy())
+
+
+def test_noise_is_gaussian_in_rescaled_units_and_zero_noise_is_the_agent(root):
+    small("test/hop-n0-v0", noise=0.0)
+    d = load_minari("test/hop-n0-v0", normalize_obs=False)
+    want = np.clip(np.stack([linear_policy(o) for o in d.obs.numpy()]), -1, 1)   # Hopper's Box is [-1, 1]
+    np.testing.assert_allclose(d.actions.numpy(), want, atol=1e-5)
+    env = gym.make(ENV, max_episode_steps=200)
+    o, a, *_ = rollout_episode(env, lambda obs: np.zeros(3), 3, np.random.default_rng(0), 0.3)
+    assert a.std() == pytest.approx(0.3, rel=0.15)
+
+
+def test_existing_dataset_needs_overwrite_and_failed_write_leaves_nothing(root, monkeypatch):
+    small("test/hop-x-v0")
+    before = load_minari("test/hop-x-v0", normalize_obs=False).actions.clone()
+    with pytest.raises(ValueError, match="overwrite"):
+        small("test/hop-x-v0", seed=5)
+    from minari.dataset._storages import hdf5_storage
+
+    def boom(self, episodes):
+        raise KeyboardInterrupt("simulated kill while writing episodes")
+
+    monkeypatch.setattr(hdf5_storage.HDF5Storage, "update_episodes", boom)
+    with pytest.raises(KeyboardInterrupt):
+        small("test/hop-x-v0", seed=5, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        small("test/hop-new-v0")
+    monkeypatch.undo()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    assert not (root / "test" / "hop-new-v0").exists()
+    assert not [p for p in os.listdir(root) if p.startswith(".qipo")]
+    # the dataset that was there is untouched by the failed overwrite
+    assert np.array_equal(load_minari("test/hop-x-v0", normalize_obs=False).actions.numpy(), before.numpy())
+
+
+def test_bad_arguments_name_the_argument(root):
+    with pytest.raises(ValueError, match="noise"):
+        small("test/bad-v0", noise=-0.1)
+    with pytest.raises(ValueError, match="num_episodes"):
+        small("test/bad-v0", num_episodes=0)
+    with pytest.raises(ValueError, match="env_id"):
+        small("test/bad-v0", env_id="NoSuchEnv-v0")
+    with pytest.raises(TypeError, match="agent"):
+        small("test/bad-v0", agent=3)
+    with pytest.raises(FileNotFoundError, match="agent zip"):
+        small("test/bad-v0", agent=str(root / "missing.zip"))
+    with pytest.raises(ValueError, match="dataset_id"):
+        small("no version")
+    assert not (root / "test").exists()
+
+
+def test_cli_make_dataset_from_an_sb3_zip(root, tmp_path, capsys):
+    sb3 = pytest.importorskip("stable_baselines3")
+    import torch
+
+    from qipo_kernels.cli import main
+
+    torch.manual_seed(0)
+    model = sb3.SAC("MlpPolicy", gym.make(ENV), policy_kwargs=dict(net_arch=[8, 8]), buffer_size=10, device="cpu")
+    zpath = str(tmp_path / "tiny_sac.zip")
+    model.save(zpath)
+    args = ["make-dataset", "--env", ENV, "--agent", zpath, "--id", "test/hop-sac-v0", "--episodes", "2",
+            "--noise", "0.1", "--ref-episodes", "1", "--max-episode-steps", "10", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ref_min_score" in out and "behaviour normalised score" in out
+    d = load_minari("test/hop-sac-v0")
+    assert len(d) > 0 and d.ref_max_score is not None
+    assert main(args) == 0  # same arguments: returns at once (idempotent)
+    # an agent built for another env says so
+    with pytest.raises(SystemExit, match="does not fit"):
+        main(["make-dataset", "--env", "HalfCheetah-v5", "--agent", zpath, "--id", "test/hc-v0", "--episodes", "1",
+              "--max-episode-steps", "5", "--no-progress"])
