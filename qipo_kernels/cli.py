@@ -192,7 +192,7 @@ def _train(a, device: str, ctx) -> int:
     cfg_dict = _parse_sets(cfg_cls, a.set, base)
     out = a.out or os.path.join("runs", a.algo)
     probe = _make_config(cfg_cls, cfg_dict)   # every argument is checked before anything is written or removed
-    set_threads(a.threads)
+    set_threads(a.threads, verbose=main)
     if ctx is not None and a.algo == "cpql-online":
         raise CLIError("cpql-online trains from one environment and runs on one process only; launch it without "
                        "torchrun (or with --nproc_per_node 1)")

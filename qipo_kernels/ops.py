@@ -219,12 +219,12 @@ def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, s
         _ode.check_solver(steps, solver, 0.0, 1.0, path)  # (as integrate: e.g. "euler" on path "vp" is refused)
     elif sampler == "ddpm":
         sch, max_action, pe, cd = ddpm
-        _ddpm.check_ddpm_sample(net, torch.empty(shape, device=obs.device), obs, sch, step_noise, max_action, pe, cd,
+        _ddpm.check_ddpm_sample(net, torch.empty(shape, device=obs.device, dtype=obs.dtype), obs, sch, step_noise, max_action, pe, cd,
                                 True)
     elif (sigmas is not None or step_noise is not None
           or (sigma_max, sigma_min, sigma_data) != (SIGMA_MAX, SIGMA_MIN, SIGMA_DATA)):
-        _cons.check_consistency_sample(net, torch.empty(shape, device=obs.device), obs, sigmas, step_noise,
-                                       float(sigma_max), float(sigma_min), float(sigma_data))
+        _cons.check_consistency_sample(net, torch.empty(shape, device=obs.device, dtype=obs.dtype), obs, sigmas,
+                                       step_noise, float(sigma_max), float(sigma_min), float(sigma_data))
 
 
 def _act_ref(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,

@@ -788,6 +788,7 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
                             f"got {type(actor).__name__}")
     # ---- action map
     scale = bias = None
+    box_max_action = False  # max_action taken from action_space (not the caller's)
     if action_space is not None:
         if action_scale is not None or action_bias is not None:
             raise ValueError("give action_space or action_scale / action_bias, not both")
@@ -799,6 +800,7 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
                                  "and action_scale / action_bias instead")
             if max_action is None:
                 max_action = float(high[0])
+                box_max_action = True
         else:
             scale, bias = (high - low) / 2.0, (high + low) / 2.0
     else:
@@ -823,6 +825,11 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
     else:
         given = {"sigma_max": sigma_max, "sigma_min": sigma_min, "sigma_data": sigma_data, "schedule": schedule,
                  "max_action": max_action, "predict_epsilon": predict_epsilon, "clip_denoised": clip_denoised}
+        if box_max_action:  # the Box must agree with the policy's own bound
+            given["max_action"] = None
+            if float(max_action) != float(policy.max_action):
+                raise ValueError(f"action_space.high[0] = {max_action} differs from the {type(policy).__name__}'s "
+                                 f"max_action = {policy.max_action}")
         extra = [k for k, v in given.items() if v is not None]
         if extra:
             raise ValueError(f"{extra} are the policy object's own settings; build the {type(policy).__name__} with "
@@ -837,6 +844,9 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
             if not (policy.sigma_min <= float(s) <= policy.sigma_max):
                 raise ValueError(f"every sigma in sigmas must lie in [{policy.sigma_min}, {policy.sigma_max}], got {s}")
     if cuda_graph:
+        if kind == "ddpm":
+            raise ValueError("cuda_graph=True captures the prepared Triton call of flow and consistency actors only, "
+                             "not a ddpm actor; pass cuda_graph=False")
         if isinstance(policy, FlowPolicy) and policy.t0 > 0.0:
             raise ValueError(f"cuda_graph=True captures the prepared Triton call, which integrates from t = 0; this "
                              f"flow policy samples from t0 = {policy.t0} (path {policy.path!r}): build it with t0=0 "

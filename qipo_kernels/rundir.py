@@ -39,9 +39,20 @@ def is_package_run_dir(path: str) -> bool:
 def ensure_run_dir(path: str) -> str:
     """Create the run folder ``path`` if it is missing, marking it as the package's; returns ``path``.
 
-    A folder that already exists is left as it is (no marker is added: it was not created here).
+    A folder that already exists is left as it is (no marker is added: it was not created here). One
+    that the package did not make, holding no checkpoint but files a run would overwrite or append to
+    (config.json, summary.json, CSV logs), is refused: they are somebody else's.
     """
     if os.path.isdir(path):
+        if not is_package_run_dir(path) and not os.path.exists(os.path.join(path, "checkpoint.pt")):
+            try:
+                names = sorted(os.listdir(path))
+            except OSError:
+                names = []
+            clash = [n for n in names if n in ("config.json", "summary.json") or n.endswith(".csv")]
+            if clash:
+                raise RunDirError(f"output folder {path} was not made by qipo-kernels and holds {', '.join(clash[:4])}"
+                                  f"{' ...' if len(clash) > 4 else ''}, which a run would overwrite; pass a new --out folder")
         return path
     if os.path.exists(path):
         raise RunDirError(f"output path {path} exists and is not a folder")

@@ -256,3 +256,28 @@ def test_official_critic_on_the_fast_path_warns_once_and_explain_says_why():
             warnings.simplefilter("error", FastPathSkipped)
             a3 = qk.act(net, dc, obs, 4, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(a3, a1, atol=ATOL, rtol=RTOL)
+
+
+def test_make_sampler_ddpm_policy_with_a_box_and_cuda_graph_refusal():
+    """A DDPMPolicy with action_space: the Box's bound must agree with the policy's max_action (it is
+    not a setting the caller gave twice); cuda_graph=True is refused for a ddpm actor up front."""
+    box = type("Box", (), {"low": -2 * torch.ones(3), "high": 2 * torch.ones(3)})
+    pol = qk.DDPMPolicy(5, 3, hidden=16, depth=2, max_action=2.0)
+    s = qk.make_sampler(pol, action_space=box, backend="torch")
+    assert s(torch.randn(4, 5)).shape == (4, 3)
+    with pytest.raises(ValueError, match="differs from the DDPMPolicy's max_action"):
+        qk.make_sampler(qk.DDPMPolicy(5, 3, hidden=16, depth=2, max_action=1.0), action_space=box)
+    with pytest.raises(ValueError, match="not a ddpm actor"):
+        qk.make_sampler(pol, cuda_graph=True)
+
+
+def test_act_float64_with_sigmas_and_ddpm():
+    """act's argument check builds its stand-in noise in obs's dtype: float64 runs on every path."""
+    net = qk.ConditionalMLP(act_dim=3, obs_dim=5, hidden=16, depth=2).double()
+    critic = qk.DoubleCritic(5, 3, hidden=16, depth=2).double()
+    obs = torch.randn(4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        a = qk.act(net, critic, obs, 6, sampler="consistency", sigmas=[2.0, 0.5], backend="torch")
+        b = qk.act(net, critic, obs, 6, sampler="consistency", sigma_max=40.0, backend="torch")
+        c = qk.act(net, critic, obs, 6, sampler="ddpm", backend="torch")
+    assert a.dtype == b.dtype == c.dtype == torch.float64 and a.shape == b.shape == c.shape == (4, 3)

@@ -115,6 +115,20 @@ def test_act_raises_when_the_critic_returns_nonfinite_q(nets, obs, backend, valu
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "auto"])
+def test_act_raises_when_one_critic_head_returns_nan(nets, obs, backend):
+    """min(Q1, Q2) keeps a NaN of either head (a NaN must not hide behind the other head's value)."""
+    need(backend)
+    net, critic = nets
+    bad = qk.DoubleCritic(obs_dim=5, act_dim=3, hidden=32, depth=2).eval()
+    bad.load_state_dict(critic.state_dict())
+    with torch.no_grad():
+        bad.q1_net.net[-1].bias.fill_(float("nan"))
+    for mode in ("argmax", "softmax"):
+        with torch.no_grad(), pytest.raises(ValueError, match="critic returned NaN or inf"):
+            qk.act(net, bad, obs, 4, mode=mode, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "auto"])
 def test_act_names_the_states_whose_candidates_got_nonfinite_q(nets, obs, backend):
     """A NaN observation row makes that state's candidates and scores NaN: the error names it
     (the same message on the reference, the C++ and the Triton backend)."""

@@ -222,3 +222,23 @@ def test_check_writable_read_only(tmp_path):
             rundir.check_writable(str(ro))
     finally:
         ro.chmod(0o755)
+
+
+def test_a_folder_of_yours_with_run_file_names_is_never_written_into(tmp_path):
+    """--out pointing at a folder the package did not make, with no checkpoint, that holds a
+    config.json / summary.json / CSV: refused (a run would overwrite or append to them); unrelated
+    files are left alone beside a new run."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    (mine / "results.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(rundir.RunDirError, match="not made by qipo-kernels and holds config.json, results.csv"):
+        with rundir.run_lock(str(mine)):
+            pass
+    assert (mine / "config.json").read_text() == '{"mine": true}'
+    other = tmp_path / "notes-only"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with rundir.run_lock(str(other)):   # nothing it would overwrite: allowed
+        pass
+    assert (other / "notes.txt").read_text() == "keep"
