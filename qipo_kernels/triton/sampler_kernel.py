@@ -13,6 +13,10 @@ How the kernel is organised (one program = a tile of BM samples, persistent over
   dtype) that stays in L1/L2; each layer is a loop of tl.dot over BN x BK blocks (mlp.mlp_eval).
   The state x lives in registers (float32) for all steps.
 * Solver coefficients come from a small float32 table [*, NCOEF] computed on the host in float64.
+* Modes: 0 integrate (ODE solvers), 1 consistency sampling, 2 / 3 act with the flow / consistency
+  sampler (twin critic + selection), 4 DDPM (Diffusion-QL's ancestral steps; its coefficient row e
+  holds step i = T-1-e's sqrt(1/abar), sqrt(1/abar - 1), posterior c1, c2, std, the x0_hat clamp
+  bounds and the final bound; SOLVER 1 = eps prediction, 0 = x0 prediction).
 * Clamps to [-1, 1] propagate NaN (as torch.clamp does): a NaN input gives a NaN action, never a
   valid-looking bound.
 """
