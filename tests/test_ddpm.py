@@ -110,14 +110,25 @@ def test_bad_arguments():
 
 # ------------------------------------------------------------------ backends against the reference
 def _poison_cpp(monkeypatch):
-    from qipo_kernels import cpp
+    """The C++ and Triton outputs (and the Triton scratch) start as NaN (-7 for integers)."""
+    from qipo_kernels import backends
 
-    def nan_empty(shape, dtype=np.float32):
-        a = np.empty(shape, dtype=dtype)
-        a.fill(np.nan if a.dtype.kind == "f" else -7)
-        return a
+    if not backends.backend_reasons("cpp", torch.device("cpu")):
+        from qipo_kernels import cpp
 
-    monkeypatch.setattr(cpp, "_empty", nan_empty)
+        def nan_empty(shape, dtype=np.float32):
+            a = np.empty(shape, dtype=dtype)
+            a.fill(np.nan if a.dtype.kind == "f" else -7)
+            return a
+
+        monkeypatch.setattr(cpp, "_empty", nan_empty)
+    if not backends.backend_reasons("triton", torch.device("cpu")):
+        from qipo_kernels.triton import _host
+
+        def full_nan(shape, dtype, device):
+            return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
+
+        monkeypatch.setattr(_host, "empty", full_nan)
 
 
 def _fast_backends():
@@ -127,11 +138,19 @@ def _fast_backends():
             and b in backends._IMPLS.get("ddpm_sample", {})]
 
 
+def _act_backends():
+    """The fast backends that also run act with a ddpm sampler (op act_ext)."""
+    from qipo_kernels import backends
+
+    return [b for b in _fast_backends() if b in backends._IMPLS.get("act_ext", {})]
+
+
 def test_fast_backends_found():
     from qipo_kernels import backends
 
-    if not backends.backend_reasons("cpp", torch.device("cpu")):
-        assert "cpp" in _fast_backends()
+    for b in ("cpp", "triton"):
+        if not backends.backend_reasons(b, torch.device("cpu")):
+            assert b in _fast_backends()
 
 
 def test_cpp_is_registered():
@@ -227,11 +246,11 @@ def test_act_ddpm_reference_and_backends(monkeypatch):
         q = critic.q_min(obs.repeat_interleave(K, 0), cand).reshape(B, K)
         want = cand.reshape(B, K, A)[torch.arange(B), RS.select_index(q, "softmax", 1.0, u)]
         got = {}
-        for b in ["torch"] + _fast_backends():
+        for b in ["torch"] + _act_backends():
             got[b] = ops.act(net, critic, obs, K, sampler="ddpm", noise=noise, step_noise=step, uniform=u, backend=b)
         # generator draws: noise, step noise, uniform, on every backend alike
         gdraw = {b: ops.act(net, critic, obs, K, sampler="ddpm", generator=torch.Generator().manual_seed(9),
-                            backend=b) for b in ["torch"] + _fast_backends()}
+                            backend=b) for b in ["torch"] + _act_backends()}
     torch.testing.assert_close(got["torch"], want, atol=0, rtol=0)
     for b, v in got.items():
         torch.testing.assert_close(v, want, atol=2e-5, rtol=2e-5)
@@ -287,11 +306,126 @@ def test_cpp_follows_weight_changes_and_dtype(monkeypatch):
             ops.ddpm_sample(net, x.double(), obs.double(), step_noise=step.double(), backend="cpp")
 
 
-def test_explain_says_why_triton_does_not_run_ddpm():
+# ------------------------------------------------------------------ the Triton kernel (MODE_DDPM)
+def _need_triton():
     from qipo_kernels import backends
 
+    why = backends.backend_reasons("triton", torch.device("cpu"))
+    if why:
+        pytest.skip("Triton does not run here: " + "; ".join(why))
+
+
+def _triton_case(monkeypatch, A, S, H, depth, shape, schedule, T, predict_epsilon, clip_denoised, max_action, clip,
+                 seed):
+    """Triton against the float32 reference and the float64 truth, with explicit and generator-drawn step
+    noise (the same seed gives the reference's numbers and leaves the generator where the reference does)."""
+    _need_triton()
+    _poison_cpp(monkeypatch)
+    torch.manual_seed(seed)
+    net = ConditionalMLP(A, S, hidden=H, depth=depth)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)
+    obs = torch.randn(shape[0], S)
+    noise = torch.randn(*shape, A)
+    step = torch.randn(T - 1, *noise.shape)
+    kw = dict(schedule=schedule, n_timesteps=T, max_action=max_action, predict_epsilon=predict_epsilon,
+              clip_denoised=clip_denoised, clip=clip)
+    atol, rtol = 2e-5 * max(1.0, max_action), 2e-5
+    with torch.no_grad():
+        want = ops.ddpm_sample(net, noise, obs, step_noise=step, backend="torch", **kw)
+        net64 = ConditionalMLP(A, S, hidden=H, depth=depth).double()
+        net64.load_state_dict(net.state_dict())
+        truth = ops.ddpm_sample(net64, noise.double(), obs.double(), step_noise=step.double(), backend="torch", **kw)
+        got = ops.ddpm_sample(net, noise, obs, step_noise=step, backend="triton", **kw)
+        assert got.shape == noise.shape and torch.isfinite(got).all()
+        err = (got.double() - truth).abs().max().item()
+        ref_err = (want.double() - truth).abs().max().item()
+        assert err <= 2 * ref_err + 1e-5, (err, ref_err)
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+        if clip:
+            assert got.abs().max() <= torch.tensor(max_action, dtype=torch.float32)
+        # the step noise drawn from a generator: the reference's draws, in its order
+        g_ref, g_tri = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+        want_g = ops.ddpm_sample(net, noise, obs, generator=g_ref, backend="torch", **kw)
+        got_g = ops.ddpm_sample(net, noise, obs, generator=g_tri, backend="triton", **kw)
+        torch.testing.assert_close(got_g, want_g, atol=atol, rtol=rtol)
+        assert torch.equal(torch.randn(3, generator=g_ref), torch.randn(3, generator=g_tri))
+
+
+@pytest.mark.parametrize("schedule", ["vp", "linear", "cosine"])
+@pytest.mark.parametrize("T", [1, 5, 7])
+@pytest.mark.parametrize("predict_epsilon,clip_denoised", [(True, True), (False, False), (True, False)])
+def test_triton_matches_reference_b17_k6(monkeypatch, schedule, T, predict_epsilon, clip_denoised):
+    # [B, K, A] = [17, 6, 6], obs 17; max_action 0.6 makes both clamps bite, 2.5 leaves room
+    max_action = 0.6 if clip_denoised else 2.5
+    _triton_case(monkeypatch, 6, 17, 24, 3, (17, 6), schedule, T, predict_epsilon, clip_denoised, max_action,
+                 True, seed=T * 10 + predict_epsilon)
+
+
+@pytest.mark.parametrize("schedule,T,predict_epsilon,clip_denoised,clip",
+                         [("vp", 5, True, True, True), ("linear", 7, False, False, True),
+                          ("cosine", 5, True, False, False), ("vp", 1, False, True, False)])
+def test_triton_matches_reference_n1000(monkeypatch, schedule, T, predict_epsilon, clip_denoised, clip):
+    # [N, A] = [1000, 3], obs 5, a small net (several tiles per program of the persistent grid)
+    _triton_case(monkeypatch, 3, 5, 16, 2, (1000,), schedule, T, predict_epsilon, clip_denoised, 1.0, clip, seed=3)
+
+
+def test_triton_schedule_from_state_dict_and_betas(monkeypatch):
+    _need_triton()
+    _poison_cpp(monkeypatch)
+    net, obs, x = net_and_data(A=3, S=5, B=7, K=4)
+    off = OfficialDiffusion(net, 6, "cosine", 0.8, True)
+    step = torch.randn(5, *x.shape)
+    with torch.no_grad():
+        for sch in (R.DDPMSchedule.from_state_dict(off.state_dict()), R.beta_schedule(6, "cosine")):
+            want = off.sample(obs.repeat_interleave(4, 0), x.reshape(28, 3), list(step.reshape(5, 28, 3)))
+            got = ops.ddpm_sample(net, x, obs, schedule=sch, step_noise=step, max_action=0.8, backend="triton")
+            torch.testing.assert_close(got, want.reshape(x.shape), atol=2e-5, rtol=2e-5)
+
+
+def test_triton_follows_weight_changes(monkeypatch):
+    _need_triton()
+    _poison_cpp(monkeypatch)
+    net, obs, x = net_and_data(K=3, B=5)
+    step = torch.randn(4, *x.shape)
+    with torch.no_grad():
+        a = ops.ddpm_sample(net, x, obs, step_noise=step, backend="triton")
+        net.out.weight.mul_(0.5)  # an in-place update: the pack must follow
+        b = ops.ddpm_sample(net, x, obs, step_noise=step, backend="triton")
+        torch.testing.assert_close(b, ops.ddpm_sample(net, x, obs, step_noise=step, backend="torch"),
+                                   atol=2e-5, rtol=2e-5)
+        assert not torch.equal(a, b)
+
+
+def test_explain_and_dispatch_triton():
+    from qipo_kernels import backends
+    from qipo_kernels.triton import sampler as ts
+
+    _need_triton()
     net, obs, x = net_and_data(B=2)
-    why = backends.explain("ddpm_sample", torch.device("cpu"), net=net, noise=x, obs=obs, schedule=None,
-                           step_noise=None)
-    assert why["torch"] == [] and why["triton"]  # no Triton DDPM kernel: auto uses C++ on CPU, else the reference
+    sch = R.as_schedule("vp", 5)
+    with torch.no_grad():
+        why = backends.explain("ddpm_sample", torch.device("cpu"), net=net, noise=x, obs=obs, schedule=sch,
+                               step_noise=None)
+        assert why["torch"] == [] and why["triton"] == []
+        name, fn = backends.choose("ddpm_sample", "triton", torch.device("cpu"), R._ddpm_sample, net=net, noise=x,
+                                   obs=obs, schedule=sch, step_noise=None)
+        assert name == "triton" and fn is ts.ddpm_sample
+        y = ops.ddpm_sample(net, x, obs, generator=torch.Generator().manual_seed(0), backend="triton")
+        assert torch.equal(y, ts.ddpm_sample(net, x, obs, sch, None, 1.0, True, True, True,
+                                             torch.Generator().manual_seed(0)))
+        # what it cannot run, it says, and a named backend refuses instead of running something else
+        why64 = backends.explain("ddpm_sample", torch.device("cpu"), net=net.double(), noise=x.double(),
+                                 obs=obs.double(), schedule=sch, step_noise=None)
+        assert any("float64" in r for r in why64["triton"])
+        with pytest.raises(RuntimeError, match="float64"):
+            ops.ddpm_sample(net, x.double(), obs.double(), backend="triton")
+        net.float()
+        why_sn = backends.explain("ddpm_sample", torch.device("cpu"), net=net, noise=x, obs=obs, schedule=sch,
+                                  step_noise=torch.randn(4, *x.shape, dtype=torch.float64))
+        assert any("step_noise" in r for r in why_sn["triton"])
+    why_grad = backends.explain("ddpm_sample", torch.device("cpu"), net=net, noise=x, obs=obs, schedule=sch,
+                                step_noise=None)
+    assert any("grad" in r for r in why_grad["triton"])
     assert "ddpm_sample" in backends.table()

@@ -13,6 +13,8 @@ Ops registered here (backend "triton"):
         DoubleCritic and one chosen (argmax or softmax inverse-CDF draw) -- all in ONE launch.
     sample(net, obs, num_samples, steps, solver, path, seed, return_trajectory)
         obs [B, S]  ->  [B, num_samples, A]: integrate with the noise drawn in the kernel from ``seed``.
+    ddpm_sample(net, noise, obs, schedule, step_noise, max_action, predict_epsilon, clip_denoised, clip, generator)
+        noise [N, A] / [B, K, A]  ->  actions, noise's shape: Diffusion-QL's T-step ancestral sampler.
 
 The package: mlp.py (the @triton.jit MLP-evaluation helpers), sampler_kernel.py (the kernel),
 sampler_pack.py (weight packing and its cache), sampler_tables.py (solver coefficients, time
@@ -58,12 +60,13 @@ from ..nets import ConditionalMLP, DoubleCritic
 from ..reference import consistency as _cons
 from . import _host
 from .mlp import ACT_CODES
-from .sampler_kernel import MODE_ACT_CONSISTENCY, MODE_ACT_FLOW, MODE_CONSISTENCY, MODE_INTEGRATE, NCOEF, SOLVER_CODES  # noqa: F401
+from .sampler_kernel import (MODE_ACT_CONSISTENCY, MODE_ACT_FLOW, MODE_CONSISTENCY, MODE_DDPM, MODE_INTEGRATE, NCOEF,  # noqa: F401
+                             SOLVER_CODES, is_group)
 from .sampler_launch import interpret, make_plan, prec, run_plan
 from .sampler_ops import _consistency_tables_op, _flow_tables_op, _policy_sample_op, _seeded_sample_op
 from .sampler_pack import (_PACKS, _critic_meta, _critic_tensors, _policy_tensors, cached_table, get_pack,
                            peek, refresh)  # noqa: F401
-from .sampler_tables import _time_share
+from .sampler_tables import _coef_tensor, _ddpm_tables, _time_share
 
 MAX_HIDDEN = 512
 MAX_DEPTH = 6
@@ -156,6 +159,16 @@ def supports_consistency_sample(net=None, noise=None, obs=None, _fast=False, **_
 
 def supports_sample(net=None, obs=None, _fast=False, **_) -> List[str]:
     return _policy_call_reasons(net, None, obs, _fast)
+
+
+def supports_ddpm_sample(net=None, noise=None, obs=None, step_noise=None, _fast=False, **_) -> List[str]:
+    out = _policy_call_reasons(net, noise, obs, _fast)
+    if torch.is_tensor(step_noise) and torch.is_tensor(noise) and step_noise.dtype != noise.dtype:
+        out.append(f"step_noise is {step_noise.dtype} but the noise is {noise.dtype}: they must share a dtype")
+    if torch.is_tensor(step_noise) and step_noise.requires_grad and torch.is_grad_enabled():
+        out.append("gradients are enabled and step_noise requires grad: the fused sampler has no backward "
+                   "(use backend='torch')")
+    return out
 
 
 def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=None, _fast=False, **_) -> List[str]:
@@ -278,7 +291,7 @@ def _run(net, e, critic, ce, tkey, tbuild, x, obs, sn, u, mode, K, steps, n_eval
     A = net.act_dim
     B = obs.shape[0]
     N = x.numel() // A if x is not None else B * seeded_samples
-    group = mode >= MODE_ACT_FLOW
+    group = is_group(mode)
     if critic is not None:
         meta = ce.current_meta() if ce is not None else None
         cdepth, chidden, cln, ceps = meta if meta is not None else _critic_meta(critic)
@@ -384,6 +397,45 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
                   _cons_table_fn(net, sig, sigma_max, sigma_min, sigma_data, dtype, device), z,
                   obs if obs.is_contiguous() else obs.contiguous(), sn, None, MODE_CONSISTENCY,
                   z.shape[1] if z.dim() == 3 else 1, 0, 1 + len(sig), 0, 1.0, bool(clip), False, False, dtype, device)
+    return out
+
+
+def _ddpm_key(schedule, max_action, predict_epsilon, clip_denoised, dtype):
+    return ("ddpm", schedule.rows(), float(max_action), bool(predict_epsilon), bool(clip_denoised), dtype)
+
+
+def _ddpm_table_fn(net, schedule, max_action, clip_denoised, dtype, device):
+    def build(pol):
+        times, rows = _ddpm_tables(schedule.rows(), float(max_action), bool(clip_denoised))
+        tvec = _time_share(net, torch.tensor(times, dtype=torch.float64, device=device),
+                           torch.promote_types(dtype, torch.float32), pol[0].shape[1])
+        return tvec, _coef_tensor(rows, device)
+    return build
+
+
+def ddpm_sample(net, noise, obs, schedule, step_noise, max_action, predict_epsilon, clip_denoised, clip, generator):
+    """Fused reference.ddpm._ddpm_sample (Diffusion-QL's ancestral sampler): all T steps in one launch.
+
+    noise [N, A] with obs [N, S] or [B, K, A] with obs [B, S]; schedule a DDPMSchedule; step_noise
+    [T-1, *noise.shape] or None (then drawn here from ``generator`` as the reference draws it: one
+    [N, A] draw per step i = T-1 .. 1, after the module is validated, so a Fallback leaves the generator
+    untouched). Returns noise's shape.
+    """
+    _check_dims(net, noise, obs, "noise")
+    dtype, device = noise.dtype, noise.device
+    e = _entry(net, "policy", dtype, device)  # (a Fallback before anything is drawn)
+    z = noise if noise.is_contiguous() else noise.contiguous()
+    A = net.act_dim
+    N = z.numel() // A
+    T = schedule.n_timesteps
+    if T > 1 and step_noise is None:
+        step_noise = _draw_step_noise([None] * (T - 1), (N, A), dtype, device, generator)
+    sn = step_noise.reshape(T - 1, N, A).contiguous() if T > 1 else None
+    out, _ = _run(net, e, None, None, _ddpm_key(schedule, max_action, predict_epsilon, clip_denoised, dtype),
+                  _ddpm_table_fn(net, schedule, max_action, clip_denoised, dtype, device), z,
+                  obs if obs.is_contiguous() else obs.contiguous(), sn, None, MODE_DDPM,
+                  z.shape[1] if z.dim() == 3 else 1, 0, T, 1 if predict_epsilon else 0, 1.0, bool(clip), False,
+                  False, dtype, device)
     return out
 
 
@@ -497,5 +549,6 @@ def _fast(supports):
 _backends.register("integrate", "triton", integrate, supports_integrate, _fast(supports_integrate))
 _backends.register("consistency_sample", "triton", consistency_sample, supports_consistency_sample,
                    _fast(supports_consistency_sample))
+_backends.register("ddpm_sample", "triton", ddpm_sample, supports_ddpm_sample, _fast(supports_ddpm_sample))
 _backends.register("act", "triton", act, supports_act, _fast(supports_act))
 _backends.register("sample", "triton", sample, supports_sample, _fast(supports_sample))

@@ -13,6 +13,10 @@ How the kernel is organised (one program = a tile of BM samples, persistent over
   dtype) that stays in L1/L2; each layer is a loop of tl.dot over BN x BK blocks (mlp.mlp_eval).
   The state x lives in registers (float32) for all steps.
 * Solver coefficients come from a small float32 table [*, NCOEF] computed on the host in float64.
+* Modes: 0 integrate (ODE solvers), 1 consistency sampling, 2 / 3 act with the flow / consistency
+  sampler (twin critic + selection), 4 DDPM (Diffusion-QL's ancestral steps; its coefficient row e
+  holds step i = T-1-e's sqrt(1/abar), sqrt(1/abar - 1), posterior c1, c2, std, the x0_hat clamp
+  bounds and the final bound; SOLVER 1 = eps prediction, 0 = x0 prediction).
 * Clamps to [-1, 1] propagate NaN (as torch.clamp does): a NaN input gives a NaN action, never a
   valid-looking bound.
 """
@@ -22,14 +26,25 @@ import triton.language as tl
 from .mlp import mlp_eval, net_eval, obs_share
 
 SOLVER_CODES = {"euler": 0, "midpoint": 1, "heun": 2, "rk4": 3, "ddim": 4, "dpm1": 4, "dpm2": 5}
-MODE_INTEGRATE, MODE_CONSISTENCY, MODE_ACT_FLOW, MODE_ACT_CONSISTENCY = 0, 1, 2, 3
+MODE_INTEGRATE, MODE_CONSISTENCY, MODE_ACT_FLOW, MODE_ACT_CONSISTENCY, MODE_DDPM = 0, 1, 2, 3, 4
 NCOEF = 8  # columns of the per-step coefficient table
+
+
+def is_group(mode: int) -> bool:
+    """Whether a mode works on whole states (act: K candidates, the critic, one action per state)."""
+    return mode == MODE_ACT_FLOW or mode == MODE_ACT_CONSISTENCY
 
 
 @triton.jit
 def clamp_unit(x):
     """Clamp to [-1, 1], NaN stays NaN (tl.minimum / tl.maximum would turn it into a bound)."""
     return tl.where(x != x, x, tl.minimum(tl.maximum(x, -1.0), 1.0))
+
+
+@triton.jit
+def clamp_nan(x, lo, hi):
+    """Clamp to [lo, hi] (infinite bounds: no clamp), NaN stays NaN."""
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
 
 
 @triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps", "seed"])
@@ -51,7 +66,7 @@ def _policy_kernel(
     hb = hbuf_ptr + pid.to(tl.int64) * (2 * BM * HS)
     offs_m = tl.arange(0, BM)
     offs_a = tl.arange(0, AP)
-    GROUP: tl.constexpr = MODE >= 2
+    GROUP: tl.constexpr = MODE // 2 == 1  # MODE 2 / 3 (act)
     SB: tl.constexpr = BM // KP
     if GROUP:
         num_tiles = tl.cdiv(B, SB)
@@ -78,7 +93,28 @@ def _policy_kernel(
             x = tl.where(amask, z, 0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
         else:
             x = tl.load(x0_ptr + xoff, mask=amask, other=0.0).to(tl.float32)
-        if MODE % 2 == 0:  # MODE 0 (integrate) or 2 (act with the flow sampler)
+        if MODE == 4:
+            # ---------------- DDPM ancestral sampling (Diffusion-QL), eval e = step i = T-1-e ----------------
+            # coef row e: [sqrt(1/abar), sqrt(1/abar - 1), c1, c2, std (0 at the last step), lo, hi, bound]
+            # (lo / hi: the x0_hat clamp, +-inf without clip_denoised; bound: the final clamp)
+            for e in range(n_evals):
+                c = coef_ptr + e * 8
+                f = net_eval(x, tvec_ptr + e * HP, osh, hb, w1x, wh, bh, wo, bo,
+                              HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                if SOLVER == 1:  # the network predicts eps
+                    x0h = tl.load(c) * x - tl.load(c + 1) * f
+                else:  # it predicts x0
+                    x0h = f
+                x0h = clamp_nan(x0h, tl.load(c + 5), tl.load(c + 6))
+                mean = tl.load(c + 2) * x0h + tl.load(c + 3) * x
+                # step noise z_e for every step but the last (there std = 0 and nothing is read)
+                zmask = amask & ((xoff * 0 + e) < n_evals - 1)
+                zk = tl.load(snoise_ptr + e * NA + xoff, mask=zmask, other=0.0).to(tl.float32)
+                x = mean + tl.load(c + 4) * zk
+            if CLIP:
+                bnd = tl.load(coef_ptr + 7)
+                x = clamp_nan(x, -bnd, bnd)
+        elif MODE % 2 == 0:  # MODE 0 (integrate) or 2 (act with the flow sampler)
             # ---------------- ODE solver, all steps ----------------
             if TRAJ:
                 tl.store(traj_ptr + xoff, x.to(traj_ptr.dtype.element_ty), mask=amask)
@@ -190,8 +226,9 @@ def _policy_kernel(
             tl.store(out_ptr + states[:, None] * A + offs_a[None, :], chosen.to(out_ptr.dtype.element_ty),
                      mask=svalid[:, None] & (offs_a[None, :] < A))
         else:
-            if CLIP:  # (integrate for make_sampler: the final clamp; consistency: already clamped)
-                x = clamp_unit(x)
+            if MODE != 4:  # (ddpm: its own clamp to the action bound, above)
+                if CLIP:  # (integrate for make_sampler: the final clamp; consistency: already clamped)
+                    x = clamp_unit(x)
             tl.store(out_ptr + xoff, x.to(out_ptr.dtype.element_ty), mask=amask)
 
 

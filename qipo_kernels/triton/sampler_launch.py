@@ -28,7 +28,7 @@ import triton
 
 from . import _host
 from .mlp import PREC_HALF, PREC_IEEE, PREC_TF32, PREC_TF32X3
-from .sampler_kernel import MODE_ACT_FLOW, _policy_kernel
+from .sampler_kernel import _policy_kernel, is_group
 
 # Programs of the persistent grid under the interpreter (small, so that tests run several tiles
 # per program and exercise the persistent loop).
@@ -160,7 +160,7 @@ def make_plan(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], units: 
     """Everything about a launch that the per-call tensors do not change. ``units``: samples
     (MODE_INTEGRATE / MODE_CONSISTENCY) or states (act modes); it only picks the tile bucket and grid."""
     HP, AP, SP = pol[0].shape[1], pol[0].shape[0], pol[1].shape[0]
-    group = mode >= MODE_ACT_FLOW
+    group = is_group(mode)
     if critic:
         n = 9 if lnq else 7
         h1, h2 = list(critic[:n]), list(critic[n:2 * n])
@@ -243,7 +243,7 @@ def launch(mode, pol, critic, x0, obs, snoise, u, out, traj, tvec, coef, N, B, K
            temperature, solver_code, act_code, depth, act_code_q, depth_q, hq, lnq, ln_eps, clip, softmax,
            seed=None) -> None:
     """make_plan + run_plan in one call (no plan cache: the custom ops and torch.compile use this)."""
-    group = mode >= MODE_ACT_FLOW
+    group = is_group(mode)
     p = make_plan(mode, pol, critic, B if group else N, K, A, steps, n_evals, solver_code, act_code, depth,
                   act_code_q, depth_q, hq, lnq, ln_eps, clip, softmax, traj is not None, x0 is None, out.dtype,
                   out.device)

@@ -19,7 +19,7 @@ import torch
 
 from ..reference import ode as _ode
 from . import _host
-from .sampler_kernel import MODE_ACT_FLOW, MODE_INTEGRATE, NCOEF
+from .sampler_kernel import MODE_INTEGRATE, NCOEF, is_group
 from .sampler_launch import launch
 from .sampler_tables import _coef_tensor, _consistency_tables, _flow_tables
 
@@ -98,7 +98,7 @@ def _policy_sample_op(x0: torch.Tensor, obs: torch.Tensor, step_noise: Optional[
     N, A = x0.shape
     B, S = obs.shape
     dtype, device = x0.dtype, x0.device
-    group = mode >= MODE_ACT_FLOW
+    group = is_group(mode)
     out = _host.empty((B, A) if group else (N, A), dtype, device)
     traj = _host.empty((steps + 1, N, A), dtype, device) if trajectory else torch.empty(0, dtype=dtype, device=device)
     if (B if group else N) > 0:
@@ -113,7 +113,7 @@ def _(x0, obs, step_noise, uniform, tvec, coef, policy, critic, mode, num_candid
       act_code, depth, critic_act_code, critic_depth, critic_hidden, critic_layer_norm, ln_eps, temperature, clip,
       softmax, trajectory):
     N, A = x0.shape
-    out = x0.new_empty((obs.shape[0], A) if mode >= MODE_ACT_FLOW else (N, A))
+    out = x0.new_empty((obs.shape[0], A) if is_group(mode) else (N, A))
     traj = x0.new_empty((steps + 1, N, A) if trajectory else (0,))
     return out, traj
 

@@ -73,6 +73,20 @@ def _consistency_tables(sigmas, sigma_max, sigma_min, sigma_data, dtype):
     return [float(v) for v in tin], rows, cdt
 
 
+def _ddpm_tables(rows, max_action, clip_denoised):
+    """(network time inputs [T-1, ..., 0], coefficient rows) of reference.ddpm._ddpm_sample; ``rows``
+    are DDPMSchedule.rows() (float32 values per step i). Evaluation e is step i = T-1-e; its row is
+    [sqrt(1/abar_i), sqrt(1/abar_i - 1), c1_i, c2_i, std_i (0 at i = 0), lo, hi, max_action] with
+    [lo, hi] the x0_hat clamp (+-max_action, or +-inf without clip_denoised)."""
+    T = len(rows)
+    lo, hi = (-max_action, max_action) if clip_denoised else (-math.inf, math.inf)
+    out = []
+    for i in range(T - 1, -1, -1):
+        cr, crm1, c1, c2, sd = rows[i]
+        out.append([cr, crm1, c1, c2, sd if i > 0 else 0.0, lo, hi, max_action])
+    return [float(i) for i in range(T - 1, -1, -1)], out
+
+
 def _coef_tensor(rows, device):
     c = torch.zeros(max(len(rows), 1), NCOEF, dtype=torch.float64)
     for i, r in enumerate(rows):
