@@ -196,7 +196,8 @@ def _policy_kernel(
             q2 = mlp_eval(cand, tvec_ptr, osh, hb, qa2, qh2, qhb2, qw2, qwb2, qlw2, qlb2, HQ, ln_eps,
                            HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, BK, PREC)
             offs_q = tl.arange(0, 16)
-            q = tl.sum(tl.where(offs_q[None, :] == 0, tl.minimum(q1, q2, propagate_nan=tl.PropagateNan.ALL), 0.0), axis=1)  # [BM] (NaN of either head kept)
+            qmin = tl.minimum(q1, q2, propagate_nan=tl.PropagateNan.ALL)  # (a NaN of either head is kept)
+            q = tl.sum(tl.where(offs_q[None, :] == 0, qmin, 0.0), axis=1)  # [BM]
             q2d = tl.reshape(q, (SB, KP))
             v2d = tl.reshape(valid, (SB, KP))
             # a state with a NaN / inf candidate score cannot be ranked: it is ranked on zeros here and
