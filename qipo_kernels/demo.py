@@ -198,7 +198,7 @@ def _run_demo(out_dir: str, seed: int, progress_bar: bool, quick: bool, device: 
     total = time.perf_counter() - t_start
 
     say("")
-    say(f"{'policy':<22s}{'return':>18s}{'normalised':>14s}")
+    say(f"{'policy':<22s}{'return ± s.d.':>18s}{'normalised':>14s}")
     say(f"{'behaviour (dataset)':<22s}{beh['mean']:>10.1f} ± {beh['std']:<5.0f}"
         f"{(beh['normalized_mean'] if beh['normalized_mean'] is not None else float('nan')):>14.1f}")
     for name in ("qipo", "cpql"):
