@@ -177,7 +177,6 @@ def make_local_dataset(dataset_id: str = DEMO_DATASET_ID, num_episodes: int = 10
     minari = require("minari")
     require("h5py")
     require("PIL")
-    from minari.dataset.minari_dataset import parse_dataset_id
 
     target = dataset_dir(dataset_id)
     want = {"qipo_num_episodes": num_episodes, "qipo_seed": seed, "qipo_generator_version": GENERATOR_VERSION}
@@ -220,28 +219,39 @@ def make_local_dataset(dataset_id: str = DEMO_DATASET_ID, num_episodes: int = 10
                     del os.environ["MINARI_DATASETS_PATH"]
                 else:
                     os.environ["MINARI_DATASETS_PATH"] = old
-        built = os.path.join(tmp_root, dataset_id)
-        namespace = parse_dataset_id(dataset_id)[0]
-        if namespace is not None:  # namespace metadata files (minari's listing uses them)
-            _copy_namespace_files(tmp_root, root, namespace)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        trash = None
-        if os.path.exists(target):
-            trash = tempfile.mkdtemp(prefix=".qipo-old-", dir=root)
-            os.rename(target, os.path.join(trash, "old"))
-        try:
-            os.rename(built, target)
-        except OSError:
-            if trash is not None:
-                os.rename(os.path.join(trash, "old"), target)
-            if os.path.isdir(os.path.join(target, "data")) and _existing_params(dataset_id) == want:
-                return dataset_id  # another process made the same dataset meanwhile
-            raise
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        publish_built(tmp_root, root, dataset_id, target,
+                      same=lambda: os.path.isdir(os.path.join(target, "data")) and _existing_params(dataset_id) == want)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return dataset_id
+
+
+def publish_built(tmp_root: str, root: str, dataset_id: str, target: str, same=None) -> None:
+    """Move the dataset built under the temp datasets folder ``tmp_root`` into place at ``target``
+    (inside ``root``), with its namespace metadata files: an existing dataset there is set aside
+    first, and put back if the move fails. ``same()`` True after a failed move means another process
+    published the same dataset meanwhile; it is kept and no error is raised."""
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    built = os.path.join(tmp_root, dataset_id)
+    namespace = parse_dataset_id(dataset_id)[0]
+    if namespace is not None:  # namespace metadata files (minari's listing uses them)
+        _copy_namespace_files(tmp_root, root, namespace)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    trash = None
+    if os.path.exists(target):
+        trash = tempfile.mkdtemp(prefix=".qipo-old-", dir=root)
+        os.rename(target, os.path.join(trash, "old"))
+    try:
+        os.rename(built, target)
+    except OSError:
+        if trash is not None:
+            os.rename(os.path.join(trash, "old"), target)
+        if same is not None and same():
+            return
+        raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _remove_stale_temp_dirs(root: str, max_age_s: float = 6 * 3600) -> None:

@@ -166,12 +166,11 @@ def write_buffers_atomic(dataset_id: str, buffers: List, env_id: str, metadata: 
     renamed into place; an existing dataset of that id is moved aside first and restored if the
     rename fails. ``metadata`` (JSON-able) is added to the dataset's metadata.
     """
-    from .local import _copy_namespace_files, _env_lock, _remove_stale_temp_dirs
+    from .local import _env_lock, _remove_stale_temp_dirs, publish_built
 
     minari = require("minari")
     require("h5py")
     require("PIL")
-    from minari.dataset.minari_dataset import parse_dataset_id
 
     root = datasets_root()
     target = dataset_dir(dataset_id)
@@ -198,23 +197,7 @@ def write_buffers_atomic(dataset_id: str, buffers: List, env_id: str, metadata: 
                     del os.environ["MINARI_DATASETS_PATH"]
                 else:
                     os.environ["MINARI_DATASETS_PATH"] = old
-        built = os.path.join(tmp_root, dataset_id)
-        namespace = parse_dataset_id(dataset_id)[0]
-        if namespace is not None:
-            _copy_namespace_files(tmp_root, root, namespace)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        trash = None
-        if os.path.exists(target):
-            trash = tempfile.mkdtemp(prefix=".qipo-old-", dir=root)
-            os.rename(target, os.path.join(trash, "old"))
-        try:
-            os.rename(built, target)
-        except OSError:
-            if trash is not None:
-                os.rename(os.path.join(trash, "old"), target)
-            raise
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        publish_built(tmp_root, root, dataset_id, target)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return dataset_id
