@@ -195,22 +195,33 @@ def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, s
         raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
     if not (hasattr(critic, "q_min") and callable(critic.q_min)):
         raise TypeError(f"critic must have a q_min(obs, act) method (e.g. a DoubleCritic), got {type(critic).__name__}")
-    C.tensor("obs", obs, ndim=2)
-    C.positive_int("num_candidates", num_candidates)
+    # (the passing case is attribute reads and comparisons; the checks' functions, which build the
+    # messages, run only when a condition fails)
+    if obs.__class__ is not torch.Tensor or obs.dtype not in C.FLOAT_DTYPES or obs.dim() != 2:
+        C.tensor("obs", obs, ndim=2)
+    if num_candidates.__class__ is not int or num_candidates < 1:
+        C.positive_int("num_candidates", num_candidates)
     C.choice("sampler", sampler, SAMPLERS)
     C.choice("mode", mode, _sel.SELECT_MODES)
     C.positive_float("temperature", temperature)
     act_dim = getattr(net, "act_dim", None)
     if noise is not None:
-        C.tensor("noise", noise, ndim=3)
+        if noise.__class__ is not torch.Tensor or noise.dtype not in C.FLOAT_DTYPES or noise.dim() != 3:
+            C.tensor("noise", noise, ndim=3)
         if noise.shape[:2] != (obs.shape[0], num_candidates) or (act_dim is not None and noise.shape[2] != act_dim):
             raise ValueError(f"noise must be [{obs.shape[0]}, {num_candidates}, {act_dim or 'A'}], got {tuple(noise.shape)}")
-        C.same_device(obs=obs, noise=noise)
-        C.same_dtype(obs=obs, noise=noise)
+        if not (obs.is_cpu and noise.is_cpu) and obs.device != noise.device:
+            C.same_device(obs=obs, noise=noise)
+        if obs.dtype is not noise.dtype:
+            C.same_dtype(obs=obs, noise=noise)
     elif act_dim is None:
         raise ValueError("noise must be given when net has no act_dim attribute")
-    C.module_inputs("net", net, obs=obs)
-    C.module_inputs("critic", critic, obs=obs)
+    dt = C.module_dtype(net)
+    if dt is not None and obs.dtype is not dt:
+        C.module_inputs("net", net, obs=obs)
+    dt = C.module_dtype(critic)
+    if dt is not None and obs.dtype is not dt:
+        C.module_inputs("critic", critic, obs=obs)
     if uniform is not None:
         C.tensor("uniform", uniform, shape=(obs.shape[0],))
         C.unit_interval("uniform", uniform)

@@ -544,8 +544,6 @@ class Sampler:
         from . import backends as B
 
         used = self.backend_used(obs) if self.backend in ("auto", "triton", "cpp") else "torch"
-        if used == "triton" and self.kind == "flow" and self.policy.t0 > 0.0:
-            return None  # (the prepared Triton call integrates from t = 0; the checked path starts at t0)
         if used == "triton":
             return key, self._prepare_triton(obs), None
         if self.cuda_graph:
@@ -563,8 +561,10 @@ class Sampler:
 
         pol = self.policy
         if self.kind == "flow":
+            # (from t0 > 0, e.g. "ot-eps" at 0.05: the noise scaled by sigma(t0), as FlowPolicy.sample)
             call = Prepared(self.net, "flow", self.num_samples, obs, steps=self.steps, solver=pol._solver(self.solver),
-                            path=None if pol.path == "ot" else pol.path, generator=self.generator)
+                            path=None if pol.path == "ot" else pol.path, generator=self.generator,
+                            t0=pol.t0, noise_scale=pol.start_noise_scale())
         else:
             call = Prepared(self.net, "consistency", self.num_samples, obs, sigmas=self.sigmas,
                             sigma_max=pol.sigma_max, sigma_min=pol.sigma_min, sigma_data=pol.sigma_data,
@@ -731,7 +731,8 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
         device, dtype: move the network there first (default: where it is).
         cuda_graph: capture the whole fused call (noise draw, launch) in a CUDA graph per obs shape on
             first use and replay it afterwards (the Triton backend on a CUDA device only; a ValueError
-            otherwise). The graph is re-captured after the network changes (optimizer step,
+            otherwise; flow policies sampled from t0 > 0, e.g. "ot-eps" at 0.05, included: the
+            capture holds the scaling of the noise by sigma(t0)). The graph is re-captured after the network changes (optimizer step,
             load_state_dict, replaced layer); the warm-up before a capture draws from ``generator``.
     Returns:
         a ``Sampler``: ``sampler(obs [B, S]) -> actions [B, A]`` (no gradient) and
@@ -847,10 +848,6 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
         if kind == "ddpm":
             raise ValueError("cuda_graph=True captures the prepared Triton call of flow and consistency actors only, "
                              "not a ddpm actor; pass cuda_graph=False")
-        if isinstance(policy, FlowPolicy) and policy.t0 > 0.0:
-            raise ValueError(f"cuda_graph=True captures the prepared Triton call, which integrates from t = 0; this "
-                             f"flow policy samples from t0 = {policy.t0} (path {policy.path!r}): build it with t0=0 "
-                             "or pass cuda_graph=False")
         dev = next(policy.parameters()).device
         if dev.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the policy on a CUDA device (device='cuda'), it is on {dev}")

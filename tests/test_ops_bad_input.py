@@ -379,3 +379,44 @@ def test_half_energies_get_float32_weights_in_the_reference():
     assert w.dtype == torch.float16
     torch.testing.assert_close(w.double(), _truth(q.float(), "support", 3.0), atol=1e-3, rtol=2e-3)
     assert math.isclose(float(w.double().sum(1).mean()), 1.0, rel_tol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_warm_calls_raise_as_the_first(nets, obs, backend):
+    """The warm path (a remembered plan or solver check) raises what the first call raised: act with
+    NaN-marked states, and a bool / float `steps` after an int one passed."""
+    need(backend)
+    net, critic = nets
+    o = obs.clone()
+    o[3, 0] = float("nan")
+    x0 = torch.randn(7, 4, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for _ in range(3):
+            with pytest.raises(ValueError, match=r"of 1 of 7 state\(s\) \(states 3\)"):
+                qk.act(net, critic, o, 4, noise=x0, backend=backend)
+            qk.act(net, critic, obs, 4, noise=x0, backend=backend)
+            qk.integrate(net, x0, obs, steps=1, backend=backend)
+            for bad in (True, 1.0):
+                with pytest.raises(ValueError, match="steps must be an int"):
+                    qk.integrate(net, x0, obs, steps=bad, backend=backend)
+                with pytest.raises(ValueError, match="steps must be an int"):
+                    qk.act(net, critic, obs, 4, steps=bad, noise=x0, backend=backend)
+            with pytest.raises(ValueError, match="t0 must be a float in"):
+                qk.integrate(net, x0, obs, steps=1, t0="0", backend=backend)
+            with pytest.raises(TypeError, match="obs has dtype torch.float64"):
+                qk.integrate(net, x0, obs.double(), steps=1, backend=backend)
+
+
+def test_triton_act_marked_state_screen():
+    """Triton act's NaN-marked-state check: one float32 sum screens; a finite sum that overflows
+    (huge finite actions) raises nothing, a NaN / inf element names its state."""
+    need("triton")
+    from qipo_kernels.triton import sampler as ts
+
+    ts._check_marked(torch.full((3, 6), 3e38), 3)
+    ts._check_marked(torch.zeros(0, 6), 0)
+    for v in (float("nan"), float("inf"), float("-inf")):
+        out = torch.zeros(4, 6)
+        out[1, 2] = v
+        with pytest.raises(ValueError, match=r"of 1 of 4 state\(s\) \(states 1\)"):
+            ts._check_marked(out, 4)

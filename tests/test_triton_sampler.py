@@ -769,6 +769,49 @@ def test_make_sampler_triton_prepared_path(kind, K):
     assert s(obs[0]).shape == ((6,) if K == 1 else (K, 6))
 
 
+@pytest.mark.parametrize("path,solver,t0", [("ot-eps", "dpm2", None), ("ot-eps", "ddim", 0.2), ("ot", "heun", 0.1),
+                                             ("vp", "dpm1", 0.3)])
+def test_make_sampler_triton_prepared_path_from_t0(path, solver, t0):
+    """Flow policies sampled from t0 > 0 (QIPO's "ot-eps" default: 0.05) take the prepared Triton call
+    too: it integrates over [t0, 1] from noise scaled by sigma(t0), and gives the reference's numbers
+    from the same generator stream, before and after an optimizer-like update."""
+    from qipo_kernels import FlowPolicy, make_sampler
+    from qipo_kernels.policies import OT_EPS_SAMPLE_T0
+
+    torch.manual_seed(21)
+    pol = FlowPolicy(17, 6, hidden=24, depth=2, steps=3, path=path, solver=solver, t0=t0).to(DEV)
+    assert pol.t0 == (OT_EPS_SAMPLE_T0 if t0 is None else t0) and pol.t0 > 0
+    s = make_sampler(pol, num_samples=5, backend="triton", generator=torch.Generator(device=DEV).manual_seed(4))
+    r = make_sampler(pol, num_samples=5, backend="torch", generator=torch.Generator(device=DEV).manual_seed(4))
+    obs = torch.randn(3, 17, device=DEV)
+    for i in range(3):
+        if i == 2:
+            with torch.no_grad():
+                for p in pol.parameters():
+                    p.mul_(0.9)
+        a, b = s(obs), r(obs)
+        assert isinstance(s._plan[1], ts.Prepared) and s._plan[2] is None  # the prepared call, not the checked one
+        _close(a, b)
+    # the prepared call itself against the reference integrator from t0, on the noise it drew
+    g1, g2 = torch.Generator(device=DEV).manual_seed(8), torch.Generator(device=DEV).manual_seed(8)
+    call = ts.Prepared(pol.net, "flow", 5, obs, steps=3, solver=solver, path=None if path == "ot" else path,
+                       generator=g1, t0=pol.t0, noise_scale=pol.start_noise_scale())
+    z = torch.randn(3, 5, 6, device=DEV, generator=g2) * pol.start_noise_scale()
+    ref = ref_ode._integrate(pol.net, z, obs, 3, solver, pol.t0, 1.0, None if path == "ot" else path, False)
+    _close(call(obs), ref.clamp(-1.0, 1.0))
+
+
+def test_prepared_refuses_bad_t0_and_scale():
+    net = _net(H=24, depth=2)
+    obs = torch.randn(2, 17, device=DEV)
+    with pytest.raises(ValueError, match="t0"):
+        ts.Prepared(net, "flow", 3, obs, t0=1.0)
+    with pytest.raises(ValueError, match="noise_scale"):
+        ts.Prepared(net, "flow", 3, obs, noise_scale=float("nan"))
+    with pytest.raises(ValueError, match="flow sampling only"):
+        ts.Prepared(net, "consistency", 3, obs, t0=0.1)
+
+
 def test_make_sampler_cuda_graph_needs_cuda():
     from qipo_kernels import FlowPolicy, make_sampler
 
@@ -777,6 +820,9 @@ def test_make_sampler_cuda_graph_needs_cuda():
         pytest.skip("a CUDA device is present (see the GPU test)")
     with pytest.raises(ValueError, match="cuda_graph=True needs the policy on a CUDA device"):
         make_sampler(pol, cuda_graph=True)
+    # a flow policy sampled from t0 > 0 is no longer refused for its t0 (only for the device here)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the policy on a CUDA device"):
+        make_sampler(FlowPolicy(17, 6, hidden=24, depth=2, path="ot-eps"), cuda_graph=True)
 
 
 @pytest.mark.gpu

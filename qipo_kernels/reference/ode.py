@@ -54,24 +54,46 @@ def _flatten(x0, obs):
 
 
 def check_integrate(net, x0, obs, steps, solver, t0, t1, path):
+    # (the passing case is a few attribute reads and comparisons; the checks' functions, which build
+    # the messages, run only when a condition fails)
     if not callable(net):
         raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
-    C.tensor("x0", x0)
+    if x0.__class__ is not torch.Tensor or x0.dtype not in C.FLOAT_DTYPES:
+        C.tensor("x0", x0)
     if x0.dim() not in (2, 3):
         raise ValueError(f"x0 must be [N, A] or [B, K, A], got shape {tuple(x0.shape)}")
-    C.tensor("obs", obs, ndim=2)
+    if obs.__class__ is not torch.Tensor or obs.dtype not in C.FLOAT_DTYPES or obs.dim() != 2:
+        C.tensor("obs", obs, ndim=2)
     if obs.shape[0] != x0.shape[0]:
         raise ValueError(f"obs must have {x0.shape[0]} rows (one per {'sample' if x0.dim() == 2 else 'state'} of x0), got {obs.shape[0]}")
-    C.nonempty_samples("x0", x0)
+    if x0.shape[-1] == 0 or (x0.dim() == 3 and x0.shape[1] == 0):
+        C.nonempty_samples("x0", x0)
     if not (x0.is_cpu and obs.is_cpu) and x0.device != obs.device:  # (both on the CPU: one device)
         C.same_device(x0=x0, obs=obs)
-    C.same_dtype(x0=x0, obs=obs)
-    C.module_inputs("net", net, x0=x0)
+    if x0.dtype is not obs.dtype:
+        C.same_dtype(x0=x0, obs=obs)
+    dt = C.module_dtype(net)
+    if dt is not None and x0.dtype is not dt:
+        C.module_inputs("net", net, x0=x0)
     check_solver(steps, solver, t0, t1, path)
+
+
+# Solver configurations check_solver has passed, keyed with the scalars' types (True == 1 and 1 == 1.0
+# hash alike but are not alike to the checks); a configuration is a pure function of these values,
+# so a repeat skips the checks. Bounded: cleared when full.
+_SOLVER_OK: set = set()
+_SOLVER_OK_MAX = 256
 
 
 def check_solver(steps, solver, t0, t1, path):
     """steps, solver, (t0, t1) and path of a fixed-step integration (shared by integrate and sample)."""
+    try:
+        key = (steps.__class__, steps, solver.__class__, solver, t0.__class__, t0, t1.__class__, t1,
+               path.__class__, path)
+        if key in _SOLVER_OK:
+            return
+    except TypeError:  # an unhashable argument: the checks below say what is wrong with it
+        key = None
     C.positive_int("steps", steps)
     C.choice("solver", solver, SOLVERS)
     for name, v in (("t0", t0), ("t1", t1)):
@@ -85,6 +107,10 @@ def check_solver(steps, solver, t0, t1, path):
     a, b = time_grid(steps, float(t0), float(t1), solver, path)
     if not a < b:
         raise ValueError(f"need t0 < t1, got t0={t0}, t1={t1} (after clipping the path's singular ends: {a}, {b})")
+    if key is not None and solver.__class__ is str and (path is None or path.__class__ is str):
+        if len(_SOLVER_OK) >= _SOLVER_OK_MAX:
+            _SOLVER_OK.clear()
+        _SOLVER_OK.add(key)
 
 
 def _velocity_step(f, x, t, h, solver):

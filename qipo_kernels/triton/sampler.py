@@ -49,6 +49,7 @@ device, so run each configuration once before capturing (make_sampler(..., cuda_
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -283,11 +284,15 @@ def _entry(module, kind: str, dtype, device):
 
 
 def _run(net, e, critic, ce, tkey, tbuild, x, obs, sn, u, mode, K, steps, n_evals, scode, temperature, clip,
-         softmax, trajectory, dtype, device, seeded_samples=0, seed=0):
+         softmax, trajectory, dtype, device, seeded_samples=0, seed=0, hot_key=None):
     """One fused call: (out, traj). x [N, A] or [B, K, A] contiguous (None: seeded, ``seeded_samples``
     per state), obs [B, S] contiguous; e / ce the policy / critic packs (_entry). Under torch.compile
     through the custom ops; eagerly straight to a cached launch plan. out has x's shape ([B, A] in
-    the act modes, [B, seeded_samples, A] seeded); traj [steps + 1, *out's shape] or None."""
+    the act modes, [B, seeded_samples, A] seeded); traj [steps + 1, *out's shape] or None.
+
+    hot_key: the caller's key of this call (every argument the plan, tables and output shapes
+    depend on); the launch is then also kept as ``e.plans[hot_key]`` for _run_hot, which later
+    calls with the same key take without rebuilding any of it."""
     A = net.act_dim
     B = obs.shape[0]
     N = x.numel() // A if x is not None else B * seeded_samples
@@ -325,10 +330,21 @@ def _run(net, e, critic, ce, tkey, tbuild, x, obs, sn, u, mode, K, steps, n_eval
                                       cdepth, chidden, cln, ceps, clip, softmax, trajectory, x is None, dtype,
                                       device)
     shape = (B, A) if group else (x.shape if x is not None else (B, seeded_samples, A))
-    out = _host.empty(shape, dtype, device)
-    traj = _host.empty((steps + 1,) + tuple(shape), dtype, device) if trajectory else None
-    if (B if group else N) > 0:
-        run_plan(p, x, obs, sn, u, out, traj, tab[0], tab[1], N, B, temperature, seed)
+    tshape = (steps + 1,) + tuple(shape) if trajectory else None
+    hot = (p, tab[0], tab[1], shape, tshape, N, B, (B if group else N) > 0)
+    if hot_key is not None:
+        e.plans[hot_key] = hot
+    return _run_hot(hot, x, obs, sn, u, temperature, seed)
+
+
+def _run_hot(hot, x, obs, sn, u, temperature=1.0, seed=0):
+    """The launch of a call whose plan, tables and shapes are known (see _run's hot_key): two
+    allocations at most and the launch. x, obs contiguous, of the shapes the key was made for."""
+    p, tvec, coef, shape, tshape, N, B, live = hot
+    out = _host.empty(shape, p.dtype, p.device)
+    traj = _host.empty(tshape, p.dtype, p.device) if tshape is not None else None
+    if live:
+        run_plan(p, x, obs, sn, u, out, traj, tvec, coef, N, B, temperature, seed)
     return out, traj
 
 
@@ -342,11 +358,20 @@ def integrate(net, x0, obs, steps, solver, t0, t1, path, return_trajectory):
     dtype, device = x0.dtype, x0.device
     e = _entry(net, "policy", dtype, device)
     x = x0 if x0.is_contiguous() else x0.contiguous()
+    obs = obs if obs.is_contiguous() else obs.contiguous()
+    hk = None
+    if e is not None:  # a warm call: one lookup, then the launch
+        hk = ("integrate", x0.shape, obs.shape, steps, solver, t0, t1, path, bool(return_trajectory),
+              prec(dtype, device) if device.type == "cuda" else 0)
+        hot = e.plans.get(hk)
+        if hot is not None:
+            out, traj = _run_hot(hot, x, obs, None, None)
+            return (out, traj) if return_trajectory else out
     out, traj = _run(net, e, None, None, _flow_key(steps, solver, t0, t1, path, dtype),
                      _flow_table_fn(net, steps, solver, t0, t1, path, dtype, device), x,
-                     obs if obs.is_contiguous() else obs.contiguous(), None, None, MODE_INTEGRATE,
+                     obs, None, None, MODE_INTEGRATE,
                      x0.shape[1] if x0.dim() == 3 else 1, steps, 0, SOLVER_CODES[solver], 1.0, False, False,
-                     bool(return_trajectory), dtype, device)
+                     bool(return_trajectory), dtype, device, hot_key=hk)
     return (out, traj) if return_trajectory else out
 
 
@@ -393,10 +418,19 @@ def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min
     if sig and step_noise is None:
         step_noise = _draw_step_noise(sig, (N, A), dtype, device, generator)
     sn = step_noise.reshape(len(sig), N, A).contiguous() if step_noise is not None else None
+    obs = obs if obs.is_contiguous() else obs.contiguous()
+    hk = None
+    if e is not None:  # a warm call: one lookup, then the launch
+        hk = ("consistency", z.shape, obs.shape, tuple(sig), sigma_max, sigma_min, sigma_data, bool(clip),
+              prec(dtype, device) if device.type == "cuda" else 0)
+        hot = e.plans.get(hk)
+        if hot is not None:
+            return _run_hot(hot, z, obs, sn, None)[0]
     out, _ = _run(net, e, None, None, _cons_key(sig, sigma_max, sigma_min, sigma_data, dtype),
                   _cons_table_fn(net, sig, sigma_max, sigma_min, sigma_data, dtype, device), z,
-                  obs if obs.is_contiguous() else obs.contiguous(), sn, None, MODE_CONSISTENCY,
-                  z.shape[1] if z.dim() == 3 else 1, 0, 1 + len(sig), 0, 1.0, bool(clip), False, False, dtype, device)
+                  obs, sn, None, MODE_CONSISTENCY,
+                  z.shape[1] if z.dim() == 3 else 1, 0, 1 + len(sig), 0, 1.0, bool(clip), False, False, dtype, device,
+                  hot_key=hk)
     return out
 
 
@@ -465,6 +499,21 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
         u = uniform.to(torch.float64).contiguous()
     else:
         u = None
+    sn = step_noise.reshape(len(sig), B * K, A).contiguous() if step_noise is not None else None
+    x = noise if noise.is_contiguous() else noise.contiguous()
+    obs = obs if obs.is_contiguous() else obs.contiguous()
+    temperature = float(temperature)
+    hk = None
+    meta = ce.current_meta() if ce is not None else None  # (None: a LayerNorm eps changed since packing)
+    if meta is not None:  # a warm call: one lookup, then the launch
+        # (ce, the critic's pack whose tensors the plan holds, and its meta are part of the key)
+        hk = ("act", obs.shape, K, sampler, steps, solver, path, tuple(sig), mode, bool(clip), ce, meta,
+              prec(dtype, device) if device.type == "cuda" else 0)
+        hot = e.plans.get(hk)
+        if hot is not None:
+            out = _run_hot(hot, x, obs, sn, u, temperature)[0]
+            _check_marked(out, B)
+            return out
     if sampler == "flow":
         tkey = _flow_key(steps, solver, 0.0, 1.0, path, dtype)
         tbuild = _flow_table_fn(net, steps, solver, 0.0, 1.0, path, dtype, device)
@@ -474,16 +523,28 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
         tkey = _cons_key(*args)
         tbuild = _cons_table_fn(net, *args, device)
         m, n_evals, scode, nsteps = MODE_ACT_CONSISTENCY, 1 + len(sig), 0, 0
-    sn = step_noise.reshape(len(sig), B * K, A).contiguous() if step_noise is not None else None
     # The consistency sampler always clamps (as the reference); ``clip`` clamps the candidates.
-    out, _ = _run(net, e, critic, ce, tkey, tbuild, noise.contiguous(), obs.contiguous(), sn, u, m, K, nsteps,
-                  n_evals, scode, float(temperature), True if sampler == "consistency" else bool(clip),
-                  mode == "softmax", False, dtype, device)
-    if not _checks._capturing():  # the kernel marks states whose candidates scored NaN / inf with NaN
-        bad = ~torch.isfinite(out).all(dim=1)
-        if bool(bad.any()):
-            _checks.nonfinite_q_states(bad.nonzero().flatten().tolist(), B)
+    out, _ = _run(net, e, critic, ce, tkey, tbuild, x, obs, sn, u, m, K, nsteps,
+                  n_evals, scode, temperature, True if sampler == "consistency" else bool(clip),
+                  mode == "softmax", False, dtype, device, hot_key=hk)
+    _check_marked(out, B)
     return out
+
+
+def _check_marked(out, B: int) -> None:
+    """act's error for the states the kernel marked with NaN (their candidates scored NaN / inf).
+
+    One reduction and one host read per call (a single device sync on CUDA): the float32 sum of
+    the chosen actions is NaN or inf whenever any element is; only then are the marked states
+    looked for (a finite sum that overflowed to inf finds none and raises nothing). Skipped during
+    CUDA-graph capture / torch.compile tracing (it would sync), as every value check."""
+    if _checks._capturing():
+        return
+    if math.isfinite(out.sum(dtype=torch.float32).item()):
+        return
+    bad = ~torch.isfinite(out).all(dim=1)
+    if bool(bad.any()):
+        _checks.nonfinite_q_states(bad.nonzero().flatten().tolist(), B)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,21 +556,33 @@ class Prepared:
     the noise draw (same generator stream and shapes as policy.sample), two allocations and the
     launch. ``__call__(obs)`` returns the actions ([B, A] for K = 1, else [B, K, A], clamped to
     [-1, 1]) or None when the module changed since (the caller then takes the checked path and
-    prepares again); nothing is drawn from the generator in that case."""
+    prepares again); nothing is drawn from the generator in that case.
+
+    Flow: integrates from ``t0`` to 1 (FlowPolicy.t0, e.g. 0.05 on "ot-eps"), the drawn N(0, I)
+    noise scaled by ``noise_scale`` (FlowPolicy.start_noise_scale(): sigma(t0)) in place first, as
+    FlowPolicy.sample scales it; the time and coefficient tables are those of [t0, 1]."""
 
     def __init__(self, net, kind: str, num_samples: int, obs: torch.Tensor, steps: int = 10,
                  solver: str = "euler", path: Optional[str] = None, sigmas=None,
                  sigma_max: float = _cons.SIGMA_MAX, sigma_min: float = _cons.SIGMA_MIN,
-                 sigma_data: float = _cons.SIGMA_DATA, generator: Optional[torch.Generator] = None):
+                 sigma_data: float = _cons.SIGMA_DATA, generator: Optional[torch.Generator] = None,
+                 t0: float = 0.0, noise_scale: float = 1.0):
         dtype, device = obs.dtype, obs.device
         B, A, K = obs.shape[0], net.act_dim, num_samples
         self.net, self.generator, self.dtype, self.device = net, generator, dtype, device
         self.shape = (B, A) if K == 1 else (B, K, A)  # the noise (and output) layout
         self.N, self.B, self.A = B * K, B, A
         self.sig = [float(s) for s in (sigmas or ())] if kind == "consistency" else []
+        t0, noise_scale = float(t0), float(noise_scale)
+        if kind != "flow" and (t0 != 0.0 or noise_scale != 1.0):
+            raise ValueError("t0 and noise_scale apply to flow sampling only")
+        if not 0.0 <= t0 < 1.0 or not 0.0 < noise_scale < math.inf:
+            raise ValueError(f"need 0 <= t0 < 1 and a finite noise_scale > 0, got t0={t0!r}, "
+                             f"noise_scale={noise_scale!r}")
+        self.noise_scale = noise_scale if noise_scale != 1.0 else None
         if kind == "flow":
-            tkey = _flow_key(steps, solver, 0.0, 1.0, path, dtype)
-            tbuild = _flow_table_fn(net, steps, solver, 0.0, 1.0, path, dtype, device)
+            tkey = _flow_key(steps, solver, t0, 1.0, path, dtype)
+            tbuild = _flow_table_fn(net, steps, solver, t0, 1.0, path, dtype, device)
             mode, n_evals, scode = MODE_INTEGRATE, 0, SOLVER_CODES[solver]
         else:
             args = (self.sig, sigma_max, sigma_min, sigma_data, dtype)
@@ -531,6 +604,8 @@ class Prepared:
             return None
         dtype, device, gen = self.dtype, self.device, self.generator
         noise = torch.randn(self.shape, dtype=dtype, device=device, generator=gen)
+        if self.noise_scale is not None:
+            noise.mul_(self.noise_scale)
         sn = _draw_step_noise(self.sig, (self.N, self.A), dtype, device, gen) if self.sig else None
         out = _host.empty(self.shape, dtype, device)
         run_plan(self.plan, noise, obs if obs.is_contiguous() else obs.contiguous(), sn, None, out, None,
@@ -538,17 +613,33 @@ class Prepared:
         return out
 
 
-def _fast(supports):
-    def fast_supports(**call_args):
-        return supports(_fast=True, **call_args)
-    return fast_supports
+# What dispatch asks on every call (the same reasons as supports_*, with a current pack answering for
+# the parameters: the impl's _entry raises Fallback if it no longer can). Written out per op rather
+# than wrapped: each call's arguments then reach the check without re-packing a kwargs dict.
+def _fast_integrate(net=None, x0=None, obs=None, **_) -> List[str]:
+    return _policy_call_reasons(net, x0, obs, True)
 
 
-# supports: the full check (backends.reasons / explain); fast: what dispatch asks on every call (a
-# current pack answers for the parameters; the impl's _entry raises Fallback if it no longer can)
-_backends.register("integrate", "triton", integrate, supports_integrate, _fast(supports_integrate))
+def _fast_consistency_sample(net=None, noise=None, obs=None, **_) -> List[str]:
+    return _policy_call_reasons(net, noise, obs, True)
+
+
+def _fast_sample(net=None, obs=None, **_) -> List[str]:
+    return _policy_call_reasons(net, None, obs, True)
+
+
+def _fast_ddpm_sample(net=None, noise=None, obs=None, step_noise=None, **_) -> List[str]:
+    return supports_ddpm_sample(net, noise, obs, step_noise, True)
+
+
+def _fast_act(net=None, critic=None, obs=None, num_candidates=None, noise=None, **_) -> List[str]:
+    return supports_act(net, critic, obs, num_candidates, noise, True)
+
+
+# supports: the full check (backends.reasons / explain); fast: what dispatch asks on every call
+_backends.register("integrate", "triton", integrate, supports_integrate, _fast_integrate)
 _backends.register("consistency_sample", "triton", consistency_sample, supports_consistency_sample,
-                   _fast(supports_consistency_sample))
-_backends.register("ddpm_sample", "triton", ddpm_sample, supports_ddpm_sample, _fast(supports_ddpm_sample))
-_backends.register("act", "triton", act, supports_act, _fast(supports_act))
-_backends.register("sample", "triton", sample, supports_sample, _fast(supports_sample))
+                   _fast_consistency_sample)
+_backends.register("ddpm_sample", "triton", ddpm_sample, supports_ddpm_sample, _fast_ddpm_sample)
+_backends.register("act", "triton", act, supports_act, _fast_act)
+_backends.register("sample", "triton", sample, supports_sample, _fast_sample)
