@@ -87,13 +87,15 @@ _SOLVER_OK_MAX = 256
 
 def check_solver(steps, solver, t0, t1, path):
     """steps, solver, (t0, t1) and path of a fixed-step integration (shared by integrate and sample)."""
-    try:
-        key = (steps.__class__, steps, solver.__class__, solver, t0.__class__, t0, t1.__class__, t1,
-               path.__class__, path)
-        if key in _SOLVER_OK:
-            return
-    except TypeError:  # an unhashable argument: the checks below say what is wrong with it
-        key = None
+    key = None
+    if not torch.compiler.is_compiling():  # (torch.compile traces the checks themselves, no memo)
+        try:
+            key = (steps.__class__, steps, solver.__class__, solver, t0.__class__, t0, t1.__class__, t1,
+                   path.__class__, path)
+            if key in _SOLVER_OK:
+                return
+        except TypeError:  # an unhashable argument: the checks below say what is wrong with it
+            key = None
     C.positive_int("steps", steps)
     C.choice("solver", solver, SOLVERS)
     for name, v in (("t0", t0), ("t1", t1)):
