@@ -300,7 +300,9 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: Optional[
         clip: clamp candidates to [-1, 1] before scoring (ddpm: to [-max_action, max_action], its final clamp).
     Returns: [B, A] actions.
     Raises ValueError (every backend) when the critic scores a candidate NaN or inf: such a
-    score cannot be ranked, and act never picks a candidate silently.
+    score cannot be ranked, and act never picks a candidate silently. (The Triton kernel marks such
+    states with NaN actions; finding them costs one reduction and one host read per call, a single
+    device sync on CUDA, skipped while a CUDA graph is captured or torch.compile traces.)
     """
     sampler, mode = resolve_sampler(net, sampler, mode)
     ddpm = None

@@ -13,11 +13,15 @@ def test_host_overhead_measures_the_prepared_and_functional_paths():
     from qipo_kernels.triton import sampler_launch
 
     real = sampler_launch._policy_kernel
-    res = host_overhead.measure(calls=5, rounds=1)
+    res = host_overhead.measure(calls=5, rounds=2, repeat=2)
     assert sampler_launch._policy_kernel is real  # the mock is removed again
-    us = res["us_per_call"]
-    assert set(us) == {"sampler", "ops.integrate", "ops.act", "watch"} and all(v > 0 for v in us.values())
+    us, mn = res["us_per_call"], res["us_per_call_min"]
+    assert set(us) == set(mn) == {"sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act",
+                                  "watch"}
+    assert all(0 < mn[k] <= us[k] for k in us)  # the minimum of the rounds is at most their median
+    assert len(res["load_1min"]) == 3 and res["repeat"] == 2
     assert res["watched_slots"] >= 10 and set(res["meets_targets"]) == {"sampler", "ops.integrate"}
+    assert res["meets_targets"] == {k: mn[k] <= v for k, v in res["targets_us"].items()}
 
 
 def test_traffic_model_counts_weights_scratch_and_flops():

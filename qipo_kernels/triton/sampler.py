@@ -80,6 +80,8 @@ _MAX_PLANS = 64
 # supports(): reasons a call cannot run here
 # ----------------------------------------------------------------------------------------------
 def _dtype_reasons(name, t) -> List[str]:
+    if t.__class__ is torch.Tensor and t.dtype is torch.float32:  # (the common case, answered first)
+        return []
     if t is None or not torch.is_tensor(t):
         return []
     if t.dtype == torch.float64:
