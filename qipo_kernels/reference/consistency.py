@@ -111,7 +111,9 @@ def _check_net_x_obs(net, x, obs, xname="x"):
         C.same_device(**{xname: x, "obs": obs})
     if x.dtype is not obs.dtype:
         C.same_dtype(**{xname: x, "obs": obs})
-    C.module_inputs("net", net, **{xname: x})
+    dt = C.module_dtype(net)
+    if dt is not None and x.dtype is not dt:
+        C.module_inputs("net", net, **{xname: x})
 
 
 def consistency_denoise(net: Callable, x: torch.Tensor, sigma, obs: torch.Tensor,
