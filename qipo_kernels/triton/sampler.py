@@ -560,9 +560,10 @@ class Prepared:
     [-1, 1]) or None when the module changed since (the caller then takes the checked path and
     prepares again); nothing is drawn from the generator in that case.
 
-    Flow: integrates from ``t0`` to 1 (FlowPolicy.t0, e.g. 0.05 on "ot-eps"), the drawn N(0, I)
-    noise scaled by ``noise_scale`` (FlowPolicy.start_noise_scale(): sigma(t0)) in place first, as
-    FlowPolicy.sample scales it; the time and coefficient tables are those of [t0, 1]."""
+    Flow: integrates from ``t0`` to 1 (FlowPolicy.t0, e.g. 0.05 on "ot-eps"), the noise drawn as
+    N(0, noise_scale^2) (noise_scale: FlowPolicy.start_noise_scale(), sigma(t0)) by one
+    ``torch.normal`` from the same generator stream as FlowPolicy.sample's randn() * sigma(t0) (the
+    same numbers up to 1 ulp); the time and coefficient tables are those of [t0, 1]."""
 
     def __init__(self, net, kind: str, num_samples: int, obs: torch.Tensor, steps: int = 10,
                  solver: str = "euler", path: Optional[str] = None, sigmas=None,
@@ -605,9 +606,10 @@ class Prepared:
         if self.entry.watch.changed():
             return None
         dtype, device, gen = self.dtype, self.device, self.generator
-        noise = torch.randn(self.shape, dtype=dtype, device=device, generator=gen)
-        if self.noise_scale is not None:
-            noise.mul_(self.noise_scale)
+        if self.noise_scale is None:
+            noise = torch.randn(self.shape, dtype=dtype, device=device, generator=gen)
+        else:  # N(0, sigma(t0)^2) in one op: the same draws as randn() * sigma(t0) (at most 1 ulp apart)
+            noise = torch.normal(0.0, self.noise_scale, self.shape, dtype=dtype, device=device, generator=gen)
         sn = _draw_step_noise(self.sig, (self.N, self.A), dtype, device, gen) if self.sig else None
         out = _host.empty(self.shape, dtype, device)
         run_plan(self.plan, noise, obs if obs.is_contiguous() else obs.contiguous(), sn, None, out, None,
