@@ -23,6 +23,11 @@ case the median and the minimum over all rounds. The machine is shared and its l
 numbers by several times: the minimum is the estimate for an idle machine (what the targets are
 stated for), the median what a call cost while this ran; the 1-minute load average before each
 pass is recorded with them. Writes <out>/<cpu>-<date>.json (atomically) and prints a table.
+
+    python -m bench.host_overhead --compare-with /work/main
+runs this tree's package and another checkout's back to back in two worker processes taking turns
+(case by case, round by round), so that both see the same load: the only fair old-vs-new comparison
+on a busy machine. Writes <out>/<cpu>-<date>-compare.json.
 """
 from __future__ import annotations
 
@@ -102,12 +107,12 @@ def measure(calls: int = 3000, rounds: int = 5, repeat: int = 1) -> dict:
             os.environ["TRITON_INTERPRET"] = env
 
 
-def _measure(mock, calls, rounds, repeat):
-    from bench._common import cpu_model, today
+def _setup():
+    """(cases {name: fn}, the policy net, obs, the ot-eps policy's t0, a warm-call check) for the
+    benchmark network; every call goes to the (mocked) Triton launch."""
     from qipo_kernels import ops
     from qipo_kernels.nets import DoubleCritic
     from qipo_kernels.policies import FlowPolicy, make_sampler
-    from qipo_kernels.triton import sampler_pack
 
     torch.manual_seed(0)
     A, S, H, D, K, T = 6, 17, 256, 3, 50, 10
@@ -122,22 +127,37 @@ def _measure(mock, calls, rounds, repeat):
     eps_policy = FlowPolicy(S, A, hidden=H, depth=D, activation="mish", steps=T, path="ot-eps").eval()
     eps_policy.requires_grad_(False)
     smp_eps = make_sampler(eps_policy, num_samples=K, backend="triton")
+    cases = {
+        "sampler": lambda: smp(obs),
+        "sampler.ot-eps": lambda: smp_eps(obs),
+        "ops.integrate": lambda: ops.integrate(net, x0, obs, steps=T, backend="triton"),
+        "ops.consistency_sample": lambda: ops.consistency_sample(net, x0, obs, backend="triton"),
+        "ops.act": lambda: ops.act(net, critic, obs, K, steps=T, noise=x0, backend="triton"),
+    }
+
+    def prepared():
+        """Whether each sampler took the Triton prepared call (after a first call)."""
+        return {"sampler": smp._plan is not None and smp._plan[2] is None,
+                "sampler.ot-eps": smp_eps._plan is not None and smp_eps._plan[2] is None}
+
+    return cases, net, obs, eps_policy.t0, prepared
+
+
+def _measure(mock, calls, rounds, repeat):
+    from bench._common import cpu_model, today
+    from qipo_kernels.triton import sampler_pack
+
+    A, S, H, D, K, T = 6, 17, 256, 3, 50, 10
+    cases, net, obs, t0, prepared = _setup()
     res = {"cpu": cpu_model(), "date": today(), "torch": torch.__version__, "calls": calls, "rounds": rounds,
            "repeat": repeat, "net": f"ConditionalMLP {D}x{H} mish, obs {S}, act {A}",
-           "case": f"1 state x {K} candidates x {T} euler (sampler.ot-eps: {T} dpm2 from t0 = {eps_policy.t0})",
+           "case": f"1 state x {K} candidates x {T} euler (sampler.ot-eps: {T} dpm2 from t0 = {t0})",
            "targets_us": TARGETS_US, "us_per_call": {}, "us_per_call_min": {}, "load_1min": []}
     with torch.no_grad():
-        for s in (smp, smp_eps):
-            s(obs)
-            assert s._plan is not None and s._plan[2] is None, "the sampler did not take the Triton prepared path"
+        for fn in cases.values():
+            fn()
+        assert all(prepared().values()), f"a sampler did not take the Triton prepared path: {prepared()}"
         before = mock.calls
-        cases = {
-            "sampler": lambda: smp(obs),
-            "sampler.ot-eps": lambda: smp_eps(obs),
-            "ops.integrate": lambda: ops.integrate(net, x0, obs, steps=T, backend="triton"),
-            "ops.consistency_sample": lambda: ops.consistency_sample(net, x0, obs, backend="triton"),
-            "ops.act": lambda: ops.act(net, critic, obs, K, steps=T, noise=x0, backend="triton"),
-        }
         times = {name: [] for name in cases}
         for _ in range(repeat):
             res["load_1min"].append(_load())
@@ -164,6 +184,89 @@ def _measure(mock, calls, rounds, repeat):
     return res
 
 
+def _worker(root: str) -> int:
+    """--worker ROOT: the cases of the qipo_kernels found in ROOT, run on request (a line "case
+    calls" on stdin answers "wall_us cpu_us" per call); the first line out is "ready" and the
+    prepared-path flags as JSON. Used by compare()."""
+    sys.path.insert(0, os.path.abspath(root))
+    torch.set_num_threads(1)
+    os.environ["TRITON_INTERPRET"] = "1"
+    from qipo_kernels.triton import sampler_launch
+
+    sampler_launch._policy_kernel = _NoLaunch()
+    cases, _, _, _, prepared = _setup()
+    torch.set_grad_enabled(False)
+    for fn in cases.values():
+        for _ in range(200):
+            fn()
+    print("ready " + json.dumps(prepared()), flush=True)
+    for line in sys.stdin:
+        name, n = line.split()
+        fn, n = cases[name], int(n)
+        t, c = time.perf_counter(), time.thread_time()
+        for _ in range(n):
+            fn()
+        c, t = time.thread_time() - c, time.perf_counter() - t
+        print(f"{t / n * 1e6:.4f} {c / n * 1e6:.4f}", flush=True)
+    return 0
+
+
+def _git_rev(root: str) -> str:
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def compare(other: str, calls: int = 1000, rounds: int = 15) -> dict:
+    """This tree's package and ``other``'s (e.g. /work/main) back to back: two worker processes take
+    turns, case by case and round by round (the order alternating), so both see the same load.
+    Per side and case: min and median wall time per call and min thread CPU time per call."""
+    import subprocess
+
+    from bench._common import cpu_model, today
+
+    roots = {"this": os.path.dirname(HERE), "other": os.path.abspath(other)}
+    procs, ready = {}, {}
+    for side, root in roots.items():
+        env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+        procs[side] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", root], cwd=root,
+                                       env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        first = procs[side].stdout.readline().split(" ", 1)
+        if first[0] != "ready":
+            raise RuntimeError(f"the worker for {root} did not start")
+        ready[side] = json.loads(first[1])
+    names = ["sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act"]
+    got = {side: {n: [] for n in names} for side in roots}
+    loads = [_load()]
+    try:
+        for r in range(rounds):
+            for n in names:
+                for side in (("this", "other") if r % 2 == 0 else ("other", "this")):
+                    procs[side].stdin.write(f"{n} {calls}\n")
+                    procs[side].stdin.flush()
+                    wall, cpu = map(float, procs[side].stdout.readline().split())
+                    got[side][n].append((wall, cpu))
+            loads.append(_load())
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
+    res = {"cpu": cpu_model(), "date": today(), "torch": torch.__version__, "calls": calls, "rounds": rounds,
+           "load_1min": loads, "trees": {side: {"path": root, "rev": _git_rev(root), "prepared": ready[side]}
+                                         for side, root in roots.items()}, "us_per_call": {}}
+    for side in roots:
+        res["us_per_call"][side] = {n: {"wall_min": min(w for w, _ in v), "wall_median": statistics.median(w for w, _ in v),
+                                        "cpu_min": min(c for _, c in v)} for n, v in got[side].items()}
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=3000)
@@ -171,7 +274,31 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "host-overhead"))
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--compare-with", metavar="DIR", help="run this tree and the checkout in DIR back to back "
+                    "(e.g. /work/main): writes <out>/<cpu>-<date>-compare.json")
+    ap.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return _worker(args.worker)
+    if args.compare_with:
+        res = compare(args.compare_with, min(args.calls, 1000), max(args.rounds, 15))
+        tr = res["trees"]
+        print(f"back to back, launch mocked ({res['cpu']}, {res['date']}; 1-min load {min(res['load_1min']):.2f}-"
+              f"{max(res['load_1min']):.2f}): this {tr['this']['rev']} vs other {tr['other']['rev']} ({tr['other']['path']})")
+        print(f"  {'case':24s} {'this min/median':>17s} {'other min/median':>17s}   cpu min this/other (us per call)")
+        for n, v in res["us_per_call"]["this"].items():
+            o = res["us_per_call"]["other"][n]
+            print(f"  {n:24s} {v['wall_min']:7.1f} /{v['wall_median']:7.1f} {o['wall_min']:7.1f} /{o['wall_median']:7.1f}"
+                  f"   {v['cpu_min']:6.1f} / {o['cpu_min']:6.1f}")
+        print(f"  prepared path: this {tr['this']['prepared']}, other {tr['other']['prepared']}")
+        if not args.no_save:
+            from bench._common import atomic_write, slug
+
+            path = os.path.join(args.out, f"{slug(res['cpu'])}-{res['date']}-compare.json")
+            os.makedirs(args.out, exist_ok=True)
+            atomic_write(path, json.dumps(res, indent=2, sort_keys=True) + "\n")
+            print(f"wrote {path}")
+        return 0
     res = measure(args.calls, args.rounds, args.repeat)
     print(f"host cost per call, launch mocked ({res['cpu']}, {res['date']}, torch {res['torch']}; "
           f"1-min load average {', '.join(f'{v:.2f}' for v in res['load_1min'])}):")

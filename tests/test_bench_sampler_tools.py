@@ -24,6 +24,19 @@ def test_host_overhead_measures_the_prepared_and_functional_paths():
     assert res["meets_targets"] == {k: mn[k] <= v for k, v in res["targets_us"].items()}
 
 
+def test_host_overhead_compare_runs_two_trees_back_to_back():
+    from bench import host_overhead
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = host_overhead.compare(root, calls=3, rounds=2)  # (this tree against itself)
+    assert set(res["us_per_call"]) == {"this", "other"} and res["rounds"] == 2
+    for side in ("this", "other"):
+        us = res["us_per_call"][side]
+        assert set(us) == {"sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act"}
+        assert all(0 < v["wall_min"] <= v["wall_median"] and v["cpu_min"] > 0 for v in us.values())
+        assert res["trees"][side]["prepared"] == {"sampler": True, "sampler.ot-eps": True}
+
+
 def test_traffic_model_counts_weights_scratch_and_flops():
     pytest.importorskip("triton")
     before = os.environ.get("TRITON_INTERPRET")
