@@ -727,6 +727,52 @@ def test_cache_is_not_revalidated_by_walking_but_sees_every_change():
     assert tpack.peek(net, torch.float32, x0.device) is None
 
 
+def test_dispatch_fast_checks_agree_with_the_full_ones():
+    """The per-call dispatch checks (_fast_*, with their one-expression common case) refuse exactly
+    what supports_* refuses, on warm packs: autograd wanted, a subclass overriding forward, a critic
+    that does not match the net, too many candidates, a LayerNorm critic, float64, parameters moved."""
+    net = _net(H=24, depth=2)
+    critic = DoubleCritic(17, 6, hidden=24, depth=2).to(DEV)
+    x0 = torch.randn(4, 3, 6, device=DEV)
+    obs = torch.randn(4, 17, device=DEV)
+    for m, kind in ((net, "policy"), (critic, "critic")):
+        tpack.get_pack(m, kind, torch.float32, obs.device)
+
+    class Shifted(ConditionalMLP):
+        def forward(self, x, t, obs):
+            return super().forward(x, t, obs) + 1.0
+
+    shifted = Shifted(6, 17, hidden=24, depth=2).to(DEV)
+    tpack.get_pack(shifted, "policy", torch.float32, obs.device)
+    cases = [dict(net=net, critic=critic, x0=x0, obs=obs, K=3),
+             dict(net=shifted, critic=critic, x0=x0, obs=obs, K=3),
+             dict(net=net, critic=DoubleCritic(17, 5, hidden=24, depth=2).to(DEV), x0=x0, obs=obs, K=3),
+             dict(net=net, critic=critic, x0=x0, obs=obs, K=300),
+             dict(net=net, critic=DoubleCritic(17, 6, hidden=24, depth=2, layer_norm=True).to(DEV), x0=x0, obs=obs,
+                  K=3),
+             dict(net=net, critic=critic, x0=x0.double(), obs=obs.double(), K=3),
+             dict(net=net, critic=critic, x0=x0, obs=obs.double(), K=3)]
+    for grad in (False, True):
+        net.requires_grad_(grad)
+        for c in cases:
+            with torch.set_grad_enabled(grad):
+                full_i = ts.supports_integrate(net=c["net"], x0=c["x0"], obs=c["obs"], _fast=True)
+                full_a = ts.supports_act(net=c["net"], critic=c["critic"], obs=c["obs"], num_candidates=c["K"],
+                                         noise=c["x0"], _fast=True)
+                assert bool(ts._fast_integrate(net=c["net"], x0=c["x0"], obs=c["obs"])) == bool(full_i)
+                assert bool(ts._fast_consistency_sample(net=c["net"], noise=c["x0"], obs=c["obs"])) == bool(full_i)
+                assert bool(ts._fast_act(net=c["net"], critic=c["critic"], obs=c["obs"], num_candidates=c["K"],
+                                         noise=c["x0"])) == bool(full_a)
+        with torch.set_grad_enabled(grad):
+            assert (ts._fast_integrate(net=net, x0=x0, obs=obs) == []) is (not grad)  # (no backward: refused)
+    net.requires_grad_(False)
+    assert ts._fast_act(net=net, critic=critic, obs=obs, num_candidates=3, noise=x0) == []
+    assert ts._fast_act(net=net, critic=critic, obs=obs, num_candidates=300, noise=x0) != []
+    net.double()  # the pack made from float32 parameters is stale: the impl's _entry check catches it
+    with pytest.raises(backends.Fallback):
+        ts.integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False)
+
+
 def test_dtype_change_after_packing_falls_back_to_reference():
     net = _net(H=24, depth=2)
     x0 = torch.randn(5, 6, device=DEV)

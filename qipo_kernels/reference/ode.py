@@ -60,13 +60,14 @@ def check_integrate(net, x0, obs, steps, solver, t0, t1, path):
         raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
     if x0.__class__ is not torch.Tensor or x0.dtype not in C.FLOAT_DTYPES:
         C.tensor("x0", x0)
-    if x0.dim() not in (2, 3):
-        raise ValueError(f"x0 must be [N, A] or [B, K, A], got shape {tuple(x0.shape)}")
+    xs = x0.shape
+    if len(xs) not in (2, 3):
+        raise ValueError(f"x0 must be [N, A] or [B, K, A], got shape {tuple(xs)}")
     if obs.__class__ is not torch.Tensor or obs.dtype not in C.FLOAT_DTYPES or obs.dim() != 2:
         C.tensor("obs", obs, ndim=2)
-    if obs.shape[0] != x0.shape[0]:
-        raise ValueError(f"obs must have {x0.shape[0]} rows (one per {'sample' if x0.dim() == 2 else 'state'} of x0), got {obs.shape[0]}")
-    if x0.shape[-1] == 0 or (x0.dim() == 3 and x0.shape[1] == 0):
+    if obs.shape[0] != xs[0]:
+        raise ValueError(f"obs must have {xs[0]} rows (one per {'sample' if len(xs) == 2 else 'state'} of x0), got {obs.shape[0]}")
+    if xs[-1] == 0 or (len(xs) == 3 and xs[1] == 0):
         C.nonempty_samples("x0", x0)
     if not (x0.is_cpu and obs.is_cpu) and x0.device != obs.device:  # (both on the CPU: one device)
         C.same_device(x0=x0, obs=obs)

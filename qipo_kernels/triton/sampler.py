@@ -620,11 +620,32 @@ class Prepared:
 # What dispatch asks on every call (the same reasons as supports_*, with a current pack answering for
 # the parameters: the impl's _entry raises Fallback if it no longer can). Written out per op rather
 # than wrapped: each call's arguments then reach the check without re-packing a kwargs dict.
+def _plain_call(net, x, obs) -> bool:
+    """True when every condition of _policy_call_reasons(net, x, obs, fast=True) holds, tested in one
+    expression for the common case (a plain ConditionalMLP, float32 tensors, a pack made from float32
+    parameters on x's device, no autograd); False sends the call to the full check, which says why."""
+    if net.__class__ is not ConditionalMLP or x.__class__ is not torch.Tensor or obs.__class__ is not torch.Tensor \
+            or x.dtype is not torch.float32 or obs.dtype is not torch.float32:
+        return False
+    if not (net.hidden <= MAX_HIDDEN and 1 <= net.depth <= MAX_DEPTH and net.act_dim <= MAX_ACT_DIM
+            and net.activation in ACT_CODES):
+        return False
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    ents = _PACKS.get(net)
+    e = ents.get((torch.float32, x.device)) if ents is not None else None
+    return e is not None and e.ok
+
+
 def _fast_integrate(net=None, x0=None, obs=None, **_) -> List[str]:
+    if _plain_call(net, x0, obs):
+        return []
     return _policy_call_reasons(net, x0, obs, True)
 
 
 def _fast_consistency_sample(net=None, noise=None, obs=None, **_) -> List[str]:
+    if _plain_call(net, noise, obs):
+        return []
     return _policy_call_reasons(net, noise, obs, True)
 
 
@@ -637,6 +658,16 @@ def _fast_ddpm_sample(net=None, noise=None, obs=None, step_noise=None, **_) -> L
 
 
 def _fast_act(net=None, critic=None, obs=None, num_candidates=None, noise=None, **_) -> List[str]:
+    # the common case in one expression (as _plain_call; a LayerNorm critic takes the full check,
+    # which compares its LayerNorms' shapes and eps)
+    if critic.__class__ is DoubleCritic and not critic.layer_norm and num_candidates.__class__ is int \
+            and num_candidates <= MAX_CANDIDATES and _plain_call(net, noise if noise is not None else obs, obs) \
+            and critic.hidden <= MAX_HIDDEN and 1 <= critic.depth <= MAX_DEPTH and critic.activation in ACT_CODES \
+            and critic.act_dim == net.act_dim and critic.obs_dim == net.obs_dim:
+        ents = _PACKS.get(critic)
+        e = ents.get((torch.float32, obs.device)) if ents is not None else None
+        if e is not None and e.ok:
+            return []
     return supports_act(net, critic, obs, num_candidates, noise, True)
 
 
