@@ -252,6 +252,38 @@ def test_act_layer_norm_critic(mode):
     _close(out, ref)
 
 
+def test_warm_calls_take_this_calls_inputs():
+    """A warm call (its launch remembered under a key of the call's configuration and shapes) runs on
+    this call's tensors and scalars: new obs / noise / step-noise values, the temperature and the
+    uniform of softmax act, the trajectory; each checked against the reference, cold call then warm."""
+    net = _net(H=24, depth=2)
+    torch.manual_seed(18)
+    critic = DoubleCritic(17, 6, hidden=24, depth=2).to(DEV)
+    g = torch.Generator().manual_seed(19)
+    B, K = 4, 5
+    for temp in (0.05, 0.5, 2.0):
+        obs = torch.randn(B, 17, generator=g).to(DEV)
+        noise = torch.randn(B, K, 6, generator=g).to(DEV)
+        sn = torch.randn(1, B, K, 6, generator=g).to(DEV)
+        out, traj = ts.integrate(net, noise, obs, 2, "heun", 0.1, 0.9, None, True)
+        rout, rtraj = ref_ode._integrate(net, noise, obs, 2, "heun", 0.1, 0.9, None, True)
+        _close(out, rout)
+        _close(traj, rtraj)
+        _close(ts.integrate(net, noise[:, 0], obs, 2, "heun", 0.1, 0.9, None, False),
+               ref_ode._integrate(net, noise[:, 0], obs, 2, "heun", 0.1, 0.9, None, False))
+        _close(ts.consistency_sample(net, noise, obs, [1.5], sn, 80.0, 0.002, 0.5, True, None),
+               ref_cons._consistency_sample(net, noise, obs, [1.5], sn, 80.0, 0.002, 0.5, True, None))
+        q = _ref_q(net, critic, obs, K, "flow", 2, "euler", None, None, noise, None)
+        u = _safe_uniform(q.cpu(), temp, g).to(DEV)
+        ref = ops._act_ref(net, critic, obs, K, "flow", 2, "euler", None, None, "softmax", temp, noise, None, u, None,
+                           True)
+        _close(ts.act(net, critic, obs, K, "flow", 2, "euler", None, None, "softmax", temp, noise, None, u, None, True),
+               ref)
+    plans = tpack.get_pack(net, "policy", torch.float32, obs.device).plans
+    warm = {k[0] for k in plans if isinstance(k[0], str)}
+    assert warm == {"integrate", "consistency", "act"}  # the warm entries were there to be used
+
+
 # ------------------------------------------------------------------------------------ cache
 def test_packed_weights_refresh_after_optimizer_step():
     net = _net(H=24, depth=2)
