@@ -732,8 +732,9 @@ def make_sampler(actor, kind: Optional[str] = None, obs_dim: Optional[int] = Non
         cuda_graph: capture the whole fused call (noise draw, launch) in a CUDA graph per obs shape on
             first use and replay it afterwards (the Triton backend on a CUDA device only; a ValueError
             otherwise; flow policies sampled from t0 > 0, e.g. "ot-eps" at 0.05, included: the
-            capture holds the scaling of the noise by sigma(t0)). The graph is re-captured after the network changes (optimizer step,
-            load_state_dict, replaced layer); the warm-up before a capture draws from ``generator``.
+            captured draw is N(0, sigma(t0)^2)). The graph is re-captured after the network changes
+            (optimizer step, load_state_dict, replaced layer); the warm-up before a capture draws
+            from ``generator``.
     Returns:
         a ``Sampler``: ``sampler(obs [B, S]) -> actions [B, A]`` (no gradient) and
         ``sampler.act(obs, critic) -> [B, A]`` (candidates + critic selection, the authors' defaults).
