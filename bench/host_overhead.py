@@ -262,7 +262,8 @@ def compare(other: str, calls: int = 1000, rounds: int = 15) -> dict:
            "load_1min": loads, "trees": {side: {"path": root, "rev": _git_rev(root), "prepared": ready[side]}
                                          for side, root in roots.items()}, "us_per_call": {}}
     for side in roots:
-        res["us_per_call"][side] = {n: {"wall_min": min(w for w, _ in v), "wall_median": statistics.median(w for w, _ in v),
+        res["us_per_call"][side] = {n: {"wall_min": min(w for w, _ in v),
+                                        "wall_median": statistics.median(w for w, _ in v),
                                         "cpu_min": min(c for _, c in v)} for n, v in got[side].items()}
     return res
 
@@ -284,12 +285,13 @@ def main(argv=None) -> int:
         res = compare(args.compare_with, min(args.calls, 1000), max(args.rounds, 15))
         tr = res["trees"]
         print(f"back to back, launch mocked ({res['cpu']}, {res['date']}; 1-min load {min(res['load_1min']):.2f}-"
-              f"{max(res['load_1min']):.2f}): this {tr['this']['rev']} vs other {tr['other']['rev']} ({tr['other']['path']})")
+              f"{max(res['load_1min']):.2f}): this {tr['this']['rev']} vs other {tr['other']['rev']} "
+              f"({tr['other']['path']})")
         print(f"  {'case':24s} {'this min/median':>17s} {'other min/median':>17s}   cpu min this/other (us per call)")
         for n, v in res["us_per_call"]["this"].items():
             o = res["us_per_call"]["other"][n]
-            print(f"  {n:24s} {v['wall_min']:7.1f} /{v['wall_median']:7.1f} {o['wall_min']:7.1f} /{o['wall_median']:7.1f}"
-                  f"   {v['cpu_min']:6.1f} / {o['cpu_min']:6.1f}")
+            print(f"  {n:24s} {v['wall_min']:7.1f} /{v['wall_median']:7.1f} {o['wall_min']:7.1f} /"
+                  f"{o['wall_median']:7.1f}   {v['cpu_min']:6.1f} / {o['cpu_min']:6.1f}")
         print(f"  prepared path: this {tr['this']['prepared']}, other {tr['other']['prepared']}")
         if not args.no_save:
             from bench._common import atomic_write, slug
