@@ -94,12 +94,12 @@ def record(case: dict):
     from qipo_kernels.triton.sampler_pack import _critic_meta, _critic_tensors, _policy_tensors
 
     L.sm_count = lambda device: N_SM
-    L._stream_key = lambda device: 0
     _host.empty = lambda shape, dtype, device: FakeCuda(shape, dtype)
     if case.get("fp32"):
         os.environ["QIPO_TRITON_FP32"] = case["fp32"]
     dtype, mode = case["dtype"], case["mode"]
-    A, S, H, D = NET["A"], NET["S"], NET["H"], NET["D"]
+    A, S, D = NET["A"], NET["S"], NET["D"]
+    H = case.get("H", NET["H"])
     B, K, steps, n_evals = case["B"], case["K"], case["steps"], case.get("n_evals", 0)
     torch.manual_seed(0)
     net = ConditionalMLP(A, S, hidden=H, depth=D, activation="mish").to(dtype)

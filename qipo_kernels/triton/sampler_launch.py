@@ -1,8 +1,9 @@
 """Host launcher of the fused sampler kernel: precision, tile sizes, tuning, and launch plans.
 
 A launch is split in two: ``make_plan`` (everything that depends only on the configuration: the
-kernel object, grid, constexpr meta-parameters, the weight pointer list, scratch sizes) and
-``run_plan`` (the plan's scratch for this stream, the per-call tensors and scalars, launch). Eager callers
+kernel object, grid, constexpr meta-parameters, the weight pointer list) and
+``run_plan`` (the per-call tensors and scalars, launch). The kernel needs no scratch memory: hidden
+activations and the observation share stay on chip (mlp.mlp_eval). Eager callers
 cache plans with the packed weights (sampler_pack.Entry.plans), so a warm call costs a dictionary
 lookup and the launch itself.
 
@@ -149,7 +150,7 @@ def choose_bm(rows: int, min_rows: int, hs: int, programs: int) -> int:
 
 class Plan:
     """One launch configuration: see make_plan."""
-    __slots__ = ("kernel", "grid", "meta", "weights", "osh_n", "hbuf_n", "hq", "ln_eps", "K", "A", "steps",
+    __slots__ = ("kernel", "grid", "meta", "weights", "hq", "ln_eps", "K", "A", "steps",
                  "n_evals", "dtype", "device", "traj", "scratch")
 
 
@@ -174,11 +175,9 @@ def make_plan(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], units: 
         hpq, dq, hq, lnq, ln_eps = HP, 1, 1, False, 0.0
     HS = max(HP, hpq)
     KP = next_pow2(K) if group else 1
-    BK = min(64, HP, hpq)
-    BKS = min(64, SP)
     meta = dict(MODE=mode, SOLVER=solver_code, CLIP=bool(clip), TRAJ=bool(traj), SOFTMAX=bool(softmax),
                 SEEDED=bool(seeded), LNQ=bool(lnq), HP=HP, AP=AP, SP=SP, DEPTH=depth, ACT=act_code, HPQ=hpq,
-                DEPTHQ=dq, ACTQ=act_code_q, HS=HS, KP=KP, BK=BK, BKS=BKS, PREC=prec(dtype, device))
+                DEPTHQ=dq, ACTQ=act_code_q, KP=KP, PREC=prec(dtype, device))
     nprog = programs(device)
     rows = units * KP if group else units
     interp = interpret() or device.type != "cuda"
@@ -195,41 +194,20 @@ def make_plan(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], units: 
     p.grid = (progs,)
     p.meta = meta
     p.weights = tuple(pol) + tuple(qargs)
-    p.osh_n, p.hbuf_n = progs * bm * HS, progs * 2 * bm * HS
     p.hq, p.ln_eps = int(hq), float(ln_eps)
     p.K, p.A, p.steps, p.n_evals = K, A, steps, n_evals
     p.dtype, p.device, p.traj = dtype, device, bool(traj)
-    p.scratch = {}
+    p.scratch = {}  # always empty: the kernel has no global scratch (kept for callers that snapshot it)
     return p
-
-
-def _stream_key(device) -> int:
-    if device.type != "cuda":
-        return 0
-    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None
-                                              else torch.cuda.current_device())
-
-
-def scratch(p: Plan):
-    """(obs-share, hidden) scratch buffers of plan ``p`` for the current stream: allocated once per
-    (plan, stream) and reused, since launches on one stream run in order (a second stream gets its
-    own pair, so concurrent streams never share scratch)."""
-    key = _stream_key(p.device)
-    bufs = p.scratch.get(key)
-    if bufs is None:
-        bufs = p.scratch[key] = (_host.empty((p.osh_n,), torch.float32, p.device),
-                                 _host.empty((p.hbuf_n,), p.dtype, p.device))
-    return bufs
 
 
 def run_plan(p: Plan, x0, obs, snoise, u, out, traj, tvec, coef, N: int, B: int, temperature: float = 1.0,
              seed: int = 0) -> None:
     """Launch ``p`` on this call's tensors (x0 None: the noise is drawn in the kernel from ``seed``).
     No host synchronisation: capturable in a CUDA graph once the plan and tables exist."""
-    osh, hbuf = scratch(p)
     xp = x0 if x0 is not None else out  # not read when SEEDED
     args = (xp, obs, snoise if snoise is not None else xp, u if u is not None else coef, out,
-            traj if traj is not None else out, tvec, coef, osh, hbuf) + p.weights + \
+            traj if traj is not None else out, tvec, coef) + p.weights + \
         (N, B, p.K, p.A, obs.shape[1], p.steps, p.n_evals, temperature, p.hq, p.ln_eps, seed)
     device = p.device
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -259,11 +237,11 @@ def compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, tr
 
     fn = _policy_kernel
     names = fn.arg_names
-    f32 = {"osh_ptr", "tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2",
+    f32 = {"tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2",
            "qlw1", "qlb1", "qlw2", "qlb2"}
     ints = {"N", "B", "K", "A", "S", "steps", "n_evals", "HQ"}
     const = dict(LNQ=ln, SEEDED=seeded, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32,
-                 DEPTH=depth, ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, HS=hp, KP=kp, BM=bm, BN=bn, BK=64, BKS=32, PREC=prec)
+                 DEPTH=depth, ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, KP=kp, BM=bm, BN=bn, PREC=prec)
     sig = {}
     for n in names:
         if n in const:

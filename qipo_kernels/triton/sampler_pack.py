@@ -1,7 +1,7 @@
 """Weight packing for the fused samplers, and the eager-mode cache of packed weights.
 
 Packed layout of one MLP (see _mlp_tensors): the first layer split in a 'free' part (x / action,
-read at every evaluation) and an obs part (folded with b1 into the per-tile obs share), weights
+read at every evaluation) and an obs part (multiplied with the tile's obs rows at every evaluation), weights
 transposed to [in, out] and zero-padded, biases / LayerNorm affine in float32.
 
 The packed tensors are built from the modules' current parameters by plain torch ops: under
@@ -38,13 +38,15 @@ def _next_pow2(n: int) -> int:
 
 
 def _pad_hidden(h: int) -> int:
-    """Padded width: a power of two >= 16 up to 64, then a multiple of 64."""
-    return max(16, _next_pow2(h)) if h <= 64 else -(-h // 64) * 64
+    """Padded hidden width: a power of two >= 16. The kernel holds a whole hidden row block
+    [BM, HP] in registers (mlp.mlp_eval), and Triton tensors have power-of-two shapes."""
+    return max(16, _next_pow2(h))
 
 
 def _pad_small(n: int) -> int:
-    """Padded obs / action width (>= 16 for tl.dot): a power of two up to 64, then a multiple of 64."""
-    return max(16, _next_pow2(n)) if n <= 64 else -(-n // 64) * 64
+    """Padded obs / action width: a power of two >= 16 (tl.dot's K; the obs tile and the state x are
+    register tensors [BM, SP] / [BM, AP])."""
+    return max(16, _next_pow2(n))
 
 
 def _pad2(w: torch.Tensor, rows: int, cols: int, dtype, device) -> torch.Tensor:
@@ -60,7 +62,7 @@ def _mlp_tensors(linears: List[nn.Linear], free_cols: slice, obs_cols: slice, ou
                  dtype: torch.dtype, device: torch.device,
                  norms: Optional[List[nn.LayerNorm]] = None) -> List[torch.Tensor]:
     """Packed weights of one MLP with the first layer split in a 'free' part (x / action, read each
-    evaluation) and an obs part (folded with b1 into the per-tile obs share):
+    evaluation) and an obs part (the layer-1 GEMM's obs columns, K = SP):
 
         [w1x [AP, HP], w1o [SP, HP], b1 [HP], wh [max(depth - 1, 1), HP, HP], bh [.., HP], wo [HP, out_pad],
          bo [out_pad]]  (+ [lnw, lnb] [depth, HP] when ``norms``: LayerNorm after each hidden Linear)
