@@ -51,10 +51,18 @@ CASES = {
     "integrate_256x50x10_fp32-tf32": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32"),
     "integrate_256x50x10_fp32-tf32x3": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32x3"),
     "integrate_1x50x10_bf16": dict(mode=0, B=1, K=50, steps=10, dtype=BF16),
+    "integrate_1x50x10_fp32-tf32x3": dict(mode=0, B=1, K=50, steps=10, dtype=F32, fp32="tf32x3"),
+    "consistency_256x50x2_bf16": dict(mode=1, B=256, K=50, steps=0, n_evals=2, dtype=BF16),
     "act_cons_256x50_bf16": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=BF16),
     "act_cons_256x50_fp32-tf32x3": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=F32, fp32="tf32x3"),
     "act_cons_256x50_fp32-ieee": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=F32, fp32="ieee"),
+    "act_flow_1x50x10_bf16": dict(mode=2, B=1, K=50, steps=10, dtype=BF16),
     "sample_seeded_1e6x64x10_bf16": dict(mode=0, B=1_000_000, K=64, steps=10, dtype=BF16, seeded=True),
+    "h512_integrate_256x50x10_bf16": dict(mode=0, B=256, K=50, steps=10, dtype=BF16, H=512),
+    "h512_integrate_256x50x10_fp32-tf32x3": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32x3", H=512),
+    "h512_integrate_1x50x10_bf16": dict(mode=0, B=1, K=50, steps=10, dtype=BF16, H=512),
+    "h512_act_cons_256x50_bf16": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=BF16, H=512),
+    "h512_act_flow_1x50x10_bf16": dict(mode=2, B=1, K=50, steps=10, dtype=BF16, H=512),
 }
 NET = dict(A=6, S=17, H=256, D=3)
 
@@ -155,51 +163,65 @@ def _source(fn, args, kwargs):
 # Traffic model of the kernel as written (sampler_kernel / mlp.mlp_eval)
 # ----------------------------------------------------------------------------------------------
 def traffic(meta: dict, case: dict, programs: int) -> dict:
-    """Modelled global (L1/L2) bytes and FLOPs of one launch.
+    """Modelled global (L1/L2) bytes and FLOPs of one launch of the kernel as written (layer pairing,
+    mlp.mlp_eval).
 
-    Per tile of BM rows and network evaluation (mlp_eval): layer 1 reads the float32 obs share
-    [BM, HP], the time row, W1x and stores the hidden block; each further hidden layer re-reads its
-    input [BM, HP] once per column block (HP / BN times), reads its weights once, stores its output;
-    the output layer reads the last hidden block and Wo. Per tile once: the obs share (obs, W1o, store).
-    The critic (act modes) is two more evaluations of the same shape (plus its own obs share).
+    What it counts, per tile of BM rows: every network evaluation reads each weight matrix once
+    (W1x [AP, HP], W1o [SP, HP], D - 1 hidden [HP, HP], Wo [OUT_PAD, HP], in the compute dtype; the
+    P matrices of a LayerNorm critic twice), its float32 biases and the time row once; nothing else:
+    hidden activations and the observation share never leave the SM. Once per tile: the x0 rows
+    (unless drawn in-kernel), the obs rows, the output rows, the step noise of consistency sampling,
+    the coefficient rows. The critic (act modes) is two more evaluations (OUT_PAD 16, no time row).
+
+    What it assumes: every weight block is fetched from L2 by each tile that uses it (no reuse
+    across CTAs in L1, no multicast); padded sizes (powers of two) for weights and FLOPs, unpadded
+    widths A and S for the per-row inputs; no cache misses to HBM counted separately (the weights,
+    272 KB in bf16 for 3 x 256, stay in L2). FLOPs are those of the padded GEMMs (recomputing the
+    obs share each evaluation included), not the activations.
     """
     cb = 2 if case["dtype"] != torch.float32 else 4
-    BM, BN, HP, AP, SP, DEPTH = meta["BM"], meta["BN"], meta["HP"], meta["AP"], meta["SP"], meta["DEPTH"]
-    nb = HP // BN
+    BM, HP, AP, SP, DEPTH = meta["BM"], meta["HP"], meta["AP"], meta["SP"], meta["DEPTH"]
+    A, S = NET["A"], NET["S"]
 
-    def eval_bytes(out_pad):
-        l1 = BM * HP * 4 + HP * 4 + AP * HP * cb + BM * HP * cb
-        hid = nb * BM * HP * cb + HP * HP * cb + HP * 4 + BM * HP * cb
-        out = BM * HP * cb + HP * out_pad * cb + out_pad * 4
-        weights = AP * HP * cb + (DEPTH - 1) * HP * HP * cb + HP * out_pad * cb
-        scratch = BM * HP * 4 + (DEPTH - 1) * (nb + 1) * BM * HP * cb + 2 * BM * HP * cb
-        return l1 + (DEPTH - 1) * hid + out, weights, scratch
+    def eval_bytes(out_pad, ln=False, has_t=True):
+        mats = [AP * HP + SP * HP] + [HP * HP] * (DEPTH - 1) + [out_pad * HP]
+        start = 1 - DEPTH % 2
+        w = sum(mats)
+        if ln:  # first-of-pair (blocked) layers with LayerNorm are computed twice
+            w += sum(mats[i] for i in range(start, DEPTH, 2))
+        weights = w * cb
+        small = HP * 4 + (DEPTH - 1) * HP * 4 + out_pad * 4 + (HP * 4 if has_t else 0)
+        if ln:
+            small += 2 * DEPTH * HP * 4
+        return weights + small, weights
 
     def eval_flops(out_pad):
-        return 2 * BM * (AP * HP + (DEPTH - 1) * HP * HP + HP * out_pad)
+        return 2 * BM * (AP * HP + SP * HP + (DEPTH - 1) * HP * HP + HP * out_pad)
 
     mode = case["mode"]
     stages = {0: 1, 1: 2, 2: 2, 3: 4, 4: 1, 5: 2}[meta["SOLVER"]]
     evals = case["steps"] * stages if mode in (0, 2) else case.get("n_evals", 1)
-    per_eval, w_eval, s_eval = eval_bytes(AP)
-    obs_share = BM * SP * cb + SP * HP * cb + HP * 4 + BM * HP * 4
-    tile_bytes = evals * per_eval + obs_share
-    tile_flops = evals * eval_flops(AP) + 2 * BM * SP * HP
+    per_eval, w_eval = eval_bytes(AP)
+    group = mode >= 2
+    io = BM * S * cb + (0 if case.get("seeded") else BM * A * cb) + evals * 8 * 4
+    io += (BM // meta["KP"]) * A * cb if group else BM * A * cb
+    if mode in (1, 3):
+        io += max(evals - 1, 0) * BM * A * cb
+    tile_bytes = evals * per_eval + io
+    tile_flops = evals * eval_flops(AP)
     weights = evals * w_eval
-    scratch = evals * s_eval + BM * HP * 4
-    if mode >= 2:  # twin critic: 2 evaluations + 2 obs shares
-        c_eval, c_w, c_s = eval_bytes(16)
-        tile_bytes += 2 * (c_eval + obs_share)
-        tile_flops += 2 * (eval_flops(16) + 2 * BM * SP * HP)
+    if group:  # twin critic: 2 evaluations
+        c_eval, c_w = eval_bytes(16, ln=bool(meta.get("LNQ")), has_t=False)
+        tile_bytes += 2 * c_eval
+        tile_flops += 2 * eval_flops(16)
         weights += 2 * c_w
-        scratch += 2 * (c_s + BM * HP * 4)
     B, K = case["B"], case["K"]
     KP = meta["KP"]
-    tiles = -(-B // (BM // KP)) if mode >= 2 else -(-(B * K) // BM)
+    tiles = -(-B // (BM // KP)) if group else -(-(B * K) // BM)
     return dict(tiles=tiles, evals_per_tile=evals, bytes_per_tile=tile_bytes, gb=tiles * tile_bytes / 1e9,
-                weight_gb=tiles * weights / 1e9, scratch_gb=tiles * scratch / 1e9,
+                weight_gb=tiles * weights / 1e9, scratch_gb=0.0,
                 gflop_padded=tiles * tile_flops / 1e9, flop_per_byte=tile_flops / tile_bytes,
-                scratch_bytes_allocated=programs * (BM * meta["HS"] * 4 + 2 * BM * meta["HS"] * cb))
+                scratch_bytes_allocated=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +301,8 @@ def compile_one(job):
                     spill_loads=sp_ld, smem=smem, ctas_per_sm=_occupancy(regs, smem, cfg.num_warps),
                     wgmma=len(re.findall(r"\bwgmma\.mma_async", k.asm["ptx"])),
                     mma_sync=len(re.findall(r"\bmma\.sync", k.asm["ptx"])), sass=sass_n,
-                    global_activation_scratch=True, compile_s=round(time.time() - t0, 1), **tr)
+                    global_activation_scratch=any(a in _policy_kernel.arg_names for a in ("hbuf_ptr", "osh_ptr")),
+                    compile_s=round(time.time() - t0, 1), **tr)
     except Exception:
         return dict(case=name, config=str(idx), error=traceback.format_exc())
 
@@ -289,14 +312,15 @@ def _jobs(names):
 
     out = []
     for n in names:
-        ncfg = len(L.tuned_kernel(NET["H"], NET["H"]).configs)
+        h = CASES[n].get("H", NET["H"])
+        ncfg = len(L.tuned_kernel(h, h).configs)
         out += [(n, i) for i in range(ncfg)]
     return out
 
 
 def markdown(rows) -> str:
     head = ("| case | config | BM | CTAs | regs | spill st/ld B | smem KB | CTA/SM | wgmma (PTX) | mma.sync | "
-            "HGMMA / HMMA (SASS) | LDL/STL | modelled GB | of it weights / scratch GB | FLOP/B | act. scratch |\n"
+            "HGMMA / HMMA (SASS) | LDL/STL | modelled GB | of it weights GB | FLOP/B | act. scratch |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
@@ -310,7 +334,7 @@ def markdown(rows) -> str:
         lines.append(f"| {r['case']} | {r['config']} | {r['BM']} | {r['ctas']} | {r['regs']} | "
                      f"{r['spill_stores']}/{r['spill_loads']} | {r['smem'] / 1024:.0f} | {r['ctas_per_sm']} | "
                      f"{r['wgmma']} | {r['mma_sync']} | {s['HGMMA']} / {s['HMMA']} | {s['LDL']}/{s['STL']} | "
-                     f"{r['gb']:.3f} | {r['weight_gb']:.3f} / {r['scratch_gb']:.3f} | {r['flop_per_byte']:.0f} | "
+                     f"{r['gb']:.3f} | {r['weight_gb']:.3f} | {r['flop_per_byte']:.0f} | "
                      f"{'global' if r['global_activation_scratch'] else 'none'} |")
     return head + "\n".join(lines) + "\n"
 

@@ -70,153 +70,174 @@ def activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def tf32_split(x):
+    """(hi, lo) of float32 x: hi = x with the 13 low mantissa bits cleared (exact in TF32), lo = x - hi."""
+    hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
 def dot(a, b, acc, PREC: tl.constexpr):
     # PREC: 0 IEEE float32 (FMA), 1 TF32, 2 half inputs (bf16 / fp16), 3 TF32x3 (float32 inputs split
-    # in a TF32 high and low part, three tensor-core products: ~float32 accuracy); float32 accumulation
+    # in a TF32 high and low part, three tensor-core products: ~float32 accuracy); float32 accumulation.
+    # TF32x3 is written out here rather than left to tl.dot's "tf32x3": the split of a loop-invariant
+    # operand (a pair's activations) is then plain arithmetic that the compiler hoists out of the
+    # column loop, instead of being redone next to every product.
     if PREC == 0:
         r = tl.dot(a, b, acc, input_precision="ieee")
     elif PREC == 1:
         r = tl.dot(a, b, acc, input_precision="tf32")
     elif PREC == 3:
-        r = tl.dot(a, b, acc, input_precision="tf32x3")
+        ah, al = tf32_split(a)
+        bh, bl = tf32_split(b)
+        r = tl.dot(al, bh, acc, input_precision="tf32")
+        r = tl.dot(ah, bl, r, input_precision="tf32")
+        r = tl.dot(ah, bh, r, input_precision="tf32")
     else:
         r = tl.dot(a, b, acc)
     return r
 
 
 @triton.jit
-def load_obs(obs_ptr, state, valid, S, SP: tl.constexpr, cdt: tl.constexpr):
-    """The tile's observation rows [BM, SP] (zero in padded rows / columns), in the compute dtype."""
+def load_obs_t(obs_ptr, state, valid, S, SP: tl.constexpr, cdt: tl.constexpr):
+    """The tile's observation rows, feature-major [SP, BM] (zero in padded rows / columns), in the
+    compute dtype."""
     offs_s = tl.arange(0, SP)
-    o = tl.load(obs_ptr + state[:, None] * S + offs_s[None, :], mask=valid[:, None] & (offs_s[None, :] < S),
+    o = tl.load(obs_ptr + state[None, :] * S + offs_s[:, None], mask=valid[None, :] & (offs_s[:, None] < S),
                 other=0.0)
     return o.to(cdt)
 
 
 @triton.jit
-def _pre(L: tl.constexpr, h, xa, oa, trow, w1x, w1o, b1, wh, bh, cols,
+def _pre(L: tl.constexpr, ht, xt, ot, trow, w1x, w1o, b1, wh, bh, rows,
          HP: tl.constexpr, IN_PAD: tl.constexpr, SP: tl.constexpr, HAS_T: tl.constexpr, PREC: tl.constexpr,
          BM: tl.constexpr, W: tl.constexpr):
-    """Pre-activations [BM, W] float32 of matrix M_L for the columns ``cols``: layer 1 (L = 0) from
-    xa [BM, IN_PAD] and oa [BM, SP]; hidden layer L from h [BM, HP] (unused when L = 0)."""
+    """Feature-major pre-activations [W, BM] float32 of matrix M_L for its output features ``rows``:
+    layer 1 (L = 0) from xt [IN_PAD, BM] and ot [SP, BM]; hidden layer L from ht [HP, BM] (unused
+    when L = 0). The weight block is the dot's A operand, the activations its B operand (which
+    Triton keeps in shared memory, never in a second register copy)."""
     if L == 0:
         offs_i = tl.arange(0, IN_PAD)
         offs_s = tl.arange(0, SP)
-        z = tl.zeros((BM, W), tl.float32) + tl.load(b1 + cols)[None, :]
+        zb = tl.load(b1 + rows)
         if HAS_T:
-            z += tl.load(trow + cols)[None, :]
-        z = dot(xa, tl.load(w1x + offs_i[:, None] * HP + cols[None, :]), z, PREC)
-        z = dot(oa, tl.load(w1o + offs_s[:, None] * HP + cols[None, :]), z, PREC)
+            zb += tl.load(trow + rows)
+        z = tl.zeros((W, BM), tl.float32) + zb[:, None]
+        z = dot(tl.load(w1x + offs_i[None, :] * HP + rows[:, None]), xt, z, PREC)
+        z = dot(tl.load(w1o + offs_s[None, :] * HP + rows[:, None]), ot, z, PREC)
     else:
         offs_k = tl.arange(0, HP)
-        z = tl.zeros((BM, W), tl.float32) + tl.load(bh + (L - 1) * HP + cols)[None, :]
-        z = dot(h, tl.load(wh + (L - 1) * (HP * HP) + offs_k[:, None] * HP + cols[None, :]), z, PREC)
+        z = tl.zeros((W, BM), tl.float32) + tl.load(bh + (L - 1) * HP + rows)[:, None]
+        z = dot(tl.load(wh + (L - 1) * (HP * HP) + rows[:, None] * HP + offs_k[None, :]), ht, z, PREC)
     return z
 
 
 @triton.jit
 def _ln_act_full(z, lnw, lnb, HT, ln_eps, HP: tl.constexpr, ACT: tl.constexpr):
-    """act(LayerNorm(z)) of a complete row block z [BM, HP] (float32, registers): statistics over the
-    first HT columns (biased variance, two passes over registers), affine; padded columns give 0."""
-    cols = tl.arange(0, HP)
-    m = cols[None, :] < HT
-    mean = tl.sum(tl.where(m, z, 0.0), axis=1) / HT
-    d = tl.where(m, z - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / HT + ln_eps)
-    y = d * rstd[:, None] * tl.load(lnw + cols)[None, :] + tl.load(lnb + cols)[None, :]
+    """act(LayerNorm(z)) of a complete feature-major block z [HP, BM] (float32, registers): statistics
+    over the first HT features (biased variance, two passes over registers), affine; padded
+    features give 0."""
+    feats = tl.arange(0, HP)
+    m = feats[:, None] < HT
+    mean = tl.sum(tl.where(m, z, 0.0), axis=0) / HT
+    d = tl.where(m, z - mean[None, :], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / HT + ln_eps)
+    y = d * rstd[None, :] * tl.load(lnw + feats)[:, None] + tl.load(lnb + feats)[:, None]
     return activation(y, ACT)
 
 
 @triton.jit
-def _block_stats(L: tl.constexpr, h, xa, oa, trow, w1x, w1o, b1, wh, bh, HT, ln_eps,
+def _block_stats(L: tl.constexpr, ht, xt, ot, trow, w1x, w1o, b1, wh, bh, HT, ln_eps,
                  HP: tl.constexpr, IN_PAD: tl.constexpr, SP: tl.constexpr, HAS_T: tl.constexpr,
                  PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """Row mean and 1 / std (biased, over the first HT columns) of matrix M_L's pre-activations,
-    computed block by block without keeping them: each block's mean and sum of squared deviations
-    merged into the running ones (Chan, Golub, LeVeque), so no E[z^2] - E[z]^2 cancellation."""
+    """Per-sample mean and 1 / std (biased, over the first HT features) of matrix M_L's
+    pre-activations, computed block by block without keeping them: each block's mean and sum of
+    squared deviations merged into the running ones (Chan, Golub, LeVeque), so no E[z^2] - E[z]^2
+    cancellation."""
     offs_n = tl.arange(0, BN)
     mean = tl.zeros((BM,), tl.float32)
     m2 = tl.zeros((BM,), tl.float32)
     for n0 in range(0, HP, BN):
-        cols = n0 + offs_n
-        z = _pre(L, h, xa, oa, trow, w1x, w1o, b1, wh, bh, cols, HP, IN_PAD, SP, HAS_T, PREC, BM, BN)
-        ok = cols[None, :] < HT
-        na = tl.minimum(n0, HT).to(tl.float32)  # columns merged so far (blocks are contiguous)
+        rows = n0 + offs_n
+        z = _pre(L, ht, xt, ot, trow, w1x, w1o, b1, wh, bh, rows, HP, IN_PAD, SP, HAS_T, PREC, BM, BN)
+        ok = rows[:, None] < HT
+        na = tl.minimum(n0, HT).to(tl.float32)  # features merged so far (blocks are contiguous)
         nb = tl.minimum(tl.maximum(HT - n0, 0), BN).to(tl.float32)
-        bmean = tl.sum(tl.where(ok, z, 0.0), axis=1) / tl.maximum(nb, 1.0)
-        d = tl.where(ok, z - bmean[:, None], 0.0)
+        bmean = tl.sum(tl.where(ok, z, 0.0), axis=0) / tl.maximum(nb, 1.0)
+        d = tl.where(ok, z - bmean[None, :], 0.0)
         delta = bmean - mean
         tot = tl.maximum(na + nb, 1.0)
         mean = mean + delta * (nb / tot)
-        m2 = m2 + tl.sum(d * d, axis=1) + delta * delta * (na * nb / tot)
+        m2 = m2 + tl.sum(d * d, axis=0) + delta * delta * (na * nb / tot)
     rstd = 1.0 / tl.sqrt(m2 / HT + ln_eps)
     return mean, rstd
 
 
 @triton.jit
-def mlp_eval(xin, oa, trow, w1x, w1o, b1, wh, bh, wo, bo, lnw, lnb, HT, ln_eps,
+def mlp_eval(xin, ot, trow, w1x, w1o, b1, wh, bh, wo, bo, lnw, lnb, HT, ln_eps,
              HP: tl.constexpr, IN_PAD: tl.constexpr, SP: tl.constexpr, OUT_PAD: tl.constexpr,
              DEPTH: tl.constexpr, ACT: tl.constexpr, HAS_T: tl.constexpr, LN: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """One network evaluation for a tile by layer pairing (see the module docstring):
-    xin [BM, IN_PAD] float32, oa [BM, SP] (compute dtype) -> [BM, OUT_PAD] float32.
+    xin [BM, IN_PAD] float32, ot [SP, BM] (feature-major obs tile, compute dtype) -> [BM, OUT_PAD]
+    float32.
 
-    Layer 1 = xin @ W1x + oa @ W1o + b1 (+ trow, the time share, when HAS_T). With LN every hidden
+    Layer 1 = W1x x + W1o obs + b1 (+ trow, the time share, when HAS_T). With LN every hidden
     layer is Linear -> LayerNorm(HT, eps, lnw[l], lnb[l]) -> activation.
     """
     offs_h = tl.arange(0, HP)
     offs_n = tl.arange(0, BN)
     offs_o = tl.arange(0, OUT_PAD)
     cdt: tl.constexpr = w1x.dtype.element_ty
-    xa = xin.to(cdt)
+    xt = tl.trans(xin.to(cdt))
     START: tl.constexpr = 1 - DEPTH % 2  # an odd number of matrices: layer 1 full width first
-    h = xa  # (the first pair's h when START = 0: unused, layer 1 reads xa / oa)
+    ht = xt  # (the first pair's input when START = 0: unused, layer 1 reads xt / ot)
     if START == 1:
-        z1 = _pre(0, xa, xa, oa, trow, w1x, w1o, b1, wh, bh, offs_h, HP, IN_PAD, SP, HAS_T, PREC, BM, HP)
+        z1 = _pre(0, xt, xt, ot, trow, w1x, w1o, b1, wh, bh, offs_h, HP, IN_PAD, SP, HAS_T, PREC, BM, HP)
         if LN:
-            h = _ln_act_full(z1, lnw, lnb, HT, ln_eps, HP, ACT).to(cdt)
+            ht = _ln_act_full(z1, lnw, lnb, HT, ln_eps, HP, ACT).to(cdt)
         else:
-            h = activation(z1, ACT).to(cdt)
-    out = tl.zeros((BM, OUT_PAD), tl.float32)
+            ht = activation(z1, ACT).to(cdt)
+    out = tl.zeros((OUT_PAD, BM), tl.float32)
     for pi in tl.static_range((DEPTH + 1 - START) // 2):
         # the pair (P, Q) = (M_{START + 2 pi}, M_{START + 2 pi + 1}); written out inline so that every
         # index stays a compile-time constant (a local assigned in the loop would not be one)
         if LN:
-            mean, rstd = _block_stats(START + 2 * pi, h, xa, oa, trow, w1x, w1o, b1, wh, bh, HT, ln_eps, HP,
+            mean, rstd = _block_stats(START + 2 * pi, ht, xt, ot, trow, w1x, w1o, b1, wh, bh, HT, ln_eps, HP,
                                       IN_PAD, SP, HAS_T, PREC, BM, BN)
         if START + 2 * pi + 1 == DEPTH:
-            acc = tl.zeros((BM, OUT_PAD), tl.float32) + tl.load(bo + offs_o)[None, :]
+            acc = tl.zeros((OUT_PAD, BM), tl.float32) + tl.load(bo + offs_o)[:, None]
         else:
-            acc = tl.zeros((BM, HP), tl.float32) + tl.load(bh + (START + 2 * pi) * HP + offs_h)[None, :]
+            acc = tl.zeros((HP, BM), tl.float32) + tl.load(bh + (START + 2 * pi) * HP + offs_h)[:, None]
         for n0 in range(0, HP, BN):
-            cols = n0 + offs_n
-            z = _pre(START + 2 * pi, h, xa, oa, trow, w1x, w1o, b1, wh, bh, cols, HP, IN_PAD, SP, HAS_T, PREC,
+            rows = n0 + offs_n
+            z = _pre(START + 2 * pi, ht, xt, ot, trow, w1x, w1o, b1, wh, bh, rows, HP, IN_PAD, SP, HAS_T, PREC,
                      BM, BN)
             if LN:
-                z = (z - mean[:, None]) * rstd[:, None] * tl.load(lnw + (START + 2 * pi) * HP + cols)[None, :] \
-                    + tl.load(lnb + (START + 2 * pi) * HP + cols)[None, :]
+                z = (z - mean[None, :]) * rstd[None, :] * tl.load(lnw + (START + 2 * pi) * HP + rows)[:, None] \
+                    + tl.load(lnb + (START + 2 * pi) * HP + rows)[:, None]
             blk = activation(z, ACT).to(cdt)
             if START + 2 * pi + 1 == DEPTH:
-                wq = tl.load(wo + cols[:, None] * OUT_PAD + offs_o[None, :])
+                wq = tl.load(wo + offs_o[:, None] * HP + rows[None, :])
             else:
-                wq = tl.load(wh + (START + 2 * pi) * (HP * HP) + cols[:, None] * HP + offs_h[None, :])
-            acc = dot(blk, wq, acc, PREC)
+                wq = tl.load(wh + (START + 2 * pi) * (HP * HP) + offs_h[:, None] * HP + rows[None, :])
+            acc = dot(wq, blk, acc, PREC)
         if START + 2 * pi + 1 == DEPTH:
             out = acc
         else:
             if LN:
-                h = _ln_act_full(acc, lnw + (START + 2 * pi + 1) * HP, lnb + (START + 2 * pi + 1) * HP, HT, ln_eps,
-                                 HP, ACT).to(cdt)
+                ht = _ln_act_full(acc, lnw + (START + 2 * pi + 1) * HP, lnb + (START + 2 * pi + 1) * HP, HT,
+                                  ln_eps, HP, ACT).to(cdt)
             else:
-                h = activation(acc, ACT).to(cdt)
-    return out
+                ht = activation(acc, ACT).to(cdt)
+    return tl.trans(out)
 
 
 @triton.jit
-def net_eval(xin, oa, trow, w1x, w1o, b1, wh, bh, wo, bo,
+def net_eval(xin, ot, trow, w1x, w1o, b1, wh, bh, wo, bo,
              HP: tl.constexpr, IN_PAD: tl.constexpr, SP: tl.constexpr, OUT_PAD: tl.constexpr,
              DEPTH: tl.constexpr, ACT: tl.constexpr, HAS_T: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """The policy network (no LayerNorm)."""
-    return mlp_eval(xin, oa, trow, w1x, w1o, b1, wh, bh, wo, bo, bh, bh, 1, 0.0,
+    return mlp_eval(xin, ot, trow, w1x, w1o, b1, wh, bh, wo, bo, bh, bh, 1, 0.0,
                     HP, IN_PAD, SP, OUT_PAD, DEPTH, ACT, HAS_T, False, BM, BN, PREC)

@@ -22,7 +22,7 @@ How the kernel is organised (one program = a tile of BM samples, persistent over
 import triton
 import triton.language as tl
 
-from .mlp import load_obs, mlp_eval, net_eval
+from .mlp import load_obs_t, mlp_eval, net_eval
 
 SOLVER_CODES = {"euler": 0, "midpoint": 1, "heun": 2, "rk4": 3, "ddim": 4, "dpm1": 4, "dpm2": 5}
 MODE_INTEGRATE, MODE_CONSISTENCY, MODE_ACT_FLOW, MODE_ACT_CONSISTENCY, MODE_DDPM = 0, 1, 2, 3, 4
@@ -80,7 +80,7 @@ def _policy_kernel(
             rows = offs_m.to(tl.int64) + tile * BM
             valid = rows < N
             state = rows // K
-        oa = load_obs(obs_ptr, state, valid, S, SP, w1x.dtype.element_ty)  # registers, all steps
+        oa = load_obs_t(obs_ptr, state, valid, S, SP, w1x.dtype.element_ty)  # [SP, BM], registers, all steps
         amask = valid[:, None] & (offs_a[None, :] < A)
         xoff = rows[:, None] * A + offs_a[None, :]
         if SEEDED:

@@ -15,9 +15,19 @@ tf32 | tf32x3 overrides. bfloat16 / float16 take their own tensor-core path; acc
 activation and the state x are float32 in every case. Under the CPU interpreter float32 is IEEE.
 
 Tiles: rows per tile (BM, 16..128) are picked from the problem size (the largest tile that still
-gives every SM work: 4 buckets at most); the column block, warps and pipeline stages are autotuned
-on first CUDA use, keyed on stable dimensions only (never the batch size). QIPO_TRITON_AUTOTUNE=0
-skips tuning. act's tile holds whole states: BM // KP states x KP candidate slots.
+gives half the SMs work, capped per width and dtype by the register budget: 4 buckets at most);
+the column block, warps and pipeline stages are autotuned on first CUDA use among the spill-free
+configurations of ``_CONFIGS``, keyed on stable dimensions only (never the batch size).
+QIPO_TRITON_AUTOTUNE=0 skips tuning. act's tile holds whole states: BM // KP states x KP candidate
+slots.
+
+The latency case (1 state x 50 candidates, 50 rows): 16-row tiles, so 4 CTAs. Splitting further
+cannot pay off in this design: every CTA streams all the weights once per evaluation whatever its
+rows, so more row tiles add L2 traffic without shortening any CTA's dependent chain (10
+evaluations x (D + 1) layers of weight streaming); shortening it needs the layers' columns split
+across CTAs with the activations exchanged between them at every layer (a cluster with distributed
+shared memory, which Triton does not expose, or a grid-wide barrier per layer, which costs more
+than the layer).
 """
 from __future__ import annotations
 
@@ -34,6 +44,8 @@ from .sampler_kernel import _policy_kernel, is_group
 # Programs of the persistent grid under the interpreter (small, so that tests run several tiles
 # per program and exercise the persistent loop).
 INTERPRET_PROGRAMS = 2
+# Column block under the interpreter (tests lower it to get several blocks per layer).
+INTERPRET_BN = 64
 
 _SM_COUNT: Dict[int, int] = {}
 _TUNED: Dict[Tuple, object] = {}
@@ -99,26 +111,73 @@ def _autotune_enabled() -> bool:
     return os.environ.get("QIPO_TRITON_AUTOTUNE", "1") != "0"
 
 
+# Launch configurations per (width class, tl.dot precision) and rows per tile: (BN, num_warps,
+# num_stages) in the order the autotuner tries them. Chosen with the static sm_90a report
+# (python -m bench.static_sm90) so that they compile for sm_90a without register spills for the
+# benchmark networks (3 x 256 and 3 x 512, obs 17, action 6) in integrate, consistency and act;
+# the report says where that is not met. What bounds the tile: the accumulator of a pair's second
+# layer ([HP, BM] float32, registers), the pair's first-layer block [BN, BM], and for TF32x3 the
+# high / low halves of every operand.
+_CONFIGS = {
+    (256, PREC_HALF): {128: [(16, 8, 2), (32, 8, 2)], 64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)],
+                       16: [(32, 4, 2), (64, 4, 2)]},
+    (256, PREC_TF32): {64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
+    (256, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)], 16: [(16, 8, 1)]},
+    (256, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+    (512, PREC_HALF): {64: [(16, 8, 2)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
+    (512, PREC_TF32): {32: [(16, 8, 2)], 16: [(16, 4, 2)]},
+    (512, PREC_TF32X3): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+    (512, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+}
+
+
+def _width_class(hs: int) -> int:
+    return 256 if hs <= 256 else 512
+
+
+# The largest rows-per-tile bucket choose_bm picks per (width class, precision) when the problem is
+# big enough (act may need more rows: a tile holds all candidates of a state; configs_for then uses
+# the configurations of the largest listed bucket below it).
+_MAX_BM = {(256, PREC_HALF): 128, (256, PREC_TF32): 64, (256, PREC_TF32X3): 32, (256, PREC_IEEE): 16,
+           (512, PREC_HALF): 64, (512, PREC_TF32): 32, (512, PREC_TF32X3): 16, (512, PREC_IEEE): 16}
+
+
+def max_bm(hs: int, precision: int) -> int:
+    return _MAX_BM[(_width_class(hs), precision)]
+
+
+def configs_for(hs: int, precision: int, bm: int, bn_cap: int):
+    """(BN, warps, stages) of a tile size (BN at most the narrower network's padded width)."""
+    table = _CONFIGS[(_width_class(hs), precision)]
+    fit = [b for b in sorted(table) if b <= bm]
+    rows = table[fit[-1]] if fit else table[min(table)]
+    out = []
+    for bn, w, st in rows:
+        c = (min(bn, bn_cap), w, st)
+        if c not in out:
+            out.append(c)
+    return out
+
+
 def tuned_kernel(hp: int, hpq: int):
     """The autotuned kernel for a width class, created lazily on first CUDA use (never at import).
 
-    Tuned: BN (column block), num_warps, num_stages. The key holds stable dimensions and the
-    constexpr configuration only; BM (rows per tile) is chosen on the host from a few size
-    buckets (see ``choose_bm``), so a new batch size never recompiles or retunes.
+    Tuned: BN (column block), num_warps, num_stages among the configurations of ``_CONFIGS``; the
+    key holds stable dimensions and the constexpr configuration only. BM (rows per tile) is chosen
+    on the host from a few size buckets (see ``choose_bm``) and selects which configurations the
+    autotuner may try (``prune_configs``), so a new batch size never recompiles or retunes.
     """
     key = (hp, hpq)
     if key in _TUNED:
         return _TUNED[key]
-    hmin = min(hp, hpq)
-    bn_big = 128 if hp % 128 == 0 and hpq % 128 == 0 else min(32, hmin)
-    bn = min(64, hmin)
-    cfgs = [triton.Config({"BN": bn}, num_warps=4, num_stages=1),
-            triton.Config({"BN": bn}, num_warps=8, num_stages=1),
-            triton.Config({"BN": bn}, num_warps=4, num_stages=2)]
-    if bn_big != bn:
-        cfgs.append(triton.Config({"BN": bn_big}, num_warps=8 if bn_big == 128 else 4, num_stages=2))
-    if not _autotune_enabled():
-        cfgs = cfgs[:1]
+    hs, cap = max(hp, hpq), min(hp, hpq)
+    seen = []
+    for precision in (PREC_HALF, PREC_TF32, PREC_TF32X3, PREC_IEEE):
+        for bm in _CONFIGS[(_width_class(hs), precision)]:
+            for c in configs_for(hs, precision, bm, cap):
+                if c not in seen:
+                    seen.append(c)
+    cfgs = [triton.Config({"BN": bn}, num_warps=w, num_stages=st) for bn, w, st in seen]
     k = triton.autotune(cfgs, key=["HP", "AP", "SP", "DEPTH", "ACT", "HPQ", "DEPTHQ", "ACTQ", "KP", "MODE", "SEEDED",
                                     "SOLVER", "CLIP", "TRAJ", "SOFTMAX", "PREC", "BM"],
                         prune_configs_by={"early_config_prune": prune_configs})(_policy_kernel)
@@ -127,23 +186,27 @@ def tuned_kernel(hp: int, hpq: int):
 
 
 def prune_configs(configs, named_args, **meta):
-    """Drop the single-stage configs for 16-row tiles: ptxas spills registers in them on sm_90a
-    (bench.static_sm90, 1 x 50 x 10 bf16: 32-68 spill bytes at 4 and 8 warps), the two-stage ones
-    do not. Never returns an empty list."""
-    if meta.get("BM", 0) <= 16:
-        kept = [c for c in configs if c.num_stages >= 2]
-        return kept or configs
-    return configs
+    """Keep the configurations listed in ``_CONFIGS`` for this launch's width, dtype and BM (the
+    first only with QIPO_TRITON_AUTOTUNE=0). Never returns an empty list."""
+    hp, hpq, bm = meta.get("HP", 256), meta.get("HPQ", 256), meta.get("BM", 64)
+    want = configs_for(max(hp, hpq), meta.get("PREC", PREC_HALF), bm, min(hp, hpq))
+    if not _autotune_enabled():
+        want = want[:1]
+    kept = [c for c in configs if (c.kwargs.get("BN"), c.num_warps, c.num_stages) in want]
+    kept.sort(key=lambda c: want.index((c.kwargs.get("BN"), c.num_warps, c.num_stages)))
+    return kept or list(configs)[:1]
 
 
-def choose_bm(rows: int, min_rows: int, hs: int, programs: int) -> int:
-    """Rows per tile: the largest of 16..128 that still gives every SM a tile (a bigger
-    tile re-reads the weights fewer times; a smaller one spreads a small batch over more SMs).
-    Only these few buckets exist, so the batch size never triggers more than 4 compilations."""
-    cap = 128 if hs <= 256 else 64
+def choose_bm(rows: int, min_rows: int, hs: int, programs: int, precision: int = PREC_HALF) -> int:
+    """Rows per tile: the largest bucket of 16..max_bm(hs, precision) that still gives at least half
+    the SMs a tile. Each weight byte read feeds 2 * BM FLOPs, so a 64-row bf16 tile is bound by
+    L2 bandwidth on an H100 / H200 (~64 FLOP/B against a ridge near 100) where a 128-row one is
+    not: fewer, fuller CTAs pay until the grid leaves most SMs idle. Only these few buckets exist,
+    so the batch size never triggers more than 4 compilations."""
+    cap = max_bm(hs, precision)
     bm = 16
     for cand in (32, 64, 128):
-        if cand <= cap and triton.cdiv(rows, cand) >= programs:
+        if cand <= cap and triton.cdiv(rows, cand) >= max(1, programs // 2):
             bm = cand
     return max(bm, min_rows)
 
@@ -181,13 +244,13 @@ def make_plan(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], units: 
     nprog = programs(device)
     rows = units * KP if group else units
     interp = interpret() or device.type != "cuda"
-    bm = max(16, KP) if interp else choose_bm(rows, KP, HS, max(1, nprog // 2))  # tiles >= SMs
+    bm = max(16, KP) if interp else choose_bm(rows, KP, HS, max(1, nprog // 2), meta["PREC"])  # programs = SMs
     n_tiles = triton.cdiv(units, bm // KP) if group else triton.cdiv(units, bm)
     progs = max(1, min(n_tiles, nprog))
     p = Plan()
     if interp:
         p.kernel = _policy_kernel
-        meta.update(BM=bm, BN=min(64, HP, hpq))
+        meta.update(BM=bm, BN=min(INTERPRET_BN, HP, hpq))
     else:
         p.kernel = tuned_kernel(HP, hpq)
         meta.update(BM=bm)

@@ -64,9 +64,12 @@ def _mlp_tensors(linears: List[nn.Linear], free_cols: slice, obs_cols: slice, ou
     """Packed weights of one MLP with the first layer split in a 'free' part (x / action, read each
     evaluation) and an obs part (the layer-1 GEMM's obs columns, K = SP):
 
-        [w1x [AP, HP], w1o [SP, HP], b1 [HP], wh [max(depth - 1, 1), HP, HP], bh [.., HP], wo [HP, out_pad],
+        [w1x [AP, HP], w1o [SP, HP], b1 [HP], wh [max(depth - 1, 1), HP, HP], bh [.., HP], wo [out_pad, HP],
          bo [out_pad]]  (+ [lnw, lnb] [depth, HP] when ``norms``: LayerNorm after each hidden Linear)
 
+    Layer 1's two parts are transposed ([in, out]); the hidden and output weights keep nn.Linear's
+    [out, in] layout, which is K-major for both of their roles in the kernel's feature-major layer
+    pairing (the A operand of W @ h and of W[:, block] @ act(block)), as tensor cores want for tf32.
     Weights in ``dtype``, biases / LayerNorm affine in float32, zero padding.
     """
     first, hidden, last = linears[0], linears[1:-1], linears[-1]
@@ -80,12 +83,12 @@ def _mlp_tensors(linears: List[nn.Linear], free_cols: slice, obs_cols: slice, ou
         w1o = _pad2(W1[:, obs_cols].t(), SP, HP, dtype, device)
         b1 = _pad1(first.bias.detach(), HP, device)
         if hidden:
-            wh = torch.stack([_pad2(lin.weight.detach().t(), HP, HP, dtype, device) for lin in hidden])
+            wh = torch.stack([_pad2(lin.weight.detach(), HP, HP, dtype, device) for lin in hidden])
             bh = torch.stack([_pad1(lin.bias.detach(), HP, device) for lin in hidden])
         else:
             wh = torch.zeros(1, HP, HP, dtype=dtype, device=device)
             bh = torch.zeros(1, HP, dtype=torch.float32, device=device)
-        wo = _pad2(last.weight.detach().t(), HP, out_pad, dtype, device)
+        wo = _pad2(last.weight.detach(), out_pad, HP, dtype, device)
         bo = _pad1(last.bias.detach(), out_pad, device)
         out = [w1x, w1o, b1, wh, bh, wo, bo]
         if norms:
