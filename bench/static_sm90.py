@@ -6,8 +6,10 @@ constexprs and the autotune configurations are exactly those a GPU run would use
 (shape, config) is then compiled ahead of time for sm_90a with Triton (``triton.compile`` on an
 ``ASTSource``, target ``GPUTarget("cuda", 90, 32)``); the ``ptxas -v`` and ``cuobjdump -sass``
 bundled with Triton give registers, spills, shared memory and instruction counts. A traffic model
-of the kernel as written (global L1/L2 bytes per tile and network evaluation: weights, activation
-scratch, obs share) gives modelled bytes and FLOP/byte.
+of the kernel as written (global L1/L2 bytes per tile and network evaluation: each weight once,
+biases, time row; per tile the row inputs and outputs; no activation scratch exists, see
+``traffic`` for what it assumes) gives modelled bytes and FLOP/byte. Cases named h512_* use a
+3 x 512 network.
 
     python -m bench.static_sm90 [--jobs 2] [--only integrate_256] [--out bench/results/static-sm90]
 
@@ -183,20 +185,20 @@ def traffic(meta: dict, case: dict, programs: int) -> dict:
     BM, HP, AP, SP, DEPTH = meta["BM"], meta["HP"], meta["AP"], meta["SP"], meta["DEPTH"]
     A, S = NET["A"], NET["S"]
 
-    def eval_bytes(out_pad, ln=False, has_t=True):
-        mats = [AP * HP + SP * HP] + [HP * HP] * (DEPTH - 1) + [out_pad * HP]
-        start = 1 - DEPTH % 2
+    def eval_bytes(out_pad, hp=HP, depth=DEPTH, ln=False, has_t=True):
+        mats = [AP * hp + SP * hp] + [hp * hp] * (depth - 1) + [out_pad * hp]
+        start = 1 - depth % 2
         w = sum(mats)
         if ln:  # first-of-pair (blocked) layers with LayerNorm are computed twice
-            w += sum(mats[i] for i in range(start, DEPTH, 2))
+            w += sum(mats[i] for i in range(start, depth, 2))
         weights = w * cb
-        small = HP * 4 + (DEPTH - 1) * HP * 4 + out_pad * 4 + (HP * 4 if has_t else 0)
+        small = hp * 4 + (depth - 1) * hp * 4 + out_pad * 4 + (hp * 4 if has_t else 0)
         if ln:
-            small += 2 * DEPTH * HP * 4
+            small += 2 * depth * hp * 4
         return weights + small, weights
 
-    def eval_flops(out_pad):
-        return 2 * BM * (AP * HP + SP * HP + (DEPTH - 1) * HP * HP + HP * out_pad)
+    def eval_flops(out_pad, hp=HP, depth=DEPTH):
+        return 2 * BM * (AP * hp + SP * hp + (depth - 1) * hp * hp + hp * out_pad)
 
     mode = case["mode"]
     stages = {0: 1, 1: 2, 2: 2, 3: 4, 4: 1, 5: 2}[meta["SOLVER"]]
@@ -211,9 +213,10 @@ def traffic(meta: dict, case: dict, programs: int) -> dict:
     tile_flops = evals * eval_flops(AP)
     weights = evals * w_eval
     if group:  # twin critic: 2 evaluations
-        c_eval, c_w = eval_bytes(16, ln=bool(meta.get("LNQ")), has_t=False)
+        hq, dq = meta.get("HPQ", HP), meta.get("DEPTHQ", DEPTH)
+        c_eval, c_w = eval_bytes(16, hq, dq, ln=bool(meta.get("LNQ")), has_t=False)
         tile_bytes += 2 * c_eval
-        tile_flops += 2 * eval_flops(16)
+        tile_flops += 2 * eval_flops(16, hq, dq)
         weights += 2 * c_w
     B, K = case["B"], case["K"]
     KP = meta["KP"]

@@ -122,11 +122,11 @@ _CONFIGS = {
     (256, PREC_HALF): {128: [(16, 8, 2), (32, 8, 2)], 64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)],
                        16: [(32, 4, 2), (64, 4, 2)]},
     (256, PREC_TF32): {64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
-    (256, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)], 16: [(16, 8, 1)]},
+    (256, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)]},
     (256, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
     (512, PREC_HALF): {64: [(16, 8, 2)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
     (512, PREC_TF32): {32: [(16, 8, 2)], 16: [(16, 4, 2)]},
-    (512, PREC_TF32X3): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+    (512, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)]},
     (512, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
 }
 
@@ -138,12 +138,19 @@ def _width_class(hs: int) -> int:
 # The largest rows-per-tile bucket choose_bm picks per (width class, precision) when the problem is
 # big enough (act may need more rows: a tile holds all candidates of a state; configs_for then uses
 # the configurations of the largest listed bucket below it).
+# act's tiles (the critic runs after the sampler, more values live) stop at 64 rows.
 _MAX_BM = {(256, PREC_HALF): 128, (256, PREC_TF32): 64, (256, PREC_TF32X3): 32, (256, PREC_IEEE): 16,
-           (512, PREC_HALF): 64, (512, PREC_TF32): 32, (512, PREC_TF32X3): 16, (512, PREC_IEEE): 16}
+           (512, PREC_HALF): 64, (512, PREC_TF32): 32, (512, PREC_TF32X3): 32, (512, PREC_IEEE): 16}
+MAX_BM_ACT = 64
 
 
 def max_bm(hs: int, precision: int) -> int:
     return _MAX_BM[(_width_class(hs), precision)]
+
+
+def min_bm(hs: int, precision: int) -> int:
+    """The smallest bucket with a configuration (TF32x3 spills in 16-row tiles: its smallest is 32)."""
+    return min(_CONFIGS[(_width_class(hs), precision)])
 
 
 def configs_for(hs: int, precision: int, bm: int, bn_cap: int):
@@ -197,14 +204,17 @@ def prune_configs(configs, named_args, **meta):
     return kept or list(configs)[:1]
 
 
-def choose_bm(rows: int, min_rows: int, hs: int, programs: int, precision: int = PREC_HALF) -> int:
+def choose_bm(rows: int, min_rows: int, hs: int, programs: int, precision: int = PREC_HALF,
+              group: bool = False) -> int:
     """Rows per tile: the largest bucket of 16..max_bm(hs, precision) that still gives at least half
     the SMs a tile. Each weight byte read feeds 2 * BM FLOPs, so a 64-row bf16 tile is bound by
     L2 bandwidth on an H100 / H200 (~64 FLOP/B against a ridge near 100) where a 128-row one is
     not: fewer, fuller CTAs pay until the grid leaves most SMs idle. Only these few buckets exist,
     so the batch size never triggers more than 4 compilations."""
     cap = max_bm(hs, precision)
-    bm = 16
+    if group:
+        cap = min(cap, MAX_BM_ACT)
+    bm = min_bm(hs, precision)
     for cand in (32, 64, 128):
         if cand <= cap and triton.cdiv(rows, cand) >= max(1, programs // 2):
             bm = cand
@@ -244,7 +254,7 @@ def make_plan(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], units: 
     nprog = programs(device)
     rows = units * KP if group else units
     interp = interpret() or device.type != "cuda"
-    bm = max(16, KP) if interp else choose_bm(rows, KP, HS, max(1, nprog // 2), meta["PREC"])  # programs = SMs
+    bm = max(16, KP) if interp else choose_bm(rows, KP, HS, max(1, nprog // 2), meta["PREC"], group)  # programs = SMs
     n_tiles = triton.cdiv(units, bm // KP) if group else triton.cdiv(units, bm)
     progs = max(1, min(n_tiles, nprog))
     p = Plan()
