@@ -285,6 +285,9 @@ def compile_one(job):
             log = log.stdout + log.stderr
             sass = subprocess.run([os.path.join(tdir, "cuobjdump"), "-sass", cubin], capture_output=True,
                                   text=True).stdout
+            # the binary Triton itself built (its ptxas options can differ from the ptxas -v run above)
+            res = subprocess.run([os.path.join(tdir, "cuobjdump"), "--dump-resource-usage", cubin],
+                                 capture_output=True, text=True).stdout
         m = re.search(r"Used (\d+) registers", log)
         if m is None:
             raise RuntimeError("ptxas -v gave no register count: " + log[-2000:])
@@ -292,6 +295,8 @@ def compile_one(job):
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
         stack, sp_st, sp_ld = (int(x) for x in m.groups()) if m else (0, 0, 0)
         smem = int(k.metadata.shared)
+        mres = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", res)
+        cubin_regs, cubin_stack, cubin_local = (int(x) for x in mres.groups()) if mres else (-1, -1, -1)
         programs = 1
         for g in (grid if isinstance(grid, tuple) else (grid,)):
             programs *= int(g)
@@ -300,7 +305,8 @@ def compile_one(job):
         sass_n = {key: len(re.findall(p, sass)) for key, p in _SASS.items()}
         return dict(case=name, config=f"BN{cfg.kwargs.get('BN')} w{cfg.num_warps} s{cfg.num_stages}",
                     BM=meta["BM"], BN=cfg.kwargs.get("BN"), PREC=meta["PREC"], warps=cfg.num_warps,
-                    stages=cfg.num_stages, ctas=programs, regs=regs, stack=stack, spill_stores=sp_st,
+                    stages=cfg.num_stages, ctas=programs, regs=regs, stack=stack, cubin_regs=cubin_regs,
+                    cubin_stack=cubin_stack, cubin_local=cubin_local, spill_stores=sp_st,
                     spill_loads=sp_ld, smem=smem, ctas_per_sm=_occupancy(regs, smem, cfg.num_warps),
                     wgmma=len(re.findall(r"\bwgmma\.mma_async", k.asm["ptx"])),
                     mma_sync=len(re.findall(r"\bmma\.sync", k.asm["ptx"])), sass=sass_n,
@@ -322,20 +328,19 @@ def _jobs(names):
 
 
 def markdown(rows) -> str:
-    head = ("| case | config | BM | CTAs | regs | spill st/ld B | smem KB | CTA/SM | wgmma (PTX) | mma.sync | "
+    head = ("| case | config | BM | CTAs | regs | spill st/ld B | stack B (cubin) | smem KB | CTA/SM | wgmma (PTX) | mma.sync | "
             "HGMMA / HMMA (SASS) | LDL/STL | modelled GB | of it weights GB | FLOP/B | act. scratch |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        if r.get("pruned"):
-            lines.append(f"| {r['case']} | {r['config']} | never launched (sampler_launch.prune_configs) |")
+        if r.get("pruned"):  # (kept in summary.json: configurations the launcher never picks here)
             continue
         if "error" in r:
             lines.append(f"| {r['case']} | {r['config']} | ERROR: {r['error'].strip().splitlines()[-1]} |")
             continue
         s = r["sass"]
         lines.append(f"| {r['case']} | {r['config']} | {r['BM']} | {r['ctas']} | {r['regs']} | "
-                     f"{r['spill_stores']}/{r['spill_loads']} | {r['smem'] / 1024:.0f} | {r['ctas_per_sm']} | "
+                     f"{r['spill_stores']}/{r['spill_loads']} | {r.get('cubin_stack', '?')} | {r['smem'] / 1024:.0f} | {r['ctas_per_sm']} | "
                      f"{r['wgmma']} | {r['mma_sync']} | {s['HGMMA']} / {s['HMMA']} | {s['LDL']}/{s['STL']} | "
                      f"{r['gb']:.3f} | {r['weight_gb']:.3f} | {r['flop_per_byte']:.0f} | "
                      f"{'global' if r['global_activation_scratch'] else 'none'} |")
@@ -343,17 +348,38 @@ def markdown(rows) -> str:
 
 
 def targets(rows) -> str:
+    pruned = sum(1 for r in rows if r.get("pruned"))
     rows = [r for r in rows if not r.get("pruned")]
     key = [r for r in rows if r.get("case") == "integrate_256x50x10_bf16" and "error" not in r]
     if not key:
         return "targets: the 256x50x10 bf16 case did not compile\n"
     gb = min(r["gb"] for r in key)
-    spills = sum(r["spill_stores"] + r["spill_loads"] for r in rows if "error" not in r)
+    ok = [r for r in rows if "error" not in r]
+    spills = sum(r["spill_stores"] + r["spill_loads"] + max(r.get("cubin_stack", 0), 0) for r in ok)
     scratch = any(r["global_activation_scratch"] for r in key)
-    return (f"Targets for 256x50x10 bf16: modelled L1/L2 traffic <= {TARGET_GB} GB: {gb:.2f} GB "
+    names = {0: "IEEE float32", 1: "TF32", 2: "bf16 / fp16", 3: "TF32x3"}
+    per = []
+    for prec, name in names.items():
+        rp = [r for r in ok if r.get("PREC") == prec]
+        if rp:
+            bad = [f"{r['case']} {r['config']} (ptxas -v {r['spill_stores']}/{r['spill_loads']} B, "
+                   f"cubin stack {r.get('cubin_stack')} B)" for r in rp
+                   if r["spill_stores"] + r["spill_loads"] + max(r.get("cubin_stack", 0), 0)]
+            per.append(f"{name}: {len(rp)} configs, " + (f"spills / local memory in {', '.join(bad)}" if bad
+                                                          else "0 spills, no local memory"))
+    return (f"Targets for 256x50x10 bf16: modelled L1/L2 traffic <= {TARGET_GB} GB: {gb:.4f} GB "
             f"({'met' if gb <= TARGET_GB else 'NOT met'}); no global activation scratch: "
             f"{'NOT met (hbuf / obs share in global memory)' if scratch else 'met'}; 0 spills in every config: "
-            f"{'met' if spills == 0 else f'NOT met ({spills} spill bytes in total)'}.\n")
+            f"{'met' if spills == 0 else f'NOT met ({spills} spill / stack bytes in total)'}.\n\n"
+            + "".join(f"- {p}\n" for p in per)
+            + f"\n({pruned} (case, config) pairs the launcher never picks for these shapes are not compiled; "
+              "summary.json lists them.)\n")
+
+
+def _render(doc) -> str:
+    rows = doc["rows"]
+    return (f"Static sm_90a report ({doc['date']}, triton {doc['triton']}, {doc['net']}; h512_* cases 3x512; "
+            f"`python -m bench.static_sm90`)\n\n" + markdown(rows) + "\n" + targets(rows))
 
 
 def main(argv=None) -> int:
@@ -361,7 +387,17 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated substrings of case names")
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--render", action="store_true", help="rewrite summary.md from summary.json, compile nothing")
     a = ap.parse_args(argv)
+    if a.render:
+        from bench._common import atomic_write
+
+        with open(os.path.join(a.out, "summary.json")) as f:
+            doc = json.load(f)
+        md = _render(doc)
+        atomic_write(os.path.join(a.out, "summary.md"), md)
+        print(md)
+        return 0
     if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "qipo_kernels.triton" in sys.modules:
         print("static_sm90: run it in a fresh process without TRITON_INTERPRET (the kernels were already "
               "decorated for the interpreter here)", file=sys.stderr)
@@ -394,8 +430,7 @@ def main(argv=None) -> int:
     doc = dict(date=today(), triton=triton.__version__, torch=torch.__version__, target="sm_90a", sm_count=N_SM,
                net=f"ConditionalMLP {NET['D']}x{NET['H']} mish, obs {NET['S']}, act {NET['A']}", rows=rows)
     atomic_write(os.path.join(a.out, "summary.json"), json.dumps(doc, indent=1, default=str) + "\n")
-    md = (f"Static sm_90a report ({doc['date']}, triton {doc['triton']}, {doc['net']}; `python -m bench.static_sm90`)\n\n"
-          + markdown(rows) + "\n" + targets(rows))
+    md = _render(doc)
     atomic_write(os.path.join(a.out, "summary.md"), md)
     print(md)
     return 0 if not any("error" in r for r in rows) else 1  # (pruned rows are not errors)

@@ -7,29 +7,41 @@ Stable names, importable by other kernels (``from qipo_kernels.triton.mlp import
     dot(a, b, acc, PREC)                acc + a @ b; PREC = PREC_IEEE (float32 IEEE), PREC_TF32,
                                         PREC_HALF (bf16 / fp16 inputs), PREC_TF32X3 (float32 inputs on
                                         tensor cores with ~float32 accuracy); float32 accumulation
-    load_obs(obs_ptr, state, valid, S, SP, cdt)
-                                        the tile's obs rows [BM, SP] in the compute dtype (registers)
-    mlp_eval(xin, oa, trow, w1x, w1o, b1, wh, bh, wo, bo, lnw, lnb, HT, eps, HP, IN_PAD, SP, OUT_PAD,
+    tf32_split(x)                       (hi, lo) halves of float32 x for TF32x3
+    load_obs_t(obs_ptr, state, valid, S, SP, cdt)
+                                        the tile's obs rows, feature-major [SP, BM], compute dtype
+    mlp_eval(xin, ot, trow, w1x, w1o, b1, wh, bh, wo, bo, lnw, lnb, HT, eps, HP, IN_PAD, SP, OUT_PAD,
              DEPTH, ACT, HAS_T, LN, BM, BN, PREC)
                                         one network evaluation of a tile: xin [BM, IN_PAD] float32 and
-                                        the obs tile oa [BM, SP] -> [BM, OUT_PAD] float32
+                                        the obs tile ot [SP, BM] -> [BM, OUT_PAD] float32
     net_eval(...)                       mlp_eval without LayerNorm (the policy network)
 
-The packed weight layout these read (w1x [IN_PAD, HP], w1o [SP, HP], b1 [HP], wh [D-1, HP, HP],
-bh [D-1, HP], wo [HP, OUT_PAD], bo [OUT_PAD], all zero-padded to powers of two, weights transposed
-to [in, out]; lnw / lnb [D, HP]) is built by qipo_kernels.triton.sampler_pack._mlp_tensors.
+The packed weight layout these read (w1x [IN_PAD, HP], w1o [SP, HP] transposed to [in, out];
+wh [D-1, HP, HP] and wo [OUT_PAD, HP] in nn.Linear's [out, in]; b1 [HP], bh [D-1, HP], bo [OUT_PAD],
+lnw / lnb [D, HP] float32; all zero-padded to powers of two) is built by
+qipo_kernels.triton.sampler_pack._mlp_tensors.
 
 Layer pairing (mlp_eval): no hidden activation leaves the SM. The network is the chain of matrices
 M_0 = layer 1 ([x | obs] -> H), M_1 .. M_{D-1} (H -> H), M_D = output. They are taken in pairs
-(P, Q) = (M_p, M_p+1): the pair's input h [BM, HP] is one register tensor; a loop over column
-blocks n of P computes blk = act(h @ P[:, n] + p[n]) [BM, BN] and at once acc += blk @ Q[n, :]
-(acc [BM, HP] or [BM, OUT_PAD], float32, registers); after the loop h = act(acc + q) (or acc + q is
-the output). P's output never exists in full, Q's output is complete in registers, and every weight
-block is loaded once per evaluation (the n loop is what Triton's pipeliner multi-buffers through
-shared memory). With an odd number of matrices (DEPTH even) layer 1 is computed full width first
-(one dot with K = IN_PAD + SP, N = HP). Layer 1's block is x @ W1x[:, n] + obs @ W1o[:, n] + t[n] + b1[n]
+(P, Q) = (M_p, M_p+1), feature-major (activations as [features, rows] tensors): the pair's input
+ht [HP, BM] is one tensor; a loop over blocks n of P's output features computes
+blk = act(P[n, :] @ ht + p[n]) [BN, BM] and at once acc += Q[:, n] @ blk (acc [HP, BM] or
+[OUT_PAD, BM], float32, registers); after the loop ht = act(acc + q) (or acc + q is the output).
+P's output never exists in full, Q's output is complete in registers, and every weight block is
+loaded once per evaluation (the n loop is what Triton's pipeliner multi-buffers through shared
+memory). The weights are the dots' A operands and the activations their B operands, which tensor
+cores read from shared memory: Triton stores ht there once per pair (the store is hoisted out of
+the n loop) and keeps no second register copy of it, so the register budget is the accumulator
+plus one block. With an odd number of matrices (DEPTH even) layer 1 is computed full width first
+(one dot with K = IN_PAD + SP, N = HP). Layer 1's block is W1x[n] x + W1o[n] obs + t[n] + b1[n]
 with x and the obs tile in registers: the observation share is recomputed per evaluation (a K = SP
 dot per block) instead of being kept in a scratch buffer.
+
+Why feature-major: written row-major (h [BM, HP] @ P[:, n]) the activations are the A operand,
+which Triton keeps in registers for wgmma and replicates in every warpgroup along N; at BM 128 /
+HP 256 (bf16) or HP 512 that spills. The price of this orientation: the first dot of a pair has
+M = BN (16 or 32 in the spill-free configurations), below wgmma's 64, so Triton emits mma.sync for
+it; the second (M = HP) is a wgmma.
 
 LayerNorm (CPQL's critics): a Q-position layer is normalised in registers (its output is complete);
 a P-position layer needs its row statistics before the activation, so its blocks are computed twice

@@ -119,7 +119,7 @@ def _autotune_enabled() -> bool:
 # layer ([HP, BM] float32, registers), the pair's first-layer block [BN, BM], and for TF32x3 the
 # high / low halves of every operand.
 _CONFIGS = {
-    (256, PREC_HALF): {128: [(16, 8, 2), (32, 8, 2)], 64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)],
+    (256, PREC_HALF): {128: [(16, 8, 2), (16, 8, 1)], 64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)],
                        16: [(32, 4, 2), (64, 4, 2)]},
     (256, PREC_TF32): {64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
     (256, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)]},
@@ -128,6 +128,14 @@ _CONFIGS = {
     (512, PREC_TF32): {32: [(16, 8, 2)], 16: [(16, 4, 2)]},
     (512, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)]},
     (512, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+}
+
+
+# Configurations of _CONFIGS that the static report found to spill (or use local memory) for one
+# kind of launch: (MODE, SEEDED, width class, precision, BM, (BN, warps, stages)). prune_configs
+# never offers them for that launch.
+_SPILLING = {
+    (1, False, 256, PREC_HALF, 128, (16, 8, 2)),  # consistency: 16 B of stack in the cubin
 }
 
 
@@ -196,7 +204,10 @@ def prune_configs(configs, named_args, **meta):
     """Keep the configurations listed in ``_CONFIGS`` for this launch's width, dtype and BM (the
     first only with QIPO_TRITON_AUTOTUNE=0). Never returns an empty list."""
     hp, hpq, bm = meta.get("HP", 256), meta.get("HPQ", 256), meta.get("BM", 64)
-    want = configs_for(max(hp, hpq), meta.get("PREC", PREC_HALF), bm, min(hp, hpq))
+    hs, prec_ = max(hp, hpq), meta.get("PREC", PREC_HALF)
+    want = configs_for(hs, prec_, bm, min(hp, hpq))
+    kind = (meta.get("MODE", 0), bool(meta.get("SEEDED", False)), _width_class(hs), prec_, bm)
+    want = [c for c in want if kind + (c,) not in _SPILLING] or want[-1:]
     if not _autotune_enabled():
         want = want[:1]
     kept = [c for c in configs if (c.kwargs.get("BN"), c.num_warps, c.num_stages) in want]
