@@ -6,8 +6,10 @@ constexprs and the autotune configurations are exactly those a GPU run would use
 (shape, config) is then compiled ahead of time for sm_90a with Triton (``triton.compile`` on an
 ``ASTSource``, target ``GPUTarget("cuda", 90, 32)``); the ``ptxas -v`` and ``cuobjdump -sass``
 bundled with Triton give registers, spills, shared memory and instruction counts. A traffic model
-of the kernel as written (global L1/L2 bytes per tile and network evaluation: weights, activation
-scratch, obs share) gives modelled bytes and FLOP/byte.
+of the kernel as written (global L1/L2 bytes per tile and network evaluation: each weight once,
+biases, time row; per tile the row inputs and outputs; no activation scratch exists, see
+``traffic`` for what it assumes) gives modelled bytes and FLOP/byte. Cases named h512_* use a
+3 x 512 network.
 
     python -m bench.static_sm90 [--jobs 2] [--only integrate_256] [--out bench/results/static-sm90]
 
@@ -51,10 +53,18 @@ CASES = {
     "integrate_256x50x10_fp32-tf32": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32"),
     "integrate_256x50x10_fp32-tf32x3": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32x3"),
     "integrate_1x50x10_bf16": dict(mode=0, B=1, K=50, steps=10, dtype=BF16),
+    "integrate_1x50x10_fp32-tf32x3": dict(mode=0, B=1, K=50, steps=10, dtype=F32, fp32="tf32x3"),
+    "consistency_256x50x2_bf16": dict(mode=1, B=256, K=50, steps=0, n_evals=2, dtype=BF16),
     "act_cons_256x50_bf16": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=BF16),
     "act_cons_256x50_fp32-tf32x3": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=F32, fp32="tf32x3"),
     "act_cons_256x50_fp32-ieee": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=F32, fp32="ieee"),
+    "act_flow_1x50x10_bf16": dict(mode=2, B=1, K=50, steps=10, dtype=BF16),
     "sample_seeded_1e6x64x10_bf16": dict(mode=0, B=1_000_000, K=64, steps=10, dtype=BF16, seeded=True),
+    "h512_integrate_256x50x10_bf16": dict(mode=0, B=256, K=50, steps=10, dtype=BF16, H=512),
+    "h512_integrate_256x50x10_fp32-tf32x3": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32x3", H=512),
+    "h512_integrate_1x50x10_bf16": dict(mode=0, B=1, K=50, steps=10, dtype=BF16, H=512),
+    "h512_act_cons_256x50_bf16": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=BF16, H=512),
+    "h512_act_flow_1x50x10_bf16": dict(mode=2, B=1, K=50, steps=10, dtype=BF16, H=512),
 }
 NET = dict(A=6, S=17, H=256, D=3)
 
@@ -94,12 +104,12 @@ def record(case: dict):
     from qipo_kernels.triton.sampler_pack import _critic_meta, _critic_tensors, _policy_tensors
 
     L.sm_count = lambda device: N_SM
-    L._stream_key = lambda device: 0
     _host.empty = lambda shape, dtype, device: FakeCuda(shape, dtype)
     if case.get("fp32"):
         os.environ["QIPO_TRITON_FP32"] = case["fp32"]
     dtype, mode = case["dtype"], case["mode"]
-    A, S, H, D = NET["A"], NET["S"], NET["H"], NET["D"]
+    A, S, D = NET["A"], NET["S"], NET["D"]
+    H = case.get("H", NET["H"])
     B, K, steps, n_evals = case["B"], case["K"], case["steps"], case.get("n_evals", 0)
     torch.manual_seed(0)
     net = ConditionalMLP(A, S, hidden=H, depth=D, activation="mish").to(dtype)
@@ -155,51 +165,66 @@ def _source(fn, args, kwargs):
 # Traffic model of the kernel as written (sampler_kernel / mlp.mlp_eval)
 # ----------------------------------------------------------------------------------------------
 def traffic(meta: dict, case: dict, programs: int) -> dict:
-    """Modelled global (L1/L2) bytes and FLOPs of one launch.
+    """Modelled global (L1/L2) bytes and FLOPs of one launch of the kernel as written (layer pairing,
+    mlp.mlp_eval).
 
-    Per tile of BM rows and network evaluation (mlp_eval): layer 1 reads the float32 obs share
-    [BM, HP], the time row, W1x and stores the hidden block; each further hidden layer re-reads its
-    input [BM, HP] once per column block (HP / BN times), reads its weights once, stores its output;
-    the output layer reads the last hidden block and Wo. Per tile once: the obs share (obs, W1o, store).
-    The critic (act modes) is two more evaluations of the same shape (plus its own obs share).
+    What it counts, per tile of BM rows: every network evaluation reads each weight matrix once
+    (W1x [AP, HP], W1o [SP, HP], D - 1 hidden [HP, HP], Wo [OUT_PAD, HP], in the compute dtype; the
+    P matrices of a LayerNorm critic twice), its float32 biases and the time row once; nothing else:
+    hidden activations and the observation share never leave the SM. Once per tile: the x0 rows
+    (unless drawn in-kernel), the obs rows, the output rows, the step noise of consistency sampling,
+    the coefficient rows. The critic (act modes) is two more evaluations (OUT_PAD 16, no time row).
+
+    What it assumes: every weight block is fetched from L2 by each tile that uses it (no reuse
+    across CTAs in L1, no multicast); padded sizes (powers of two) for weights and FLOPs, unpadded
+    widths A and S for the per-row inputs; no cache misses to HBM counted separately (the weights,
+    272 KB in bf16 for 3 x 256, stay in L2). FLOPs are those of the padded GEMMs (recomputing the
+    obs share each evaluation included), not the activations.
     """
     cb = 2 if case["dtype"] != torch.float32 else 4
-    BM, BN, HP, AP, SP, DEPTH = meta["BM"], meta["BN"], meta["HP"], meta["AP"], meta["SP"], meta["DEPTH"]
-    nb = HP // BN
+    BM, HP, AP, SP, DEPTH = meta["BM"], meta["HP"], meta["AP"], meta["SP"], meta["DEPTH"]
+    A, S = NET["A"], NET["S"]
 
-    def eval_bytes(out_pad):
-        l1 = BM * HP * 4 + HP * 4 + AP * HP * cb + BM * HP * cb
-        hid = nb * BM * HP * cb + HP * HP * cb + HP * 4 + BM * HP * cb
-        out = BM * HP * cb + HP * out_pad * cb + out_pad * 4
-        weights = AP * HP * cb + (DEPTH - 1) * HP * HP * cb + HP * out_pad * cb
-        scratch = BM * HP * 4 + (DEPTH - 1) * (nb + 1) * BM * HP * cb + 2 * BM * HP * cb
-        return l1 + (DEPTH - 1) * hid + out, weights, scratch
+    def eval_bytes(out_pad, hp=HP, depth=DEPTH, ln=False, has_t=True):
+        mats = [AP * hp + SP * hp] + [hp * hp] * (depth - 1) + [out_pad * hp]
+        start = 1 - depth % 2
+        w = sum(mats)
+        if ln:  # first-of-pair (blocked) layers with LayerNorm are computed twice
+            w += sum(mats[i] for i in range(start, depth, 2))
+        weights = w * cb
+        small = hp * 4 + (depth - 1) * hp * 4 + out_pad * 4 + (hp * 4 if has_t else 0)
+        if ln:
+            small += 2 * depth * hp * 4
+        return weights + small, weights
 
-    def eval_flops(out_pad):
-        return 2 * BM * (AP * HP + (DEPTH - 1) * HP * HP + HP * out_pad)
+    def eval_flops(out_pad, hp=HP, depth=DEPTH):
+        return 2 * BM * (AP * hp + SP * hp + (depth - 1) * hp * hp + hp * out_pad)
 
     mode = case["mode"]
     stages = {0: 1, 1: 2, 2: 2, 3: 4, 4: 1, 5: 2}[meta["SOLVER"]]
     evals = case["steps"] * stages if mode in (0, 2) else case.get("n_evals", 1)
-    per_eval, w_eval, s_eval = eval_bytes(AP)
-    obs_share = BM * SP * cb + SP * HP * cb + HP * 4 + BM * HP * 4
-    tile_bytes = evals * per_eval + obs_share
-    tile_flops = evals * eval_flops(AP) + 2 * BM * SP * HP
+    per_eval, w_eval = eval_bytes(AP)
+    group = mode >= 2
+    io = BM * S * cb + (0 if case.get("seeded") else BM * A * cb) + evals * 8 * 4
+    io += (BM // meta["KP"]) * A * cb if group else BM * A * cb
+    if mode in (1, 3):
+        io += max(evals - 1, 0) * BM * A * cb
+    tile_bytes = evals * per_eval + io
+    tile_flops = evals * eval_flops(AP)
     weights = evals * w_eval
-    scratch = evals * s_eval + BM * HP * 4
-    if mode >= 2:  # twin critic: 2 evaluations + 2 obs shares
-        c_eval, c_w, c_s = eval_bytes(16)
-        tile_bytes += 2 * (c_eval + obs_share)
-        tile_flops += 2 * (eval_flops(16) + 2 * BM * SP * HP)
+    if group:  # twin critic: 2 evaluations
+        hq, dq = meta.get("HPQ", HP), meta.get("DEPTHQ", DEPTH)
+        c_eval, c_w = eval_bytes(16, hq, dq, ln=bool(meta.get("LNQ")), has_t=False)
+        tile_bytes += 2 * c_eval
+        tile_flops += 2 * eval_flops(16, hq, dq)
         weights += 2 * c_w
-        scratch += 2 * (c_s + BM * HP * 4)
     B, K = case["B"], case["K"]
     KP = meta["KP"]
-    tiles = -(-B // (BM // KP)) if mode >= 2 else -(-(B * K) // BM)
+    tiles = -(-B // (BM // KP)) if group else -(-(B * K) // BM)
     return dict(tiles=tiles, evals_per_tile=evals, bytes_per_tile=tile_bytes, gb=tiles * tile_bytes / 1e9,
-                weight_gb=tiles * weights / 1e9, scratch_gb=tiles * scratch / 1e9,
+                weight_gb=tiles * weights / 1e9, scratch_gb=0.0,
                 gflop_padded=tiles * tile_flops / 1e9, flop_per_byte=tile_flops / tile_bytes,
-                scratch_bytes_allocated=programs * (BM * meta["HS"] * 4 + 2 * BM * meta["HS"] * cb))
+                scratch_bytes_allocated=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +285,9 @@ def compile_one(job):
             log = log.stdout + log.stderr
             sass = subprocess.run([os.path.join(tdir, "cuobjdump"), "-sass", cubin], capture_output=True,
                                   text=True).stdout
+            # the binary Triton itself built (its ptxas options can differ from the ptxas -v run above)
+            res = subprocess.run([os.path.join(tdir, "cuobjdump"), "--dump-resource-usage", cubin],
+                                 capture_output=True, text=True).stdout
         m = re.search(r"Used (\d+) registers", log)
         if m is None:
             raise RuntimeError("ptxas -v gave no register count: " + log[-2000:])
@@ -267,6 +295,8 @@ def compile_one(job):
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
         stack, sp_st, sp_ld = (int(x) for x in m.groups()) if m else (0, 0, 0)
         smem = int(k.metadata.shared)
+        mres = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", res)
+        cubin_regs, cubin_stack, cubin_local = (int(x) for x in mres.groups()) if mres else (-1, -1, -1)
         programs = 1
         for g in (grid if isinstance(grid, tuple) else (grid,)):
             programs *= int(g)
@@ -275,11 +305,13 @@ def compile_one(job):
         sass_n = {key: len(re.findall(p, sass)) for key, p in _SASS.items()}
         return dict(case=name, config=f"BN{cfg.kwargs.get('BN')} w{cfg.num_warps} s{cfg.num_stages}",
                     BM=meta["BM"], BN=cfg.kwargs.get("BN"), PREC=meta["PREC"], warps=cfg.num_warps,
-                    stages=cfg.num_stages, ctas=programs, regs=regs, stack=stack, spill_stores=sp_st,
+                    stages=cfg.num_stages, ctas=programs, regs=regs, stack=stack, cubin_regs=cubin_regs,
+                    cubin_stack=cubin_stack, cubin_local=cubin_local, spill_stores=sp_st,
                     spill_loads=sp_ld, smem=smem, ctas_per_sm=_occupancy(regs, smem, cfg.num_warps),
                     wgmma=len(re.findall(r"\bwgmma\.mma_async", k.asm["ptx"])),
                     mma_sync=len(re.findall(r"\bmma\.sync", k.asm["ptx"])), sass=sass_n,
-                    global_activation_scratch=True, compile_s=round(time.time() - t0, 1), **tr)
+                    global_activation_scratch=any(a in _policy_kernel.arg_names for a in ("hbuf_ptr", "osh_ptr")),
+                    compile_s=round(time.time() - t0, 1), **tr)
     except Exception:
         return dict(case=name, config=str(idx), error=traceback.format_exc())
 
@@ -289,44 +321,65 @@ def _jobs(names):
 
     out = []
     for n in names:
-        ncfg = len(L.tuned_kernel(NET["H"], NET["H"]).configs)
+        h = CASES[n].get("H", NET["H"])
+        ncfg = len(L.tuned_kernel(h, h).configs)
         out += [(n, i) for i in range(ncfg)]
     return out
 
 
 def markdown(rows) -> str:
-    head = ("| case | config | BM | CTAs | regs | spill st/ld B | smem KB | CTA/SM | wgmma (PTX) | mma.sync | "
-            "HGMMA / HMMA (SASS) | LDL/STL | modelled GB | of it weights / scratch GB | FLOP/B | act. scratch |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| case | config | BM | CTAs | regs | spill st/ld B | stack B (cubin) | smem KB | CTA/SM | wgmma (PTX) | mma.sync | "
+            "HGMMA / HMMA (SASS) | LDL/STL | modelled GB | of it weights GB | FLOP/B | act. scratch |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        if r.get("pruned"):
-            lines.append(f"| {r['case']} | {r['config']} | never launched (sampler_launch.prune_configs) |")
+        if r.get("pruned"):  # (kept in summary.json: configurations the launcher never picks here)
             continue
         if "error" in r:
             lines.append(f"| {r['case']} | {r['config']} | ERROR: {r['error'].strip().splitlines()[-1]} |")
             continue
         s = r["sass"]
         lines.append(f"| {r['case']} | {r['config']} | {r['BM']} | {r['ctas']} | {r['regs']} | "
-                     f"{r['spill_stores']}/{r['spill_loads']} | {r['smem'] / 1024:.0f} | {r['ctas_per_sm']} | "
+                     f"{r['spill_stores']}/{r['spill_loads']} | {r.get('cubin_stack', '?')} | {r['smem'] / 1024:.0f} | {r['ctas_per_sm']} | "
                      f"{r['wgmma']} | {r['mma_sync']} | {s['HGMMA']} / {s['HMMA']} | {s['LDL']}/{s['STL']} | "
-                     f"{r['gb']:.3f} | {r['weight_gb']:.3f} / {r['scratch_gb']:.3f} | {r['flop_per_byte']:.0f} | "
+                     f"{r['gb']:.3f} | {r['weight_gb']:.3f} | {r['flop_per_byte']:.0f} | "
                      f"{'global' if r['global_activation_scratch'] else 'none'} |")
     return head + "\n".join(lines) + "\n"
 
 
 def targets(rows) -> str:
+    pruned = sum(1 for r in rows if r.get("pruned"))
     rows = [r for r in rows if not r.get("pruned")]
     key = [r for r in rows if r.get("case") == "integrate_256x50x10_bf16" and "error" not in r]
     if not key:
         return "targets: the 256x50x10 bf16 case did not compile\n"
     gb = min(r["gb"] for r in key)
-    spills = sum(r["spill_stores"] + r["spill_loads"] for r in rows if "error" not in r)
+    ok = [r for r in rows if "error" not in r]
+    spills = sum(r["spill_stores"] + r["spill_loads"] + max(r.get("cubin_stack", 0), 0) for r in ok)
     scratch = any(r["global_activation_scratch"] for r in key)
-    return (f"Targets for 256x50x10 bf16: modelled L1/L2 traffic <= {TARGET_GB} GB: {gb:.2f} GB "
+    names = {0: "IEEE float32", 1: "TF32", 2: "bf16 / fp16", 3: "TF32x3"}
+    per = []
+    for prec, name in names.items():
+        rp = [r for r in ok if r.get("PREC") == prec]
+        if rp:
+            bad = [f"{r['case']} {r['config']} (ptxas -v {r['spill_stores']}/{r['spill_loads']} B, "
+                   f"cubin stack {r.get('cubin_stack')} B)" for r in rp
+                   if r["spill_stores"] + r["spill_loads"] + max(r.get("cubin_stack", 0), 0)]
+            per.append(f"{name}: {len(rp)} configs, " + (f"spills / local memory in {', '.join(bad)}" if bad
+                                                          else "0 spills, no local memory"))
+    return (f"Targets for 256x50x10 bf16: modelled L1/L2 traffic <= {TARGET_GB} GB: {gb:.4f} GB "
             f"({'met' if gb <= TARGET_GB else 'NOT met'}); no global activation scratch: "
             f"{'NOT met (hbuf / obs share in global memory)' if scratch else 'met'}; 0 spills in every config: "
-            f"{'met' if spills == 0 else f'NOT met ({spills} spill bytes in total)'}.\n")
+            f"{'met' if spills == 0 else f'NOT met ({spills} spill / stack bytes in total)'}.\n\n"
+            + "".join(f"- {p}\n" for p in per)
+            + f"\n({pruned} (case, config) pairs the launcher never picks for these shapes are not compiled; "
+              "summary.json lists them.)\n")
+
+
+def _render(doc) -> str:
+    rows = doc["rows"]
+    return (f"Static sm_90a report ({doc['date']}, triton {doc['triton']}, {doc['net']}; h512_* cases 3x512; "
+            f"`python -m bench.static_sm90`)\n\n" + markdown(rows) + "\n" + targets(rows))
 
 
 def main(argv=None) -> int:
@@ -334,7 +387,17 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated substrings of case names")
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--render", action="store_true", help="rewrite summary.md from summary.json, compile nothing")
     a = ap.parse_args(argv)
+    if a.render:
+        from bench._common import atomic_write
+
+        with open(os.path.join(a.out, "summary.json")) as f:
+            doc = json.load(f)
+        md = _render(doc)
+        atomic_write(os.path.join(a.out, "summary.md"), md)
+        print(md)
+        return 0
     if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "qipo_kernels.triton" in sys.modules:
         print("static_sm90: run it in a fresh process without TRITON_INTERPRET (the kernels were already "
               "decorated for the interpreter here)", file=sys.stderr)
@@ -367,8 +430,7 @@ def main(argv=None) -> int:
     doc = dict(date=today(), triton=triton.__version__, torch=torch.__version__, target="sm_90a", sm_count=N_SM,
                net=f"ConditionalMLP {NET['D']}x{NET['H']} mish, obs {NET['S']}, act {NET['A']}", rows=rows)
     atomic_write(os.path.join(a.out, "summary.json"), json.dumps(doc, indent=1, default=str) + "\n")
-    md = (f"Static sm_90a report ({doc['date']}, triton {doc['triton']}, {doc['net']}; `python -m bench.static_sm90`)\n\n"
-          + markdown(rows) + "\n" + targets(rows))
+    md = _render(doc)
     atomic_write(os.path.join(a.out, "summary.md"), md)
     print(md)
     return 0 if not any("error" in r for r in rows) else 1  # (pruned rows are not errors)

@@ -618,15 +618,29 @@ def test_gpu_tf32_error_at_most_2x_eager():
 
 # ------------------------------------------------------------------------------------ GPU code generation
 def test_autotuner_keys_are_stable_kernel_arguments():
+    from qipo_kernels.triton.mlp import PREC_HALF, PREC_TF32X3
+
     k = tl_launch.tuned_kernel(256, 256)
     assert set(k.keys) <= set(tl_launch._policy_kernel.arg_names)
     assert not {"N", "B", "K"} & set(k.keys)  # never the batch
     assert tl_launch.choose_bm(50, 1, 256, 132) == 16 and tl_launch.choose_bm(64_000_000, 1, 256, 132) == 128
     assert tl_launch.choose_bm(100, 64, 256, 132) == 64  # a tile holds all of a state's candidates
-    # 16-row tiles keep only the two-stage configs (the single-stage ones spill on sm_90a)
-    kept = tl_launch.prune_configs(k.configs, {}, BM=16)
-    assert kept and all(c.num_stages >= 2 for c in kept) and len(kept) < len(k.configs)
-    assert tl_launch.prune_configs(k.configs, {}, BM=64) == k.configs
+    # 256 x 50 rows: 100 tiles of 128 (at least half the SMs busy) in bf16; float32 tiles are smaller
+    assert tl_launch.choose_bm(12_800, 1, 256, 132) == 128
+    assert tl_launch.choose_bm(12_800, 1, 256, 132, PREC_TF32X3) == 32
+    assert tl_launch.choose_bm(50, 1, 256, 132, PREC_TF32X3) == 32  # its smallest spill-free tile
+    assert tl_launch.choose_bm(256 * 64, 64, 256, 132, PREC_HALF, group=True) == 64  # act stops at 64
+    assert tl_launch.choose_bm(12_800, 1, 512, 132) == 64
+    # the autotuner only ever tries the table's configurations for the launch's width / precision / BM
+    for bm in (16, 32, 64, 128):
+        for prec in (PREC_HALF, PREC_TF32X3):
+            kept = tl_launch.prune_configs(k.configs, {}, BM=bm, HP=256, HPQ=256, PREC=prec)
+            want = tl_launch.configs_for(256, prec, bm, 256)
+            assert [(c.kwargs["BN"], c.num_warps, c.num_stages) for c in kept] == want
+    # BN never exceeds the narrower network
+    k2 = tl_launch.tuned_kernel(256, 16)
+    assert all(c.kwargs["BN"] <= 16 for c in tl_launch.prune_configs(k2.configs, {}, BM=64, HP=256, HPQ=16,
+                                                                      PREC=PREC_HALF))
 
 
 _COMPILE_SCRIPT = """

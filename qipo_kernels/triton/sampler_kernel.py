@@ -4,14 +4,13 @@ tuning), sampler_pack (weights), sampler_tables (solver coefficients) and sample
 
 How the kernel is organised (one program = a tile of BM samples, persistent over tiles):
 
-* The observation's share of the first layer, W1_obs @ obs + b1, is computed once per tile (i.e.
-  once per sample, not once per step) into a float32 scratch row block and re-read at every
-  network evaluation.
+* Nothing but the inputs, the tables, the weights and the outputs lives in global memory: the
+  state x (float32) and the tile's observation rows (compute dtype) stay in registers for all steps,
+  and each network evaluation keeps its hidden activations on chip by layer pairing (mlp.mlp_eval):
+  every weight block is read once per tile and evaluation, the observation's share of layer 1 is
+  recomputed by a K = SP dot per column block instead of being stored.
 * The time embedding's share W1_t @ e(t) does not depend on the sample: it is one vector per
   network evaluation, computed on the host for all evaluation times at once and read from that table.
-* Hidden activations go through a per-program scratch block ([2, BM, HS] ping-pong, in the compute
-  dtype) that stays in L1/L2; each layer is a loop of tl.dot over BN x BK blocks (mlp.mlp_eval).
-  The state x lives in registers (float32) for all steps.
 * Solver coefficients come from a small float32 table [*, NCOEF] computed on the host in float64.
 * Modes: 0 integrate (ODE solvers), 1 consistency sampling, 2 / 3 act with the flow / consistency
   sampler (twin critic + selection), 4 DDPM (Diffusion-QL's ancestral steps; its coefficient row e
@@ -23,7 +22,7 @@ How the kernel is organised (one program = a tile of BM samples, persistent over
 import triton
 import triton.language as tl
 
-from .mlp import mlp_eval, net_eval, obs_share
+from .mlp import load_obs_t, mlp_eval, net_eval
 
 SOLVER_CODES = {"euler": 0, "midpoint": 1, "heun": 2, "rk4": 3, "ddim": 4, "dpm1": 4, "dpm2": 5}
 MODE_INTEGRATE, MODE_CONSISTENCY, MODE_ACT_FLOW, MODE_ACT_CONSISTENCY, MODE_DDPM = 0, 1, 2, 3, 4
@@ -49,7 +48,7 @@ def clamp_nan(x, lo, hi):
 
 @triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps", "seed"])
 def _policy_kernel(
-    x0_ptr, obs_ptr, snoise_ptr, u_ptr, out_ptr, traj_ptr, tvec_ptr, coef_ptr, osh_ptr, hbuf_ptr,
+    x0_ptr, obs_ptr, snoise_ptr, u_ptr, out_ptr, traj_ptr, tvec_ptr, coef_ptr,
     w1x, w1o, b1, wh, bh, wo, bo,
     qa1, qo1, qb1, qh1, qhb1, qw1, qwb1, qlw1, qlb1,
     qa2, qo2, qb2, qh2, qhb2, qw2, qwb2, qlw2, qlb2,
@@ -57,13 +56,11 @@ def _policy_kernel(
     MODE: tl.constexpr, SOLVER: tl.constexpr, CLIP: tl.constexpr, TRAJ: tl.constexpr, SEEDED: tl.constexpr,
     SOFTMAX: tl.constexpr, LNQ: tl.constexpr,
     HP: tl.constexpr, AP: tl.constexpr, SP: tl.constexpr, DEPTH: tl.constexpr, ACT: tl.constexpr,
-    HPQ: tl.constexpr, DEPTHQ: tl.constexpr, ACTQ: tl.constexpr, HS: tl.constexpr, KP: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr,
+    HPQ: tl.constexpr, DEPTHQ: tl.constexpr, ACTQ: tl.constexpr, KP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    osh = osh_ptr + pid.to(tl.int64) * (BM * HS)
-    hb = hbuf_ptr + pid.to(tl.int64) * (2 * BM * HS)
     offs_m = tl.arange(0, BM)
     offs_a = tl.arange(0, AP)
     GROUP: tl.constexpr = MODE // 2 == 1  # MODE 2 / 3 (act)
@@ -83,7 +80,7 @@ def _policy_kernel(
             rows = offs_m.to(tl.int64) + tile * BM
             valid = rows < N
             state = rows // K
-        obs_share(obs_ptr, state, valid, S, w1o, b1, osh, HP, SP, BM, BN, BKS, PREC)
+        oa = load_obs_t(obs_ptr, state, valid, S, SP, w1x.dtype.element_ty)  # [SP, BM], registers, all steps
         amask = valid[:, None] & (offs_a[None, :] < A)
         xoff = rows[:, None] * A + offs_a[None, :]
         if SEEDED:
@@ -99,8 +96,8 @@ def _policy_kernel(
             # (lo / hi: the x0_hat clamp, +-inf without clip_denoised; bound: the final clamp)
             for e in range(n_evals):
                 c = coef_ptr + e * 8
-                f = net_eval(x, tvec_ptr + e * HP, osh, hb, w1x, wh, bh, wo, bo,
-                              HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                f = net_eval(x, oa, tvec_ptr + e * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                              HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                 if SOLVER == 1:  # the network predicts eps
                     x0h = tl.load(c) * x - tl.load(c + 1) * f
                 else:  # it predicts x0
@@ -121,48 +118,48 @@ def _policy_kernel(
             for i in range(steps):
                 c = coef_ptr + i * 8
                 if SOLVER == 0:  # euler
-                    k1 = net_eval(x, tvec_ptr + i * HP, osh, hb, w1x, wh, bh, wo, bo,
-                                   HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k1 = net_eval(x, oa, tvec_ptr + i * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                                   HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                     x = x + tl.load(c) * k1
                 elif SOLVER == 1:  # midpoint
                     e0 = 2 * i
-                    k1 = net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
-                                   HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k2 = net_eval(x + tl.load(c + 1) * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
-                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k1 = net_eval(x, oa, tvec_ptr + e0 * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                                   HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
+                    k2 = net_eval(x + tl.load(c + 1) * k1, oa, tvec_ptr + (e0 + 1) * HP, w1x, w1o, b1, wh, bh,
+                                   wo, bo, HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                     x = x + tl.load(c) * k2
                 elif SOLVER == 2:  # heun
                     e0 = 2 * i
-                    k1 = net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
-                                   HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k2 = net_eval(x + tl.load(c) * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
-                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k1 = net_eval(x, oa, tvec_ptr + e0 * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                                   HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
+                    k2 = net_eval(x + tl.load(c) * k1, oa, tvec_ptr + (e0 + 1) * HP, w1x, w1o, b1, wh, bh,
+                                   wo, bo, HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                     x = x + tl.load(c + 1) * (k1 + k2)
                 elif SOLVER == 3:  # rk4
                     e0 = 4 * i
                     hh = tl.load(c + 1)
-                    k1 = net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
-                                   HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k2 = net_eval(x + hh * k1, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh,
-                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k3 = net_eval(x + hh * k2, tvec_ptr + (e0 + 2) * HP, osh, hb, w1x, wh, bh,
-                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
-                    k4 = net_eval(x + tl.load(c) * k3, tvec_ptr + (e0 + 3) * HP, osh, hb, w1x, wh, bh,
-                                   wo, bo, HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    k1 = net_eval(x, oa, tvec_ptr + e0 * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                                   HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
+                    k2 = net_eval(x + hh * k1, oa, tvec_ptr + (e0 + 1) * HP, w1x, w1o, b1, wh, bh,
+                                   wo, bo, HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
+                    k3 = net_eval(x + hh * k2, oa, tvec_ptr + (e0 + 2) * HP, w1x, w1o, b1, wh, bh,
+                                   wo, bo, HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
+                    k4 = net_eval(x + tl.load(c) * k3, oa, tvec_ptr + (e0 + 3) * HP, w1x, w1o, b1, wh, bh,
+                                   wo, bo, HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                     x = x + tl.load(c + 2) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
                 elif SOLVER == 4:  # ddim / dpm1 (DPM-Solver++ 1, data prediction)
-                    eps = net_eval(x, tvec_ptr + i * HP, osh, hb, w1x, wh, bh, wo, bo,
-                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    eps = net_eval(x, oa, tvec_ptr + i * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                                    HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                     x0t = (x - tl.load(c) * eps) / tl.load(c + 1)
                     x = tl.load(c + 2) * x + tl.load(c + 3) * x0t
                 else:  # dpm2: DPM-Solver++(2S), r1 = 1/2
                     e0 = 2 * i
-                    eps = net_eval(x, tvec_ptr + e0 * HP, osh, hb, w1x, wh, bh, wo, bo,
-                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    eps = net_eval(x, oa, tvec_ptr + e0 * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                                    HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                     x0t = (x - tl.load(c) * eps) / tl.load(c + 1)
                     xm = tl.load(c + 2) * x - tl.load(c + 3) * x0t
-                    epm = net_eval(xm, tvec_ptr + (e0 + 1) * HP, osh, hb, w1x, wh, bh, wo, bo,
-                                    HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                    epm = net_eval(xm, oa, tvec_ptr + (e0 + 1) * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                                    HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                     x0m = (xm - tl.load(c + 4) * epm) / tl.load(c + 5)
                     cn = tl.load(c + 7)
                     x = tl.load(c + 6) * x - cn * x0t - cn * (x0m - x0t)
@@ -178,8 +175,8 @@ def _policy_kernel(
                 else:
                     zk = tl.load(snoise_ptr + (e - 1) * NA + xoff, mask=amask, other=0.0).to(tl.float32)
                     xs = a + tl.load(c + 3) * zk
-                f = net_eval(tl.load(c + 2) * xs, tvec_ptr + e * HP, osh, hb, w1x, wh, bh, wo, bo,
-                              HP, HS, AP, AP, DEPTH, ACT, True, BM, BN, BK, PREC)
+                f = net_eval(tl.load(c + 2) * xs, oa, tvec_ptr + e * HP, w1x, w1o, b1, wh, bh, wo, bo,
+                              HP, AP, SP, AP, DEPTH, ACT, True, BM, BN, PREC)
                 a = tl.load(c) * xs + tl.load(c + 1) * f
                 if CLIP:
                     a = clamp_unit(a)
@@ -189,12 +186,10 @@ def _policy_kernel(
             cand = x
             if CLIP:
                 cand = clamp_unit(cand)
-            obs_share(obs_ptr, state, valid, S, qo1, qb1, osh, HPQ, SP, BM, BN, BKS, PREC)
-            q1 = mlp_eval(cand, tvec_ptr, osh, hb, qa1, qh1, qhb1, qw1, qwb1, qlw1, qlb1, HQ, ln_eps,
-                           HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, BK, PREC)
-            obs_share(obs_ptr, state, valid, S, qo2, qb2, osh, HPQ, SP, BM, BN, BKS, PREC)
-            q2 = mlp_eval(cand, tvec_ptr, osh, hb, qa2, qh2, qhb2, qw2, qwb2, qlw2, qlb2, HQ, ln_eps,
-                           HPQ, HS, AP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, BK, PREC)
+            q1 = mlp_eval(cand, oa, tvec_ptr, qa1, qo1, qb1, qh1, qhb1, qw1, qwb1, qlw1, qlb1, HQ, ln_eps,
+                          HPQ, AP, SP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, PREC)
+            q2 = mlp_eval(cand, oa, tvec_ptr, qa2, qo2, qb2, qh2, qhb2, qw2, qwb2, qlw2, qlb2, HQ, ln_eps,
+                          HPQ, AP, SP, 16, DEPTHQ, ACTQ, False, LNQ, BM, BN, PREC)
             offs_q = tl.arange(0, 16)
             qmin = tl.minimum(q1, q2, propagate_nan=tl.PropagateNan.ALL)  # (a NaN of either head is kept)
             q = tl.sum(tl.where(offs_q[None, :] == 0, qmin, 0.0), axis=1)  # [BM]

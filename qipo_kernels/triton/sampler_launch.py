@@ -1,8 +1,9 @@
 """Host launcher of the fused sampler kernel: precision, tile sizes, tuning, and launch plans.
 
 A launch is split in two: ``make_plan`` (everything that depends only on the configuration: the
-kernel object, grid, constexpr meta-parameters, the weight pointer list, scratch sizes) and
-``run_plan`` (the plan's scratch for this stream, the per-call tensors and scalars, launch). Eager callers
+kernel object, grid, constexpr meta-parameters, the weight pointer list) and
+``run_plan`` (the per-call tensors and scalars, launch). The kernel needs no scratch memory: hidden
+activations and the observation share stay on chip (mlp.mlp_eval). Eager callers
 cache plans with the packed weights (sampler_pack.Entry.plans), so a warm call costs a dictionary
 lookup and the launch itself.
 
@@ -14,9 +15,19 @@ tf32 | tf32x3 overrides. bfloat16 / float16 take their own tensor-core path; acc
 activation and the state x are float32 in every case. Under the CPU interpreter float32 is IEEE.
 
 Tiles: rows per tile (BM, 16..128) are picked from the problem size (the largest tile that still
-gives every SM work: 4 buckets at most); the column block, warps and pipeline stages are autotuned
-on first CUDA use, keyed on stable dimensions only (never the batch size). QIPO_TRITON_AUTOTUNE=0
-skips tuning. act's tile holds whole states: BM // KP states x KP candidate slots.
+gives half the SMs work, capped per width and dtype by the register budget: 4 buckets at most);
+the column block, warps and pipeline stages are autotuned on first CUDA use among the spill-free
+configurations of ``_CONFIGS``, keyed on stable dimensions only (never the batch size).
+QIPO_TRITON_AUTOTUNE=0 skips tuning. act's tile holds whole states: BM // KP states x KP candidate
+slots.
+
+The latency case (1 state x 50 candidates, 50 rows): 16-row tiles, so 4 CTAs. Splitting further
+cannot pay off in this design: every CTA streams all the weights once per evaluation whatever its
+rows, so more row tiles add L2 traffic without shortening any CTA's dependent chain (10
+evaluations x (D + 1) layers of weight streaming); shortening it needs the layers' columns split
+across CTAs with the activations exchanged between them at every layer (a cluster with distributed
+shared memory, which Triton does not expose, or a grid-wide barrier per layer, which costs more
+than the layer).
 """
 from __future__ import annotations
 
@@ -33,6 +44,8 @@ from .sampler_kernel import _policy_kernel, is_group
 # Programs of the persistent grid under the interpreter (small, so that tests run several tiles
 # per program and exercise the persistent loop).
 INTERPRET_PROGRAMS = 2
+# Column block under the interpreter (tests lower it to get several blocks per layer).
+INTERPRET_BN = 64
 
 _SM_COUNT: Dict[int, int] = {}
 _TUNED: Dict[Tuple, object] = {}
@@ -98,26 +111,89 @@ def _autotune_enabled() -> bool:
     return os.environ.get("QIPO_TRITON_AUTOTUNE", "1") != "0"
 
 
+# Launch configurations per (width class, tl.dot precision) and rows per tile: (BN, num_warps,
+# num_stages) in the order the autotuner tries them. Chosen with the static sm_90a report
+# (python -m bench.static_sm90) so that they compile for sm_90a without register spills for the
+# benchmark networks (3 x 256 and 3 x 512, obs 17, action 6) in integrate, consistency and act;
+# the report says where that is not met. What bounds the tile: the accumulator of a pair's second
+# layer ([HP, BM] float32, registers), the pair's first-layer block [BN, BM], and for TF32x3 the
+# high / low halves of every operand.
+_CONFIGS = {
+    (256, PREC_HALF): {128: [(16, 8, 2), (16, 8, 1)], 64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)],
+                       16: [(32, 4, 2), (64, 4, 2)]},
+    (256, PREC_TF32): {64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
+    (256, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)]},
+    (256, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+    (512, PREC_HALF): {64: [(16, 8, 2), (16, 8, 1)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
+    (512, PREC_TF32): {32: [(16, 8, 2)], 16: [(16, 4, 2)]},
+    (512, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)]},
+    (512, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+}
+
+
+# Configurations of _CONFIGS that the static report found to spill (or use local memory) for one
+# kind of launch: (MODE, SEEDED, width class, precision, BM, (BN, warps, stages)). prune_configs
+# never offers them for that launch.
+_SPILLING = {
+    (1, False, 256, PREC_HALF, 128, (16, 8, 2)),  # consistency: 16 B of stack in the cubin
+    (3, False, 512, PREC_HALF, 64, (16, 8, 2)),  # act (consistency sampler), 3 x 512: 16 B of stack
+}
+
+
+def _width_class(hs: int) -> int:
+    return 256 if hs <= 256 else 512
+
+
+# The largest rows-per-tile bucket choose_bm picks per (width class, precision) when the problem is
+# big enough (act may need more rows: a tile holds all candidates of a state; configs_for then uses
+# the configurations of the largest listed bucket below it).
+# act's tiles (the critic runs after the sampler, more values live) stop at 64 rows.
+_MAX_BM = {(256, PREC_HALF): 128, (256, PREC_TF32): 64, (256, PREC_TF32X3): 32, (256, PREC_IEEE): 16,
+           (512, PREC_HALF): 64, (512, PREC_TF32): 32, (512, PREC_TF32X3): 32, (512, PREC_IEEE): 16}
+MAX_BM_ACT = 64
+
+
+def max_bm(hs: int, precision: int) -> int:
+    return _MAX_BM[(_width_class(hs), precision)]
+
+
+def min_bm(hs: int, precision: int) -> int:
+    """The smallest bucket with a configuration (TF32x3 spills in 16-row tiles: its smallest is 32)."""
+    return min(_CONFIGS[(_width_class(hs), precision)])
+
+
+def configs_for(hs: int, precision: int, bm: int, bn_cap: int):
+    """(BN, warps, stages) of a tile size (BN at most the narrower network's padded width)."""
+    table = _CONFIGS[(_width_class(hs), precision)]
+    fit = [b for b in sorted(table) if b <= bm]
+    rows = table[fit[-1]] if fit else table[min(table)]
+    out = []
+    for bn, w, st in rows:
+        c = (min(bn, bn_cap), w, st)
+        if c not in out:
+            out.append(c)
+    return out
+
+
 def tuned_kernel(hp: int, hpq: int):
     """The autotuned kernel for a width class, created lazily on first CUDA use (never at import).
 
-    Tuned: BN (column block), num_warps, num_stages. The key holds stable dimensions and the
-    constexpr configuration only; BM (rows per tile) is chosen on the host from a few size
-    buckets (see ``choose_bm``), so a new batch size never recompiles or retunes.
+    Tuned: BN (column block), num_warps, num_stages among the configurations of ``_CONFIGS``; the
+    key holds stable dimensions and the constexpr configuration only. BM (rows per tile) is chosen
+    on the host from a few size buckets (see ``choose_bm``) and selects which configurations the
+    autotuner may try (``prune_configs``), so a new batch size never recompiles or retunes.
     """
     key = (hp, hpq)
     if key in _TUNED:
         return _TUNED[key]
-    hmin = min(hp, hpq)
-    bn_big = 128 if hp % 128 == 0 and hpq % 128 == 0 else min(32, hmin)
-    bn = min(64, hmin)
-    cfgs = [triton.Config({"BN": bn}, num_warps=4, num_stages=1),
-            triton.Config({"BN": bn}, num_warps=8, num_stages=1),
-            triton.Config({"BN": bn}, num_warps=4, num_stages=2)]
-    if bn_big != bn:
-        cfgs.append(triton.Config({"BN": bn_big}, num_warps=8 if bn_big == 128 else 4, num_stages=2))
-    if not _autotune_enabled():
-        cfgs = cfgs[:1]
+    hs, cap = max(hp, hpq), min(hp, hpq)
+    seen = []
+    for precision in (PREC_HALF, PREC_TF32, PREC_TF32X3, PREC_IEEE):
+        for bm in _CONFIGS[(_width_class(hs), precision)]:
+            for c in configs_for(hs, precision, bm, cap):
+                if c not in seen:
+                    seen.append(c)
+    cfgs = [triton.Config({"BN": bn}, num_warps=w, num_stages=st) for bn, w, st in seen]
     k = triton.autotune(cfgs, key=["HP", "AP", "SP", "DEPTH", "ACT", "HPQ", "DEPTHQ", "ACTQ", "KP", "MODE", "SEEDED",
                                     "SOLVER", "CLIP", "TRAJ", "SOFTMAX", "PREC", "BM"],
                         prune_configs_by={"early_config_prune": prune_configs})(_policy_kernel)
@@ -126,30 +202,40 @@ def tuned_kernel(hp: int, hpq: int):
 
 
 def prune_configs(configs, named_args, **meta):
-    """Drop the single-stage configs for 16-row tiles: ptxas spills registers in them on sm_90a
-    (bench.static_sm90, 1 x 50 x 10 bf16: 32-68 spill bytes at 4 and 8 warps), the two-stage ones
-    do not. Never returns an empty list."""
-    if meta.get("BM", 0) <= 16:
-        kept = [c for c in configs if c.num_stages >= 2]
-        return kept or configs
-    return configs
+    """Keep the configurations listed in ``_CONFIGS`` for this launch's width, dtype and BM (the
+    first only with QIPO_TRITON_AUTOTUNE=0). Never returns an empty list."""
+    hp, hpq, bm = meta.get("HP", 256), meta.get("HPQ", 256), meta.get("BM", 64)
+    hs, prec_ = max(hp, hpq), meta.get("PREC", PREC_HALF)
+    want = configs_for(hs, prec_, bm, min(hp, hpq))
+    kind = (meta.get("MODE", 0), bool(meta.get("SEEDED", False)), _width_class(hs), prec_, bm)
+    want = [c for c in want if kind + (c,) not in _SPILLING] or want[-1:]
+    if not _autotune_enabled():
+        want = want[:1]
+    kept = [c for c in configs if (c.kwargs.get("BN"), c.num_warps, c.num_stages) in want]
+    kept.sort(key=lambda c: want.index((c.kwargs.get("BN"), c.num_warps, c.num_stages)))
+    return kept or list(configs)[:1]
 
 
-def choose_bm(rows: int, min_rows: int, hs: int, programs: int) -> int:
-    """Rows per tile: the largest of 16..128 that still gives every SM a tile (a bigger
-    tile re-reads the weights fewer times; a smaller one spreads a small batch over more SMs).
-    Only these few buckets exist, so the batch size never triggers more than 4 compilations."""
-    cap = 128 if hs <= 256 else 64
-    bm = 16
+def choose_bm(rows: int, min_rows: int, hs: int, programs: int, precision: int = PREC_HALF,
+              group: bool = False) -> int:
+    """Rows per tile: the largest bucket of 16..max_bm(hs, precision) that still gives at least half
+    the SMs a tile. Each weight byte read feeds 2 * BM FLOPs, so a 64-row bf16 tile is bound by
+    L2 bandwidth on an H100 / H200 (~64 FLOP/B against a ridge near 100) where a 128-row one is
+    not: fewer, fuller CTAs pay until the grid leaves most SMs idle. Only these few buckets exist,
+    so the batch size never triggers more than 4 compilations."""
+    cap = max_bm(hs, precision)
+    if group:
+        cap = min(cap, MAX_BM_ACT)
+    bm = min_bm(hs, precision)
     for cand in (32, 64, 128):
-        if cand <= cap and triton.cdiv(rows, cand) >= programs:
+        if cand <= cap and triton.cdiv(rows, cand) >= max(1, programs // 2):
             bm = cand
     return max(bm, min_rows)
 
 
 class Plan:
     """One launch configuration: see make_plan."""
-    __slots__ = ("kernel", "grid", "meta", "weights", "osh_n", "hbuf_n", "hq", "ln_eps", "K", "A", "steps",
+    __slots__ = ("kernel", "grid", "meta", "weights", "hq", "ln_eps", "K", "A", "steps",
                  "n_evals", "dtype", "device", "traj", "scratch")
 
 
@@ -174,62 +260,39 @@ def make_plan(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], units: 
         hpq, dq, hq, lnq, ln_eps = HP, 1, 1, False, 0.0
     HS = max(HP, hpq)
     KP = next_pow2(K) if group else 1
-    BK = min(64, HP, hpq)
-    BKS = min(64, SP)
     meta = dict(MODE=mode, SOLVER=solver_code, CLIP=bool(clip), TRAJ=bool(traj), SOFTMAX=bool(softmax),
                 SEEDED=bool(seeded), LNQ=bool(lnq), HP=HP, AP=AP, SP=SP, DEPTH=depth, ACT=act_code, HPQ=hpq,
-                DEPTHQ=dq, ACTQ=act_code_q, HS=HS, KP=KP, BK=BK, BKS=BKS, PREC=prec(dtype, device))
+                DEPTHQ=dq, ACTQ=act_code_q, KP=KP, PREC=prec(dtype, device))
     nprog = programs(device)
     rows = units * KP if group else units
     interp = interpret() or device.type != "cuda"
-    bm = max(16, KP) if interp else choose_bm(rows, KP, HS, max(1, nprog // 2))  # tiles >= SMs
+    bm = max(16, KP) if interp else choose_bm(rows, KP, HS, max(1, nprog // 2), meta["PREC"], group)  # programs = SMs
     n_tiles = triton.cdiv(units, bm // KP) if group else triton.cdiv(units, bm)
     progs = max(1, min(n_tiles, nprog))
     p = Plan()
     if interp:
         p.kernel = _policy_kernel
-        meta.update(BM=bm, BN=min(64, HP, hpq))
+        meta.update(BM=bm, BN=min(INTERPRET_BN, HP, hpq))
     else:
         p.kernel = tuned_kernel(HP, hpq)
         meta.update(BM=bm)
     p.grid = (progs,)
     p.meta = meta
     p.weights = tuple(pol) + tuple(qargs)
-    p.osh_n, p.hbuf_n = progs * bm * HS, progs * 2 * bm * HS
     p.hq, p.ln_eps = int(hq), float(ln_eps)
     p.K, p.A, p.steps, p.n_evals = K, A, steps, n_evals
     p.dtype, p.device, p.traj = dtype, device, bool(traj)
-    p.scratch = {}
+    p.scratch = {}  # always empty: the kernel has no global scratch (kept for callers that snapshot it)
     return p
-
-
-def _stream_key(device) -> int:
-    if device.type != "cuda":
-        return 0
-    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None
-                                              else torch.cuda.current_device())
-
-
-def scratch(p: Plan):
-    """(obs-share, hidden) scratch buffers of plan ``p`` for the current stream: allocated once per
-    (plan, stream) and reused, since launches on one stream run in order (a second stream gets its
-    own pair, so concurrent streams never share scratch)."""
-    key = _stream_key(p.device)
-    bufs = p.scratch.get(key)
-    if bufs is None:
-        bufs = p.scratch[key] = (_host.empty((p.osh_n,), torch.float32, p.device),
-                                 _host.empty((p.hbuf_n,), p.dtype, p.device))
-    return bufs
 
 
 def run_plan(p: Plan, x0, obs, snoise, u, out, traj, tvec, coef, N: int, B: int, temperature: float = 1.0,
              seed: int = 0) -> None:
     """Launch ``p`` on this call's tensors (x0 None: the noise is drawn in the kernel from ``seed``).
     No host synchronisation: capturable in a CUDA graph once the plan and tables exist."""
-    osh, hbuf = scratch(p)
     xp = x0 if x0 is not None else out  # not read when SEEDED
     args = (xp, obs, snoise if snoise is not None else xp, u if u is not None else coef, out,
-            traj if traj is not None else out, tvec, coef, osh, hbuf) + p.weights + \
+            traj if traj is not None else out, tvec, coef) + p.weights + \
         (N, B, p.K, p.A, obs.shape[1], p.steps, p.n_evals, temperature, p.hq, p.ln_eps, seed)
     device = p.device
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -259,11 +322,11 @@ def compile_for_target(mode=0, solver=0, dtype="fp32", prec=0, softmax=False, tr
 
     fn = _policy_kernel
     names = fn.arg_names
-    f32 = {"osh_ptr", "tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2",
+    f32 = {"tvec_ptr", "coef_ptr", "b1", "bh", "bo", "qb1", "qhb1", "qwb1", "qb2", "qhb2", "qwb2",
            "qlw1", "qlb1", "qlw2", "qlb2"}
     ints = {"N", "B", "K", "A", "S", "steps", "n_evals", "HQ"}
     const = dict(LNQ=ln, SEEDED=seeded, MODE=mode, SOLVER=solver, CLIP=True, TRAJ=traj, SOFTMAX=softmax, HP=hp, AP=16, SP=32,
-                 DEPTH=depth, ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, HS=hp, KP=kp, BM=bm, BN=bn, BK=64, BKS=32, PREC=prec)
+                 DEPTH=depth, ACT=0, HPQ=hp, DEPTHQ=depth, ACTQ=2, KP=kp, BM=bm, BN=bn, PREC=prec)
     sig = {}
     for n in names:
         if n in const:

@@ -1,7 +1,7 @@
 """Weight packing for the fused samplers, and the eager-mode cache of packed weights.
 
 Packed layout of one MLP (see _mlp_tensors): the first layer split in a 'free' part (x / action,
-read at every evaluation) and an obs part (folded with b1 into the per-tile obs share), weights
+read at every evaluation) and an obs part (multiplied with the tile's obs rows at every evaluation), weights
 transposed to [in, out] and zero-padded, biases / LayerNorm affine in float32.
 
 The packed tensors are built from the modules' current parameters by plain torch ops: under
@@ -38,13 +38,15 @@ def _next_pow2(n: int) -> int:
 
 
 def _pad_hidden(h: int) -> int:
-    """Padded width: a power of two >= 16 up to 64, then a multiple of 64."""
-    return max(16, _next_pow2(h)) if h <= 64 else -(-h // 64) * 64
+    """Padded hidden width: a power of two >= 16. The kernel holds a whole hidden row block
+    [BM, HP] in registers (mlp.mlp_eval), and Triton tensors have power-of-two shapes."""
+    return max(16, _next_pow2(h))
 
 
 def _pad_small(n: int) -> int:
-    """Padded obs / action width (>= 16 for tl.dot): a power of two up to 64, then a multiple of 64."""
-    return max(16, _next_pow2(n)) if n <= 64 else -(-n // 64) * 64
+    """Padded obs / action width: a power of two >= 16 (tl.dot's K; the obs tile and the state x are
+    register tensors [BM, SP] / [BM, AP])."""
+    return max(16, _next_pow2(n))
 
 
 def _pad2(w: torch.Tensor, rows: int, cols: int, dtype, device) -> torch.Tensor:
@@ -60,11 +62,14 @@ def _mlp_tensors(linears: List[nn.Linear], free_cols: slice, obs_cols: slice, ou
                  dtype: torch.dtype, device: torch.device,
                  norms: Optional[List[nn.LayerNorm]] = None) -> List[torch.Tensor]:
     """Packed weights of one MLP with the first layer split in a 'free' part (x / action, read each
-    evaluation) and an obs part (folded with b1 into the per-tile obs share):
+    evaluation) and an obs part (the layer-1 GEMM's obs columns, K = SP):
 
-        [w1x [AP, HP], w1o [SP, HP], b1 [HP], wh [max(depth - 1, 1), HP, HP], bh [.., HP], wo [HP, out_pad],
+        [w1x [AP, HP], w1o [SP, HP], b1 [HP], wh [max(depth - 1, 1), HP, HP], bh [.., HP], wo [out_pad, HP],
          bo [out_pad]]  (+ [lnw, lnb] [depth, HP] when ``norms``: LayerNorm after each hidden Linear)
 
+    Layer 1's two parts are transposed ([in, out]); the hidden and output weights keep nn.Linear's
+    [out, in] layout, which is K-major for both of their roles in the kernel's feature-major layer
+    pairing (the A operand of W @ h and of W[:, block] @ act(block)), as tensor cores want for tf32.
     Weights in ``dtype``, biases / LayerNorm affine in float32, zero padding.
     """
     first, hidden, last = linears[0], linears[1:-1], linears[-1]
@@ -78,12 +83,12 @@ def _mlp_tensors(linears: List[nn.Linear], free_cols: slice, obs_cols: slice, ou
         w1o = _pad2(W1[:, obs_cols].t(), SP, HP, dtype, device)
         b1 = _pad1(first.bias.detach(), HP, device)
         if hidden:
-            wh = torch.stack([_pad2(lin.weight.detach().t(), HP, HP, dtype, device) for lin in hidden])
+            wh = torch.stack([_pad2(lin.weight.detach(), HP, HP, dtype, device) for lin in hidden])
             bh = torch.stack([_pad1(lin.bias.detach(), HP, device) for lin in hidden])
         else:
             wh = torch.zeros(1, HP, HP, dtype=dtype, device=device)
             bh = torch.zeros(1, HP, dtype=torch.float32, device=device)
-        wo = _pad2(last.weight.detach().t(), HP, out_pad, dtype, device)
+        wo = _pad2(last.weight.detach(), out_pad, HP, dtype, device)
         bo = _pad1(last.bias.detach(), out_pad, device)
         out = [w1x, w1o, b1, wh, bh, wo, bo]
         if norms:
