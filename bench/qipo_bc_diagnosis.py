@@ -87,7 +87,7 @@ def train_flow(data, train_n, steps, batch, lr, ema_tau=None, seed=0, at=None, *
                 for pe, p in zip(ema.parameters(), pol.parameters()):
                     pe.lerp_(p, ema_tau)
         if i < 50 or i >= steps - 50 or at:
-            losses.append(float(loss))
+            losses.append(loss.item())
         if at and i + 1 in at:
             at[i + 1](pol, time.process_time() - t0, sum(losses[-50:]) / len(losses[-50:]))
     cpu = time.process_time() - t0
@@ -107,7 +107,7 @@ def train_mlp(data, train_n, steps, batch, lr, seed=0, at=None):
         loss.backward()
         opt.step()
         if at and i + 1 in at:
-            at[i + 1](net, time.process_time() - t0, float(loss))
+            at[i + 1](net, time.process_time() - t0, loss.item())
     return net
 
 
