@@ -43,10 +43,13 @@ def _point(tr, res, tag):
 
 
 def run(a):
+    if a.set and a.algo != "qipo":
+        raise SystemExit("--set applies to --algo qipo only")
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
     env = a.dataset.split("/")[1] if a.dataset.count("/") >= 2 else a.dataset
-    name = f"{a.algo}-{env}-s{a.seed}" if a.algo == "cpql" else f"{a.algo}-{a.preset}-{env}-s{a.seed}"
+    tail = "".join(f"-{kv.replace('=', '_')}" for kv in a.set)
+    name = f"{a.algo}-{env}-s{a.seed}" if a.algo == "cpql" else f"{a.algo}-{a.preset}{tail}-{env}-s{a.seed}"
     out = os.path.join(a.out, name)
     os.makedirs(out, exist_ok=True)
     if a.algo == "cpql":
@@ -54,10 +57,15 @@ def run(a):
                               checkpoint_every=0, tensorboard=False)
         tr = CPQL(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
     else:
-        cfg = qipo_config_for(a.preset, seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes,
-                              checkpoint_every=0, tensorboard=False)
+        from qipo_kernels.algos.qipo import QIPOConfig
+        from qipo_kernels.cli import _parse_sets
+
+        extra = _parse_sets(QIPOConfig, a.set)
+        cfg = qipo_config_for(a.preset, **{**extra, **dict(seed=a.seed, eval_every=a.eval_every,
+                                                          eval_episodes=a.episodes, checkpoint_every=0,
+                                                          tensorboard=False)})
         tr = QIPO(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
-    curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "dataset": a.dataset, "seed": a.seed,
+    curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
              "budget_s": a.budget_s,
              "behaviour_normalized": None, "points": [], "command": " ".join(sys.argv),
              "config": {k: v for k, v in vars(cfg).items()}}
@@ -181,7 +189,7 @@ def _label(c):
     if preset is None:
         words = c.get("command", "").split()
         preset = words[words.index("--preset") + 1] if "--preset" in words[:-1] else "cpu-quick"
-    return f"qipo {preset}"
+    return " ".join([f"qipo {preset}"] + [f"--set {kv}" for kv in c.get("set", [])])
 
 
 def _norm_eps(c, final):
@@ -202,6 +210,8 @@ def main(argv=None):
     r.add_argument("--eval-every", type=int, default=1000)
     r.add_argument("--episodes", type=int, default=5)
     r.add_argument("--preset", default="cpu-quick", help="QIPO preset (QIPO_PRESETS)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="QIPO: a QIPOConfig override after the preset (a diagnostic run; named and grouped apart)")
     r.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
     r.set_defaults(fn=run)
     p = sub.add_parser("report")

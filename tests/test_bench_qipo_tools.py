@@ -60,6 +60,11 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     assert T._label(runs["qipo-old"]) == "qipo cpu-quick"
     assert T._label({"algo": "qipo", "command": "x --preset cpu-30min --seed 1"}) == "qipo cpu-30min"
     assert T._label(runs["cpql-s0"]) == "cpql"
+    # a diagnostic run with --set overrides is labelled (and so grouped) apart from its preset
+    assert T._label({"algo": "qipo", "preset": "cpu-30min", "set": ["path=ot"]}) == "qipo cpu-30min --set path=ot"
+    with pytest.raises(SystemExit, match="--set applies to --algo qipo only"):
+        T.main(["run", "--algo", "cpql", "--dataset", "d/x/v0", "--set", "path=ot", "--out", str(tmp_path / "no")])
+    assert not os.path.exists(tmp_path / "no")
     for name, c in runs.items():
         os.makedirs(tmp_path / name)
         json.dump(c, open(tmp_path / name / "curve.json", "w"))
