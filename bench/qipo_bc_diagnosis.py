@@ -13,6 +13,14 @@ A plain MLP regression (obs -> action, tanh output, MSE) with the same steps / b
 baseline. One torch thread. Writes a markdown table to --out.
 
     python bench/qipo_bc_diagnosis.py --dataset qipo/halfcheetah/noisy-sac-v0 --steps 1000 --batch 1024
+
+``--checkpoints 1000,3000,6000`` measures instead how imitation grows with training: one flow model per
+variant (its first sampler) and the MLP regression, each trained once to the last checkpoint and
+measured at every checkpoint: R^2, saturation and the evaluated BC score (``--bc-episodes`` episodes,
+one sample per state, as QIPO's evaluation) of each, with the train CPU seconds so far.
+
+    python bench/qipo_bc_diagnosis.py --dataset qipo/walker2d/noisy-sac-v0 --checkpoints 1000,3000,6000 \
+        --batch 1024 --lrs 1e-3 --variants default --bc-episodes 5 --out bench/results/qipo_bc_steps_walker2d.md
 """
 from __future__ import annotations
 
@@ -59,7 +67,8 @@ def measure(policy: FlowPolicy, obs, act, steps=None, solver=None, gen=None, K=6
             "max_abs": float(raw.abs().max())}
 
 
-def train_flow(data, train_n, steps, batch, lr, ema_tau=None, seed=0, **mk):
+def train_flow(data, train_n, steps, batch, lr, ema_tau=None, seed=0, at=None, **mk):
+    """``at``: optional {step: fn(policy, cpu_s, loss_last_50)} called after that many steps."""
     torch.manual_seed(seed)
     pol = FlowPolicy(data.obs_dim, data.act_dim, **mk)
     ema = copy.deepcopy(pol).requires_grad_(False) if ema_tau else None
@@ -77,23 +86,28 @@ def train_flow(data, train_n, steps, batch, lr, ema_tau=None, seed=0, **mk):
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), pol.parameters()):
                     pe.lerp_(p, ema_tau)
-        if i < 50 or i >= steps - 50:
-            losses.append(float(loss))
+        if i < 50 or i >= steps - 50 or at:
+            losses.append(loss.item())
+        if at and i + 1 in at:
+            at[i + 1](pol, time.process_time() - t0, sum(losses[-50:]) / len(losses[-50:]))
     cpu = time.process_time() - t0
     return pol, ema, (sum(losses[:50]) / 50, sum(losses[-50:]) / 50), cpu
 
 
-def train_mlp(data, train_n, steps, batch, lr, seed=0):
+def train_mlp(data, train_n, steps, batch, lr, seed=0, at=None):
     torch.manual_seed(seed)
     net = MLP(data.obs_dim, data.act_dim, 256, 3, "mish")
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    t0 = time.process_time()
+    for i in range(steps):
         idx = torch.randint(0, train_n, (batch,), generator=g)
         loss = ((torch.tanh(net(data.obs[idx])) - data.actions[idx]) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if at and i + 1 in at:
+            at[i + 1](net, time.process_time() - t0, loss.item())
     return net
 
 
@@ -109,6 +123,59 @@ VARIANTS = {
 }
 
 
+def bc_score(policy_fn, data, episodes):
+    """Normalised score (mean, s.e. over episodes) of obs -> action over ``episodes`` episodes."""
+    from qipo_kernels.evaluation import evaluate
+
+    res = evaluate(policy_fn, dataset=data, num_episodes=episodes, seeds=(0,))
+    n = res["episodes"]
+    return float(res["normalized_mean"]), float(res["normalized_std"]) / max(n - 1, 1) ** 0.5
+
+
+def curve_rows(a, data, train_n, obs_h, act_h, lrs):
+    """--checkpoints mode: rows (model, lr, sampler, steps, R^2, sat, max|a|, BC score, s.e., CPU-s)."""
+    marks = sorted(int(x) for x in a.checkpoints.split(","))
+    rows = []
+    for lr in lrs:
+        def at_mlp(net, cpu, loss, lr=lr):
+            with torch.no_grad():
+                pred = torch.tanh(net(obs_h))
+                sc, se = bc_score(lambda o: torch.tanh(net(o)), data, a.bc_episodes) if a.bc_episodes else (nan, nan)
+            rows.append(("MLP regression (tanh, MSE)", f"{lr:g}", "-", net_steps[0], r2(pred, act_h),
+                         float((pred.abs() >= 0.999).float().mean()), float("nan"), sc, se, cpu))
+            print(rows[-1], flush=True)
+        nan = float("nan")
+        net_steps = [0]
+        hooks = {}
+        for m in marks:
+            def h(net, cpu, loss, m=m):
+                net_steps[0] = m
+                at_mlp(net, cpu, loss)
+            hooks[m] = h
+        if not a.skip_mlp:
+            train_mlp(data, train_n, marks[-1], a.batch, lr, at=hooks)
+        for name in a.variants.split(","):
+            mk, samplers = VARIANTS[name]
+            solver, st, s0 = samplers[0] if name != "default" else ("dpm2", 8, 0.05)
+
+            def at_flow(pol, cpu, loss, m, name=name, mk=mk, solver=solver, st=st, s0=s0, lr=lr):
+                gen = torch.Generator().manual_seed(7)
+                meas = measure(pol, obs_h, act_h, steps=st, solver=solver, gen=gen, t0=s0)
+                sc, se = nan, nan
+                if a.bc_episodes:
+                    pol_eval = copy.deepcopy(pol)
+                    pol_eval.t0, pol_eval.steps, pol_eval.solver = float(s0), st, solver
+                    eg = torch.Generator().manual_seed(11)
+                    sc, se = bc_score(lambda o: pol_eval.sample(o, 1, generator=eg)[:, 0], data, a.bc_episodes)
+                rows.append((f"{name} ({mk['path']}, {mk['time_embedding']})", f"{lr:g}",
+                             f"{solver} x {st} from t0={s0:g}", m, meas["r2"], meas["sat"], meas["max_abs"], sc, se,
+                             cpu))
+                print(rows[-1], f"loss(last 50) {loss:.3f}", flush=True)
+            train_flow(data, train_n, marks[-1], a.batch, lr, at={m: (lambda p, c, l, m=m, f=at_flow: f(p, c, l, m))
+                                                                   for m in marks}, **mk)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="qipo/halfcheetah/noisy-sac-v0")
@@ -120,6 +187,10 @@ def main(argv=None):
     ap.add_argument("--holdout", type=float, default=0.1)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     ap.add_argument("--ema", action="store_true", help="also measure an EMA copy (tau 0.005)")
+    ap.add_argument("--checkpoints", default=None,
+                    help="comma-separated step counts: measure R^2 / saturation / BC score at each (curve mode)")
+    ap.add_argument("--bc-episodes", type=int, default=5, help="curve mode: evaluation episodes per checkpoint")
+    ap.add_argument("--skip-mlp", action="store_true", help="curve mode: no MLP regression rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "qipo_bc_diagnosis.md"))
     a = ap.parse_args(argv)
@@ -138,6 +209,29 @@ def main(argv=None):
     rows = []
     lrs = [float(x) for x in a.lrs.split(",")]
     t0 = time.process_time()
+    if a.checkpoints:
+        rows = curve_rows(a, data, train_n, obs_h, act_h, lrs)
+        beh = getattr(data, "episode_returns", None)
+        beh_s = "-"
+        if beh is not None and data.ref_max_score is not None:
+            import numpy as np
+            beh_s = f"{100 * (np.mean(np.asarray(beh)) - data.ref_min_score) / (data.ref_max_score - data.ref_min_score):.1f}"
+        lines = [f"# QIPO stage-1 behaviour model vs training steps ({a.dataset})", "",
+                 f"Batch {a.batch}, one CPU thread; {a.states} held-out states (last {a.holdout:.0%} of transitions), "
+                 f"64 samples per state for R^2 / saturation. Data saturation (|a| >= 0.999): {data_sat:.3f}. "
+                 f"Behaviour policy (the data's episodes): {beh_s}. BC score: {a.bc_episodes} episodes, one sample "
+                 f"per state (MLP: its tanh output), normalised, ± s.e. over episodes. Total CPU "
+                 f"{time.process_time() - t0:.0f} s.", "",
+                 "Command: `python bench/qipo_bc_diagnosis.py " + " ".join(argv if argv is not None else sys.argv[1:])
+                 + "`", "",
+                 "| model | lr | sampler | steps | R^2 of mean | saturation | max abs before clip | BC score | train CPU-s |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            f = lambda x, d=3: "-" if x != x else f"{x:.{d}f}"  # noqa: E731
+            lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {f(r[4])} | {f(r[5])} | {f(r[6])} | "
+                         f"{f(r[7], 1)} ± {f(r[8], 1)} | {r[9]:.0f} |")
+        _write(a.out, lines, {"rows": rows, "data_saturation": data_sat, "norm_gap": norm_gap})
+        return
     mlp_r2 = {}
     for lr in lrs:
         mlp = train_mlp(data, train_n, a.steps, a.batch, lr)
@@ -174,14 +268,19 @@ def main(argv=None):
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append("| " + " | ".join(x if isinstance(x, str) else f"{x:.3f}" if x == x else "-" for x in r) + " |")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
+    _write(a.out, lines, {"rows": rows, "data_saturation": data_sat, "norm_gap": norm_gap})
+
+
+def _write(out, lines, blob):
+    """The markdown table and its JSON, each written temp-then-rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(tmp, a.out)
-    with open(os.path.splitext(a.out)[0] + ".json.tmp", "w") as f:
-        json.dump({"rows": rows, "data_saturation": data_sat, "norm_gap": norm_gap}, f)
-    os.replace(os.path.splitext(a.out)[0] + ".json.tmp", os.path.splitext(a.out)[0] + ".json")
+    os.replace(out + ".tmp", out)
+    js = os.path.splitext(out)[0] + ".json"
+    with open(js + ".tmp", "w") as f:
+        json.dump(blob, f)
+    os.replace(js + ".tmp", js)
     print("\n".join(lines))
 
 

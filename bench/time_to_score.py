@@ -8,8 +8,9 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
     python bench/time_to_score.py report --out bench/results/tts      # table + plot from every run there
 
 The datasets come from `qipo-kernels make-dataset` (bench/make_datasets.sh). CPQL uses the per-task
-"medium" defaults of the dataset's env (cpql_config_for); QIPO the "cpu-quick" preset (QIPO_PRESETS:
-schedule lengths, batch and lr only). Each run writes <out>/<algo>-<dataset>-s<seed>/curve.json: every
+"medium" defaults of the dataset's env (cpql_config_for); QIPO the preset of --preset (default "cpu-quick";
+QIPO_PRESETS: schedule lengths, batch and lr only). Each run writes <out>/<algo>-<env>-s<seed>/curve.json
+(QIPO: <out>/qipo-<preset>-<env>-s<seed>/curve.json): every
 evaluation as (step, train CPU seconds, normalised mean, its s.e. over the episodes). QIPO's
 behaviour model (end of stage 1) is evaluated too.
 """
@@ -42,10 +43,13 @@ def _point(tr, res, tag):
 
 
 def run(a):
+    if a.set and a.algo != "qipo":
+        raise SystemExit("--set applies to --algo qipo only")
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
     env = a.dataset.split("/")[1] if a.dataset.count("/") >= 2 else a.dataset
-    name = f"{a.algo}-{env}-s{a.seed}"
+    tail = "".join(f"-{kv.replace('=', '_')}" for kv in a.set)
+    name = f"{a.algo}-{env}-s{a.seed}" if a.algo == "cpql" else f"{a.algo}-{a.preset}{tail}-{env}-s{a.seed}"
     out = os.path.join(a.out, name)
     os.makedirs(out, exist_ok=True)
     if a.algo == "cpql":
@@ -53,10 +57,16 @@ def run(a):
                               checkpoint_every=0, tensorboard=False)
         tr = CPQL(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
     else:
-        cfg = qipo_config_for(a.preset, seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes,
-                              checkpoint_every=0, tensorboard=False)
+        from qipo_kernels.algos.qipo import QIPOConfig
+        from qipo_kernels.cli import _parse_sets
+
+        extra = _parse_sets(QIPOConfig, a.set)
+        cfg = qipo_config_for(a.preset, **{**extra, **dict(seed=a.seed, eval_every=a.eval_every,
+                                                          eval_episodes=a.episodes, checkpoint_every=0,
+                                                          tensorboard=False)})
         tr = QIPO(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
-    curve = {"algo": a.algo, "dataset": a.dataset, "seed": a.seed, "budget_s": a.budget_s,
+    curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
+             "budget_s": a.budget_s,
              "behaviour_normalized": None, "points": [], "command": " ".join(sys.argv),
              "config": {k: v for k, v in vars(cfg).items()}}
     curve["ref"] = [ds.ref_min_score, ds.ref_max_score]
@@ -102,7 +112,7 @@ def report(a):
         raise SystemExit(f"no runs under {a.out}")
     groups = {}
     for c in curves:
-        groups.setdefault((c["algo"], c["dataset"]), []).append(c)
+        groups.setdefault((_label(c), c["dataset"]), []).append(c)
     lines = ["# Time-to-score on one CPU thread", "",
              "Normalised score 100 (R - ref_min) / (ref_max - ref_min) of the final policy; mean ± s.e. over all "
              "evaluation episodes of all seeds (s.e. of the seed means in brackets when there are >= 2 seeds). "
@@ -153,7 +163,7 @@ def report(a):
             x = [p["cpu_s"] for p in pts]
             y = [p["normalized"] for p in pts]
             e = [p["normalized_se"] or 0 for p in pts]
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=f"{c['algo']} seed {c['seed']}")
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=f"{_label(c)} seed {c['seed']}")
             beh = [p for p in pts if p["tag"] == "behaviour"]
             if beh:
                 ax.plot([p["cpu_s"] for p in beh], [p["normalized"] for p in beh], "k*", markersize=12)
@@ -169,6 +179,17 @@ def report(a):
     fig.savefig(path + ".tmp.png", dpi=90)
     os.replace(path + ".tmp.png", path)
     print(f"plot: {path}")
+
+
+def _label(c):
+    """The algorithm and, for QIPO, its preset (older curves: parsed from the command, default cpu-quick)."""
+    if c["algo"] != "qipo":
+        return c["algo"]
+    preset = c.get("preset")
+    if preset is None:
+        words = c.get("command", "").split()
+        preset = words[words.index("--preset") + 1] if "--preset" in words[:-1] else "cpu-quick"
+    return " ".join([f"qipo {preset}"] + [f"--set {kv}" for kv in c.get("set", [])])
 
 
 def _norm_eps(c, final):
@@ -189,6 +210,8 @@ def main(argv=None):
     r.add_argument("--eval-every", type=int, default=1000)
     r.add_argument("--episodes", type=int, default=5)
     r.add_argument("--preset", default="cpu-quick", help="QIPO preset (QIPO_PRESETS)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="QIPO: a QIPOConfig override after the preset (a diagnostic run; named and grouped apart)")
     r.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
     r.set_defaults(fn=run)
     p = sub.add_parser("report")

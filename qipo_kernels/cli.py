@@ -1,7 +1,7 @@
 """Command line: ``qipo-kernels train|eval|demo|bench|backends`` (also ``python -m qipo_kernels``).
 
     qipo-kernels demo [--out runs/demo]                 embedded dataset, QIPO + CPQL, scores, backend speeds
-    qipo-kernels train qipo --dataset ID [--out DIR] [--set key=value ...]
+    qipo-kernels train qipo --dataset ID [--out DIR] [--preset cpu-30min] [--set key=value ...]
     qipo-kernels train cpql --dataset mujoco/halfcheetah/medium-v0 --task halfcheetah-medium
     qipo-kernels train cpql-online --set env_id=Pendulum-v1 --set steps=20000
     qipo-kernels eval DIR_OR_CHECKPOINT [--episodes 10] [--seeds 0,1,2]
@@ -14,6 +14,8 @@ logs, atomic checkpoints and ``<out>/summary.json``. A run folder holds one conf
 ``--set`` on an existing run is refused unless the field may change on resume (steps, learning rates,
 evaluation and logging settings). Ctrl-C writes a checkpoint. train / eval / demo use one torch CPU thread
 unless ``--threads N`` says otherwise. Errors are one line; ``--debug`` shows the traceback.
+``--preset NAME`` (QIPO) starts from a documented preset of QIPO_PRESETS (schedule lengths, batch sizes
+and learning rates only; the papers' values stay the defaults); ``--set`` overrides apply after it.
 """
 from __future__ import annotations
 
@@ -173,6 +175,14 @@ def _train(a, device: str, ctx) -> int:
     main = ctx is None or ctx.rank == 0
     cls, cfg_cls = ALGOS[a.algo]
     base: Dict[str, Any] = {}
+    if a.preset is not None:
+        from .algos.qipo import QIPO_PRESETS
+
+        if a.algo != "qipo":
+            raise CLIError(f"--preset applies to train qipo only (presets: {', '.join(sorted(QIPO_PRESETS))})")
+        if a.preset not in QIPO_PRESETS:
+            raise CLIError(f"--preset: unknown preset {a.preset!r}; known presets: {', '.join(sorted(QIPO_PRESETS))}")
+        base = dict(QIPO_PRESETS[a.preset])
     if a.task:
         if a.algo != "cpql":
             raise CLIError("--task (per-task defaults) applies to cpql only")
@@ -220,6 +230,7 @@ def _train(a, device: str, ctx) -> int:
         except (TypeError, ValueError) as e:
             raise CLIError(str(e)) from None
         tr.dataset_id = a.dataset
+        tr.preset = a.preset
         if ctx is not None:
             try:
                 ctx.attach(tr)
@@ -445,6 +456,9 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (default runs/<algo>)")
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int)
+    t.add_argument("--preset", default=None,
+                   help="QIPO preset (schedule lengths, batch sizes, learning rates; see QIPO_PRESETS), applied "
+                        "before --set; recorded in config.json")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config field override (repeatable)")
     t.add_argument("--fresh", action="store_true",
                    help="start over: empty the --out folder first (only a folder qipo-kernels made)")

@@ -62,6 +62,58 @@ def test_train_qipo_and_load_checkpoint(demo_minari_root, tmp_path):
     assert tr.policy_fn()(obs).shape == (3, 1)
 
 
+def test_train_qipo_preset_then_set(demo_minari_root, tmp_path):
+    """--preset NAME starts from QIPO_PRESETS[NAME], --set overrides it, config.json records both."""
+    from qipo_kernels.algos.qipo import QIPO_PRESETS, QIPOConfig
+
+    out = str(tmp_path / "qipo")
+    sets = ["pretrain_steps=3", "q_steps=2", "policy_steps=2", "q_support=2", "num_support=2", "hidden=8",
+            "critic_hidden=8", "sample_steps=1", "eval_episodes=1", "pretrain_batch=16", "q_batch=16",
+            "policy_batch=16", "tensorboard=0"]
+    args = ["train", "qipo", "--dataset", data.DEMO_DATASET_ID, "--out", out, "--no-progress", "--device", "cpu",
+            "--preset", "cpu-quick"]
+    for s in sets:
+        args += ["--set", s]
+    assert cli.main(args) == 0
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["preset"] == "cpu-quick"
+    cfg, preset = saved["config"], QIPO_PRESETS["cpu-quick"]
+    # not overridden: the preset's value, which differs from the default (so the preset was applied)
+    assert cfg["pretrain_lr"] == preset["pretrain_lr"] != QIPOConfig().pretrain_lr
+    assert cfg["q_support_refresh"] == preset["q_support_refresh"] != QIPOConfig().q_support_refresh
+    # overridden by --set after the preset
+    assert cfg["pretrain_steps"] == 3 != preset["pretrain_steps"]
+    assert cfg["pretrain_batch"] == 16 != preset["pretrain_batch"]
+    # every preset changes only schedule lengths, batch sizes and learning rates
+    allowed = {"pretrain_steps", "pretrain_batch", "pretrain_lr", "q_steps", "q_batch", "q_lr", "q_support_refresh",
+               "policy_steps", "policy_batch", "policy_lr", "renew_every"}
+    for name, p in QIPO_PRESETS.items():
+        assert set(p) <= allowed, (name, set(p) - allowed)
+    # without --preset: the defaults, and no "preset" key
+    out2 = str(tmp_path / "plain")
+    args2 = ["train", "qipo", "--dataset", data.DEMO_DATASET_ID, "--out", out2, "--no-progress", "--device", "cpu"]
+    for s in sets + ["q_support_refresh=2", "renew_every=2"]:
+        args2 += ["--set", s]
+    assert cli.main(args2) == 0
+    saved2 = json.load(open(os.path.join(out2, "config.json")))
+    assert "preset" not in saved2 and saved2["config"]["pretrain_lr"] == QIPOConfig().pretrain_lr
+
+
+def test_unknown_preset_is_refused_with_the_names(demo_minari_root, tmp_path):
+    from qipo_kernels.algos.qipo import QIPO_PRESETS
+
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["train", "qipo", "--dataset", data.DEMO_DATASET_ID, "--out", str(tmp_path / "x"),
+                  "--preset", "gpu-huge"])
+    msg = str(ei.value)
+    assert "unknown preset 'gpu-huge'" in msg and all(name in msg for name in QIPO_PRESETS) and "\n" not in msg
+    assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(SystemExit, match="applies to train qipo only"):
+        cli.main(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", str(tmp_path / "y"),
+                  "--preset", "cpu-quick"])
+    assert not os.path.exists(tmp_path / "y")
+
+
 def test_cli_errors(demo_minari_root, tmp_path):
     with pytest.raises(SystemExit, match="--dataset"):
         cli.main(["train", "qipo", "--out", str(tmp_path)])

@@ -640,7 +640,10 @@ class Trainer:
         if resumed:
             self.logger.truncate_after(self.step)
         if self.is_main:
-            atomic_write_json({"algo": self.algo, "config": dataclasses.asdict(cfg)}, os.path.join(self.out_dir, "config.json"))
+            blob = {"algo": self.algo, "config": dataclasses.asdict(cfg)}
+            if getattr(self, "preset", None) is not None:  # the named preset the config started from (CLI --preset)
+                blob["preset"] = self.preset
+            atomic_write_json(blob, os.path.join(self.out_dir, "config.json"))
         bar = progress(total=self.total_steps, desc=f"{self.algo}", enabled=self.progress_bar, initial=self.step)
         t_last, n_last, s_last = time.perf_counter(), 0, self.step
         self._ckpt_ok = True

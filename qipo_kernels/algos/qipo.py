@@ -116,9 +116,19 @@ class QIPOConfig:
 # values stay QIPOConfig's defaults). "cpu-quick": a run of ~8-15 CPU-minutes on one thread (100k transitions);
 # lr 1e-3 for the behaviour model (bench/results/qipo_bc_diagnosis.md: R^2 0.50 vs 0.43 at 1e-4 after
 # 1,000 steps of batch 1024); one support draw per stage (each is a full-dataset sampling pass).
+# "cpu-30min": about 25 CPU-minutes on one thread on ~36k transitions (walker2d noisy-sac), measured costs:
+# stage 1 ~0.023 s/step at batch 1024; each full-dataset sampling pass (64 actions x 16 network
+# evaluations per state) ~107 s, plus ~60 s to score a renewed support with the critic; a Q step ~0.1 s at
+# batch 128 (the target critic runs on 128 x 64 next actions); a policy step ~0.15 s at batch 128 (x 64
+# support actions). Stage 1 gets 12k steps (the behaviour model's R^2 and BC score still grow at 6k steps:
+# bench/results/qipo_bc_steps_walker2d_*.md), the critic 4k steps (CPQL needs ~3k to beat the data), one
+# Q-support draw, two support renewals in stage 3.
 QIPO_PRESETS: Dict[str, Dict[str, Any]] = {
     "cpu-quick": dict(pretrain_steps=1000, pretrain_batch=1024, pretrain_lr=1e-3, q_steps=1000,
                       q_support_refresh=1000, policy_steps=500, renew_every=500),
+    "cpu-30min": dict(pretrain_steps=12_000, pretrain_batch=1024, pretrain_lr=1e-3, q_steps=4000, q_batch=128,
+                      q_support_refresh=4000, policy_steps=2000, policy_batch=128, policy_lr=3e-4,
+                      renew_every=1000),
 }
 
 

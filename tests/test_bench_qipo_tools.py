@@ -1,0 +1,76 @@
+"""bench/qipo_bc_diagnosis.py's --checkpoints mode and bench/time_to_score.py's preset grouping."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import qipo_bc_diagnosis as D  # noqa: E402
+from bench import time_to_score as T  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bc_diagnosis_checkpoints_rows(demo_minari_root, tmp_path):
+    from qipo_kernels import data
+
+    out = str(tmp_path / "steps.md")
+    D.main(["--dataset", data.DEMO_DATASET_ID, "--checkpoints", "3,1", "--batch", "8", "--lrs", "1e-3",
+            "--variants", "default,ot-fourier", "--bc-episodes", "1", "--states", "20", "--out", out])
+    rows = json.load(open(os.path.splitext(out)[0] + ".json"))["rows"]
+    # MLP, then each variant, each measured at every checkpoint in increasing order
+    assert [(r[0].split(" ")[0], r[3]) for r in rows] == [("MLP", 1), ("MLP", 3), ("default", 1), ("default", 3),
+                                                          ("ot-fourier", 1), ("ot-fourier", 3)]
+    for r in rows:
+        assert math.isfinite(r[4]) and r[4] <= 1.0           # R^2
+        assert 0.0 <= r[5] <= 1.0                             # saturation
+        assert math.isfinite(r[7])                            # evaluated BC score
+        assert r[9] >= 0.0                                    # CPU seconds so far
+    assert rows[0][9] <= rows[1][9] and rows[2][9] <= rows[3][9]
+    assert rows[2][2] == "dpm2 x 8 from t0=0.05" and rows[4][2] == "euler x 10 from t0=0"
+    text = open(out).read()
+    assert "| BC score |" in text and text.count("\n| ") == 1 + len(rows)  # the header and one line per row
+    # --skip-mlp: no MLP rows
+    D.main(["--dataset", data.DEMO_DATASET_ID, "--checkpoints", "2", "--batch", "8", "--lrs", "1e-3",
+            "--variants", "ot-fourier", "--bc-episodes", "0", "--states", "20", "--skip-mlp", "--out", out])
+    rows = json.load(open(os.path.splitext(out)[0] + ".json"))["rows"]
+    assert len(rows) == 1 and rows[0][0].startswith("ot-fourier") and math.isnan(rows[0][7])
+
+
+def test_time_to_score_groups_qipo_by_preset(tmp_path):
+    def curve(algo, preset, seed, cmd, score):
+        c = {"algo": algo, "dataset": "d/x/v0", "seed": seed, "budget_s": 10, "behaviour_normalized": 30.0,
+             "ref": [0.0, 100.0], "command": cmd, "points": []}
+        if preset is not None:
+            c["preset"] = preset
+        c["final"] = {"tag": "final", "step": 5, "cpu_s": 1.0, "normalized": score, "normalized_se": 0.0,
+                      "episodes": 2, "per_episode": [score, score]}
+        c["points"].append(c["final"])
+        return c
+
+    runs = {"qipo-old": curve("qipo", None, 0, "time_to_score.py run --algo qipo", 10.0),  # before presets were recorded
+            "qipo-a-s0": curve("qipo", "cpu-30min", 0, "run --algo qipo --preset cpu-30min", 40.0),
+            "qipo-a-s1": curve("qipo", "cpu-30min", 1, "run --algo qipo --preset cpu-30min", 50.0),
+            "cpql-s0": curve("cpql", None, 0, "run --algo cpql", 70.0)}
+    assert T._label(runs["qipo-old"]) == "qipo cpu-quick"
+    assert T._label({"algo": "qipo", "command": "x --preset cpu-30min --seed 1"}) == "qipo cpu-30min"
+    assert T._label(runs["cpql-s0"]) == "cpql"
+    # a diagnostic run with --set overrides is labelled (and so grouped) apart from its preset
+    assert T._label({"algo": "qipo", "preset": "cpu-30min", "set": ["path=ot"]}) == "qipo cpu-30min --set path=ot"
+    with pytest.raises(SystemExit, match="--set applies to --algo qipo only"):
+        T.main(["run", "--algo", "cpql", "--dataset", "d/x/v0", "--set", "path=ot", "--out", str(tmp_path / "no")])
+    assert not os.path.exists(tmp_path / "no")
+    for name, c in runs.items():
+        os.makedirs(tmp_path / name)
+        json.dump(c, open(tmp_path / name / "curve.json", "w"))
+    T.main(["report", "--out", str(tmp_path)])
+    table = open(tmp_path / "README.md").read()
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert " | 2 | " in rows["qipo cpu-30min"] and "45.0 ± " in rows["qipo cpu-30min"]
+    assert " | 1 | " in rows["qipo cpu-quick"] and "10.0 ± " in rows["qipo cpu-quick"]
+    assert "70.0 ± " in rows["cpql"]
