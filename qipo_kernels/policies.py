@@ -878,13 +878,8 @@ class _GraphCall:
         gen = call.generator
         if gen is not None and hasattr(self.graph, "register_generator_state"):
             self.graph.register_generator_state(gen)
-        before = set(call.plan.scratch)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph):  # (the kernel allocates no scratch: only the output)
             self.out = call(self.obs)
-        # scratch allocated during the capture lives in the graph's private pool: the graph keeps it,
-        # eager launches must not use it
-        for key in set(call.plan.scratch) - before:
-            del call.plan.scratch[key]
 
     def __call__(self, obs: torch.Tensor):
         if self.call.entry.watch.changed():

@@ -110,7 +110,7 @@ def test_bad_arguments():
 
 # ------------------------------------------------------------------ backends against the reference
 def _poison_cpp(monkeypatch):
-    """The C++ and Triton outputs (and the Triton scratch) start as NaN (-7 for integers)."""
+    """The C++ and Triton outputs start as NaN (-7 for integers)."""
     from qipo_kernels import backends
 
     if not backends.backend_reasons("cpp", torch.device("cpu")):

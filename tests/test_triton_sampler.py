@@ -1,8 +1,8 @@
 """Fused Triton samplers (qipo_kernels.triton.sampler) against the plain-PyTorch references.
 
 On a CPU these run under TRITON_INTERPRET=1 (set by conftest.py) in float32, on small odd
-shapes; every buffer the kernel writes (outputs and scratch) is poisoned with NaN first, so an
-element the kernel leaves unwritten (or a scratch value read before it is written) fails.
+shapes; every buffer the kernel writes (its outputs: it has no scratch) is poisoned with NaN first, so
+an element the kernel leaves unwritten fails.
 bf16/fp16/tf32 checks need a GPU (marked gpu): there the fused result may be at most ~2x as far
 from the float64 truth as PyTorch eager in the same precision.
 """

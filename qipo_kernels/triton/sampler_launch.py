@@ -236,7 +236,7 @@ def choose_bm(rows: int, min_rows: int, hs: int, programs: int, precision: int =
 class Plan:
     """One launch configuration: see make_plan."""
     __slots__ = ("kernel", "grid", "meta", "weights", "hq", "ln_eps", "K", "A", "steps",
-                 "n_evals", "dtype", "device", "traj", "scratch")
+                 "n_evals", "dtype", "device", "traj")
 
 
 def make_plan(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], units: int, K: int, A: int, steps: int,
@@ -282,7 +282,6 @@ def make_plan(mode, pol: List[torch.Tensor], critic: List[torch.Tensor], units: 
     p.hq, p.ln_eps = int(hq), float(ln_eps)
     p.K, p.A, p.steps, p.n_evals = K, A, steps, n_evals
     p.dtype, p.device, p.traj = dtype, device, bool(traj)
-    p.scratch = {}  # always empty: the kernel has no global scratch (kept for callers that snapshot it)
     return p
 
 
