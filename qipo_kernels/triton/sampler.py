@@ -404,23 +404,29 @@ def _draw_step_noise(sigmas, shape, dtype, device, generator):
     return torch.stack([torch.randn(shape, dtype=dtype, device=device, generator=generator) for _ in range(n)])
 
 
+def _noise_prologue(net, noise, obs):
+    """The shared start of consistency_sample / ddpm_sample: dims checked, the pack entry looked up
+    (a Fallback raises before any noise is drawn), contiguous noise and obs.
+    Returns (e, z, obs, dtype, device, A, N) with N = rows of z = numel / A."""
+    _check_dims(net, noise, obs, "noise")
+    dtype, device = noise.dtype, noise.device
+    e = _entry(net, "policy", dtype, device)
+    z = noise if noise.is_contiguous() else noise.contiguous()
+    obs = obs if obs.is_contiguous() else obs.contiguous()
+    return e, z, obs, dtype, device, net.act_dim, z.numel() // net.act_dim
+
+
 def consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data, clip, generator):
     """Fused one-step / multistep consistency sampling; as reference.consistency._consistency_sample.
 
     noise [N, A] with obs [N, S] or [B, K, A] with obs [B, S]; step_noise [len(sigmas), *noise.shape]
     or None (then drawn from ``generator`` exactly as the reference draws it). Returns noise's shape.
     """
-    _check_dims(net, noise, obs, "noise")
-    dtype, device = noise.dtype, noise.device
-    e = _entry(net, "policy", dtype, device)  # (a Fallback before anything is drawn)
-    z = noise if noise.is_contiguous() else noise.contiguous()
-    A = net.act_dim
-    N = z.numel() // A
+    e, z, obs, dtype, device, A, N = _noise_prologue(net, noise, obs)
     sig = [float(s) for s in (sigmas or ())]
     if sig and step_noise is None:
         step_noise = _draw_step_noise(sig, (N, A), dtype, device, generator)
     sn = step_noise.reshape(len(sig), N, A).contiguous() if step_noise is not None else None
-    obs = obs if obs.is_contiguous() else obs.contiguous()
     hk = None
     if e is not None:  # a warm call: one lookup, then the launch
         hk = ("consistency", z.shape, obs.shape, tuple(sig), sigma_max, sigma_min, sigma_data, bool(clip),
@@ -457,19 +463,14 @@ def ddpm_sample(net, noise, obs, schedule, step_noise, max_action, predict_epsil
     [N, A] draw per step i = T-1 .. 1, after the module is validated, so a Fallback leaves the generator
     untouched). Returns noise's shape.
     """
-    _check_dims(net, noise, obs, "noise")
-    dtype, device = noise.dtype, noise.device
-    e = _entry(net, "policy", dtype, device)  # (a Fallback before anything is drawn)
-    z = noise if noise.is_contiguous() else noise.contiguous()
-    A = net.act_dim
-    N = z.numel() // A
+    e, z, obs, dtype, device, A, N = _noise_prologue(net, noise, obs)
     T = schedule.n_timesteps
     if T > 1 and step_noise is None:
         step_noise = _draw_step_noise([None] * (T - 1), (N, A), dtype, device, generator)
     sn = step_noise.reshape(T - 1, N, A).contiguous() if T > 1 else None
     out, _ = _run(net, e, None, None, _ddpm_key(schedule, max_action, predict_epsilon, clip_denoised, dtype),
                   _ddpm_table_fn(net, schedule, max_action, clip_denoised, dtype, device), z,
-                  obs if obs.is_contiguous() else obs.contiguous(), sn, None, MODE_DDPM,
+                  obs, sn, None, MODE_DDPM,
                   z.shape[1] if z.dim() == 3 else 1, 0, T, 1 if predict_epsilon else 0, 1.0, bool(clip), False,
                   False, dtype, device)
     return out
