@@ -680,12 +680,16 @@ def act_ext(net, critic, obs, num_candidates, sampler, sargs, mode, temperature,
     sigma_data))."""
     sigmas = sargs[0] if sampler == "consistency" else None
     return act(net, critic, obs, num_candidates, sampler, None, None, None, sigmas, mode, temperature, noise,
-               step_noise, uniform, generator, clip, _debug, _sargs=sargs)
+               step_noise, uniform, generator, clip, 0.0, _debug, _sargs=sargs)
 
 
 def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature, noise,
-        step_noise, uniform, generator, clip, _debug: Optional[dict] = None, _sargs=None):
+        step_noise, uniform, generator, clip, t0=0.0, _debug: Optional[dict] = None, _sargs=None):
     """ops._act_ref in one C++ call: obs [B, S] -> actions [B, A].
+
+    Flow integrates from ``t0``: the time / coefficient tables are integrate's (_flow_tables on
+    [t0, 1]) and the noise is scaled by sigma(t0) here, as the reference scales it
+    (reference.ode.start_noise), so _C.act itself has no notion of t0.
 
     Random draws (noise, re-noise, the softmax uniform) are made here with ``generator`` in the
     reference's order, so both backends give the same action on the same generator state.
@@ -699,9 +703,12 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     R = B * K
     if noise is None:
         noise = torch.randn((B, K, A), dtype=obs.dtype, device=obs.device, generator=generator)
+    if sampler == "flow":
+        noise = _ode.start_noise(noise, t0, path)
+
     def tables(pe):
         if sampler == "flow":
-            return _flow_tables(net, pe, steps, solver, 0.0, 1.0, path)
+            return _flow_tables(net, pe, steps, solver, t0, 1.0, path)
         if sampler == "ddpm":
             return _ddpm_tables(net, pe, _sargs[0], _sargs[1], _sargs[2], _sargs[3], clip)
         smax, smin, sdata = _sargs[1:] if _sargs is not None else (_cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA)

@@ -190,7 +190,7 @@ class _DDPMArgs(tuple):
 
 def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
                noise, step_noise, uniform, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, sigma_data=SIGMA_DATA,
-               ddpm=None):
+               ddpm=None, t0=0.0):
     if not callable(net):
         raise TypeError(f"net must be callable as net(x, t, obs), got {type(net).__name__}")
     if not (hasattr(critic, "q_min") and callable(critic.q_min)):
@@ -227,7 +227,12 @@ def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, s
         C.unit_interval("uniform", uniform)
     shape = (obs.shape[0], num_candidates, act_dim if act_dim is not None else noise.shape[2])
     if sampler == "flow":
-        _ode.check_solver(steps, solver, 0.0, 1.0, path)  # (as integrate: e.g. "euler" on path "vp" is refused)
+        # (as integrate: e.g. "euler" on path "vp" is refused; t0 a number in [0, 1) below 1 after the
+        # path's clipping, the same message as integrate's)
+        _ode.check_solver(steps, solver, t0, 1.0, path)
+    elif isinstance(t0, bool) or not isinstance(t0, (int, float)) or t0 != 0:
+        raise ValueError(f"t0 must be 0 for sampler={sampler!r} (a start time applies to sampler='flow' only), "
+                             f"got {t0!r}")
     elif sampler == "ddpm":
         sch, max_action, pe, cd = ddpm
         _ddpm.check_ddpm_sample(net, torch.empty(shape, device=obs.device, dtype=obs.dtype), obs, sch, step_noise, max_action, pe, cd,
@@ -239,24 +244,25 @@ def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, s
 
 
 def _act_ref(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
-             noise, step_noise, uniform, generator, clip):
-    """The reference of act (the plain flow / CPQL-default consistency call)."""
+             noise, step_noise, uniform, generator, clip, t0=0.0):
+    """The reference of act (the plain flow / CPQL-default consistency call); flow integrates from t0."""
     return _act_ext_ref(net, critic, obs, num_candidates, sampler,
-                        (steps, solver, path) if sampler == "flow" else (sigmas, SIGMA_MAX, SIGMA_MIN, SIGMA_DATA),
+                        (steps, solver, path, t0) if sampler == "flow" else (sigmas, SIGMA_MAX, SIGMA_MIN, SIGMA_DATA),
                         mode, temperature, noise, step_noise, uniform, generator, clip)
 
 
 def _act_ext_ref(net, critic, obs, num_candidates, sampler, sargs, mode, temperature, noise, step_noise, uniform,
                  generator, clip):
-    """act's reference for every sampler. sargs: (steps, solver, path) for "flow", (sigmas, sigma_max,
+    """act's reference for every sampler. sargs: (steps, solver, path, t0) for "flow", (sigmas, sigma_max,
     sigma_min, sigma_data) for "consistency", _DDPMArgs (schedule, max_action, predict_epsilon,
-    clip_denoised) for "ddpm". Draw order: noise, the sampler's step noise, the softmax uniform."""
+    clip_denoised) for "ddpm". Draw order: noise, the sampler's step noise, the softmax uniform.
+    Flow from t0 > 0 starts from the noise scaled by sigma(t0) (reference.ode.start_noise)."""
     B = obs.shape[0]
     if noise is None:
         noise = torch.randn((B, num_candidates, net.act_dim), dtype=obs.dtype, device=obs.device, generator=generator)
     if sampler == "flow":
-        steps, solver, path = sargs
-        cand = _ode._integrate(net, noise, obs, steps, solver, 0.0, 1.0, path, False)
+        steps, solver, path, t0 = sargs
+        cand = _ode._integrate(net, _ode.start_noise(noise, t0, path), obs, steps, solver, t0, 1.0, path, False)
     elif sampler == "consistency":
         sigmas, smax, smin, sdata = sargs
         cand = _cons._consistency_sample(net, noise, obs, sigmas, step_noise, smax, smin, sdata, True, generator)
@@ -279,7 +285,7 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: Optional[
         generator: Optional[torch.Generator] = None, clip: bool = True, backend: str = "auto", *,
         sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN, sigma_data: float = SIGMA_DATA,
         schedule=None, n_timesteps: int = _ddpm.T_DEFAULT, max_action: float = 1.0, predict_epsilon: bool = True,
-        clip_denoised: bool = True):
+        clip_denoised: bool = True, t0: float = 0.0):
     """Sample K candidates per state, score them by min(Q1, Q2), pick one: B states in, B actions out.
 
     Args:
@@ -298,6 +304,10 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: Optional[
         noise: optional initial noise [B, K, A]; step_noise: consistency re-noise [len(sigmas), B, K, A]
             or ddpm step noise [n_timesteps - 1, B, K, A].
         clip: clamp candidates to [-1, 1] before scoring (ddpm: to [-max_action, max_action], its final clamp).
+        t0: flow only: integrate from t0 (0 <= t0 < 1, checked as integrate checks it) to 1, starting
+            from the noise (given or drawn, N(0, I)) scaled by sigma(t0), the path's noise level there
+            (reference.ode.start_noise; path None = "ot": 1 - t0). FlowPolicy.act passes its t0 (0.05
+            on "ot-eps"). Another sampler with t0 != 0 is a ValueError.
     Returns: [B, A] actions.
     Raises ValueError (every backend) when the critic scores a candidate NaN or inf: such a
     score cannot be ranked, and act never picks a candidate silently. (The Triton kernel marks such
@@ -312,7 +322,7 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: Optional[
         ddpm = _DDPMArgs((_ddpm.as_schedule(schedule, n_timesteps), float(C.positive_float("max_action", max_action)),
                           predict_epsilon, clip_denoised))
     _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
-               noise, step_noise, uniform, sigma_max, sigma_min, sigma_data, ddpm)
+               noise, step_noise, uniform, sigma_max, sigma_min, sigma_data, ddpm, t0)
     sig = [float(s) for s in sigmas] if sigmas is not None else None
     plain = sampler == "flow" or (float(sigma_max), float(sigma_min), float(sigma_data)) == (SIGMA_MAX, SIGMA_MIN,
                                                                                             SIGMA_DATA)
@@ -322,7 +332,7 @@ def act(net: Callable, critic, obs, num_candidates: int = 50, sampler: Optional[
                              sigmas=sig, mode=mode, noise=noise)
         return _run("act", backend, name, fn, _act_ref, (net, critic, obs, num_candidates, sampler, steps, solver,
                                                        path, sig, mode, float(temperature), noise, step_noise,
-                                                       uniform, generator, clip))
+                                                       uniform, generator, clip, float(t0)))
     # a DDPM actor, or consistency sigmas other than CPQL's defaults: the "act_ext" implementations
     sargs = ddpm if sampler == "ddpm" else (sig, float(sigma_max), float(sigma_min), float(sigma_data))
     name, fn = _b.choose("act_ext", backend, obs.device, _act_ext_ref, net=net, critic=critic, obs=obs,

@@ -31,6 +31,55 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _nan_tensor(shape, dtype, device):
+    """A Triton launcher's output allocation (triton._host.empty), filled with NaN (-7 for integers)."""
+    return torch.full(tuple(shape), float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
+
+
+def _nan_array(shape, dtype=None):
+    """The C++ backend's output allocation (cpp._empty), filled with NaN (-7 for integers)."""
+    import numpy as np
+
+    a = np.empty(shape, dtype=np.float32 if dtype is None else dtype)
+    a.fill(np.nan if a.dtype.kind == "f" else -7)
+    return a
+
+
+def poison_triton(monkeypatch) -> None:
+    """Every buffer a Triton launcher hands to a kernel starts as NaN, so an element the kernel leaves
+    unwritten fails the comparison."""
+    from qipo_kernels.triton import _host
+
+    monkeypatch.setattr(_host, "empty", _nan_tensor)
+
+
+def poison_cpp(monkeypatch) -> None:
+    """Every output buffer the C++ backend writes starts as NaN (-7 for integers)."""
+    from qipo_kernels import cpp
+
+    monkeypatch.setattr(cpp, "_empty", _nan_array)
+
+
+def poison_fast_outputs(monkeypatch) -> None:
+    """poison_cpp and poison_triton, each where that backend runs here."""
+    from qipo_kernels import backends
+
+    if not backends.backend_reasons("cpp", torch.device("cpu")):
+        poison_cpp(monkeypatch)
+    if not backends.backend_reasons("triton", torch.device("cpu")):
+        poison_triton(monkeypatch)
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Triton outputs poisoned with NaN (poison_triton) and the test run under torch.no_grad(): the
+    fused samplers' test modules use it on every test (``pytestmark =
+    pytest.mark.usefixtures("poisoned_buffers")``)."""
+    poison_triton(monkeypatch)
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -45,6 +45,34 @@ def time_grid(steps: int, t0: float, t1: float, solver: str, path: Optional[str]
     return t0, t1
 
 
+# (t0, path) -> sigma(t0): the start noise scale is a pure function of these two, looked up on every
+# act call from t0 > 0 (alpha_sigma builds float64 tensors); bounded, cleared when full
+_START_SCALE: dict = {}
+
+
+@torch.compiler.assume_constant_result  # (a Python float of constant arguments: no graph break under tracing)
+def start_noise_scale(t0: float, path: Optional[str]) -> float:
+    """sigma(t0) of ``path`` (None = "ot"): sampling from t0 > 0 starts from N(0, I) noise scaled by
+    this, the path's noise level at t0 (FlowPolicy.sample, ops.act's t0). Exactly 1.0 at t0 = 0."""
+    t0 = float(t0)
+    if t0 == 0.0:
+        return 1.0
+    key = (t0, path)
+    s = _START_SCALE.get(key)
+    if s is None:
+        _, sig = alpha_sigma(torch.tensor(t0, dtype=torch.float64), path or "ot")
+        if len(_START_SCALE) >= 256:
+            _START_SCALE.clear()
+        s = _START_SCALE[key] = float(sig)
+    return s
+
+
+def start_noise(noise: torch.Tensor, t0: float, path: Optional[str]) -> torch.Tensor:
+    """The state at t0 from N(0, I) ``noise``: noise * sigma(t0) (noise itself at t0 = 0, not copied)."""
+    s = start_noise_scale(t0, path)
+    return noise if s == 1.0 else noise * s
+
+
 def _flatten(x0, obs):
     """x0 [N, A] with obs [N, S], or x0 [B, K, A] with obs [B, S] (K samples per state)."""
     if x0.dim() == 3:
@@ -100,7 +128,7 @@ def check_solver(steps, solver, t0, t1, path):
     C.positive_int("steps", steps)
     C.choice("solver", solver, SOLVERS)
     for name, v in (("t0", t0), ("t1", t1)):
-        if not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
             raise ValueError(f"{name} must be a float in [0, 1], got {v!r}")
     if solver in NOISE_SOLVERS:
         C.choice("path", path, NOISE_PATHS)

@@ -8,8 +8,8 @@ Ops registered here (backend "triton"):
     consistency_sample(net, noise, obs, sigmas, step_noise, sigma_max, sigma_min, sigma_data, clip, generator)
         noise [N, A] / [B, K, A]  ->  actions, noise's shape.
     act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
-        noise, step_noise, uniform, generator, clip)
-        obs [B, S]  ->  actions [B, A]: K candidates per state sampled, scored by min(Q1, Q2) of the
+        noise, step_noise, uniform, generator, clip, t0=0.0)
+        obs [B, S]  ->  actions [B, A]: K candidates per state sampled (flow: from t0), scored by min(Q1, Q2) of the
         DoubleCritic and one chosen (argmax or softmax inverse-CDF draw) -- all in ONE launch.
     sample(net, obs, num_samples, steps, solver, path, seed, return_trajectory)
         obs [B, S]  ->  [B, num_samples, A]: integrate with the noise drawn in the kernel from ``seed``.
@@ -59,6 +59,7 @@ from .. import _checks
 from .. import backends as _backends
 from ..nets import ConditionalMLP, DoubleCritic
 from ..reference import consistency as _cons
+from ..reference import ode as _ode
 from . import _host
 from .mlp import ACT_CODES
 from .sampler_kernel import (MODE_ACT_CONSISTENCY, MODE_ACT_FLOW, MODE_CONSISTENCY, MODE_DDPM, MODE_INTEGRATE, NCOEF,  # noqa: F401
@@ -477,11 +478,13 @@ def ddpm_sample(net, noise, obs, schedule, step_noise, max_action, predict_epsil
 
 
 def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, mode, temperature,
-        noise, step_noise, uniform, generator, clip):
+        noise, step_noise, uniform, generator, clip, t0=0.0):
     """Sample K candidates per state, score by min(Q1, Q2), choose one -- one launch.
 
     Arguments and result as ops._act_ref: obs [B, S] -> actions [B, A]. Random inputs that are None
-    are drawn from ``generator`` in the reference's order (noise, step noise, uniform).
+    are drawn from ``generator`` in the reference's order (noise, step noise, uniform). Flow
+    integrates from ``t0`` (integrate's tables on [t0, 1]); the noise is scaled by sigma(t0) on the
+    host (reference.ode.start_noise), as the reference scales it.
     """
     B = obs.shape[0]
     K = num_candidates
@@ -493,6 +496,8 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     ce = _entry(critic, "critic", dtype, device)
     if noise is None:
         noise = torch.randn((B, K, A), dtype=dtype, device=device, generator=generator)
+    if sampler == "flow":
+        noise = _ode.start_noise(noise, t0, path)
     sig = [float(s) for s in (sigmas or ())] if sampler == "consistency" else []
     if sampler == "consistency" and sig and step_noise is None:
         step_noise = _draw_step_noise(sig, (B * K, A), dtype, device, generator)
@@ -510,7 +515,7 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
     meta = ce.current_meta() if ce is not None else None  # (None: a LayerNorm eps changed since packing)
     if meta is not None:  # a warm call: one lookup, then the launch
         # (ce, the critic's pack whose tensors the plan holds, and its meta are part of the key)
-        hk = ("act", obs.shape, K, sampler, steps, solver, path, tuple(sig), mode, bool(clip), ce, meta,
+        hk = ("act", obs.shape, K, sampler, steps, solver, path, float(t0), tuple(sig), mode, bool(clip), ce, meta,
               prec(dtype, device) if device.type == "cuda" else 0)
         hot = e.plans.get(hk)
         if hot is not None:
@@ -518,8 +523,8 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
             _check_marked(out, B)
             return out
     if sampler == "flow":
-        tkey = _flow_key(steps, solver, 0.0, 1.0, path, dtype)
-        tbuild = _flow_table_fn(net, steps, solver, 0.0, 1.0, path, dtype, device)
+        tkey = _flow_key(steps, solver, t0, 1.0, path, dtype)
+        tbuild = _flow_table_fn(net, steps, solver, t0, 1.0, path, dtype, device)
         m, n_evals, scode, nsteps = MODE_ACT_FLOW, 0, SOLVER_CODES[solver], steps
     else:
         args = (sig, _cons.SIGMA_MAX, _cons.SIGMA_MIN, _cons.SIGMA_DATA, dtype)
