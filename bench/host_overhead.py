@@ -15,6 +15,11 @@ Cases (3 x 256 Mish ConditionalMLP, obs 17, action 6, 1 state x 50 candidates x 
     ops.integrate          ops.integrate(net, x0, obs, steps=10, backend="triton")       target <= 40 us
     ops.consistency_sample ops.consistency_sample(net, x0, obs, backend="triton") (one step)
     ops.act                ops.act(net, critic, obs, 50, backend="triton") (flow, argmax)
+    policy.act.ot-eps      FlowPolicy.act(obs, critic, 50, backend="triton") of the "ot-eps" policy (from
+                           t0 = 0.05): one ops.act call since ops.act takes t0 (before: sample, the
+                           critic in PyTorch, select_action: three calls)
+    critic.q_min           critic.q_min on the 50 candidate rows in PyTorch (CPU compute, not host
+                           cost: what the three-call act above spent outside the mocked launches)
     watch                  the pack-cache validity check alone (sampler_pack watch.changed())
 
     python -m bench.host_overhead [--calls 3000] [--rounds 5] [--repeat 3] [--out bench/results/host-overhead]
@@ -48,20 +53,54 @@ TARGETS_US = {"sampler": 20.0, "ops.integrate": 40.0}
 
 
 class _NoLaunch:
-    """Stands in for the @triton.jit kernel: kernel[grid](*args, **meta) records the call count and
-    zeroes the output (argument 4 of sampler_launch.run_plan's launch), standing in for the kernel's
-    write: act reads its output back (a NaN marks a state whose candidates scored NaN / inf), and an
-    unwritten torch.empty could hold anything."""
+    """Stands in for a @triton.jit kernel: kernel[grid](*args, **meta) records the call count and
+    zeroes the output (argument ``out_arg``: 4 in sampler_launch.run_plan's launch, 3 in
+    select._select_launch's), standing in for the kernel's write: act reads its output back (a NaN
+    marks a state whose candidates scored NaN / inf), and an unwritten torch.empty could hold anything."""
 
-    def __init__(self):
+    def __init__(self, out_arg: int = 4):
         self.calls = 0
+        self.out_arg = out_arg
 
     def __getitem__(self, grid):
         return self._launch
 
     def _launch(self, *args, **kwargs):
         self.calls += 1
-        args[4].zero_()
+        args[self.out_arg].zero_()
+
+
+def _mock_kernels():
+    """Replace the sampler and select_action kernels by _NoLaunch recorders; returns (mocks, restore)."""
+    from qipo_kernels.triton import sampler_launch, select
+
+    mocks = {"sampler": _NoLaunch(4), "select": _NoLaunch(3)}
+    real = sampler_launch._policy_kernel, select._select_kernel
+    sampler_launch._policy_kernel, select._select_kernel = mocks["sampler"], mocks["select"]
+
+    def restore():
+        sampler_launch._policy_kernel, select._select_kernel = real
+    return mocks, restore
+
+
+def _dispatches(fn, mocks) -> dict:
+    """What one call of fn dispatches: the ops it calls (backends.choose runs once per ops call) and
+    the (mocked) kernel launches."""
+    from qipo_kernels import backends
+
+    seen = []
+    real = backends.choose
+
+    def choose(op, *args, **kwargs):
+        seen.append(op)
+        return real(op, *args, **kwargs)
+    before = sum(m.calls for m in mocks.values())
+    backends.choose = choose
+    try:
+        fn()
+    finally:
+        backends.choose = real
+    return {"ops": seen, "launches": sum(m.calls for m in mocks.values()) - before}
 
 
 def _round_times(fn, calls: int, rounds: int) -> list:
@@ -90,17 +129,13 @@ def _load() -> float:
 
 def measure(calls: int = 3000, rounds: int = 5, repeat: int = 1) -> dict:
     torch.set_num_threads(1)
-    from qipo_kernels.triton import sampler_launch
-
-    mock = _NoLaunch()
-    real = sampler_launch._policy_kernel
     env = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # the dispatcher then offers Triton for CPU tensors
-    sampler_launch._policy_kernel = mock  # plans made from here on launch the recorder
+    mocks, restore = _mock_kernels()  # plans made from here on launch the recorders
     try:
-        return _measure(mock, calls, rounds, max(1, repeat))
+        return _measure(mocks, calls, rounds, max(1, repeat))
     finally:
-        sampler_launch._policy_kernel = real
+        restore()
         if env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
@@ -127,12 +162,15 @@ def _setup():
     eps_policy = FlowPolicy(S, A, hidden=H, depth=D, activation="mish", steps=T, path="ot-eps").eval()
     eps_policy.requires_grad_(False)
     smp_eps = make_sampler(eps_policy, num_samples=K, backend="triton")
+    obs_k, act_k = obs.repeat_interleave(K, 0), torch.rand(K, A) * 2 - 1
     cases = {
         "sampler": lambda: smp(obs),
         "sampler.ot-eps": lambda: smp_eps(obs),
         "ops.integrate": lambda: ops.integrate(net, x0, obs, steps=T, backend="triton"),
         "ops.consistency_sample": lambda: ops.consistency_sample(net, x0, obs, backend="triton"),
         "ops.act": lambda: ops.act(net, critic, obs, K, steps=T, noise=x0, backend="triton"),
+        "policy.act.ot-eps": lambda: eps_policy.act(obs, critic, K, backend="triton"),
+        "critic.q_min": lambda: critic.q_min(obs_k, act_k),
     }
 
     def prepared():
@@ -143,7 +181,7 @@ def _setup():
     return cases, net, obs, eps_policy.t0, prepared
 
 
-def _measure(mock, calls, rounds, repeat):
+def _measure(mocks, calls, rounds, repeat):
     from bench._common import cpu_model, today
     from qipo_kernels.triton import sampler_pack
 
@@ -157,7 +195,8 @@ def _measure(mock, calls, rounds, repeat):
         for fn in cases.values():
             fn()
         assert all(prepared().values()), f"a sampler did not take the Triton prepared path: {prepared()}"
-        before = mock.calls
+        res["dispatches"] = {name: _dispatches(cases[name], mocks) for name in ("ops.act", "policy.act.ot-eps")}
+        before = mocks["sampler"].calls
         times = {name: [] for name in cases}
         for _ in range(repeat):
             res["load_1min"].append(_load())
@@ -166,7 +205,7 @@ def _measure(mock, calls, rounds, repeat):
         for name, ts in times.items():
             res["us_per_call"][name] = statistics.median(ts)
             res["us_per_call_min"][name] = min(ts)
-        assert mock.calls > before, "nothing reached the (mocked) launch"
+        assert mocks["sampler"].calls > before, "nothing reached the (mocked) launch"
         entry = sampler_pack.get_pack(net, "policy", torch.float32, obs.device)
         ts = _round_times(entry.watch.changed, calls, rounds)
         res["us_per_call"]["watch"], res["us_per_call_min"]["watch"] = statistics.median(ts), min(ts)
@@ -191,15 +230,15 @@ def _worker(root: str) -> int:
     sys.path.insert(0, os.path.abspath(root))
     torch.set_num_threads(1)
     os.environ["TRITON_INTERPRET"] = "1"
-    from qipo_kernels.triton import sampler_launch
-
-    sampler_launch._policy_kernel = _NoLaunch()
+    mocks, _ = _mock_kernels()
     cases, _, _, _, prepared = _setup()
     torch.set_grad_enabled(False)
     for fn in cases.values():
         for _ in range(200):
             fn()
-    print("ready " + json.dumps(prepared()), flush=True)
+    info = {"prepared": prepared(),
+            "dispatches": {name: _dispatches(cases[name], mocks) for name in ("ops.act", "policy.act.ot-eps")}}
+    print("ready " + json.dumps(info), flush=True)
     for line in sys.stdin:
         name, n = line.split()
         fn, n = cases[name], int(n)
@@ -242,7 +281,8 @@ def compare(other: str, calls: int = 1000, rounds: int = 15) -> dict:
         if first[0] != "ready":
             raise RuntimeError(f"the worker for {root} did not start")
         ready[side] = json.loads(first[1])
-    names = ["sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act"]
+    names = ["sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act", "policy.act.ot-eps",
+             "critic.q_min"]
     got = {side: {n: [] for n in names} for side in roots}
     loads = [_load()]
     try:
@@ -259,13 +299,28 @@ def compare(other: str, calls: int = 1000, rounds: int = 15) -> dict:
             p.stdin.close()
             p.wait()
     res = {"cpu": cpu_model(), "date": today(), "torch": torch.__version__, "calls": calls, "rounds": rounds,
-           "load_1min": loads, "trees": {side: {"path": root, "rev": _git_rev(root), "prepared": ready[side]}
+           "load_1min": loads, "trees": {side: {"path": root, "rev": _git_rev(root), **ready[side]}
                                          for side, root in roots.items()}, "us_per_call": {}}
     for side in roots:
         res["us_per_call"][side] = {n: {"wall_min": min(w for w, _ in v),
                                         "wall_median": statistics.median(w for w, _ in v),
                                         "cpu_min": min(c for _, c in v)} for n, v in got[side].items()}
     return res
+
+
+def _calls_text(d: dict) -> str:
+    return f"{len(d['ops'])} ops call(s) ({', '.join(d['ops'])}), {d['launches']} kernel launch(es)"
+
+
+def _save(res: dict, out: str, suffix: str = "") -> str:
+    """Write res to <out>/<cpu>-<date><suffix>.json (temp-then-rename); returns the path."""
+    from bench._common import atomic_write, slug
+
+    path = os.path.join(out, f"{slug(res['cpu'])}-{res['date']}{suffix}.json")
+    os.makedirs(out, exist_ok=True)
+    atomic_write(path, json.dumps(res, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+    return path
 
 
 def main(argv=None) -> int:
@@ -293,13 +348,11 @@ def main(argv=None) -> int:
             print(f"  {n:24s} {v['wall_min']:7.1f} /{v['wall_median']:7.1f} {o['wall_min']:7.1f} /"
                   f"{o['wall_median']:7.1f}   {v['cpu_min']:6.1f} / {o['cpu_min']:6.1f}")
         print(f"  prepared path: this {tr['this']['prepared']}, other {tr['other']['prepared']}")
+        for n in tr["this"]["dispatches"]:
+            print(f"  one {n} call: this {_calls_text(tr['this']['dispatches'][n])}; "
+                  f"other {_calls_text(tr['other']['dispatches'][n])}")
         if not args.no_save:
-            from bench._common import atomic_write, slug
-
-            path = os.path.join(args.out, f"{slug(res['cpu'])}-{res['date']}-compare.json")
-            os.makedirs(args.out, exist_ok=True)
-            atomic_write(path, json.dumps(res, indent=2, sort_keys=True) + "\n")
-            print(f"wrote {path}")
+            _save(res, args.out, "-compare")
         return 0
     res = measure(args.calls, args.rounds, args.repeat)
     print(f"host cost per call, launch mocked ({res['cpu']}, {res['date']}, torch {res['torch']}; "
@@ -310,14 +363,11 @@ def main(argv=None) -> int:
         mn = res["us_per_call_min"].get(k, v)
         print(f"  {k:24s} {mn:8.1f} {v:8.1f} us" + (f"   (target <= {tgt:.0f} us)" if tgt else ""))
     print(f"  watch: {res['watch_kind']} over {res['watched_slots']} slots")
+    for n, d in res["dispatches"].items():
+        print(f"  one {n} call: {_calls_text(d)}")
     print("  calibration (this machine now): " + ", ".join(f"{k} {v:.1f} us" for k, v in res["calibration_us"].items()))
     if not args.no_save:
-        from bench._common import atomic_write, slug
-
-        path = os.path.join(args.out, f"{slug(res['cpu'])}-{res['date']}.json")
-        os.makedirs(args.out, exist_ok=True)
-        atomic_write(path, json.dumps(res, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {path}")
+        _save(res, args.out)
     return 0
 
 
