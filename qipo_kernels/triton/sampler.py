@@ -19,7 +19,9 @@ Ops registered here (backend "triton"):
 The package: mlp.py (the @triton.jit MLP-evaluation helpers), sampler_kernel.py (the kernel),
 sampler_pack.py (weight packing and its cache), sampler_tables.py (solver coefficients, time
 share), sampler_launch.py (precision, tiles, launch plans), sampler_ops.py (custom ops + fakes),
-and this file (supports(), the implementations, registration, ``Prepared`` for make_sampler).
+sampler_supports.py (what a call needs: supports() and dispatch's fast checks; its names are
+re-exported here), and this file (the implementations, ``Prepared`` for make_sampler, and their
+registration with qipo_kernels.backends).
 
 Precision: the compute dtype is x0's dtype (see sampler_launch: float32 runs TF32x3 on tensor cores
 unless TF32 or IEEE is asked for); bfloat16 / float16 use float32 accumulation, float32
@@ -50,160 +52,29 @@ device, so run each configuration once before capturing (make_sampler(..., cuda_
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
-import torch.nn as nn
 
 from .. import _checks
 from .. import backends as _backends
-from ..nets import ConditionalMLP, DoubleCritic
 from ..reference import consistency as _cons
 from ..reference import ode as _ode
 from . import _host
 from .mlp import ACT_CODES
 from .sampler_kernel import (MODE_ACT_CONSISTENCY, MODE_ACT_FLOW, MODE_CONSISTENCY, MODE_DDPM, MODE_INTEGRATE, NCOEF,  # noqa: F401
                              SOLVER_CODES, is_group)
-from .sampler_launch import interpret, make_plan, prec, run_plan
+from .sampler_launch import make_plan, prec, run_plan
 from .sampler_ops import _consistency_tables_op, _flow_tables_op, _policy_sample_op, _seeded_sample_op
-from .sampler_pack import (_PACKS, _critic_meta, _critic_tensors, _policy_tensors, cached_table, get_pack,
-                           peek, refresh)  # noqa: F401
+from .sampler_pack import (_critic_meta, _critic_tensors, _policy_tensors, cached_table, get_pack, peek,  # noqa: F401
+                           refresh)
+from .sampler_supports import (MAX_ACT_DIM, MAX_CANDIDATES, MAX_DEPTH, MAX_HIDDEN,  # noqa: F401  (re-exported)
+                               _fast_act, _fast_consistency_sample, _fast_ddpm_sample, _fast_integrate, _fast_sample,
+                               _module_reasons, supports_act, supports_consistency_sample, supports_ddpm_sample,
+                               supports_integrate, supports_sample)
 from .sampler_tables import _coef_tensor, _ddpm_tables, _time_share
 
-MAX_HIDDEN = 512
-MAX_DEPTH = 6
-MAX_ACT_DIM = 64
-MAX_CANDIDATES = 256
 _MAX_PLANS = 64
-
-
-# ----------------------------------------------------------------------------------------------
-# supports(): reasons a call cannot run here
-# ----------------------------------------------------------------------------------------------
-def _dtype_reasons(name, t) -> List[str]:
-    if t.__class__ is torch.Tensor and t.dtype is torch.float32:  # (the common case, answered first)
-        return []
-    if t is None or not torch.is_tensor(t):
-        return []
-    if t.dtype == torch.float64:
-        return [f"{name} is float64: the Triton kernels compute in float32/bfloat16/float16 (use backend='torch')"]
-    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return [f"{name} has dtype {t.dtype}; the Triton kernels take float32, bfloat16 or float16"]
-    if t.dtype != torch.float32 and (interpret() or t.device.type != "cuda"):
-        return [f"{name} is {t.dtype}: the Triton CPU interpreter computes float32 only (bf16/fp16 need a GPU)"]
-    return []
-
-
-def _module_reasons(name, m, dtype, device, fast=False) -> List[str]:
-    if fast and not torch.compiler.is_compiling():
-        # dispatch (fast_supports): a pack for (dtype, device) made from parameters already like that
-        # answers without walking the module; whether it is still current is the impl's get_pack
-        # check, which raises backends.Fallback if the parameters are no longer like that
-        ents = _PACKS.get(m)
-        e = ents.get((dtype, device)) if ents is not None else None
-        if e is not None and e.ok:
-            return []
-    out = []
-    ps = list(m.parameters())
-    if any(p.dtype != dtype for p in ps):
-        out.append(f"{name}'s parameters are {ps[0].dtype} but the inputs are {dtype}")
-    if device is not None and any(p.device != device for p in ps):
-        out.append(f"{name}'s parameters are on {ps[0].device} but the inputs are on {device}")
-    return out
-
-
-def _grad_reasons(name, m, *tensors) -> List[str]:
-    if not torch.is_grad_enabled():
-        return []
-    if any(t is not None and torch.is_tensor(t) and t.requires_grad for t in tensors) or \
-            any(p.requires_grad for p in m.parameters()):
-        return [f"gradients are enabled and {name} or the inputs require grad: the fused sampler has no backward "
-                "(call it under torch.no_grad() / torch.inference_mode(), or use backend='torch')"]
-    return []
-
-
-def _net_reasons(net) -> List[str]:
-    if not isinstance(net, ConditionalMLP) or type(net).forward is not ConditionalMLP.forward \
-            or type(net).embed_time is not ConditionalMLP.embed_time:
-        return [f"net is a {type(net).__name__}, not a qipo_kernels.nets.ConditionalMLP (the fused kernel implements "
-                "exactly that architecture)"]
-    out = []
-    if net.hidden > MAX_HIDDEN:
-        out.append(f"net.hidden = {net.hidden} > {MAX_HIDDEN}")
-    if not 1 <= net.depth <= MAX_DEPTH:
-        out.append(f"net.depth = {net.depth} is outside 1..{MAX_DEPTH}")
-    if net.act_dim > MAX_ACT_DIM:
-        out.append(f"net.act_dim = {net.act_dim} > {MAX_ACT_DIM}")
-    if net.activation not in ACT_CODES:
-        out.append(f"activation {net.activation!r} has no kernel")
-    return out
-
-
-def _policy_call_reasons(net, x, obs, fast=False) -> List[str]:
-    out = _net_reasons(net)
-    if out:
-        return out
-    out += _dtype_reasons("x0" if x is not None else "obs", x if x is not None else obs)
-    if x is not None and obs is not None and torch.is_tensor(obs) and obs.dtype != x.dtype:
-        out.append(f"obs is {obs.dtype} but the noise is {x.dtype}: they must share a dtype")
-    like = x if x is not None else obs
-    if like is not None and torch.is_tensor(like):
-        out += _module_reasons("net", net, like.dtype, like.device, fast)
-        out += _grad_reasons("net", net, x, obs)
-    return out
-
-
-def supports_integrate(net=None, x0=None, obs=None, _fast=False, **_) -> List[str]:
-    return _policy_call_reasons(net, x0, obs, _fast)
-
-
-def supports_consistency_sample(net=None, noise=None, obs=None, _fast=False, **_) -> List[str]:
-    return _policy_call_reasons(net, noise, obs, _fast)
-
-
-def supports_sample(net=None, obs=None, _fast=False, **_) -> List[str]:
-    return _policy_call_reasons(net, None, obs, _fast)
-
-
-def supports_ddpm_sample(net=None, noise=None, obs=None, step_noise=None, _fast=False, **_) -> List[str]:
-    out = _policy_call_reasons(net, noise, obs, _fast)
-    if torch.is_tensor(step_noise) and torch.is_tensor(noise) and step_noise.dtype != noise.dtype:
-        out.append(f"step_noise is {step_noise.dtype} but the noise is {noise.dtype}: they must share a dtype")
-    if torch.is_tensor(step_noise) and step_noise.requires_grad and torch.is_grad_enabled():
-        out.append("gradients are enabled and step_noise requires grad: the fused sampler has no backward "
-                   "(use backend='torch')")
-    return out
-
-
-def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=None, _fast=False, **_) -> List[str]:
-    out = _policy_call_reasons(net, noise if noise is not None else obs, obs, _fast)
-    if not isinstance(critic, DoubleCritic) or type(critic).q_min is not DoubleCritic.q_min \
-            or type(critic).forward is not DoubleCritic.forward:
-        out.append(f"critic is a {type(critic).__name__}, not a qipo_kernels.nets.DoubleCritic")
-    else:
-        if critic.layer_norm:
-            for mlp in (critic.q1_net, critic.q2_net):
-                norms = [m for m in mlp.net if isinstance(m, nn.LayerNorm)]
-                if any(tuple(m.normalized_shape) != (critic.hidden,) for m in norms) or \
-                        len({float(m.eps) for m in norms}) > 1:
-                    out.append("critic's LayerNorms are not LayerNorm(hidden) with one eps")
-                    break
-        if critic.hidden > MAX_HIDDEN:
-            out.append(f"critic.hidden = {critic.hidden} > {MAX_HIDDEN}")
-        if not 1 <= critic.depth <= MAX_DEPTH:
-            out.append(f"critic.depth = {critic.depth} is outside 1..{MAX_DEPTH}")
-        if critic.activation not in ACT_CODES:
-            out.append(f"critic activation {critic.activation!r} has no kernel")
-        if isinstance(net, ConditionalMLP) and (critic.act_dim != net.act_dim or critic.obs_dim != net.obs_dim):
-            out.append(f"critic (obs {critic.obs_dim}, act {critic.act_dim}) does not match net "
-                       f"(obs {net.obs_dim}, act {net.act_dim})")
-        if obs is not None and torch.is_tensor(obs):
-            out += _module_reasons("critic", critic, obs.dtype, obs.device, _fast)
-            out += _grad_reasons("critic", critic)
-    if isinstance(num_candidates, int) and num_candidates > MAX_CANDIDATES:
-        out.append(f"num_candidates = {num_candidates} > {MAX_CANDIDATES} (one program holds all of a state's "
-                   "candidates)")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,9 +139,6 @@ def _critic_inputs(critic, dtype, device) -> List[torch.Tensor]:
     if _compiling():
         return _critic_tensors(critic, dtype, device)
     return get_pack(critic, "critic", dtype, device).tensors
-
-
-_NO_CRITIC = dict(critic_act_code=0, critic_depth=1, critic_hidden=1, critic_layer_norm=False, ln_eps=0.0)
 
 
 def _entry(module, kind: str, dtype, device):
@@ -621,60 +489,6 @@ class Prepared:
         run_plan(self.plan, noise, obs if obs.is_contiguous() else obs.contiguous(), sn, None, out, None,
                  self.tvec, self.coef, self.N, self.B)
         return out
-
-
-# What dispatch asks on every call (the same reasons as supports_*, with a current pack answering for
-# the parameters: the impl's _entry raises Fallback if it no longer can). Written out per op rather
-# than wrapped: each call's arguments then reach the check without re-packing a kwargs dict.
-def _plain_call(net, x, obs) -> bool:
-    """True when every condition of _policy_call_reasons(net, x, obs, fast=True) holds, tested in one
-    expression for the common case (a plain ConditionalMLP, float32 tensors, a pack made from float32
-    parameters on x's device, no autograd); False sends the call to the full check, which says why."""
-    if net.__class__ is not ConditionalMLP or x.__class__ is not torch.Tensor or obs.__class__ is not torch.Tensor \
-            or x.dtype is not torch.float32 or obs.dtype is not torch.float32:
-        return False
-    if not (net.hidden <= MAX_HIDDEN and 1 <= net.depth <= MAX_DEPTH and net.act_dim <= MAX_ACT_DIM
-            and net.activation in ACT_CODES):
-        return False
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    ents = _PACKS.get(net)
-    e = ents.get((torch.float32, x.device)) if ents is not None else None
-    return e is not None and e.ok
-
-
-def _fast_integrate(net=None, x0=None, obs=None, **_) -> List[str]:
-    if _plain_call(net, x0, obs):
-        return []
-    return _policy_call_reasons(net, x0, obs, True)
-
-
-def _fast_consistency_sample(net=None, noise=None, obs=None, **_) -> List[str]:
-    if _plain_call(net, noise, obs):
-        return []
-    return _policy_call_reasons(net, noise, obs, True)
-
-
-def _fast_sample(net=None, obs=None, **_) -> List[str]:
-    return _policy_call_reasons(net, None, obs, True)
-
-
-def _fast_ddpm_sample(net=None, noise=None, obs=None, step_noise=None, **_) -> List[str]:
-    return supports_ddpm_sample(net, noise, obs, step_noise, True)
-
-
-def _fast_act(net=None, critic=None, obs=None, num_candidates=None, noise=None, **_) -> List[str]:
-    # the common case in one expression (as _plain_call; a LayerNorm critic takes the full check,
-    # which compares its LayerNorms' shapes and eps)
-    if critic.__class__ is DoubleCritic and not critic.layer_norm and num_candidates.__class__ is int \
-            and num_candidates <= MAX_CANDIDATES and _plain_call(net, noise if noise is not None else obs, obs) \
-            and critic.hidden <= MAX_HIDDEN and 1 <= critic.depth <= MAX_DEPTH and critic.activation in ACT_CODES \
-            and critic.act_dim == net.act_dim and critic.obs_dim == net.obs_dim:
-        ents = _PACKS.get(critic)
-        e = ents.get((torch.float32, obs.device)) if ents is not None else None
-        if e is not None and e.ok:
-            return []
-    return supports_act(net, critic, obs, num_candidates, noise, True)
 
 
 # supports: the full check (backends.reasons / explain); fast: what dispatch asks on every call
