@@ -22,6 +22,7 @@ if os.environ.get("QIPO_KERNELS_NO_EXT", "0") == "1":
 import qipo_kernels as qk  # noqa: E402
 from qipo_kernels import _C, backends, cpp  # noqa: E402  (must import: the extension is required here)
 from qipo_kernels.nets import ACTIVATIONS, TIME_EMBEDDINGS  # noqa: E402
+from conftest import poison_cpp  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL, RTOL = 2e-5, 2e-5
@@ -29,12 +30,7 @@ ATOL, RTOL = 2e-5, 2e-5
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    def nan_empty(shape, dtype=np.float32):
-        a = np.empty(shape, dtype=dtype)
-        a.fill(np.nan if a.dtype.kind == "f" else -7)
-        return a
-
-    monkeypatch.setattr(cpp, "_empty", nan_empty)
+    poison_cpp(monkeypatch)
 
 
 @pytest.fixture(params=_C.available_isas())

@@ -8,7 +8,6 @@ i = 0, the result clamped. No code is downloaded: it is the few lines a reader o
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ from qipo_kernels import ops
 from qipo_kernels.nets import ConditionalMLP
 from qipo_kernels.reference import ddpm as R
 
-from conftest import TOL
+from conftest import TOL, poison_fast_outputs
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               # np.sqrt on a tensor, as the official module does
@@ -109,28 +108,6 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------------------ backends against the reference
-def _poison_cpp(monkeypatch):
-    """The C++ and Triton outputs start as NaN (-7 for integers)."""
-    from qipo_kernels import backends
-
-    if not backends.backend_reasons("cpp", torch.device("cpu")):
-        from qipo_kernels import cpp
-
-        def nan_empty(shape, dtype=np.float32):
-            a = np.empty(shape, dtype=dtype)
-            a.fill(np.nan if a.dtype.kind == "f" else -7)
-            return a
-
-        monkeypatch.setattr(cpp, "_empty", nan_empty)
-    if not backends.backend_reasons("triton", torch.device("cpu")):
-        from qipo_kernels.triton import _host
-
-        def full_nan(shape, dtype, device):
-            return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
-
-        monkeypatch.setattr(_host, "empty", full_nan)
-
-
 def _fast_backends():
     from qipo_kernels import backends
 
@@ -167,7 +144,7 @@ def test_cpp_is_registered():
                                                                        (True, False, 2.5)])
 def test_backends_match_reference(monkeypatch, A, S, H, B, K, depth, schedule, T, predict_epsilon, clip_denoised,
                                   max_action):
-    _poison_cpp(monkeypatch)
+    poison_fast_outputs(monkeypatch)
     torch.manual_seed(A * 100 + B)
     net = ConditionalMLP(A, S, hidden=H, depth=depth)
     with torch.no_grad():
@@ -195,7 +172,7 @@ def test_backends_match_reference(monkeypatch, A, S, H, B, K, depth, schedule, T
 
 
 def test_backends_draw_the_reference_noise(monkeypatch):
-    _poison_cpp(monkeypatch)
+    poison_fast_outputs(monkeypatch)
     net, obs, x = net_and_data(K=4, B=3)
     with torch.no_grad():
         want = ops.ddpm_sample(net, x, obs, generator=torch.Generator().manual_seed(3), backend="torch")
@@ -231,7 +208,7 @@ def test_act_ddpm_reference_and_backends(monkeypatch):
     from qipo_kernels import DoubleCritic
     from qipo_kernels.reference import select as RS
 
-    _poison_cpp(monkeypatch)
+    poison_fast_outputs(monkeypatch)
     torch.manual_seed(5)
     A, S, B, K, T = 6, 17, 7, 50, 5
     net = ConditionalMLP(A, S, hidden=40, depth=3)
@@ -286,20 +263,29 @@ def test_act_picks_sampler_from_kind_and_refuses_another():
         ConditionalMLP.from_cpql_state_dict(sd, obs_dim=5, act_dim=3, kind="consistency")
 
 
-def test_cpp_follows_weight_changes_and_dtype(monkeypatch):
-    if "cpp" not in _fast_backends():
-        pytest.skip("the C++ backend is not available here")
-    _poison_cpp(monkeypatch)
+@pytest.mark.parametrize("backend,atol", [("cpp", 1e-4), ("triton", 2e-5)])
+def test_fast_backends_follow_weight_changes(monkeypatch, backend, atol):
+    if backend not in _fast_backends():
+        pytest.skip(f"the {backend} backend is not available here")
+    poison_fast_outputs(monkeypatch)
     net, obs, x = net_and_data(K=3, B=5)
     step = torch.randn(4, *x.shape)
     with torch.no_grad():
-        a = ops.ddpm_sample(net, x, obs, step_noise=step, backend="cpp")
+        a = ops.ddpm_sample(net, x, obs, step_noise=step, backend=backend)
         net.out.weight.mul_(0.5)  # an in-place update: the pack must follow
-        b = ops.ddpm_sample(net, x, obs, step_noise=step, backend="cpp")
+        b = ops.ddpm_sample(net, x, obs, step_noise=step, backend=backend)
         torch.testing.assert_close(b, ops.ddpm_sample(net, x, obs, step_noise=step, backend="torch"),
-                                   atol=1e-4, rtol=2e-5)
+                                   atol=atol, rtol=2e-5)
         assert not torch.equal(a, b)
-        # float64 input: auto runs the reference, a named cpp says why
+
+
+def test_cpp_float64_input():
+    """float64 input: auto runs the reference, a named cpp says why."""
+    if "cpp" not in _fast_backends():
+        pytest.skip("the C++ backend is not available here")
+    net, obs, x = net_and_data(K=3, B=5)
+    step = torch.randn(4, *x.shape)
+    with torch.no_grad():
         y = ops.ddpm_sample(net.double(), x.double(), obs.double(), step_noise=step.double())
         assert y.dtype == torch.float64
         with pytest.raises(RuntimeError, match="float32"):
@@ -320,7 +306,7 @@ def _triton_case(monkeypatch, A, S, H, depth, shape, schedule, T, predict_epsilo
     """Triton against the float32 reference and the float64 truth, with explicit and generator-drawn step
     noise (the same seed gives the reference's numbers and leaves the generator where the reference does)."""
     _need_triton()
-    _poison_cpp(monkeypatch)
+    poison_fast_outputs(monkeypatch)
     torch.manual_seed(seed)
     net = ConditionalMLP(A, S, hidden=H, depth=depth)
     with torch.no_grad():
@@ -373,7 +359,7 @@ def test_triton_matches_reference_n1000(monkeypatch, schedule, T, predict_epsilo
 
 def test_triton_schedule_from_state_dict_and_betas(monkeypatch):
     _need_triton()
-    _poison_cpp(monkeypatch)
+    poison_fast_outputs(monkeypatch)
     net, obs, x = net_and_data(A=3, S=5, B=7, K=4)
     off = OfficialDiffusion(net, 6, "cosine", 0.8, True)
     step = torch.randn(5, *x.shape)
@@ -382,20 +368,6 @@ def test_triton_schedule_from_state_dict_and_betas(monkeypatch):
             want = off.sample(obs.repeat_interleave(4, 0), x.reshape(28, 3), list(step.reshape(5, 28, 3)))
             got = ops.ddpm_sample(net, x, obs, schedule=sch, step_noise=step, max_action=0.8, backend="triton")
             torch.testing.assert_close(got, want.reshape(x.shape), atol=2e-5, rtol=2e-5)
-
-
-def test_triton_follows_weight_changes(monkeypatch):
-    _need_triton()
-    _poison_cpp(monkeypatch)
-    net, obs, x = net_and_data(K=3, B=5)
-    step = torch.randn(4, *x.shape)
-    with torch.no_grad():
-        a = ops.ddpm_sample(net, x, obs, step_noise=step, backend="triton")
-        net.out.weight.mul_(0.5)  # an in-place update: the pack must follow
-        b = ops.ddpm_sample(net, x, obs, step_noise=step, backend="triton")
-        torch.testing.assert_close(b, ops.ddpm_sample(net, x, obs, step_noise=step, backend="torch"),
-                                   atol=2e-5, rtol=2e-5)
-        assert not torch.equal(a, b)
 
 
 def test_explain_and_dispatch_triton():

@@ -23,15 +23,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float32: 3e-5}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Every buffer the kernel writes starts as NaN (an unwritten element fails _close)."""
-    def full_nan(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_host, "empty", full_nan)
-    with torch.no_grad():
-        yield
+# every buffer the kernels write starts as NaN, every test under no_grad (conftest.poisoned_buffers)
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 @pytest.fixture(params=[16, 64], ids=["BN16", "BN64"])

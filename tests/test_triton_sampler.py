@@ -16,7 +16,6 @@ from qipo_kernels import backends, ops
 from qipo_kernels.nets import ConditionalMLP, DoubleCritic
 from qipo_kernels.reference import consistency as ref_cons
 from qipo_kernels.reference import ode as ref_ode
-from qipo_kernels.triton import _host
 from qipo_kernels.triton import sampler as ts
 from qipo_kernels.triton import sampler_launch as tl_launch
 from qipo_kernels.triton import sampler_pack as tpack
@@ -24,15 +23,8 @@ from qipo_kernels.triton import sampler_pack as tpack
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Every output / scratch buffer the kernels write starts as NaN."""
-    def full_nan(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_host, "empty", full_nan)
-    with torch.no_grad():
-        yield
+# every buffer the kernels write starts as NaN, every test under no_grad (conftest.poisoned_buffers)
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 def _net(A=6, S=17, H=24, depth=3, act="mish", emb="sinusoidal", seed=0, dtype=torch.float32):
@@ -834,6 +826,22 @@ def test_dtype_change_after_packing_falls_back_to_reference():
            ref_ode._integrate(net, x0, obs, 2, "euler", 0.0, 1.0, None, False))
 
 
+def _prepared_follows_updates(pol, obs, update, make):
+    """Three calls of make("triton") and make("torch") (two samplers of ``pol`` on one generator seed),
+    update(p) applied in place to every parameter before the third: each Triton call takes the prepared
+    call (not the checked path) and gives the reference sampler's numbers. Returns the Triton sampler."""
+    s, r = make("triton"), make("torch")
+    for i in range(3):
+        if i == 2:
+            with torch.no_grad():
+                for p in pol.parameters():
+                    update(p)
+        a, b = s(obs), r(obs)
+        assert isinstance(s._plan[1], ts.Prepared) and s._plan[2] is None  # the prepared call, not the checked one
+        _close(a, b)
+    return s
+
+
 @pytest.mark.parametrize("kind,K", [("flow", 1), ("flow", 4), ("consistency", 3)])
 def test_make_sampler_triton_prepared_path(kind, K):
     """make_sampler on the Triton backend: the prepared call gives the checked path's numbers
@@ -844,20 +852,10 @@ def test_make_sampler_triton_prepared_path(kind, K):
     pol = (FlowPolicy(17, 6, hidden=24, depth=2, steps=3) if kind == "flow"
            else ConsistencyPolicy(17, 6, hidden=24, depth=2)).to(DEV)
     sig = [1.0] if kind == "consistency" else None
-    s = make_sampler(pol, kind=kind, num_samples=K, sigmas=sig, backend="triton",
-                     generator=torch.Generator(device=DEV).manual_seed(3))
-    r = make_sampler(pol, kind=kind, num_samples=K, sigmas=sig, backend="torch",
-                     generator=torch.Generator(device=DEV).manual_seed(3))
     obs = torch.randn(5, 17, device=DEV)
-    for i in range(3):
-        if i == 2:
-            with torch.no_grad():
-                for p in pol.parameters():
-                    p.add_(0.01)
-        a, b = s(obs), r(obs)
-        assert s._plan is not None and s._plan[2] is None  # the prepared Triton call
-        _close(a, b)
-        assert a.shape == ((5, 6) if K == 1 else (5, K, 6))
+    s = _prepared_follows_updates(pol, obs, lambda p: p.add_(0.01), lambda backend: make_sampler(
+        pol, kind=kind, num_samples=K, sigmas=sig, backend=backend, generator=torch.Generator(device=DEV).manual_seed(3)))
+    assert s(obs).shape == ((5, 6) if K == 1 else (5, K, 6))
     assert s(obs[0]).shape == ((6,) if K == 1 else (K, 6))
 
 
@@ -873,17 +871,9 @@ def test_make_sampler_triton_prepared_path_from_t0(path, solver, t0):
     torch.manual_seed(21)
     pol = FlowPolicy(17, 6, hidden=24, depth=2, steps=3, path=path, solver=solver, t0=t0).to(DEV)
     assert pol.t0 == (OT_EPS_SAMPLE_T0 if t0 is None else t0) and pol.t0 > 0
-    s = make_sampler(pol, num_samples=5, backend="triton", generator=torch.Generator(device=DEV).manual_seed(4))
-    r = make_sampler(pol, num_samples=5, backend="torch", generator=torch.Generator(device=DEV).manual_seed(4))
     obs = torch.randn(3, 17, device=DEV)
-    for i in range(3):
-        if i == 2:
-            with torch.no_grad():
-                for p in pol.parameters():
-                    p.mul_(0.9)
-        a, b = s(obs), r(obs)
-        assert isinstance(s._plan[1], ts.Prepared) and s._plan[2] is None  # the prepared call, not the checked one
-        _close(a, b)
+    _prepared_follows_updates(pol, obs, lambda p: p.mul_(0.9), lambda backend: make_sampler(
+        pol, num_samples=5, backend=backend, generator=torch.Generator(device=DEV).manual_seed(4)))
     # the prepared call itself against the reference integrator from t0, on the noise it drew
     g1, g2 = torch.Generator(device=DEV).manual_seed(8), torch.Generator(device=DEV).manual_seed(8)
     call = ts.Prepared(pol.net, "flow", 5, obs, steps=3, solver=solver, path=None if path == "ot" else path,
