@@ -122,12 +122,10 @@ def report(a):
              "|---|---|---|---|---|---|---|---|---|"]
     for (algo, dataset), cs in sorted(groups.items()):
         done = [c for c in cs if "final" in c]
-        if not done:  # killed before its final evaluation: its last evaluation, marked
-            last = [c["points"][-1] for c in cs if c["points"]]
-            for c, p in zip(cs, last):
-                lines.append(f"| {algo} | {dataset} | {c['behaviour_normalized']:.1f} | 1 | {p['step']} | "
-                             f"{p['cpu_s']:.0f} | {p['normalized']:.1f} ({p['tag']}) | not reached: the run was "
-                             f"stopped before its next evaluation | - |")
+        if not done:  # killed before its final evaluation: one row per run, up to its last evaluation
+            for c in cs:
+                if c["points"]:
+                    lines.append(_partial_row(algo, dataset, c))
             continue
         cs = done
         finals = [c["final"] for c in cs]
@@ -135,9 +133,8 @@ def report(a):
         se = eps.std(ddof=1) / np.sqrt(len(eps)) if len(eps) > 1 else float("nan")
         seed_means = [f["normalized"] for f in finals]
         seed_se = f" [{np.std(seed_means, ddof=1) / np.sqrt(len(seed_means)):.1f}]" if len(seed_means) > 1 else ""
-        beh = [p for c in cs for p in c["points"] if p["tag"] == "behaviour"]
-        beh_s = f"{np.mean([p['normalized'] for p in beh]):.1f} (at {beh[0]['cpu_s']:.0f} CPU-s)" if beh else "-"
-        best = [max(p["normalized"] for p in c["points"] if p["normalized"] is not None) for c in cs]
+        beh_s = _behaviour_cell([p for c in cs for p in c["points"]])
+        best = [_best(c) for c in cs]
         lines.append(f"| {algo} | {dataset} | {cs[0]['behaviour_normalized']:.1f} | {len(finals)} | "
                      f"{int(np.mean([f['step'] for f in finals]))} | {np.mean([f['cpu_s'] for f in finals]):.0f} | "
                      f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {np.mean(best):.1f} |")
@@ -179,6 +176,31 @@ def report(a):
     fig.savefig(path + ".tmp.png", dpi=90)
     os.replace(path + ".tmp.png", path)
     print(f"plot: {path}")
+
+
+def _behaviour_cell(points) -> str:
+    """The "QIPO behaviour model" cell: the mean score of the evaluations tagged "behaviour" (the one
+    at the end of QIPO's stage 1, one per run), "-" when there is none (CPQL, or a QIPO run stopped
+    before stage 1 ended): a training evaluation is never shown as the behaviour model."""
+    beh = [p for p in points if p["tag"] == "behaviour" and p["normalized"] is not None]
+    if not beh:
+        return "-"
+    return f"{np.mean([p['normalized'] for p in beh]):.1f} (at {beh[0]['cpu_s']:.0f} CPU-s)"
+
+
+def _best(c) -> float:
+    """The best evaluation on a run's curve (every tag: behaviour, train, final)."""
+    return max(p["normalized"] for p in c["points"] if p["normalized"] is not None)
+
+
+def _partial_row(algo, dataset, c) -> str:
+    """The row of a run stopped before its final evaluation: its steps and CPU seconds up to its last
+    evaluation, the behaviour model only from the end of stage 1, the best evaluation so far."""
+    p = c["points"][-1]
+    best = [q["normalized"] for q in c["points"] if q["normalized"] is not None]
+    return (f"| {algo} | {dataset} | {c['behaviour_normalized']:.1f} | 1 | {p['step']} | {p['cpu_s']:.0f} | "
+            f"{_behaviour_cell(c['points'])} | not reached: the run was stopped before its next evaluation | "
+            f"{f'{max(best):.1f} (so far)' if best else '-'} |")
 
 
 def _label(c):

@@ -1,4 +1,4 @@
-"""bench/qipo_bc_diagnosis.py's --checkpoints mode and bench/time_to_score.py's preset grouping."""
+"""bench/qipo_bc_diagnosis.py's --checkpoints mode and bench/time_to_score.py's report (preset grouping, partial runs)."""
 import json
 import math
 import os
@@ -74,3 +74,37 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     assert " | 2 | " in rows["qipo cpu-30min"] and "45.0 ± " in rows["qipo cpu-30min"]
     assert " | 1 | " in rows["qipo cpu-quick"] and "10.0 ± " in rows["qipo cpu-quick"]
     assert "70.0 ± " in rows["cpql"]
+
+
+def test_time_to_score_partial_runs_show_the_behaviour_model_only_from_stage_1(tmp_path):
+    """A run stopped before its final evaluation: the "QIPO behaviour model" column shows the evaluation
+    tagged "behaviour" (end of stage 1) or "-", never the last training evaluation."""
+    def pt(tag, step, score):
+        return {"tag": tag, "step": step, "cpu_s": float(step), "normalized": score, "normalized_se": 1.0,
+                "episodes": 2}
+
+    def curve(algo, dataset, points):
+        return {"algo": algo, "preset": "cpu-30min" if algo == "qipo" else None, "dataset": dataset, "seed": 0,
+                "budget_s": 10, "behaviour_normalized": 30.0, "ref": [0.0, 100.0], "command": f"run {dataset}",
+                "points": points}
+
+    runs = {"after-stage-1": curve("qipo", "d/a/v0", [pt("train", 100, 21.5), pt("behaviour", 200, 44.4),
+                                                      pt("train", 300, 12.3)]),
+            "in-stage-1": curve("qipo", "d/b/v0", [pt("train", 100, 17.7)]),
+            "cpql": curve("cpql", "d/c/v0", [pt("train", 100, 33.3)]),
+            "no-points": curve("qipo", "d/a/v0", [])}
+    for name, c in runs.items():
+        os.makedirs(tmp_path / name)
+        json.dump(c, open(tmp_path / name / "curve.json", "w"))
+    T.main(["report", "--out", str(tmp_path)])
+    rows = [ln.split(" | ") for ln in open(tmp_path / "README.md").read().splitlines()
+            if ln.startswith("| ") and "---" not in ln and "algorithm" not in ln]
+    by_ds = {r[1]: r for r in rows}
+    assert len(rows) == 3  # the run without any evaluation has no row
+    # columns: algorithm, dataset, behaviour (data), seeds, steps, CPU-s, QIPO behaviour model, final, best
+    assert by_ds["d/a/v0"][4:7] == ["300", "300", "44.4 (at 200 CPU-s)"]
+    assert by_ds["d/b/v0"][4:7] == ["100", "100", "-"]
+    assert by_ds["d/c/v0"][6] == "-"
+    for r in rows:
+        assert "(train)" not in " | ".join(r) and r[7].startswith("not reached")
+    assert by_ds["d/a/v0"][8] == "44.4 (so far) |" and by_ds["d/b/v0"][8] == "17.7 (so far) |"
