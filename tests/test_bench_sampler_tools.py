@@ -8,16 +8,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+CASES = ("sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act", "policy.act.ot-eps",
+         "critic.q_min")
+ONE_ACT = {"ops": ["act"], "launches": 1}
+
+
 def test_host_overhead_measures_the_prepared_and_functional_paths():
     from bench import host_overhead
-    from qipo_kernels.triton import sampler_launch
+    from qipo_kernels.triton import sampler_launch, select
 
-    real = sampler_launch._policy_kernel
+    real = sampler_launch._policy_kernel, select._select_kernel
     res = host_overhead.measure(calls=5, rounds=2, repeat=2)
-    assert sampler_launch._policy_kernel is real  # the mock is removed again
+    assert (sampler_launch._policy_kernel, select._select_kernel) == real  # the mocks are removed again
     us, mn = res["us_per_call"], res["us_per_call_min"]
-    assert set(us) == set(mn) == {"sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act",
-                                  "watch"}
+    assert set(us) == set(mn) == set(CASES) | {"watch"}
+    # FlowPolicy.act from t0 = 0.05 ("ot-eps") is one ops.act call and one (mocked) launch, as ops.act
+    assert res["dispatches"] == {"ops.act": ONE_ACT, "policy.act.ot-eps": ONE_ACT}
     assert all(0 < mn[k] <= us[k] for k in us)  # the minimum of the rounds is at most their median
     assert len(res["load_1min"]) == 3 and res["repeat"] == 2
     assert res["watched_slots"] >= 10 and set(res["meets_targets"]) == {"sampler", "ops.integrate"}
@@ -32,9 +38,10 @@ def test_host_overhead_compare_runs_two_trees_back_to_back():
     assert set(res["us_per_call"]) == {"this", "other"} and res["rounds"] == 2
     for side in ("this", "other"):
         us = res["us_per_call"][side]
-        assert set(us) == {"sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act"}
+        assert set(us) == set(CASES)
         assert all(0 < v["wall_min"] <= v["wall_median"] and v["cpu_min"] > 0 for v in us.values())
         assert res["trees"][side]["prepared"] == {"sampler": True, "sampler.ot-eps": True}
+        assert res["trees"][side]["dispatches"] == {"ops.act": ONE_ACT, "policy.act.ot-eps": ONE_ACT}
 
 
 def test_traffic_model_counts_weights_once_per_evaluation_and_no_scratch():
