@@ -232,7 +232,7 @@ def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, s
         _ode.check_solver(steps, solver, t0, 1.0, path)
     elif isinstance(t0, bool) or not isinstance(t0, (int, float)) or t0 != 0:
         raise ValueError(f"t0 must be 0 for sampler={sampler!r} (a start time applies to sampler='flow' only), "
-                             f"got {t0!r}")
+                         f"got {t0!r}")
     elif sampler == "ddpm":
         sch, max_action, pe, cd = ddpm
         _ddpm.check_ddpm_sample(net, torch.empty(shape, device=obs.device, dtype=obs.dtype), obs, sch, step_noise, max_action, pe, cd,
