@@ -191,3 +191,28 @@ def test_flow_policy_act_on_ot_eps_is_one_call(monkeypatch, backend, mode):
         a = smp.act(obs, critic, 7, mode=mode, temperature=0.5)
         assert seen.ops == ["act"], f"Sampler.act dispatched {seen.ops}"
         _close(a, want)
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="Triton does not run here")
+def test_triton_act_from_t0_compiles_fullgraph(monkeypatch):
+    """Under torch.compile (fullgraph=True) act from t0 traces with no graph break (sigma(t0) is a
+    constant of the trace) and gives the eager numbers."""
+    poison_fast_outputs(monkeypatch)
+    net, critic = _nets(51)
+    g = torch.Generator().manual_seed(52)
+    obs, x0 = torch.randn(3, 17, generator=g), torch.randn(3, 4, 6, generator=g)
+
+    def f(obs, x0):
+        return ops.act(net, critic, obs, 4, steps=2, solver="dpm2", path="ot-eps", noise=x0, t0=OT_EPS_SAMPLE_T0,
+                       backend="triton")
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(f, backend="aot_eager", fullgraph=True)(obs, x0)
+            want = f(obs, x0)
+            assert torch.equal(got, want)
+            _close(got, ops.act(net, critic, obs, 4, steps=2, solver="dpm2", path="ot-eps", noise=x0,
+                                t0=OT_EPS_SAMPLE_T0, backend="torch"))
+    finally:
+        torch._dynamo.reset()
