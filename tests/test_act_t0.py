@@ -3,6 +3,8 @@ fresh random inputs, odd shapes, t0 in {0, 0.05, an odd value}, NaN-poisoned out
 refused with the same message on every backend before anything is drawn; FlowPolicy.act on QIPO's
 default "ot-eps" path (t0 = 0.05) is one ops.act call and gives what sample + score + select gave.
 Triton runs under TRITON_INTERPRET=1 (float32) off a GPU."""
+import zlib
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ CONFIGS = [("heun", None, 3), ("dpm2", "ot-eps", 3), ("ddim", "vp", 2)]
 @pytest.mark.parametrize("B,K,mode", [(3, 6, "argmax"), (5, 17, "softmax")])
 def test_act_from_t0_matches_reference(monkeypatch, backend, t0, solver, path, steps, B, K, mode):
     poison_fast_outputs(monkeypatch)
-    seed = hash((backend, t0, solver, B)) % 1000
+    seed = zlib.crc32(repr((backend, t0, solver, B)).encode()) % 1000  # (one fresh draw per case, reproducible)
     net, critic = _nets(seed)
     g = torch.Generator().manual_seed(seed + 1)
     obs, noise = torch.randn(B, 17, generator=g), torch.randn(B, K, 6, generator=g)
