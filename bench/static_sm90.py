@@ -52,18 +52,24 @@ CASES = {
     "integrate_256x50x10_bf16": dict(mode=0, B=256, K=50, steps=10, dtype=BF16),
     "integrate_256x50x10_fp32-tf32": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32"),
     "integrate_256x50x10_fp32-tf32x3": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32x3"),
+    "integrate_256x50x10_fp32-ieee": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="ieee"),
     "integrate_1x50x10_bf16": dict(mode=0, B=1, K=50, steps=10, dtype=BF16),
     "integrate_1x50x10_fp32-tf32x3": dict(mode=0, B=1, K=50, steps=10, dtype=F32, fp32="tf32x3"),
     "consistency_256x50x2_bf16": dict(mode=1, B=256, K=50, steps=0, n_evals=2, dtype=BF16),
     "act_cons_256x50_bf16": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=BF16),
     "act_cons_256x50_fp32-tf32x3": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=F32, fp32="tf32x3"),
     "act_cons_256x50_fp32-ieee": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=F32, fp32="ieee"),
+    "act_cons_256x32_fp32-ieee": dict(mode=3, B=256, K=32, steps=0, n_evals=1, dtype=F32, fp32="ieee"),
     "act_flow_1x50x10_bf16": dict(mode=2, B=1, K=50, steps=10, dtype=BF16),
     "sample_seeded_1e6x64x10_bf16": dict(mode=0, B=1_000_000, K=64, steps=10, dtype=BF16, seeded=True),
     "h512_integrate_256x50x10_bf16": dict(mode=0, B=256, K=50, steps=10, dtype=BF16, H=512),
     "h512_integrate_256x50x10_fp32-tf32x3": dict(mode=0, B=256, K=50, steps=10, dtype=F32, fp32="tf32x3", H=512),
     "h512_integrate_1x50x10_bf16": dict(mode=0, B=1, K=50, steps=10, dtype=BF16, H=512),
     "h512_act_cons_256x50_bf16": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=BF16, H=512),
+    "h512_act_cons_256x50_fp32-tf32x3": dict(mode=3, B=256, K=50, steps=0, n_evals=1, dtype=F32, fp32="tf32x3",
+                                             H=512),
+    "h512_act_cons_256x32_fp32-tf32x3": dict(mode=3, B=256, K=32, steps=0, n_evals=1, dtype=F32, fp32="tf32x3",
+                                             H=512),
     "h512_act_flow_1x50x10_bf16": dict(mode=2, B=1, K=50, steps=10, dtype=BF16, H=512),
 }
 NET = dict(A=6, S=17, H=256, D=3)
@@ -263,6 +269,13 @@ def compile_one(job):
 
         grid, args, kwargs, configs = record(case)
         cfg = configs[idx]
+        if case["mode"] >= 2:  # act: the launcher's dispatch check may decline the candidate count
+            from qipo_kernels.triton.sampler_launch import act_candidates_reason
+
+            why = act_candidates_reason(case.get("H", NET["H"]), case["K"], case["dtype"], torch.device("cuda"))
+            if why:
+                return dict(case=name, config=f"BN{cfg.kwargs.get('BN')} w{cfg.num_warps} s{cfg.num_stages}",
+                            declined=why)
         if cfg not in prune_configs(configs, {}, **kwargs):
             return dict(case=name, config=f"BN{cfg.kwargs.get('BN')} w{cfg.num_warps} s{cfg.num_stages}",
                         pruned=True)
@@ -332,8 +345,15 @@ def markdown(rows) -> str:
             "HGMMA / HMMA (SASS) | LDL/STL | modelled GB | of it weights GB | FLOP/B | act. scratch |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
+    declined = set()
     for r in rows:
         if r.get("pruned"):  # (kept in summary.json: configurations the launcher never picks here)
+            continue
+        if r.get("declined"):  # the fused kernel is not offered for this case: one row, no config
+            if r["case"] not in declined:
+                declined.add(r["case"])
+                lines.append(f"| {r['case']} | not offered | - | - | - | - | - | - | - | - | - | - | - | - | - | - "
+                             f"| - |")
             continue
         if "error" in r:
             lines.append(f"| {r['case']} | {r['config']} | ERROR: {r['error'].strip().splitlines()[-1]} |")
@@ -347,15 +367,26 @@ def markdown(rows) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _local_bytes(r) -> int:
+    """Spill stores + loads (ptxas -v) + the stack frame of Triton's own cubin."""
+    return r["spill_stores"] + r["spill_loads"] + max(r.get("cubin_stack", 0), 0)
+
+
 def targets(rows) -> str:
     pruned = sum(1 for r in rows if r.get("pruned"))
-    rows = [r for r in rows if not r.get("pruned")]
+    declined = {}
+    for r in rows:
+        if r.get("declined"):
+            declined.setdefault(r["case"], r["declined"])
+    rows = [r for r in rows if not r.get("pruned") and not r.get("declined")]
     key = [r for r in rows if r.get("case") == "integrate_256x50x10_bf16" and "error" not in r]
     if not key:
         return "targets: the 256x50x10 bf16 case did not compile\n"
     gb = min(r["gb"] for r in key)
     ok = [r for r in rows if "error" not in r]
-    spills = sum(r["spill_stores"] + r["spill_loads"] + max(r.get("cubin_stack", 0), 0) for r in ok)
+    spills = sum(_local_bytes(r) for r in ok)
+    local_ops = sum(r["sass"]["LDL"] + r["sass"]["STL"] for r in ok)
+    bad_total = f"NOT met ({spills} spill / stack bytes, {local_ops} LDL / STL in total)"
     scratch = any(r["global_activation_scratch"] for r in key)
     names = {0: "IEEE float32", 1: "TF32", 2: "bf16 / fp16", 3: "TF32x3"}
     per = []
@@ -364,14 +395,16 @@ def targets(rows) -> str:
         if rp:
             bad = [f"{r['case']} {r['config']} (ptxas -v {r['spill_stores']}/{r['spill_loads']} B, "
                    f"cubin stack {r.get('cubin_stack')} B)" for r in rp
-                   if r["spill_stores"] + r["spill_loads"] + max(r.get("cubin_stack", 0), 0)]
+                   if _local_bytes(r) or r["sass"]["LDL"] + r["sass"]["STL"]]
             per.append(f"{name}: {len(rp)} configs, " + (f"spills / local memory in {', '.join(bad)}" if bad
                                                           else "0 spills, no local memory"))
     return (f"Targets for 256x50x10 bf16: modelled L1/L2 traffic <= {TARGET_GB} GB: {gb:.4f} GB "
             f"({'met' if gb <= TARGET_GB else 'NOT met'}); no global activation scratch: "
             f"{'NOT met (hbuf / obs share in global memory)' if scratch else 'met'}; 0 spills in every config: "
-            f"{'met' if spills == 0 else f'NOT met ({spills} spill / stack bytes in total)'}.\n\n"
+            f"{'met' if spills == 0 and local_ops == 0 else bad_total}.\n\n"
             + "".join(f"- {p}\n" for p in per)
+            + ("\nNot offered (the fused act declines these; dispatch takes the next backend):\n"
+               + "".join(f"- {c}: {w}\n" for c, w in declined.items()) if declined else "")
             + f"\n({pruned} (case, config) pairs the launcher never picks for these shapes are not compiled; "
               "summary.json lists them.)\n")
 
@@ -411,6 +444,8 @@ def main(argv=None) -> int:
             rows.append(r)
             if r.get("pruned"):
                 print(f"{r['case']:<32} {r['config']:<14} never launched (pruned)", flush=True)
+            elif r.get("declined"):
+                print(f"{r['case']:<32} {r['config']:<14} not offered: {r['declined']}", flush=True)
             elif "error" in r:
                 print(f"!! {r['case']} {r['config']}\n{r['error']}", flush=True)
             else:
@@ -433,7 +468,7 @@ def main(argv=None) -> int:
     md = _render(doc)
     atomic_write(os.path.join(a.out, "summary.md"), md)
     print(md)
-    return 0 if not any("error" in r for r in rows) else 1  # (pruned rows are not errors)
+    return 0 if not any("error" in r for r in rows) else 1  # (pruned / declined rows are not errors)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import copy
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from qipo_kernels import ops
 from qipo_kernels.nets import ConditionalMLP, DoubleCritic
@@ -18,6 +20,7 @@ from qipo_kernels.triton import _host
 from qipo_kernels.triton import sampler as ts
 from qipo_kernels.triton import sampler_launch as tl_launch
 from qipo_kernels.triton import sampler_pack as tpack
+from qipo_kernels.triton.mlp import tf32_split
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float32: 3e-5}
@@ -184,3 +187,108 @@ def test_launcher_allocates_no_scratch(monkeypatch):
     p = tl_launch.make_plan(0, tpack._policy_tensors(net, torch.float32, torch.device(DEV)), [], 9, 1, 6, 1, 0, 0,
                             0, 3, 0, 1, 1, False, 0.0, False, False, False, False, torch.float32, torch.device(DEV))
     assert not hasattr(p, "scratch") and not any("osh" in k or "hbuf" in k or k in ("HS", "BK", "BKS") for k in p.meta)
+
+
+# ------------------------------------------------------------------------ float32 on tensor cores (TF32x3)
+def _tf32_truncate(a):
+    """What a TF32 tensor-core product reads of float32 operands: the 13 low mantissa bits ignored."""
+    import numpy as np
+
+    return (np.ascontiguousarray(a, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.fixture
+def tf32_products(monkeypatch):
+    """The interpreter's tl.dot is an exact float32 product whatever input_precision says; with this
+    fixture a dot with input_precision="tf32" reads its operands truncated to TF32, as the tensor
+    cores do, so the TF32x3 code path (mlp.dot, PREC_TF32X3) is checked for its accuracy and not
+    only for its arithmetic."""
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter as tri
+
+    orig = tri.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32 and a.data.dtype == b.data.dtype == "float32":
+            a = tri.TensorHandle(_tf32_truncate(a.data), a.dtype.scalar)
+            b = tri.TensorHandle(_tf32_truncate(b.data), b.dtype.scalar)
+        return orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(tri.InterpreterBuilder, "create_dot", create_dot)
+
+
+def _force_precision(monkeypatch, precision):
+    monkeypatch.setattr(tl_launch, "prec", lambda dtype, device: precision)
+
+
+@pytest.mark.parametrize("H,depth", [(100, 3), (300, 2)])
+def test_tf32x3_matches_float64_at_float32_tolerance(H, depth, tf32_products, monkeypatch):
+    """float32 on tensor cores, TF32x3 (the float32 default on a GPU), through every place the
+    kernel multiplies: layer 1 (x and obs parts), the split-K hidden-layer dots (128 = 4 chunks,
+    512 = 16 chunks of K_SPLIT), the pair's second dot, the output layer. Within the float32
+    tolerance of the reference and of float64 truth; plain TF32 under the same emulation is not
+    (so the emulation is on and the low halves matter)."""
+    from qipo_kernels.triton.mlp import PREC_TF32, PREC_TF32X3
+
+    net = _net(H, depth, seed=H + depth)
+    g = torch.Generator().manual_seed(H)
+    x0 = torch.randn(3, 7, 6, generator=g).to(DEV)
+    obs = torch.randn(3, 17, generator=g).to(DEV)
+    ref = ref_ode._integrate(net, x0, obs, 2, "midpoint", 0.0, 1.0, None, False)
+    truth = ref_ode._integrate(copy.deepcopy(net).double(), x0.double(), obs.double(), 2, "midpoint", 0.0, 1.0,
+                               None, False)
+    _force_precision(monkeypatch, PREC_TF32X3)
+    x3 = ts.integrate(net, x0, obs, 2, "midpoint", 0.0, 1.0, None, False)
+    _close(x3, ref, truth)
+    _force_precision(monkeypatch, PREC_TF32)
+    tf32 = ts.integrate(copy.deepcopy(net), x0, obs, 2, "midpoint", 0.0, 1.0, None, False)
+    tol = RTOL[torch.float32] * max(1.0, truth.abs().max().item())
+    assert _err(tf32, truth) > tol + _err(ref, truth), "plain TF32 would pass too: is the emulation on?"
+    assert 10 * _err(x3, truth) < _err(tf32, truth)
+
+
+def test_tf32x3_act_with_layer_norm_critic(tf32_products, monkeypatch):
+    """act in TF32x3: the twin LayerNorm critic (blocked statistics, split-K P layers) scores the
+    candidates as float64 does: the kernel picks the float64 best candidate."""
+    from qipo_kernels.triton.mlp import PREC_TF32X3
+
+    net = _net(24, 2, seed=5)
+    critic = _ln_critic(100, 3, 30.0, seed=23)
+    g = torch.Generator().manual_seed(24)
+    B, K = 3, 5
+    obs = torch.randn(B, 17, generator=g).to(DEV)
+    noise = torch.randn(B, K, 6, generator=g).to(DEV)
+    cand = ref_ode._integrate(net, noise, obs, 2, "euler", 0.0, 1.0, None, False).clamp(-1, 1)
+    q64 = copy.deepcopy(critic).double().q_min(obs.double().repeat_interleave(K, 0),
+                                               cand.double().reshape(B * K, -1)).reshape(B, K)
+    gap = q64.sort(1, descending=True).values
+    assert (gap[:, 0] - gap[:, 1]).min() > 1e-4, "test data: a near tie between the two best candidates"
+    _force_precision(monkeypatch, PREC_TF32X3)
+    out = ops.act(net, critic, obs, num_candidates=K, sampler="flow", steps=2, solver="euler", mode="argmax",
+                  noise=noise, backend="triton")
+    assert torch.equal(_picked(out, cand), q64.argmax(1))
+
+
+@triton.jit
+def _split_kernel(x_ptr, hi_ptr, lo_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    hi, lo = tf32_split(tl.load(x_ptr + offs, mask=m, other=0.0))
+    tl.store(hi_ptr + offs, hi, mask=m)
+    tl.store(lo_ptr + offs, lo, mask=m)
+
+
+def test_tf32_split_is_exact_and_high_part_is_tf32():
+    """mlp.tf32_split: hi has the 13 low mantissa bits clear (exact in TF32), hi + lo == x exactly,
+    |lo| < one TF32 ulp of x; zeros, subnormals, huge values, signs."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.cat([torch.randn(900, generator=g) * 10.0 ** torch.randint(-30, 30, (900,), generator=g),
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-40, -3e-39, 3e38, -3e38, 1.0 + 2 ** -23])]).float()
+    n = x.numel()
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, hi, lo, n, BLOCK=1024)
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()
+    assert torch.equal(hi + lo, x)
+    normal = x.abs() >= torch.finfo(torch.float32).tiny
+    assert (lo.abs() <= x.abs() * 2.0 ** -10)[normal].all()  # below one TF32 ulp of x
+    assert (lo.abs() < 2.0 ** -136)[~normal].all()  # subnormals: the 13 cleared bits are worth < 2^-136

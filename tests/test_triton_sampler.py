@@ -9,6 +9,8 @@ from the float64 truth as PyTorch eager in the same precision.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +21,7 @@ from qipo_kernels.reference import ode as ref_ode
 from qipo_kernels.triton import sampler as ts
 from qipo_kernels.triton import sampler_launch as tl_launch
 from qipo_kernels.triton import sampler_pack as tpack
+from qipo_kernels.triton.sampler_kernel import cos_2pi, philox_randn
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -347,6 +350,31 @@ def test_sample_in_kernel_noise_is_standard_normal_and_seeded():
     assert not torch.equal(z_other, z[:3]) and abs(_corr(z_other, z[:3])) < 5 / z_other.numel() ** 0.5
 
 
+@triton.jit
+def _rng_kernel(u_ptr, c_ptr, z_ptr, zref_ptr, n, seed, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(c_ptr + offs, cos_2pi(tl.load(u_ptr + offs, mask=m, other=0.0)), mask=m)
+    o = offs.to(tl.int64) * 7919 + 3 * 2 ** 33  # offsets beyond 32 bits, as N * A can be
+    tl.store(z_ptr + offs, philox_randn(seed, o), mask=m)
+    tl.store(zref_ptr + offs, tl.randn(seed, o), mask=m)
+
+
+def test_seeded_noise_is_tl_randn_with_a_local_memory_free_cosine():
+    """sampler_kernel.philox_randn (the seeded kernel's noise) is tl.randn's draw but for the
+    cosine, cos_2pi (a reduced polynomial instead of libdevice's cosf, whose huge-argument path put
+    a 32-byte stack frame in the seeded kernel): cos_2pi within 3e-7 of cos(2 pi u) on [0, 1]
+    (octant boundaries included), and the normals within 3e-6 of tl.randn's."""
+    n = 4099
+    u = torch.cat([torch.linspace(0, 1, n - 9, dtype=torch.float64),
+                   torch.tensor([0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1e-9], dtype=torch.float64)])
+    c, z, zref = (torch.full((n,), float("nan")) for _ in range(3))
+    _rng_kernel[(1,)](u.float(), c, z, zref, n, 1234, BLOCK=8192)
+    assert (c.double() - torch.cos(2 * torch.pi * u.float().double())).abs().max().item() < 3e-7
+    assert torch.isfinite(z).all() and (z - zref).abs().max().item() < 3e-6
+    assert z.std().item() > 0.9 and z.unique().numel() == n
+
+
 @pytest.mark.parametrize("solver,path", [("euler", None), ("dpm2", "vp")])
 def test_sample_matches_reference_on_its_own_noise(solver, path):
     """The seeded kernel = integrate on the noise it drew: the noise (trajectory[0], the same numbers
@@ -619,8 +647,9 @@ def test_autotuner_keys_are_stable_kernel_arguments():
     assert tl_launch.choose_bm(100, 64, 256, 132) == 64  # a tile holds all of a state's candidates
     # 256 x 50 rows: 100 tiles of 128 (at least half the SMs busy) in bf16; float32 tiles are smaller
     assert tl_launch.choose_bm(12_800, 1, 256, 132) == 128
-    assert tl_launch.choose_bm(12_800, 1, 256, 132, PREC_TF32X3) == 32
+    assert tl_launch.choose_bm(12_800, 1, 256, 132, PREC_TF32X3) == 64
     assert tl_launch.choose_bm(50, 1, 256, 132, PREC_TF32X3) == 32  # its smallest spill-free tile
+    assert tl_launch.choose_bm(12_800, 1, 512, 132, PREC_TF32X3) == 32  # 64-row tiles spill at width 512
     assert tl_launch.choose_bm(256 * 64, 64, 256, 132, PREC_HALF, group=True) == 64  # act stops at 64
     assert tl_launch.choose_bm(12_800, 1, 512, 132) == 64
     # the autotuner only ever tries the table's configurations for the launch's width / precision / BM
@@ -633,6 +662,48 @@ def test_autotuner_keys_are_stable_kernel_arguments():
     k2 = tl_launch.tuned_kernel(256, 16)
     assert all(c.kwargs["BN"] <= 16 for c in tl_launch.prune_configs(k2.configs, {}, BM=64, HP=256, HPQ=16,
                                                                       PREC=PREC_HALF))
+
+
+def test_act_is_not_offered_where_its_tile_would_spill(monkeypatch):
+    """On a GPU the fused act is offered only up to the candidate count whose act tile compiled for
+    sm_90a without spills (sampler_launch._ACT_MAX_ROWS); beyond it supports_act (and the per-call fast
+    check) names the reason, so dispatch takes the next backend. At most 32 candidates are always
+    offered; nothing is refused under the interpreter or off CUDA."""
+    from qipo_kernels.triton.mlp import PREC_HALF, PREC_IEEE, PREC_TF32X3
+
+    cuda = torch.device("cuda")
+    assert tl_launch.act_candidates_reason(256, 50, torch.float32, torch.device("cpu")) == ""
+    monkeypatch.setattr(tl_launch, "interpret", lambda: False)
+    for (w, p), cap in tl_launch._ACT_MAX_ROWS.items():
+        assert cap <= tl_launch.MAX_BM_ACT and tl_launch.configs_for(w, p, cap, w)  # a listed tile
+        monkeypatch.setattr(tl_launch, "prec", lambda dtype, device, p=p: p)
+        assert tl_launch.act_candidates_reason(w, 32, torch.float32, cuda) == ""
+        assert tl_launch.act_candidates_reason(w, cap, torch.float32, cuda) == ""
+        assert f"at most {cap} candidates" in tl_launch.act_candidates_reason(w - 1, cap + 1, torch.float32, cuda)
+    # act's tiles stop there whatever the batch (IEEE float32, width 256: 32 rows)
+    assert tl_launch.choose_bm(256 * 32, 32, 256, 132, PREC_IEEE, group=True) == 32
+    assert tl_launch.choose_bm(256 * 32, 32, 256, 132, PREC_IEEE) == 64  # (integrate: 64)
+    # the benchmark shape, 50 candidates: offered in bf16 and TF32x3 at width 256, not in IEEE float32
+    for p, offered in ((PREC_HALF, True), (PREC_TF32X3, True), (PREC_IEEE, False)):
+        monkeypatch.setattr(tl_launch, "prec", lambda dtype, device, p=p: p)
+        assert (tl_launch.act_candidates_reason(256, 50, torch.float32, cuda) == "") == offered
+    # the dispatch checks ask it with the wider network and the candidate count
+    seen = []
+
+    def reason(hidden, k, dtype, device):
+        seen.append((hidden, k, dtype))
+        return "tile spills" if k > 32 else ""
+
+    monkeypatch.setattr(ts, "act_candidates_reason", reason)
+    net = _net(A=6, S=17, H=24, depth=2)
+    torch.manual_seed(3)
+    critic = DoubleCritic(17, 6, hidden=40, depth=2, activation="mish")
+    obs = torch.randn(3, 17)
+    assert "tile spills" in ts.supports_act(net, critic, obs, 50)
+    assert "tile spills" in ts._fast_act(net=net, critic=critic, obs=obs, num_candidates=50)
+    assert ts.supports_act(net, critic, obs, 32) == [] and ts._fast_act(net=net, critic=critic, obs=obs,
+                                                                         num_candidates=32) == []
+    assert (40, 50, torch.float32) in seen
 
 
 _COMPILE_SCRIPT = """

@@ -43,6 +43,15 @@ HP 256 (bf16) or HP 512 that spills. The price of this orientation: the first do
 M = BN (16 or 32 in the spill-free configurations), below wgmma's 64, so Triton emits mma.sync for
 it; the second (M = HP) is a wgmma.
 
+Split-K for float32 operands (IEEE and TF32x3): the pair's first dot has M = BN (16), so tensor
+cores run it as mma.sync, whose A operand (the [BN, HP] weight block) every warp holds whole in
+registers, twice over for TF32x3's high and low halves; at HP 256 that left 3-136 bytes of stack,
+at HP 512 1 KB of spills. For these precisions the hidden layer's K = HP is cut in chunks of
+K_SPLIT (32) written as one batched dot [HP / 32, BN, 32] @ [HP / 32, 32, BM] (the activations
+reshaped, no copy in global memory) whose batch Triton spreads over the warps, then summed over the
+chunks: each warp holds one chunk of the weights. bf16 / fp16 and TF32 keep the single dot (their
+operands are half the size or have no low half, and the batched form raised their register use).
+
 LayerNorm (CPQL's critics): a Q-position layer is normalised in registers (its output is complete);
 a P-position layer needs its row statistics before the activation, so its blocks are computed twice
 (pass 1: per-block mean and M2 merged as in Chan et al.'s parallel variance; pass 2: normalise,
@@ -54,6 +63,8 @@ import triton.language as tl
 
 ACT_CODES = {"mish": 0, "silu": 1, "relu": 2, "gelu": 3, "tanh": 4}
 PREC_IEEE, PREC_TF32, PREC_HALF, PREC_TF32X3 = 0, 1, 2, 3
+# K chunk of the split-K hidden-layer dot for float32 operands (IEEE, TF32x3); see _pre.
+K_SPLIT = tl.constexpr(32)
 
 
 @triton.jit
@@ -138,9 +149,23 @@ def _pre(L: tl.constexpr, ht, xt, ot, trow, w1x, w1o, b1, wh, bh, rows,
         z = dot(tl.load(w1x + offs_i[None, :] * HP + rows[:, None]), xt, z, PREC)
         z = dot(tl.load(w1o + offs_s[None, :] * HP + rows[:, None]), ot, z, PREC)
     else:
-        offs_k = tl.arange(0, HP)
         z = tl.zeros((W, BM), tl.float32) + tl.load(bh + (L - 1) * HP + rows)[:, None]
-        z = dot(tl.load(wh + (L - 1) * (HP * HP) + rows[:, None] * HP + offs_k[None, :]), ht, z, PREC)
+        if PREC == 0 or PREC == 3:
+            # split-K (float32 operands): K = HP in NC chunks of KC as one batched dot
+            # [NC, W, KC] @ [NC, KC, BM], whose batch Triton spreads over the warps, then summed over
+            # the chunks. Done as one 2-D dot, every warp would hold the whole [W, HP] weight block
+            # (and for TF32x3 its high and low halves) in registers: that spilled at HP 256 and 512.
+            KC: tl.constexpr = min(K_SPLIT, HP)
+            NC: tl.constexpr = HP // KC
+            offs_c = tl.arange(0, NC)
+            offs_kc = tl.arange(0, KC)
+            w3 = tl.load(wh + (L - 1) * (HP * HP) + rows[None, :, None] * HP
+                         + (offs_c[:, None, None] * KC + offs_kc[None, None, :]))
+            z3 = dot(w3, tl.reshape(ht, (NC, KC, BM)), tl.zeros((NC, W, BM), tl.float32), PREC)
+            z += tl.sum(z3, axis=0)
+        else:
+            offs_k = tl.arange(0, HP)
+            z = dot(tl.load(wh + (L - 1) * (HP * HP) + rows[:, None] * HP + offs_k[None, :]), ht, z, PREC)
     return z
 
 

@@ -21,6 +21,7 @@ How the kernel is organised (one program = a tile of BM samples, persistent over
 """
 import triton
 import triton.language as tl
+from triton.language.random import uint_to_uniform_float
 
 from .mlp import load_obs_t, mlp_eval, net_eval
 
@@ -44,6 +45,40 @@ def clamp_unit(x):
 def clamp_nan(x, lo, hi):
     """Clamp to [lo, hi] (infinite bounds: no clamp), NaN stays NaN."""
     return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
+
+
+@triton.jit
+def cos_2pi(u):
+    """cos(2 pi u) for float32 u in [0, 1] without libdevice's cosf: reduced to x = 2 pi s, s in
+    [0, 1/4], by the symmetries of cos, then its Taylor polynomial to x^14 (truncation error below
+    2e-9 on [0, pi/2]; float32 rounding dominates). libdevice's cosf carries a Payne-Hanek
+    reduction for huge arguments that keeps a 28-byte array in local memory (the seeded kernel's
+    stack frame), although Box-Muller's argument never leaves [0, 2 pi)."""
+    v = u - tl.floor(u + 0.5)  # [-1/2, 1/2), cos(2 pi v) = cos(2 pi u)
+    w = tl.abs(v)  # [0, 1/2]
+    far = w > 0.25
+    x = 6.283185307179586 * tl.where(far, 0.5 - w, w)  # cos(2 pi w) = -cos(2 pi (1/2 - w))
+    x2 = x * x
+    c = -1.0 / 87178291200.0
+    c = c * x2 + 1.0 / 479001600.0
+    c = c * x2 - 1.0 / 3628800.0
+    c = c * x2 + 1.0 / 40320.0
+    c = c * x2 - 1.0 / 720.0
+    c = c * x2 + 1.0 / 24.0
+    c = c * x2 - 0.5
+    c = c * x2 + 1.0
+    return tl.where(far, -c, c)
+
+
+@triton.jit
+def philox_randn(seed, offset):
+    """Standard normal float32 from Philox at ``offset`` (int64): tl.randn's draw (the same two
+    uniforms of tl.randint4x, Box-Muller's cosine branch) with cos_2pi for the cosine, so the kernel
+    needs no local memory."""
+    i1, i2, _, _ = tl.randint4x(seed, offset)
+    u1 = tl.maximum(1.0e-7, uint_to_uniform_float(i1))
+    u2 = uint_to_uniform_float(i2)
+    return tl.sqrt(-2.0 * tl.log(u1)) * cos_2pi(u2)
 
 
 @triton.jit(do_not_specialize=["N", "B", "K", "A", "S", "steps", "n_evals", "temperature", "HQ", "ln_eps", "seed"])
@@ -84,9 +119,9 @@ def _policy_kernel(
         amask = valid[:, None] & (offs_a[None, :] < A)
         xoff = rows[:, None] * A + offs_a[None, :]
         if SEEDED:
-            # x0[row, a] = randn(seed, row * A + a): Philox on the global element index, so the
+            # x0[row, a] = philox_randn(seed, row * A + a): Philox on the global element index, so the
             # noise does not depend on the tiling; rounded to the output dtype as a stored x0 would be.
-            z = tl.randn(seed, xoff)
+            z = philox_randn(seed, xoff)
             x = tl.where(amask, z, 0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
         else:
             x = tl.load(x0_ptr + xoff, mask=amask, other=0.0).to(tl.float32)

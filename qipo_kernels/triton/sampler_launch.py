@@ -14,8 +14,11 @@ tensor-core products of a high / low split: float32-level accuracy). QIPO_TRITON
 tf32 | tf32x3 overrides. bfloat16 / float16 take their own tensor-core path; accumulation, bias,
 activation and the state x are float32 in every case. Under the CPU interpreter float32 is IEEE.
 
-Tiles: rows per tile (BM, 16..128) are picked from the problem size (the largest tile that still
-gives half the SMs work, capped per width and dtype by the register budget: 4 buckets at most);
+Tiles (all of them compile for sm_90a without register spills or local memory for the benchmark
+networks; see _CONFIGS and _ACT_MAX_ROWS): rows per tile (BM, 16..128) are picked from the problem
+size (the largest tile that still gives half the SMs work, capped per width and dtype by the
+register budget: 4 buckets at most); act with more candidates than a spill-free act tile holds is
+not offered on a GPU (act_candidates_reason);
 the column block, warps and pipeline stages are autotuned on first CUDA use among the spill-free
 configurations of ``_CONFIGS``, keyed on stable dimensions only (never the batch size).
 QIPO_TRITON_AUTOTUNE=0 skips tuning. act's tile holds whole states: BM // KP states x KP candidate
@@ -114,20 +117,22 @@ def _autotune_enabled() -> bool:
 # Launch configurations per (width class, tl.dot precision) and rows per tile: (BN, num_warps,
 # num_stages) in the order the autotuner tries them. Chosen with the static sm_90a report
 # (python -m bench.static_sm90) so that they compile for sm_90a without register spills for the
-# benchmark networks (3 x 256 and 3 x 512, obs 17, action 6) in integrate, consistency and act;
-# the report says where that is not met. What bounds the tile: the accumulator of a pair's second
-# layer ([HP, BM] float32, registers), the pair's first-layer block [BN, BM], and for TF32x3 the
-# high / low halves of every operand.
+# benchmark networks (3 x 256 and 3 x 512, obs 17, action 6) in integrate, consistency and act
+# (act beyond _ACT_MAX_ROWS candidates is not offered). What bounds the tile: the accumulator of a
+# pair's second layer ([HP, BM] float32, registers), the pair's first-layer block [BN, BM], and for
+# TF32x3 the high / low halves of every operand (the float32 precisions split the first dot's K,
+# mlp._pre). Measured on 2026-12-02 (ptxas of Triton 3.9): TF32x3 64-row tiles at width 512 spill
+# (48 / 60 B, and 304 KB of shared memory), IEEE 64-row act tiles at width 256 too (276 / 224 B).
 _CONFIGS = {
     (256, PREC_HALF): {128: [(16, 8, 2), (16, 8, 1)], 64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)],
                        16: [(32, 4, 2), (64, 4, 2)]},
     (256, PREC_TF32): {64: [(32, 8, 2), (16, 8, 2)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
     (256, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)]},
-    (256, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+    (256, PREC_IEEE): {64: [(16, 8, 1)], 32: [(16, 8, 1)], 16: [(16, 8, 1)]},
     (512, PREC_HALF): {64: [(16, 8, 2), (16, 8, 1)], 32: [(32, 4, 2)], 16: [(32, 4, 2)]},
     (512, PREC_TF32): {32: [(16, 8, 2)], 16: [(16, 4, 2)]},
-    (512, PREC_TF32X3): {64: [(16, 8, 1)], 32: [(16, 8, 1)]},
-    (512, PREC_IEEE): {64: [(16, 8, 1)], 16: [(16, 8, 1)]},
+    (512, PREC_TF32X3): {32: [(16, 8, 1)]},
+    (512, PREC_IEEE): {32: [(16, 8, 1)], 16: [(16, 8, 1)]},
 }
 
 
@@ -148,9 +153,37 @@ def _width_class(hs: int) -> int:
 # big enough (act may need more rows: a tile holds all candidates of a state; configs_for then uses
 # the configurations of the largest listed bucket below it).
 # act's tiles (the critic runs after the sampler, more values live) stop at 64 rows.
-_MAX_BM = {(256, PREC_HALF): 128, (256, PREC_TF32): 64, (256, PREC_TF32X3): 32, (256, PREC_IEEE): 16,
-           (512, PREC_HALF): 64, (512, PREC_TF32): 32, (512, PREC_TF32X3): 32, (512, PREC_IEEE): 16}
+_MAX_BM = {(256, PREC_HALF): 128, (256, PREC_TF32): 64, (256, PREC_TF32X3): 64, (256, PREC_IEEE): 64,
+           (512, PREC_HALF): 64, (512, PREC_TF32): 32, (512, PREC_TF32X3): 32, (512, PREC_IEEE): 32}
 MAX_BM_ACT = 64
+
+# The most rows of an act tile per (width class, precision) that compile for sm_90a without spills
+# or local memory (the static report, with the twin critic after the sampler): choose_bm caps act's
+# tiles there, and since a tile holds whole states (KP = next_pow2(num_candidates) rows each),
+# more candidates than that are not offered on a GPU (sampler.supports_act gives the reason and
+# dispatch takes the next backend): a 64-row act tile spills in IEEE float32 at width 256
+# (276 / 224 B) and at width 512 in TF32 (16 B of stack) and TF32x3 (136 B, and 304 KB of shared
+# memory); 128-row tiles spill in bf16 (48 B).
+_ACT_MAX_ROWS = {(256, PREC_HALF): 64, (256, PREC_TF32): 64, (256, PREC_TF32X3): 64, (256, PREC_IEEE): 32,
+                 (512, PREC_HALF): 64, (512, PREC_TF32): 32, (512, PREC_TF32X3): 32, (512, PREC_IEEE): 32}
+_PREC_NAMES = {PREC_HALF: "bf16 / fp16", PREC_TF32: "float32 TF32", PREC_TF32X3: "float32 TF32x3",
+               PREC_IEEE: "IEEE float32"}
+
+
+def act_candidates_reason(hidden: int, num_candidates: int, dtype, device) -> str:
+    """Why the fused act is not offered for this many candidates (empty when it is): see _ACT_MAX_ROWS.
+    ``hidden``: the wider of the policy and the critic. Nothing to check under the interpreter or off
+    CUDA, or for at most 32 candidates (every width and precision has a spill-free 32-row act tile)."""
+    if num_candidates <= 32 or device is None or device.type != "cuda" or interpret():
+        return ""
+    p = prec(dtype, device)
+    w = _width_class(hidden)
+    cap = _ACT_MAX_ROWS[(w, p)]
+    if next_pow2(num_candidates) <= cap:
+        return ""
+    return (f"num_candidates = {num_candidates} needs a {next_pow2(num_candidates)}-row act tile, and in "
+            f"{_PREC_NAMES[p]} at hidden width {hidden} the fused kernel's act tiles above {cap} rows spill "
+            f"registers on sm_90 (at most {cap} candidates here)")
 
 
 def max_bm(hs: int, precision: int) -> int:
@@ -225,7 +258,7 @@ def choose_bm(rows: int, min_rows: int, hs: int, programs: int, precision: int =
     so the batch size never triggers more than 4 compilations."""
     cap = max_bm(hs, precision)
     if group:
-        cap = min(cap, MAX_BM_ACT)
+        cap = min(cap, MAX_BM_ACT, _ACT_MAX_ROWS[(_width_class(hs), precision)])
     bm = min_bm(hs, precision)
     for cand in (32, 64, 128):
         if cand <= cap and triton.cdiv(rows, cand) >= max(1, programs // 2):

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..nets import ConditionalMLP, DoubleCritic
 from .mlp import ACT_CODES
-from .sampler_launch import interpret
+from .sampler_launch import act_candidates_reason, interpret
 from .sampler_pack import _PACKS
 
 MAX_HIDDEN = 512
@@ -148,6 +148,11 @@ def supports_act(net=None, critic=None, obs=None, num_candidates=None, noise=Non
     if isinstance(num_candidates, int) and num_candidates > MAX_CANDIDATES:
         out.append(f"num_candidates = {num_candidates} > {MAX_CANDIDATES} (one program holds all of a state's "
                    "candidates)")
+    elif isinstance(num_candidates, int) and isinstance(net, ConditionalMLP) and isinstance(critic, DoubleCritic) \
+            and torch.is_tensor(obs):
+        r = act_candidates_reason(max(net.hidden, critic.hidden), num_candidates, obs.dtype, obs.device)
+        if r:
+            out.append(r)
     return out
 
 
@@ -197,7 +202,8 @@ def _fast_act(net=None, critic=None, obs=None, num_candidates=None, noise=None, 
     if critic.__class__ is DoubleCritic and not critic.layer_norm and num_candidates.__class__ is int \
             and num_candidates <= MAX_CANDIDATES and _plain_call(net, noise if noise is not None else obs, obs) \
             and critic.hidden <= MAX_HIDDEN and 1 <= critic.depth <= MAX_DEPTH and critic.activation in ACT_CODES \
-            and critic.act_dim == net.act_dim and critic.obs_dim == net.obs_dim:
+            and critic.act_dim == net.act_dim and critic.obs_dim == net.obs_dim \
+            and not act_candidates_reason(max(net.hidden, critic.hidden), num_candidates, obs.dtype, obs.device):
         ents = _PACKS.get(critic)
         e = ents.get((torch.float32, obs.device)) if ents is not None else None
         if e is not None and e.ok:
