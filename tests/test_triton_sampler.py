@@ -21,6 +21,7 @@ from qipo_kernels.reference import ode as ref_ode
 from qipo_kernels.triton import sampler as ts
 from qipo_kernels.triton import sampler_launch as tl_launch
 from qipo_kernels.triton import sampler_pack as tpack
+from qipo_kernels.triton import sampler_supports
 from qipo_kernels.triton.sampler_kernel import cos_2pi, philox_randn
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -694,7 +695,7 @@ def test_act_is_not_offered_where_its_tile_would_spill(monkeypatch):
         seen.append((hidden, k, dtype))
         return "tile spills" if k > 32 else ""
 
-    monkeypatch.setattr(ts, "act_candidates_reason", reason)
+    monkeypatch.setattr(sampler_supports, "act_candidates_reason", reason)
     net = _net(A=6, S=17, H=24, depth=2)
     torch.manual_seed(3)
     critic = DoubleCritic(17, 6, hidden=40, depth=2, activation="mish")
