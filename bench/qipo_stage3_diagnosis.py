@@ -55,6 +55,9 @@ VARIANTS = {
     "keep_data": dict(beta=3.0, keep_data_action=True),
     "batch": dict(beta=3.0, normalize="batch"),
     "beta1": dict(beta=1.0),
+    # diagnostic only (not an algorithm option): self-distillation on the same support samples before the
+    # sampler's final clamp to [-1, 1] (same noise, so the clamped version is the shared support)
+    "uniform_noclip": dict(beta=1e-6, noclip=True),
 }
 SAT = 0.999
 
@@ -184,17 +187,54 @@ def sampler_check(tr, sup, n=2048):
                 "saturated": float((x.abs() >= SAT).float().mean()),
                 "dist_state_mean_to_data": float((x.mean(1) - d.actions[:n]).norm(dim=-1).mean())}
     r = {"renewal": summ(ren), "eval_sampler": summ(ev), "torch_sampler": summ(ref)}
-    # per-state mean difference, in units of the within-state s.e. of a 64-sample mean
-    se = (ren.var(1) / M + ev.var(1) / M).sqrt().clamp_min(1e-6)
-    r["per_state_mean_z_renewal_vs_eval"] = {"rms": float(((ren.mean(1) - ev.mean(1)) / se).pow(2).mean().sqrt())}
-    se2 = (ren.var(1) / M + ref.var(1) / M).sqrt().clamp_min(1e-6)
-    r["per_state_mean_z_renewal_vs_torch"] = {"rms": float(((ren.mean(1) - ref.mean(1)) / se2).pow(2).mean().sqrt())}
+    # per-state mean difference over the s.e. of a difference of two M-sample means, the within-state
+    # variance pooled over states (~1 when both draws come from one distribution; per-state variances
+    # would divide by ~0 where a state's samples all sit at the bound)
+    for other, x in (("eval", ev), ("torch", ref)):
+        se = float((ren.var(1).mean() / M + x.var(1).mean() / M).sqrt())
+        r[f"rms_state_mean_diff_over_se_renewal_vs_{other}"] = float((ren.mean(1) - x.mean(1)).pow(2).mean().sqrt()) / max(se, 1e-12)
     return r
+
+
+@torch.no_grad()
+def unclamped_support(tr, M):
+    """The first support's samples before the clamp: the renewal's noise key, policy.sample(clip=False)."""
+    from qipo_kernels.algos.distributed import block_noise, stream_id
+
+    obs, cfg = tr.dataset.obs, tr.cfg
+    key = (int(cfg.seed), stream_id("renew-support"), tr.P + tr.Q)
+    out = []
+    for i in range(0, len(obs), cfg.renew_chunk):
+        j = min(i + cfg.renew_chunk, len(obs))
+        noise = block_noise(key, i, j, (M, tr.ema.act_dim), obs.dtype, obs.device)
+        out.append(tr.behaviour.sample(obs[i:j], M, noise=noise, clip=False, backend=cfg.backend))
+    return torch.cat(out)
+
+
+def unchecked_loss(pol, obs, actions, gen):
+    """Plain (uniform-weight) flow-matching loss without the [-1, 1] range check (reference formulas)."""
+    from qipo_kernels.reference.loss import _flow_matching_loss
+    from qipo_kernels.reference.paths import _flow_path
+
+    B, M, A = actions.shape
+    t = torch.rand((B, M), generator=gen)
+    z = torch.randn((B, M, A), generator=gen)
+    x_t, _ = _flow_path(actions, z, t, pol.path)
+    pred = pol.net(x_t.reshape(B * M, A), t.reshape(B * M), obs.repeat_interleave(M, dim=0)).reshape(B, M, A)
+    return _flow_matching_loss(pred, actions, z, t, pol.path, None, 1.0, "support", None)
 
 
 def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed):
     v = VARIANTS[name]
     cfg, d = tr.cfg, tr.dataset
+    if v.get("noclip"):
+        t0 = cpu_s()
+        raw = unclamped_support(tr, sup.shape[1])
+        info = {"cpu_s": round(cpu_s() - t0, 1), "frac_beyond_1": float((raw.abs() > 1).float().mean()),
+                "clamped_max_abs_diff_to_shared": float((raw.clamp(-1, 1) - sup).abs().max()),
+                "max_abs": float(raw.abs().max())}
+        print(f"  unclamped support: {info}", flush=True)
+        sup = raw
     hard_update(tr.policy, tr.behaviour)
     hard_update(tr.ema, tr.behaviour)
     opt = torch.optim.Adam(tr.policy.parameters(), lr=cfg.policy_lr)
@@ -208,10 +248,13 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed):
                                  for i in range(0, len(d.actions), 8192)])
     start = tr.P + tr.Q
     pts, losses, t_train, renewals = [], [], 0.0, []
+    info = info if v.get("noclip") else None
     for k in range(1, steps + 1):
         t0 = cpu_s()
         tr.step = start + k - 1
         if k > 1 and (k - 1) % cfg.renew_every == 0 and not v.get("bc"):
+            if v.get("noclip"):
+                raise SystemExit("uniform_noclip has no renewal: use --steps <= renew_every")
             # a support renewal from this variant's EMA, as the trainer does (the run's noise key)
             tr._renew_support()
             sup, q = tr.support, tr.support_q
@@ -228,6 +271,8 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed):
         idx = tr._idx(cfg.policy_batch)
         if v.get("bc"):
             loss = flow_loss(tr, tr.policy, d.obs[idx], d.actions[idx])
+        elif v.get("noclip"):
+            loss = unchecked_loss(tr.policy, d.obs[idx], sup[idx], tr.gen)
         else:
             loss = flow_loss(tr, tr.policy, d.obs[idx], sup[idx], energy=q[idx], beta=v["beta"],
                              normalize=v.get("normalize", "support"), backend=cfg.backend)
@@ -236,13 +281,14 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed):
         opt.step()
         polyak(tr.ema, tr.policy, cfg.ema_tau)
         t_train += cpu_s() - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if k in eval_at:
             p = evaluate(tr, start + k, episodes)
             p["loss_last100"] = float(np.mean(losses[-100:]))
             pts.append(p)
             print(f"  {name} step {k}: {p['normalized']:.1f} ± {p['se']:.1f}  (train {t_train:.0f} CPU-s)", flush=True)
-    return {"variant": name, "settings": v, "points": pts, "train_cpu_s": round(t_train, 1), "renewals": renewals}
+    return {"variant": name, "settings": v, "points": pts, "train_cpu_s": round(t_train, 1), "renewals": renewals,
+            **({"unclamped_support": info} if info is not None else {})}
 
 
 def compare_checkpoints(paths, episodes, ds=None):
