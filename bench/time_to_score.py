@@ -66,7 +66,7 @@ def run(a):
                                                           tensorboard=False)})
         tr = QIPO(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
     curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
-             "budget_s": a.budget_s,
+             "budget_s": a.budget_s, "final_episodes": a.final_episodes,
              "behaviour_normalized": None, "points": [], "command": " ".join(sys.argv),
              "config": {k: v for k, v in vars(cfg).items()}}
     curve["ref"] = [ds.ref_min_score, ds.ref_max_score]
@@ -81,7 +81,7 @@ def run(a):
 
     def callback(t, metrics):
         if a.algo == "qipo" and t.step == t.P:  # the behaviour model, at the end of stage 1
-            curve["points"].append(_point(t, t.evaluate(), "behaviour"))
+            curve["points"].append(_point(t, t.evaluate(num_episodes=a.final_episodes), "behaviour"))
             save()
         for h in t.eval_history:
             if h["step"] == t.step and not any(p["step"] == t.step and p["tag"] == "train" for p in curve["points"]):
@@ -99,7 +99,7 @@ def run(a):
         tr.fit(resume=False)
     except StopTraining:
         pass
-    res = tr.evaluate()
+    res = tr.evaluate(num_episodes=a.final_episodes)
     curve["points"].append(_point(tr, res, "final"))
     curve["final"] = curve["points"][-1]
     save()
@@ -118,8 +118,8 @@ def report(a):
              "evaluation episodes of all seeds (s.e. of the seed means in brackets when there are >= 2 seeds). "
              "CPU seconds are the process CPU time of the train steps (evaluation excluded). The machine's 2 cores "
              "were shared with other jobs: wall time was ~3-5x the CPU time.", "",
-             "| algorithm | dataset | behaviour (data) | seeds | steps | train CPU-s | QIPO behaviour model | final score | best evaluation on the curve |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| algorithm | dataset | behaviour (data) | seeds | steps | train CPU-s | QIPO behaviour model | final score | final episodes per seed | best evaluation on the curve |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (algo, dataset), cs in sorted(groups.items()):
         done = [c for c in cs if "final" in c]
         if not done:  # killed before its final evaluation: one row per run, up to its last evaluation
@@ -137,7 +137,8 @@ def report(a):
         best = [_best(c) for c in cs]
         lines.append(f"| {algo} | {dataset} | {cs[0]['behaviour_normalized']:.1f} | {len(finals)} | "
                      f"{int(np.mean([f['step'] for f in finals]))} | {np.mean([f['cpu_s'] for f in finals]):.0f} | "
-                     f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {np.mean(best):.1f} |")
+                     f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {'/'.join(str(f['episodes']) for f in finals)} | "
+                     f"{np.mean(best):.1f} |")
     lines += ["", "Commands (one per run):", ""] + [f"    {c['command']}" for c in curves]
     with open(os.path.join(a.out, "README.md") + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -199,7 +200,7 @@ def _partial_row(algo, dataset, c) -> str:
     p = c["points"][-1]
     best = [q["normalized"] for q in c["points"] if q["normalized"] is not None]
     return (f"| {algo} | {dataset} | {c['behaviour_normalized']:.1f} | 1 | {p['step']} | {p['cpu_s']:.0f} | "
-            f"{_behaviour_cell(c['points'])} | not reached: the run was stopped before its next evaluation | "
+            f"{_behaviour_cell(c['points'])} | not reached: the run was stopped before its next evaluation | - | "
             f"{f'{max(best):.1f} (so far)' if best else '-'} |")
 
 
@@ -230,7 +231,10 @@ def main(argv=None):
     r.add_argument("--budget-s", type=float, default=1800.0, help="train CPU seconds")
     r.add_argument("--wall-limit-s", type=float, default=None, help="also stop after this many wall seconds")
     r.add_argument("--eval-every", type=int, default=1000)
-    r.add_argument("--episodes", type=int, default=5)
+    r.add_argument("--episodes", type=int, default=5, help="episodes of each evaluation during training")
+    r.add_argument("--final-episodes", type=int, default=30,
+                   help="episodes of the final evaluation and of QIPO's behaviour-model evaluation (Walker2d: "
+                        "5 episodes gave s.e. up to 14 points, bench/results/qipo_stage3_diagnosis.md)")
     r.add_argument("--preset", default="cpu-quick", help="QIPO preset (QIPO_PRESETS)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="QIPO: a QIPOConfig override after the preset (a diagnostic run; named and grouped apart)")

@@ -101,10 +101,10 @@ def test_time_to_score_partial_runs_show_the_behaviour_model_only_from_stage_1(t
             if ln.startswith("| ") and "---" not in ln and "algorithm" not in ln]
     by_ds = {r[1]: r for r in rows}
     assert len(rows) == 3  # the run without any evaluation has no row
-    # columns: algorithm, dataset, behaviour (data), seeds, steps, CPU-s, QIPO behaviour model, final, best
+    # columns: algorithm, dataset, behaviour (data), seeds, steps, CPU-s, QIPO behaviour model, final, final episodes per seed, best
     assert by_ds["d/a/v0"][4:7] == ["300", "300", "44.4 (at 200 CPU-s)"]
     assert by_ds["d/b/v0"][4:7] == ["100", "100", "-"]
     assert by_ds["d/c/v0"][6] == "-"
     for r in rows:
         assert "(train)" not in " | ".join(r) and r[7].startswith("not reached")
-    assert by_ds["d/a/v0"][8] == "44.4 (so far) |" and by_ds["d/b/v0"][8] == "17.7 (so far) |"
+    assert by_ds["d/a/v0"][8] == "-" and by_ds["d/a/v0"][9] == "44.4 (so far) |" and by_ds["d/b/v0"][9] == "17.7 (so far) |"

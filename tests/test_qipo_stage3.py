@@ -1,0 +1,176 @@
+"""QIPO stage 3 (policy improvement): the renewal sampler, the fused weighted loss at the stage-3 shape,
+bench/qipo_stage3_diagnosis.py, and time_to_score's final / behaviour evaluations (issue 10)."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from qipo_kernels import backends, data
+from qipo_kernels.algos import QIPO, QIPOConfig
+from qipo_kernels.algos.distributed import block_noise, stream_id
+from qipo_kernels.policies import FlowPolicy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import qipo_stage3_diagnosis as D  # noqa: E402
+from bench import time_to_score as T  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HAVE_CPP = not backends.backend_reasons("cpp", "cpu")
+
+
+@pytest.fixture(scope="module")
+def small_ds():
+    """400 synthetic transitions, S = 5, A = 3, about a third of the action coordinates at the bound."""
+    rng = np.random.default_rng(0)
+    n, S, A = 400, 5, 3
+    obs = rng.normal(size=(n, S))
+    act = np.clip(1.5 * np.tanh(obs[:, :A]) + 0.3 * rng.normal(size=(n, A)), -1, 1)
+    rew = -np.sum(obs ** 2, 1)
+    nobs = obs + 0.1 * rng.normal(size=obs.shape)
+    term, trunc = np.zeros(n), np.zeros(n)
+    trunc[199::200] = 1
+    return data.OfflineDataset.from_arrays(obs, act, rew, nobs, term, trunc, action_low=-np.ones(A),
+                                           action_high=np.ones(A), dataset_id="small", env_id="none")
+
+
+def _cfg(**kw):
+    c = dict(hidden=16, depth=2, critic_hidden=16, critic_depth=2, pretrain_steps=4, pretrain_batch=32, q_steps=4,
+             q_batch=32, q_support=3, q_support_refresh=4, policy_steps=4, policy_batch=16, num_support=8,
+             renew_every=10, renew_chunk=96, sample_steps=3, eval_episodes=0, log_every=4, checkpoint_every=0,
+             tensorboard=False)
+    c.update(kw)
+    return QIPOConfig(**c)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_renewal_draws_the_evaluation_samplers_samples(small_ds, tmp_path, backend):
+    """A renewed support set is policy.sample (ot-eps: the t0 = 0.05 start scale included) on the run's
+    block noise, state by state, whatever the chunking: the stage-3 training data are the policy's own
+    samples, the ones evaluation draws."""
+    tr = QIPO(small_ds, _cfg(backend=backend, renew_chunk=96), out_dir=str(tmp_path), progress_bar=False)
+    tr.step = tr.P + tr.Q
+    tr._renew_support()
+    M, A = tr.cfg.num_support, small_ds.act_dim
+    assert tr.ema.path == "ot-eps" and tr.ema.start_noise_scale() < 1.0
+    key = (int(tr.cfg.seed), stream_id("renew-support"), tr.step)
+    noise = block_noise(key, 0, len(small_ds), (M, A), torch.float32, torch.device("cpu"))
+    ref = tr.ema.sample(small_ds.obs, M, noise=noise, backend="torch")
+    torch.testing.assert_close(tr.support, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        q = tr.critic.q_min(small_ds.obs.repeat_interleave(M, 0), ref.reshape(-1, A)).reshape(-1, M)
+    torch.testing.assert_close(tr.support_q, q, atol=1e-5, rtol=1e-5)
+    # the same sample when the start scale were dropped would differ (the check above can fail)
+    unscaled = FlowPolicy.sample(tr.ema, small_ds.obs[:4], M, noise=noise[:4] / tr.ema.start_noise_scale(),
+                                 backend="torch")
+    assert not torch.allclose(unscaled, ref[:4], atol=1e-3)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="the C++ extension is not built here")
+@pytest.mark.parametrize("normalize", ["support", "batch"])
+def test_stage3_loss_gradient_auto_matches_torch_at_the_stage3_shape(normalize):
+    """The energy-weighted loss and its gradient on [B=128, M=64, A=6] with Q-like energies: backend
+    "auto" (the C++ kernel) against the plain-PyTorch reference, same t and noise."""
+    g = torch.Generator().manual_seed(0)
+    B, M, S, A = 128, 64, 17, 6
+    pol = FlowPolicy(S, A, hidden=32, depth=2, path="ot-eps")
+    obs = torch.randn(B, S, generator=g)
+    act = (1.3 * torch.randn(B, M, A, generator=g)).clamp(-1, 1)  # a third saturated, as the walker data
+    energy = 20 + 0.3 * torch.randn(B, M, generator=g) + torch.randn(B, 1, generator=g)
+    t, z = torch.rand(B, M, generator=g), torch.randn(B, M, A, generator=g)
+    out = {}
+    for be in ("torch", "auto"):
+        pol.zero_grad(set_to_none=True)
+        loss = pol.loss(obs, act, energy=energy, beta=3.0, normalize=normalize, t=t, noise=z, backend=be)
+        loss.backward()
+        out[be] = (loss.detach(), [p.grad.clone() for p in pol.parameters()])
+    torch.testing.assert_close(out["auto"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out["auto"][1], out["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_stage3_diagnosis_script_on_a_tiny_run(demo_minari_root, tmp_path):
+    """bench/qipo_stage3_diagnosis.py end to end on a finished tiny run: the shared (cached) support, its
+    statistics, the gradient and sampler checks, every variant's evaluations, the checkpoint comparison."""
+    cfg = QIPOConfig(path="ot-eps", hidden=16, depth=2, critic_hidden=16, critic_depth=2, sample_steps=2,
+                     pretrain_steps=6, pretrain_batch=32, q_steps=4, q_batch=32, q_support=2, q_support_refresh=4,
+                     policy_steps=2, policy_batch=8, num_support=4, renew_every=50, renew_chunk=64,
+                     eval_episodes=0, checkpoint_every=0, tensorboard=False)
+    ds = data.load_minari(data.DEMO_DATASET_ID)
+    run = tmp_path / "run"
+    QIPO(ds, cfg, out_dir=str(run), progress_bar=False).fit()
+    ck = str(run / "checkpoint.pt")
+    out, cache = str(tmp_path / "diag"), str(tmp_path / "cache" / "support.pt")
+    args = ["--ckpt", ck, "--steps", "4", "--eval-at", "2", "4", "--episodes", "1", "--cache", cache,
+            "--variants", "uniform", "bc", "keep_data", "uniform_noclip", "--out", out,
+            "--compare", ck, "--compare-episodes", "1"]
+    D.main(args)
+    res = json.load(open(out + ".json"))
+    assert os.path.exists(cache) and res["support_cached"] is False
+    assert [r["variant"] for r in res["variants"]] == ["uniform", "bc", "keep_data", "uniform_noclip"]
+    for r in res["variants"]:
+        assert [p["step"] for p in r["points"]] == [2, 4]
+        for p in r["points"]:
+            assert math.isfinite(p["normalized"]) and 0.0 <= p["drift"]["saturated"] <= 1.0
+            assert math.isfinite(p["drift"]["data_fm_loss"]) and math.isfinite(p["loss_last100"])
+    st = res["support_stats"]
+    for b in ("3", "1"):
+        assert 1.0 <= st[f"ess_beta{b}"]["mean"] <= cfg.num_support + 1e-4
+    assert 0.0 <= st["saturated_support"] <= 1.0 and 0.0 <= st["saturated_data"] <= 1.0
+    assert 0.0 <= st["data_action_rank"]["mean_samples_above"] <= cfg.num_support
+    for v in res["grad_check"].values():
+        assert v["grad_rel_l2"] < 1e-4
+    assert res["sampler_check"]["rms_state_mean_diff_over_se_renewal_vs_torch"] < 3.0
+    # the unclamped support is the shared support before its clamp (same noise)
+    assert res["variants"][3]["unclamped_support"]["clamped_max_abs_diff_to_shared"] < 1e-5
+    (cmp,) = res["compare"]
+    assert cmp["ckpt"] == ck and cmp["behaviour"]["episodes"] == 1 and cmp["final_ema"]["episodes"] == 1
+    md = open(out + ".md").read()
+    assert "| uniform_noclip |" in md and "behaviour model vs final EMA" in md
+    # a second call reuses the cached support
+    D.main(args[:-3] + ["--variants", "bc", "--skip-checks"])
+    assert json.load(open(out + ".json"))["support_cached"] is True
+
+
+def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_path, monkeypatch):
+    """The behaviour-model and final points use --final-episodes, the training curve --episodes (with 5
+    episodes on Walker2d the s.e. reached 14 points and a lucky behaviour-model reading of 51.1 stood for
+    a model that scores 28.0 ± 2.8 over 50)."""
+    calls = []
+
+    class FakeDS:
+        ref_min_score, ref_max_score = 0.0, 100.0
+        episode_returns = np.array([30.0, 34.0])
+
+    class FakeQIPO:
+        def __init__(self, ds, cfg, out_dir, progress_bar):
+            self.cfg, self.P, self.step = cfg, 2, 0
+            self.train_time = self.train_wall_time = 0.0
+            self.eval_history, self.callback = [], None
+
+        def evaluate(self, num_episodes=None):
+            n = num_episodes or self.cfg.eval_episodes
+            calls.append((self.step, n))
+            return {"episodes": n, "normalized_mean": 40.0, "normalized_std": 2.0, "returns": [40.0] * n}
+
+        def fit(self, resume=False):
+            for self.step in range(1, 5):
+                if self.step == 3:
+                    self.eval_history.append({"step": 3, "episodes": self.cfg.eval_episodes, "normalized_mean": 41.0,
+                                              "normalized_std": 1.0, "train_time_s": 0.1, "train_wall_s": 0.1})
+                self.callback(self, {})
+
+    monkeypatch.setattr(T, "QIPO", FakeQIPO)
+    monkeypatch.setattr(T, "load_minari", lambda _id: FakeDS())
+    T.main(["run", "--algo", "qipo", "--dataset", "d/x/v0", "--episodes", "3", "--final-episodes", "7",
+            "--out", str(tmp_path)])
+    assert calls == [(2, 7), (4, 7)]
+    c = json.load(open(tmp_path / "qipo-cpu-quick-x-s0" / "curve.json"))
+    assert [(p["tag"], p["episodes"]) for p in c["points"]] == [("behaviour", 7), ("train", 3), ("final", 7)]
+    assert c["final_episodes"] == 7 and c["config"]["eval_episodes"] == 3
