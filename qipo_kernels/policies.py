@@ -33,7 +33,7 @@ from . import _checks as C
 from . import ops
 from .nets import ConditionalMLP
 from .reference.consistency import NUM_SCALES, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
-from .reference.ode import NOISE_SOLVERS, SOLVERS, VELOCITY_SOLVERS, start_noise_scale
+from .reference.ode import NOISE_SOLVERS, SOLVERS, VELOCITY_SOLVERS, start_noise, start_noise_scale
 from .reference.paths import PATHS, VP_EPS
 from .reference.select import SELECT_MODES
 
@@ -249,9 +249,7 @@ class FlowPolicy(nn.Module):
             raise TypeError(f"grad must be a bool, got {type(grad).__name__}")
         steps = self.steps if steps is None else C.positive_int("steps", steps)
         solver = self._solver(solver)
-        noise = _initial_noise(self, obs, num_samples, noise, generator)
-        if self.t0 > 0.0:
-            noise = noise * self.start_noise_scale()
+        noise = start_noise(_initial_noise(self, obs, num_samples, noise, generator), self.t0, self.path)
         path = None if self.path == "ot" else self.path
         if grad:
             out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver, t0=self.t0, path=path,
@@ -573,7 +571,7 @@ class Sampler:
         noise = torch.randn(shape, dtype=obs.dtype, device=obs.device, generator=self.generator)
         try:
             if self.kind == "flow":
-                x0 = noise * pol.start_noise_scale() if pol.t0 > 0.0 else noise
+                x0 = start_noise(noise, pol.t0, pol.path)
                 out = impl(self.net, x0, obs, self.steps, pol._solver(self.solver), pol.t0, 1.0,
                            None if pol.path == "ot" else pol.path, False).clamp_(-1.0, 1.0)
             elif self.kind == "ddpm":
