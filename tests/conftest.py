@@ -24,6 +24,17 @@ TOL = {
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def need_backend(backend: str) -> None:
+    """Skip the calling test when ``backend`` cannot run on the CPU here ("torch" and "auto" always can)."""
+    if backend in ("torch", "auto"):
+        return
+    from qipo_kernels import backends
+
+    why = backends.backend_reasons(backend, torch.device("cpu"))
+    if why:
+        pytest.skip(f"{backend} unavailable here: " + "; ".join(why))
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import poison_fast_outputs
+from conftest import need_backend, poison_fast_outputs
 from qipo_kernels import backends, ops
 from qipo_kernels.nets import ConditionalMLP, DoubleCritic
 from qipo_kernels.policies import OT_EPS_SAMPLE_T0, FlowPolicy, make_sampler
@@ -18,14 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = [b for b in ("cpp", "triton") if not backends.backend_reasons(b, torch.device("cpu"))]
 T0S = [0.0, OT_EPS_SAMPLE_T0, 0.1372]
-
-
-def _need(backend):
-    if backend in ("torch", "auto"):
-        return
-    why = backends.backend_reasons(backend, torch.device("cpu"))
-    if why:
-        pytest.skip(f"{backend} unavailable here: " + "; ".join(why))
 
 
 def _nets(seed, A=6, S=17, H=24, depth=2):

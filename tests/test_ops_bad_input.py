@@ -7,22 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import need_backend
+
 import qipo_kernels as qk
 from qipo_kernels import _checks as C
-from qipo_kernels import backends as _B
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BACKENDS = ["torch", "cpp", "triton", "auto"]
 FAST = ["torch", "cpp", "triton"]
-
-
-def need(backend):
-    if backend in ("torch", "auto"):
-        return
-    why = _B.backend_reasons(backend, torch.device("cpu"))
-    if why:
-        pytest.skip(f"{backend} unavailable here: " + "; ".join(why))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +34,7 @@ def obs():
 # ----------------------------------------------------------------------------------- act / select
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_act_refuses_a_velocity_solver_on_a_noise_path_as_integrate_does(nets, obs, backend):
-    need(backend)
+    need_backend(backend)
     net, critic = nets
     with pytest.raises(ValueError, match="solver 'euler' integrates a velocity field: path must be None or 'ot'"):
         qk.integrate(net, torch.randn(7, 4, 3), obs, solver="euler", path="vp", backend="torch")
@@ -54,7 +47,7 @@ def test_act_refuses_a_velocity_solver_on_a_noise_path_as_integrate_does(nets, o
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), -0.25, 1.0, 1.5, float("inf")])
 def test_uniform_outside_unit_interval_is_refused_by_act_and_select(nets, obs, backend, bad):
-    need(backend)
+    need_backend(backend)
     net, critic = nets
     u = torch.full((7,), 0.5, dtype=torch.float64)
     u[3] = bad
@@ -69,7 +62,7 @@ def test_uniform_outside_unit_interval_is_refused_by_act_and_select(nets, obs, b
 def test_tiny_temperature_picks_the_argmax_on_every_backend(backend):
     """(q - max q) / T: T = 1e-300 with q ~ 1e9 used to overflow q / T to inf (NaN softmax, index 0
     on torch) while cpp and triton took the argmax."""
-    need(backend)
+    need_backend(backend)
     g = torch.Generator().manual_seed(5)
     B, K = 17, 6
     q = 1e9 + 1e3 * torch.randn(B, K, generator=g)
@@ -106,7 +99,7 @@ def _diverged_critic(critic, value):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("mode", ["argmax", "softmax"])
 def test_act_raises_when_the_critic_returns_nonfinite_q(nets, obs, backend, value, mode):
-    need(backend)
+    need_backend(backend)
     net, critic = nets
     bad = _diverged_critic(critic, value)
     with torch.no_grad(), pytest.raises(ValueError, match=r"critic returned NaN or inf Q values for the candidates "
@@ -117,7 +110,7 @@ def test_act_raises_when_the_critic_returns_nonfinite_q(nets, obs, backend, valu
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "auto"])
 def test_act_raises_when_one_critic_head_returns_nan(nets, obs, backend):
     """min(Q1, Q2) keeps a NaN of either head (a NaN must not hide behind the other head's value)."""
-    need(backend)
+    need_backend(backend)
     net, critic = nets
     bad = qk.DoubleCritic(obs_dim=5, act_dim=3, hidden=32, depth=2).eval()
     bad.load_state_dict(critic.state_dict())
@@ -132,7 +125,7 @@ def test_act_raises_when_one_critic_head_returns_nan(nets, obs, backend):
 def test_act_names_the_states_whose_candidates_got_nonfinite_q(nets, obs, backend):
     """A NaN observation row makes that state's candidates and scores NaN: the error names it
     (the same message on the reference, the C++ and the Triton backend)."""
-    need(backend)
+    need_backend(backend)
     net, critic = nets
     o = obs.clone()
     o[2, 1] = float("nan")
@@ -147,7 +140,7 @@ def test_act_names_the_states_whose_candidates_got_nonfinite_q(nets, obs, backen
 def test_cpp_act_marks_nonfinite_states_in_the_kernel(nets, obs):
     """The C++ kernel itself writes index -1 (and a NaN action) for such a state, the finite ones as
     the reference picks them."""
-    need("cpp")
+    need_backend("cpp")
     from qipo_kernels import cpp
 
     net, critic = nets
@@ -177,7 +170,7 @@ def test_cpp_act_marks_nonfinite_states_in_the_kernel(nets, obs):
 # ----------------------------------------------------------------------------------- consistency
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigma_min_above_sigma_max_is_refused(nets, obs, backend):
-    need(backend)
+    need_backend(backend)
     net, _ = nets
     z = torch.randn(7, 3)
     for lo, hi in ((5.0, 1.0), (2.0, 2.0)):
@@ -189,7 +182,7 @@ def test_sigma_min_above_sigma_max_is_refused(nets, obs, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigma_max_past_the_float32_square_root_is_refused_and_below_it_works(nets, obs, backend):
-    need(backend)
+    need_backend(backend)
     net, _ = nets
     z = torch.randn(7, 3, generator=torch.Generator().manual_seed(3))
     lim = C.sigma_limit(torch.float32)
@@ -235,7 +228,7 @@ def test_consistency_loss_refuses_sigma_data_zero_and_an_empty_batch(nets, obs):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_inputs_of_another_dtype_than_the_net_get_a_clear_type_error(nets, obs, backend, dtype):
-    need(backend)
+    need_backend(backend)
     net, critic = nets
     o = obs.to(dtype)
     msg = rf"has dtype {dtype} but net's parameters are torch.float32: cast the input"
@@ -256,7 +249,7 @@ def test_inputs_of_another_dtype_than_the_net_get_a_clear_type_error(nets, obs, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_critic_of_another_dtype_gets_a_clear_type_error(obs, backend):
-    need(backend)
+    need_backend(backend)
     net = qk.ConditionalMLP(act_dim=3, obs_dim=5, hidden=16, depth=1).double()
     critic = qk.DoubleCritic(obs_dim=5, act_dim=3, hidden=16, depth=1)
     with torch.no_grad(), pytest.raises(TypeError, match="obs has dtype torch.float64 but critic's parameters are "
@@ -293,7 +286,7 @@ def test_module_dtype_reads_the_first_float_parameter():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_samples_per_state_is_refused_and_an_empty_batch_is_empty_everywhere(nets, obs, backend):
-    need(backend)
+    need_backend(backend)
     net, critic = nets
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"x0 must be \[B, K, A\] with K >= 1"):
@@ -337,7 +330,7 @@ def _truth(q, normalize, beta):
 def test_support_softmax_keeps_float32_precision_for_large_q(backend, normalize):
     """Q = 5e3 + N(0, 1), beta 3: beta * Q in float32 is off by up to half an ulp of 1.5e4 (5e-4),
     which moved the weights by 2e-4..6e-4 relative; beta * (Q - max Q) is exact to float32 rounding."""
-    need(backend)
+    need_backend(backend)
     B, M = 17, 33
     q = 5e3 + torch.randn(B, M, generator=torch.Generator().manual_seed(7))
     w, _ = _weights(backend, q, normalize, 3.0, B, M)
@@ -350,7 +343,7 @@ def test_support_softmax_keeps_float32_precision_for_large_q(backend, normalize)
 @pytest.mark.parametrize("normalize", ["support", "batch"])
 def test_beta_times_q_overflowing_float32_agrees_on_every_backend(backend, normalize):
     """beta * Q past float32's range: NaN on torch/triton before (inf - inf), 2.43 on cpp."""
-    need(backend)
+    need_backend(backend)
     q = torch.tensor([[3e38, 1e38, -3e38, 2.9e38], [1e38, 1e38, 0.0, -1.0]])
     w, loss = _weights(backend, q, normalize, 10.0, 2, 4)
     truth = _truth(q, normalize, 10.0)
@@ -362,7 +355,7 @@ def test_beta_times_q_overflowing_float32_agrees_on_every_backend(backend, norma
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_beta_past_float32_range_is_refused(backend):
-    need(backend)
+    need_backend(backend)
     p = torch.randn(2, 3, 2)
     with pytest.raises(ValueError, match="beta must be <= 3.402823e\\+38"):
         qk.weighted_fm_loss(p, p, torch.randn(2, 3), beta=1e39, backend=backend)
@@ -385,7 +378,7 @@ def test_half_energies_get_float32_weights_in_the_reference():
 def test_warm_calls_raise_as_the_first(nets, obs, backend):
     """The warm path (a remembered plan or solver check) raises what the first call raised: act with
     NaN-marked states, and a bool / float `steps` after an int one passed."""
-    need(backend)
+    need_backend(backend)
     net, critic = nets
     o = obs.clone()
     o[3, 0] = float("nan")
@@ -410,7 +403,7 @@ def test_warm_calls_raise_as_the_first(nets, obs, backend):
 def test_triton_act_marked_state_screen():
     """Triton act's NaN-marked-state check: one float32 sum screens; a finite sum that overflows
     (huge finite actions) raises nothing, a NaN / inf element names its state."""
-    need("triton")
+    need_backend("triton")
     from qipo_kernels.triton import sampler as ts
 
     ts._check_marked(torch.full((3, 6), 3e38), 3)

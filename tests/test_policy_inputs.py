@@ -4,6 +4,8 @@ path that gives the reference's samples for the same seed."""
 import pytest
 import torch
 
+from conftest import need_backend
+
 import qipo_kernels as qk
 from qipo_kernels import backends as _B
 from qipo_kernels.policies import ACTION_TOL, FlowPolicy
@@ -12,9 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def need_cpp():
-    why = _B.backend_reasons("cpp", torch.device("cpu"))
-    if why:
-        pytest.skip("cpp unavailable here: " + "; ".join(why))
+    need_backend("cpp")
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,22 @@ def _ln_critic(H, depth, shift, seed):
     return critic
 
 
+def _float64_candidates(net, critic, g, B, K, steps):
+    """obs [B, 17] and noise [B, K, 6] drawn from g; the candidates of ``steps`` Euler steps from that noise
+    (clamped, [B, K, 6]) and their min-Q scored in float64 ([B, K])."""
+    obs = torch.randn(B, 17, generator=g).to(DEV)
+    noise = torch.randn(B, K, 6, generator=g).to(DEV)
+    cand = ref_ode._integrate(net, noise, obs, steps, "euler", 0.0, 1.0, None, False).clamp(-1, 1)
+    q64 = copy.deepcopy(critic).double().q_min(obs.double().repeat_interleave(K, 0),
+                                               cand.double().reshape(B * K, -1)).reshape(B, K)
+    return obs, noise, cand, q64
+
+
+def _assert_no_near_tie(q64):
+    gap = q64.sort(1, descending=True).values
+    assert (gap[:, 0] - gap[:, 1]).min() > 1e-4, "test data: a near tie between the two best candidates"
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("H,shift", [(24, 0.0), (100, 30.0)])
 def test_layer_norm_critic_every_position(depth, H, shift, column_block):
@@ -113,17 +129,12 @@ def test_layer_norm_critic_every_position(depth, H, shift, column_block):
     critic = _ln_critic(H, depth, shift, seed=20 + depth)
     g = torch.Generator().manual_seed(40 + depth)
     B, K = 3, 5
-    obs = torch.randn(B, 17, generator=g).to(DEV)
-    noise = torch.randn(B, K, 6, generator=g).to(DEV)
+    # candidates and their scores from the float64 reference: the pick must be the float64 argmax
+    obs, noise, cand, q64 = _float64_candidates(net, critic, g, B, K, 2)
     args = (obs, K, "flow", 2, "euler", None, None, "argmax", 1.0, noise, None, None, None, True)
     ref = ops._act_ref(net, critic, *args)
     out = ops.act(net, critic, *args[:-1], backend="triton")
-    # candidates and their scores from the float64 reference: the pick must be the float64 argmax
-    cand = ref_ode._integrate(net, noise, obs, 2, "euler", 0.0, 1.0, None, False).clamp(-1, 1)
-    q64 = copy.deepcopy(critic).double().q_min(obs.double().repeat_interleave(K, 0),
-                                               cand.double().reshape(B * K, -1)).reshape(B, K)
-    gap = q64.sort(1, descending=True).values
-    assert (gap[:, 0] - gap[:, 1]).min() > 1e-4, "test data: a near tie between the two best candidates"
+    _assert_no_near_tie(q64)
     truth = cand[torch.arange(B), q64.argmax(1)]
     _close(out, ref, truth)
     assert torch.equal(_picked(out, cand), q64.argmax(1))  # the kernel picked the float64 best candidate
@@ -136,11 +147,7 @@ def test_critic_scores_match_float64_through_blocked_layer_norm(column_block, mo
     critic = _ln_critic(100, 3, 30.0, seed=7)
     g = torch.Generator().manual_seed(8)
     B, K = 4, 6
-    obs = torch.randn(B, 17, generator=g).to(DEV)
-    noise = torch.randn(B, K, 6, generator=g).to(DEV)
-    cand = ref_ode._integrate(net, noise, obs, 1, "euler", 0.0, 1.0, None, False).clamp(-1, 1)
-    q64 = copy.deepcopy(critic).double().q_min(obs.double().repeat_interleave(K, 0),
-                                               cand.double().reshape(B * K, -1)).reshape(B, K)
+    obs, noise, cand, q64 = _float64_candidates(net, critic, g, B, K, 1)
     temp = 0.05
     cdf = torch.softmax(q64 / temp, 1).cumsum(1)
     u = torch.empty(B, dtype=torch.float64)
@@ -256,13 +263,8 @@ def test_tf32x3_act_with_layer_norm_critic(tf32_products, monkeypatch):
     critic = _ln_critic(100, 3, 30.0, seed=23)
     g = torch.Generator().manual_seed(24)
     B, K = 3, 5
-    obs = torch.randn(B, 17, generator=g).to(DEV)
-    noise = torch.randn(B, K, 6, generator=g).to(DEV)
-    cand = ref_ode._integrate(net, noise, obs, 2, "euler", 0.0, 1.0, None, False).clamp(-1, 1)
-    q64 = copy.deepcopy(critic).double().q_min(obs.double().repeat_interleave(K, 0),
-                                               cand.double().reshape(B * K, -1)).reshape(B, K)
-    gap = q64.sort(1, descending=True).values
-    assert (gap[:, 0] - gap[:, 1]).min() > 1e-4, "test data: a near tie between the two best candidates"
+    obs, noise, cand, q64 = _float64_candidates(net, critic, g, B, K, 2)
+    _assert_no_near_tie(q64)
     _force_precision(monkeypatch, PREC_TF32X3)
     out = ops.act(net, critic, obs, num_candidates=K, sampler="flow", steps=2, solver="euler", mode="argmax",
                   noise=noise, backend="triton")
