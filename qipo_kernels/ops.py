@@ -229,7 +229,7 @@ def _check_act(net, critic, obs, num_candidates, sampler, steps, solver, path, s
     if sampler == "flow":
         # (as integrate: e.g. "euler" on path "vp" is refused; t0 a number in [0, 1) below 1 after the
         # path's clipping, the same message as integrate's)
-        _ode.check_solver(steps, solver, t0, 1.0, path)
+        _ode.check_solver(steps, solver, t0, 1.0, path, caller="act")
     elif isinstance(t0, bool) or not isinstance(t0, (int, float)) or t0 != 0:
         raise ValueError(f"t0 must be 0 for sampler={sampler!r} (a start time applies to sampler='flow' only), "
                          f"got {t0!r}")

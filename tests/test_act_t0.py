@@ -90,7 +90,7 @@ def test_act_from_t0_thousand_rows_and_drawn_noise(monkeypatch, backend):
                 _close(out, ref)
 
 
-BAD_T0 = [(-0.1, "t0 must be a float in [0, 1], got -0.1"), (1.0, "need t0 < t1, got t0=1.0, t1=1.0"),
+BAD_T0 = [(-0.1, "t0 must be a float in [0, 1], got -0.1"), (1.0, "t0 must be below 1 (act integrates from t0 to 1), got t0=1.0"),
           (float("nan"), "t0 must be a float in [0, 1], got nan"), (True, "t0 must be a float in [0, 1], got True"),
           ("0.05", "t0 must be a float in [0, 1], got '0.05'"), (float("inf"), "t0 must be a float in [0, 1], got inf"),
           (torch.tensor(0.05), "t0 must be a float in [0, 1], got tensor(0.0500)")]

@@ -114,8 +114,9 @@ _SOLVER_OK: set = set()
 _SOLVER_OK_MAX = 256
 
 
-def check_solver(steps, solver, t0, t1, path):
-    """steps, solver, (t0, t1) and path of a fixed-step integration (shared by integrate and sample)."""
+def check_solver(steps, solver, t0, t1, path, caller: str = "integrate"):
+    """steps, solver, (t0, t1) and path of a fixed-step integration (shared by integrate and sample;
+    ``caller="act"``: act has no t1 (it integrates from t0 to 1), so its message says t0 < 1)."""
     key = None
     if not torch.compiler.is_compiling():  # (torch.compile traces the checks themselves, no memo)
         try:
@@ -137,6 +138,9 @@ def check_solver(steps, solver, t0, t1, path):
                          f"use solver in {NOISE_SOLVERS} for noise-prediction paths")
     a, b = time_grid(steps, float(t0), float(t1), solver, path)
     if not a < b:
+        if caller == "act":
+            raise ValueError(f"t0 must be below 1 (act integrates from t0 to 1), got t0={t0} (after clipping the "
+                             f"path's singular ends: {a}, {b})")
         raise ValueError(f"need t0 < t1, got t0={t0}, t1={t1} (after clipping the path's singular ends: {a}, {b})")
     if key is not None and solver.__class__ is str and (path is None or path.__class__ is str):
         if len(_SOLVER_OK) >= _SOLVER_OK_MAX:
