@@ -35,6 +35,19 @@ def need_backend(backend: str) -> None:
         pytest.skip(f"{backend} unavailable here: " + "; ".join(why))
 
 
+def tiny_qipo_config(**overrides):
+    """A QIPOConfig small enough for a unit test (hidden 16, a few steps per stage, no evaluation, no
+    TensorBoard); ``overrides`` replace any field (test_algos, test_qipo_stage3)."""
+    from qipo_kernels.algos.qipo import QIPOConfig
+
+    c = dict(hidden=16, depth=2, critic_hidden=16, critic_depth=2, pretrain_steps=12, pretrain_batch=32, q_steps=12,
+             q_batch=32, q_support=3, q_support_refresh=5, policy_steps=12, policy_batch=16, num_support=4,
+             renew_every=5, renew_chunk=64, sample_steps=2, eval_episodes=0, log_every=4, checkpoint_every=5,
+             tensorboard=False)
+    c.update(overrides)
+    return QIPOConfig(**c)
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

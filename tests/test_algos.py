@@ -14,6 +14,8 @@ from qipo_kernels.algos import (CPQL, CPQL_TASK_DEFAULTS, QIPO, CPQLConfig, CPQL
 from qipo_kernels.algos.common import RunLogger, atomic_torch_save, atomic_write_json, parse_value
 from qipo_kernels.demo import DEMO_CPQL, DEMO_QIPO
 
+from conftest import tiny_qipo_config
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,13 +42,7 @@ def tiny_ds():
                                            action_high=np.array([2.0]), dataset_id="tiny", env_id="Pendulum-v1")
 
 
-def _qcfg(**kw):
-    c = dict(hidden=16, depth=2, critic_hidden=16, critic_depth=2, pretrain_steps=12, pretrain_batch=32, q_steps=12,
-             q_batch=32, q_support=3, q_support_refresh=5, policy_steps=12, policy_batch=16, num_support=4,
-             renew_every=5, renew_chunk=64, sample_steps=2, eval_episodes=0, log_every=4, checkpoint_every=5,
-             tensorboard=False)
-    c.update(kw)
-    return QIPOConfig(**c)
+_qcfg = tiny_qipo_config
 
 
 def _ccfg(**kw):

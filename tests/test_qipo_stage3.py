@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from qipo_kernels import backends, data
-from qipo_kernels.algos import QIPO, QIPOConfig
+from qipo_kernels.algos import QIPO
 from qipo_kernels.algos.distributed import block_noise, stream_id
 from qipo_kernels.policies import FlowPolicy
+
+from conftest import tiny_qipo_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -41,12 +43,10 @@ def small_ds():
 
 
 def _cfg(**kw):
-    c = dict(hidden=16, depth=2, critic_hidden=16, critic_depth=2, pretrain_steps=4, pretrain_batch=32, q_steps=4,
-             q_batch=32, q_support=3, q_support_refresh=4, policy_steps=4, policy_batch=16, num_support=8,
-             renew_every=10, renew_chunk=96, sample_steps=3, eval_episodes=0, log_every=4, checkpoint_every=0,
-             tensorboard=False)
+    c = dict(pretrain_steps=4, q_steps=4, q_support_refresh=4, policy_steps=4, num_support=8, renew_every=10,
+             renew_chunk=96, sample_steps=3, checkpoint_every=0)
     c.update(kw)
-    return QIPOConfig(**c)
+    return tiny_qipo_config(**c)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -98,10 +98,8 @@ def test_stage3_loss_gradient_auto_matches_torch_at_the_stage3_shape(normalize):
 def test_stage3_diagnosis_script_on_a_tiny_run(demo_minari_root, tmp_path):
     """bench/qipo_stage3_diagnosis.py end to end on a finished tiny run: the shared (cached) support, its
     statistics, the gradient and sampler checks, every variant's evaluations, the checkpoint comparison."""
-    cfg = QIPOConfig(path="ot-eps", hidden=16, depth=2, critic_hidden=16, critic_depth=2, sample_steps=2,
-                     pretrain_steps=6, pretrain_batch=32, q_steps=4, q_batch=32, q_support=2, q_support_refresh=4,
-                     policy_steps=2, policy_batch=8, num_support=4, renew_every=50, renew_chunk=64,
-                     eval_episodes=0, checkpoint_every=0, tensorboard=False)
+    cfg = tiny_qipo_config(path="ot-eps", pretrain_steps=6, q_steps=4, q_support=2, q_support_refresh=4,
+                           policy_steps=2, policy_batch=8, renew_every=50, checkpoint_every=0)
     ds = data.load_minari(data.DEMO_DATASET_ID)
     run = tmp_path / "run"
     QIPO(ds, cfg, out_dir=str(run), progress_bar=False).fit()
