@@ -21,6 +21,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench import qipo_stage3_diagnosis as D  # noqa: E402
+from bench import qipo_critic_budget as CB  # noqa: E402
 from bench import time_to_score as T  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,6 +135,54 @@ def test_stage3_diagnosis_script_on_a_tiny_run(demo_minari_root, tmp_path):
     # a second call reuses the cached support
     D.main(args[:-3] + ["--variants", "bc", "--skip-checks"])
     assert json.load(open(out + ".json"))["support_cached"] is True
+
+
+def test_mc_return_to_go_cuts_at_terminations_and_truncations():
+    """Backward discounted sums, restarted after a termination and after a truncation; against a loop in
+    float64 over explicit episodes."""
+    rng = np.random.default_rng(3)
+    n, gamma = 17, 0.9
+    rew = rng.normal(size=n)
+    term, trunc = np.zeros(n), np.zeros(n)
+    term[5], trunc[11], trunc[16] = 1, 1, 1
+    ds = data.OfflineDataset.from_arrays(rng.normal(size=(n, 2)), np.zeros((n, 1)), rew, rng.normal(size=(n, 2)),
+                                         term, trunc, action_low=-np.ones(1), action_high=np.ones(1),
+                                         reward_scale="none", dataset_id="rtg", env_id="none")
+    want = np.zeros(n)
+    for lo, hi in ((0, 6), (6, 12), (12, 17)):
+        for i in range(lo, hi):
+            want[i] = sum(gamma ** (j - i) * rew[j] for j in range(i, hi))
+    got = CB.mc_return_to_go(ds, gamma)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_critic_budget_script_on_two_tiny_runs(demo_minari_root, tmp_path):
+    """bench/qipo_critic_budget.py end to end: two finished tiny runs that differ in q_steps, sorted by it,
+    each with finite critic statistics (ESS within [1, M]) and three evaluations; .md and .json written."""
+    ds = data.load_minari(data.DEMO_DATASET_ID)
+    cks = []
+    for q in (6, 3):
+        cfg = tiny_qipo_config(path="ot-eps", pretrain_steps=4, q_steps=q, q_support=2, q_support_refresh=q,
+                               policy_steps=2, policy_batch=8, renew_every=50, checkpoint_every=0)
+        run = tmp_path / f"run{q}"
+        QIPO(ds, cfg, out_dir=str(run), progress_bar=False).fit()
+        cks.append(str(run / "checkpoint.pt"))
+    out = str(tmp_path / "cb")
+    CB.main(["--ckpts", *cks, "--states", "17", "--support", "6", "--candidates", "3", "--episodes", "1",
+             "--out", out])
+    res = json.load(open(out + ".json"))
+    assert [r["q_steps"] for r in res["rows"]] == [3, 6]
+    assert math.isfinite(res["mc_rtg_mean"])
+    for r in res["rows"]:
+        c = r["critic"]
+        assert 1.0 - 1e-4 <= c["ess_mean"] <= 6 + 1e-4 and 0.0 <= c["data_rank_mean_above"] <= 6
+        assert all(math.isfinite(v) for v in c.values())
+        for k in ("behaviour", "behaviour_argmax", "final"):
+            assert r[k]["episodes"] == 1 and math.isfinite(r[k]["normalized"])
+    md = open(out + ".md").read()
+    assert md.count("\n| 3 |") + md.count("\n| 6 |") == 2 and "argmax of 3" in md
+    with pytest.raises(SystemExit, match="--states must be >= 1"):
+        CB.main(["--ckpts", cks[0], "--states", "0", "--out", out])
 
 
 def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_path, monkeypatch):
