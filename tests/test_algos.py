@@ -94,6 +94,34 @@ def test_killed_run_resumes_identically(tiny_ds, tmp_path, algo, kill):
     assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("algo", ["qipo", "cpql"])
+def test_compile_trains_as_eager_and_keeps_checkpoints(tiny_ds, tmp_path, algo):
+    """compile=True (torch.compile of the trained networks' forward) gives the eager run's networks to
+    float32 rounding (same seed, same draws: the compiled kernels only fuse), writes a checkpoint with the
+    same keys, and a run may be resumed with compile switched (a speed option, not the algorithm)."""
+    cls, cfg = (QIPO, _qcfg) if algo == "qipo" else (CPQL, _ccfg)
+    eager = cls(tiny_ds, cfg(), out_dir=str(tmp_path / "eager"), progress_bar=False)
+    eager.fit()
+    comp = cls(tiny_ds, cfg(compile=True), out_dir=str(tmp_path / "comp"), progress_bar=False)
+    comp.fit()
+    for name in comp.optims:
+        m = comp.modules[name]
+        assert getattr(getattr(m, "net", m), "_qipo_compiled", False) or getattr(m, "_qipo_compiled", False), name
+    for k in eager.modules:
+        for (n1, p1), (n2, p2) in zip(eager.modules[k].state_dict().items(), comp.modules[k].state_dict().items()):
+            assert n1 == n2
+            torch.testing.assert_close(p2, p1, rtol=2e-3, atol=2e-4, msg=f"{k}.{n1}")
+    ck_e = torch.load(str(tmp_path / "eager" / "checkpoint.pt"), weights_only=False)
+    ck_c = torch.load(str(tmp_path / "comp" / "checkpoint.pt"), weights_only=False)
+    assert {k: list(v) for k, v in ck_e["modules"].items()} == {k: list(v) for k, v in ck_c["modules"].items()}
+    longer = {"policy_steps": 16} if algo == "qipo" else {"steps": 30}
+    resumed = cls(tiny_ds, cfg(compile=False, **longer), out_dir=str(tmp_path / "comp"), progress_bar=False)
+    assert resumed.fit()["steps"] == resumed.total_steps
+    assert "compile" in resumed.resume_changes
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        cfg(compile="yes")
+
+
 def test_qipo_resume_regenerates_a_support_set_too_big_to_store(tiny_ds, tmp_path):
     """With store_support_max=0 the support set is redrawn on resume: nothing lost, the run completes."""
     cfg = _qcfg(store_support_max=0)

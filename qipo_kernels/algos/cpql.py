@@ -108,12 +108,16 @@ class CPQLConfig:
     tensorboard: bool = True
     seed: int = 0
     backend: str = "auto"
+    # torch.compile the trained networks' forward (Trainer.compile_networks; not the algorithm: speed only)
+    compile: bool = False
     task: Optional[str] = None        # informational: the per-task defaults applied
 
     def __post_init__(self):
         for name in ("hidden", "depth", "critic_hidden", "critic_depth", "batch", "update_ema_every", "num_max_q",
                      "eval_candidates", "log_every"):
             C.positive_int(name, getattr(self, name))
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
         C.positive_int("num_scales", self.num_scales, minimum=2)
         for name in ("steps", "step_start_ema", "eval_every", "eval_episodes", "checkpoint_every"):
             C.positive_int(name, getattr(self, name), minimum=0)
@@ -353,11 +357,15 @@ class CPQLOnlineConfig:
     tensorboard: bool = True
     seed: int = 0
     backend: str = "auto"
+    # torch.compile the trained networks' forward (Trainer.compile_networks; not the algorithm: speed only)
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("hidden", "depth", "critic_hidden", "critic_depth", "batch", "buffer_size", "update_ema_every",
                      "eval_candidates", "log_every"):
             C.positive_int(name, getattr(self, name))
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
         for name in ("steps", "warmup_steps", "step_start_ema", "eval_every", "eval_episodes", "checkpoint_every"):
             C.positive_int(name, getattr(self, name), minimum=0)
         C.positive_float("lr", self.lr)

@@ -92,6 +92,8 @@ class QIPOConfig:
     tensorboard: bool = True
     seed: int = 0
     backend: str = "auto"
+    # torch.compile the trained networks' forward (Trainer.compile_networks; not the algorithm: speed only)
+    compile: bool = False
 
     def __post_init__(self):
         C.choice("path", self.path, PATHS)
@@ -109,6 +111,8 @@ class QIPOConfig:
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         C.positive_int("eval_candidates", self.eval_candidates)
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
         self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
 
 
