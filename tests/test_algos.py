@@ -120,6 +120,10 @@ def test_compile_trains_as_eager_and_keeps_checkpoints(tiny_ds, tmp_path, algo):
     assert "compile" in resumed.resume_changes
     with pytest.raises(TypeError, match="compile must be a bool"):
         cfg(compile="yes")
+    under_ddp = cls(tiny_ds, cfg(compile=True), out_dir=str(tmp_path / "ddp"), progress_bar=False)
+    under_ddp.dist = object()  # what distributed.attach sets; refused before anything is compiled
+    with pytest.raises(ValueError, match="compile=True is not supported under torch.distributed"):
+        under_ddp.fit()
 
 
 def test_qipo_resume_regenerates_a_support_set_too_big_to_store(tiny_ds, tmp_path):
