@@ -10,9 +10,9 @@ CPQL: 256). Both variants are timed in one run, alternating, in process CPU seco
     python bench/bench_train_step.py --compare compile [--batch-preset cpu-30min] --out bench/results/train_step_compile_cpu.md
 
 --compare compile times three variants of the same trainers: backend "auto" (the package's default:
-the C++ fused loss, eager networks), backend "torch" eager, and backend "torch" with every network's
-forward wrapped in torch.compile (the instance's forward, so state_dicts and checkpoints are unchanged;
-compile time is reported apart, not in the per-step time).
+the C++ fused loss, eager networks), backend "torch" eager, and backend "torch" with the trained
+networks compiled as ``--set compile=true`` compiles them (Trainer.compile_networks); compile time is
+reported apart, not in the per-step time.
 """
 from __future__ import annotations
 
@@ -75,13 +75,20 @@ def time_steps(tr, steps):
     return dt
 
 
-def compile_networks(tr):
-    """Wrap the forward of every network of a trainer in torch.compile (instance attribute: the module,
-    its parameters and state_dict stay as they are). Returns the trainer."""
-    for m in tr.modules.values():
-        inner = getattr(m, "net", None)
-        target = inner if isinstance(inner, torch.nn.Module) else m
-        target.forward = torch.compile(target.forward, dynamic=False)
+def alternate(variants, rounds, steps):
+    """{variant: {stage: trainer}} -> {variant: {stage: [CPU s per step, one per round]}}, the variants
+    timed in turn within each round."""
+    res = {name: {k: [] for k in variants[name]} for name in variants}
+    for _ in range(rounds):
+        for name, trs in variants.items():
+            for k, tr in trs.items():
+                res[name][k].append(time_steps(tr, steps))
+                print(name, k, f"{res[name][k][-1] * 1e3:.1f} ms", flush=True)
+    return res
+
+
+def _compiled(tr):
+    tr.compile_networks()  # what --set compile=true does (Trainer.compile_networks)
     return tr
 
 
@@ -93,18 +100,13 @@ def compare_compile(a, ds, out, argv):
         p = QIPO_PRESETS[a.batch_preset]
         batches = {k: p[k] for k in ("pretrain_batch", "q_batch", "policy_batch") if k in p}
     variants = {"auto (C++ loss)": trainers(ds, out, "auto", batches), "torch eager": trainers(ds, out, "torch", batches),
-                "torch + compile": {k: compile_networks(tr) for k, tr in trainers(ds, out, "torch", batches).items()}}
+                "torch + compile": {k: _compiled(tr) for k, tr in trainers(ds, out, "torch", batches).items()}}
     compile_s = {}
     for k, tr in variants["torch + compile"].items():  # first calls compile (not in the per-step times)
         c = time.process_time()
         time_steps(tr, 1)
         compile_s[k] = time.process_time() - c
-    res = {name: {k: [] for k in variants[name]} for name in variants}
-    for _ in range(a.rounds):
-        for name, trs in variants.items():
-            for k, tr in trs.items():
-                res[name][k].append(time_steps(tr, a.steps))
-                print(name, k, f"{res[name][k][-1] * 1e3:.1f} ms", flush=True)
+    res = alternate(variants, a.rounds, a.steps)
     names = list(variants)
     lines = ["# Training step cost with torch.compile, one CPU thread (process CPU time per step)", "",
              f"`python bench/bench_train_step.py {' '.join(argv)}`; torch {torch.__version__}; {a.steps} steps x "
@@ -146,12 +148,7 @@ def main(argv=None):
             variants[name] = trainers(ds, out)
         finally:
             nets.mish = orig
-    res = {name: {k: [] for k in variants[name]} for name in variants}
-    for _ in range(a.rounds):
-        for name, trs in variants.items():
-            for k, tr in trs.items():
-                res[name][k].append(time_steps(tr, a.steps))
-                print(name, k, f"{res[name][k][-1] * 1e3:.1f} ms", flush=True)
+    res = alternate(variants, a.rounds, a.steps)
     lines = ["# Training step cost, one CPU thread (process CPU time per step)", "",
              f"`python bench/bench_train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
              f"{a.steps} steps x {a.rounds} alternating rounds per variant (best round); synthetic data, obs 17, "

@@ -629,9 +629,9 @@ class Trainer:
 
         The compiled function is set as the instance's ``forward`` (of a policy's inner ``net`` when it
         has one), so parameters, state_dicts and checkpoints are unchanged and the C++ / Triton samplers,
-        which read the parameters, are unaffected. One CPU thread, cpu-30min batches
-        (bench/results/train_step_compile_cpu.md): QIPO stage 1 1.14x, stage 3 1.21x, CPQL 1.12x, QIPO
-        stage 2 none. Not under torch.distributed (refused in _fit)."""
+        which read the parameters, are unaffected. One CPU thread, cpu-30min batches, vs the default
+        backend (bench/results/train_step_compile_cpu.md; README): QIPO stages 1 / 3 1.1-1.3x, CPQL ~1.1x,
+        QIPO stage 2 ~1x. Not under torch.distributed (refused in _fit)."""
         for name in self.optims:
             m = self.modules[name]
             inner = getattr(m, "net", None)
