@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qipo_kernels import nets  # noqa: E402
 from qipo_kernels.algos import CPQL, QIPO, CPQLConfig, QIPOConfig  # noqa: E402
+from qipo_kernels.algos.common import atomic_write_text  # noqa: E402
 from qipo_kernels.data import OfflineDataset  # noqa: E402
 
 
@@ -171,9 +172,7 @@ def main(argv=None):
 
 def _write(path, lines):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write_text("\n".join(lines) + "\n", path)
     print("\n".join(lines))
 
 

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qipo_kernels.algos.common import atomic_write_json  # noqa: E402
+from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 from qipo_kernels.algos.qipo import QIPO, QIPOConfig  # noqa: E402
 from qipo_kernels.data import load_minari  # noqa: E402
 
@@ -126,10 +126,7 @@ def write_md(res, out):
                  f"{c['q_std_per_state']:.3f} ({c['q_range_per_state']:.2f}) | {c['ess_mean']:.1f} (beta {r['beta']:g}) | "
                  f"{c['data_rank_mean_above']:.1f} of {res['support']} | {f(r['behaviour'])} | {f(r['behaviour_argmax'])} | "
                  f"{f(r['final'])} |")
-    tmp = out + ".md.tmp"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(L) + "\n")
-    os.replace(tmp, out + ".md")
+    atomic_write_text("\n".join(L) + "\n", out + ".md")
 
 
 def main(argv=None):

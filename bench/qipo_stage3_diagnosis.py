@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qipo_kernels.algos.common import atomic_write_json, hard_update, polyak  # noqa: E402
+from qipo_kernels.algos.common import atomic_write_json, atomic_write_text, hard_update, polyak  # noqa: E402
 from qipo_kernels.algos.distributed import flow_loss  # noqa: E402
 from qipo_kernels.algos.qipo import QIPO, QIPOConfig  # noqa: E402
 from qipo_kernels.data import load_minari  # noqa: E402
@@ -372,10 +372,7 @@ def write(res, out):
     for key in ("support_stats", "grad_check", "sampler_check", "extra"):
         if key in res:
             L += ["", f"## {key}", "", "```json", json.dumps(res[key], indent=1), "```"]
-    tmp = out + ".md.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(L) + "\n")
-    os.replace(tmp, out + ".md")
+    atomic_write_text("\n".join(L) + "\n", out + ".md")
 
 
 def main(argv=None):

@@ -103,6 +103,16 @@ def atomic_write_json(obj: Any, path: str) -> str:
     return _atomic(path, w)
 
 
+def atomic_write_text(text: str, path: str) -> str:
+    """Write ``text`` to a temp file beside ``path``, fsync, then rename over it (reports, tables)."""
+    def w(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return _atomic(path, w)
+
+
 # ---- RNG -------------------------------------------------------------------------------------
 
 def rng_state(gen: torch.Generator) -> Dict[str, Any]:
