@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench import bench_train_step as TS  # noqa: E402
 from bench import flops as F  # noqa: E402
 from bench import report as R  # noqa: E402
 from bench import speed_accuracy as SA  # noqa: E402
@@ -305,3 +306,26 @@ def test_point_labels_do_not_overlap():
         for j in range(i):
             assert not boxes[i].overlaps(boxes[j]), (ax.texts[i].get_text(), ax.texts[j].get_text())
     plt.close(fig)
+
+
+def test_bench_train_step_compile_table(tmp_path, monkeypatch):
+    """--compare compile end to end on small batches: three variants per stage, every time positive, the
+    compiled trainers compiled the way --set compile=true does (Trainer.compile_networks)."""
+    seen = []
+    orig = TS._compiled
+    monkeypatch.setattr(TS, "_compiled", lambda tr: seen.append(orig(tr)) or seen[-1])
+    from qipo_kernels.algos.qipo import QIPO_PRESETS
+
+    monkeypatch.setitem(QIPO_PRESETS, "tiny-batches", {"pretrain_batch": 64, "q_batch": 8, "policy_batch": 8})
+    out = str(tmp_path / "ts.md")
+    TS.main(["--compare", "compile", "--batch-preset", "tiny-batches", "--steps", "1", "--rounds", "1", "--out", out])
+    rows = [ln for ln in open(out).read().splitlines() if ln.startswith("| qipo") or ln.startswith("| cpql")]
+    assert len(rows) == 4 and "qipo stage 1 (batch 64)" in rows[0]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert all(float(c.rstrip("x")) > 0 for c in cells[1:])
+    assert len(seen) == 4
+    for tr in seen:
+        for name in tr.optims:
+            m = tr.modules[name]
+            assert getattr(getattr(m, "net", m), "_qipo_compiled", False) or getattr(m, "_qipo_compiled", False)
