@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.qipo_stage3_diagnosis import load_trainer, normalized_se  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
-from qipo_kernels.algos.qipo import QIPO, QIPOConfig  # noqa: E402
-from qipo_kernels.data import load_minari  # noqa: E402
+from qipo_kernels.evaluation import normalized_score  # noqa: E402
 
 
 def mc_return_to_go(ds, gamma: float) -> torch.Tensor:
@@ -52,24 +52,17 @@ def mc_return_to_go(ds, gamma: float) -> torch.Tensor:
 
 
 def data_score(ds):
-    """The dataset's own normalised score (mean episode return; as bench/time_to_score.py), or None."""
+    """The dataset's own normalised score (its mean episode return, evaluation.normalized_score), or None."""
     ep = getattr(ds, "episode_returns", None)
-    if ep is None or ds.ref_max_score is None:
-        return None
-    return round(float(100 * (ep.mean() - ds.ref_min_score) / (ds.ref_max_score - ds.ref_min_score)), 1)
+    s = None if ep is None else normalized_score(ep.mean(), ds)
+    return None if s is None else round(float(s), 1)
 
 
 def load_run(path, ds=None):
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    conf = dict(ck["config"])
-    conf.update(checkpoint_every=0, tensorboard=False)
-    cfg = QIPOConfig(**conf)
-    if ds is None or ds.dataset_id != ck["dataset_id"]:
-        ds = load_minari(ck["dataset_id"])
-    tr = QIPO(ds, cfg, out_dir=os.path.join("/tmp", "qipo_critic_budget"), progress_bar=False)
-    for name in ("behaviour", "ema", "critic", "critic_target"):
-        tr.modules[name].load_state_dict(ck["modules"][name])
-    tr.step = int(ck["step"])
+    """(trainer, checkpoint) of a finished run: its behaviour model, final EMA policy and critics."""
+    tr, ck = load_trainer(path, ("behaviour", "ema", "critic", "critic_target"),
+                          os.path.join("/tmp", "qipo_critic_budget"), ds)
+    tr.step = int(ck["step"])  # (the evaluation generator is seeded by the step)
     return tr, ck
 
 
@@ -99,9 +92,7 @@ def score(tr, policy, episodes: int, candidates: int = 1):
         r = tr.evaluate(num_episodes=episodes, policy=policy)
     finally:
         tr.cfg.eval_candidates = 1
-    n = r["episodes"]
-    return {"normalized": float(r["normalized_mean"]), "se": float(r["normalized_std"]) / max(n - 1, 1) ** 0.5,
-            "episodes": n}
+    return {"normalized": float(r["normalized_mean"]), "se": normalized_se(r), "episodes": r["episodes"]}
 
 
 def write_md(res, out):

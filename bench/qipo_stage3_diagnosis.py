@@ -66,15 +66,31 @@ def cpu_s():
     return time.process_time()
 
 
-def build(ckpt_path, out_dir, dataset_id=None):
+def load_trainer(ckpt_path, names, out_dir, ds=None, dataset_id=None):
+    """A QIPO trainer of a finished run's config (no checkpoints, no TensorBoard) with the networks ``names``
+    loaded from its checkpoint, nothing else (cli.load_checkpoint would also restore the run's state and
+    redraw a support set too large to store: a full-dataset sampling pass these scripts do not need).
+    ``ds`` is reused when it is the checkpoint's dataset (or ``dataset_id``). Returns (trainer, checkpoint)."""
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     conf = dict(ck["config"])
     conf.update(checkpoint_every=0, tensorboard=False)
     cfg = QIPOConfig(**conf)
-    ds = load_minari(dataset_id or ck["dataset_id"])
+    did = dataset_id or ck["dataset_id"]
+    if ds is None or ds.dataset_id != did:
+        ds = load_minari(did)
     tr = QIPO(ds, cfg, out_dir=out_dir, progress_bar=False)
-    for name in ("behaviour", "critic", "critic_target"):
+    for name in names:
         tr.modules[name].load_state_dict(ck["modules"][name])
+    return tr, ck
+
+
+def normalized_se(res):
+    """Standard error of the mean normalised score of an evaluate() result (its std is over episodes, ddof 0)."""
+    return float(res["normalized_std"]) / max(res["episodes"] - 1, 1) ** 0.5
+
+
+def build(ckpt_path, out_dir, dataset_id=None):
+    tr, ck = load_trainer(ckpt_path, ("behaviour", "critic", "critic_target"), out_dir, dataset_id=dataset_id)
     tr.step = tr.P + tr.Q
     hard_update(tr.policy, tr.behaviour)
     hard_update(tr.ema, tr.behaviour)
@@ -106,9 +122,8 @@ def evaluate(tr, step, episodes):
     tr.step = step
     t0 = cpu_s()
     res = tr.evaluate(num_episodes=episodes, policy=tr.ema)
-    n = res["episodes"]
-    se = float(res["normalized_std"]) / max(n - 1, 1) ** 0.5
-    return {"step": step - tr.P - tr.Q, "normalized": float(res["normalized_mean"]), "se": se, "episodes": n,
+    return {"step": step - tr.P - tr.Q, "normalized": float(res["normalized_mean"]), "se": normalized_se(res),
+            "episodes": res["episodes"],
             "eval_cpu_s": round(cpu_s() - t0, 1), "drift": drift(tr, tr.ema)}
 
 
@@ -296,22 +311,14 @@ def compare_checkpoints(paths, episodes, ds=None):
     behaviour model is frozen after stage 1), each with ``episodes`` evaluation episodes."""
     rows = []
     for path in paths:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        conf = dict(ck["config"])
-        conf.update(checkpoint_every=0, tensorboard=False)
-        cfg = QIPOConfig(**conf)
-        ds = ds if ds is not None and ds.dataset_id == ck["dataset_id"] else load_minari(ck["dataset_id"])
-        tr = QIPO(ds, cfg, out_dir=os.path.join("/tmp", "qipo_stage3_diag_cmp"), progress_bar=False)
-        for name in ("behaviour", "ema"):
-            tr.modules[name].load_state_dict(ck["modules"][name])
+        tr, ck = load_trainer(path, ("behaviour", "ema"), os.path.join("/tmp", "qipo_stage3_diag_cmp"), ds)
+        ds, cfg = tr.dataset, tr.cfg
         row = {"ckpt": path, "seed": cfg.seed, "step": ck["step"],
                "config": f"{cfg.beta:g}, {cfg.policy_lr:g}, {cfg.path}"}
         for name, pol in (("behaviour", tr.behaviour), ("final_ema", tr.ema)):
             tr.step = ck["step"]
             r = tr.evaluate(num_episodes=episodes, policy=pol)
-            n = r["episodes"]
-            row[name] = {"normalized": float(r["normalized_mean"]),
-                         "se": float(r["normalized_std"]) / max(n - 1, 1) ** 0.5, "episodes": n,
+            row[name] = {"normalized": float(r["normalized_mean"]), "se": normalized_se(r), "episodes": r["episodes"],
                          "drift": drift(tr, pol)}
         print(f"  {path}: behaviour {row['behaviour']['normalized']:.1f} ± {row['behaviour']['se']:.1f}, "
               f"final EMA {row['final_ema']['normalized']:.1f} ± {row['final_ema']['se']:.1f}", flush=True)
