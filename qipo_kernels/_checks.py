@@ -85,6 +85,13 @@ def finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf values; finite values are required")
 
 
+def boolean(name: str, v) -> bool:
+    """A real bool (not 0 / 1, not a string): TypeError naming ``name`` and the type it got."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
+
+
 def positive_int(name: str, v, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")

@@ -245,8 +245,7 @@ class FlowPolicy(nn.Module):
         gradients through the sampler instead: then, while autograd records, backend="auto" runs
         the reference and the result carries the graph of every solver step.
         """
-        if not isinstance(grad, bool):
-            raise TypeError(f"grad must be a bool, got {type(grad).__name__}")
+        C.boolean("grad", grad)
         steps = self.steps if steps is None else C.positive_int("steps", steps)
         solver = self._solver(solver)
         noise = start_noise(_initial_noise(self, obs, num_samples, noise, generator), self.t0, self.path)
@@ -384,8 +383,7 @@ class DDPMPolicy(nn.Module):
         self.schedule = _ddpm.as_schedule(schedule, n_timesteps)
         self.max_action = C.positive_float("max_action", max_action)
         for name, v in (("predict_epsilon", predict_epsilon), ("clip_denoised", clip_denoised)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+            C.boolean(name, v)
         self.predict_epsilon, self.clip_denoised = predict_epsilon, clip_denoised
 
     def _ddpm_kw(self):

@@ -116,8 +116,7 @@ class CPQLConfig:
         for name in ("hidden", "depth", "critic_hidden", "critic_depth", "batch", "update_ema_every", "num_max_q",
                      "eval_candidates", "log_every"):
             C.positive_int(name, getattr(self, name))
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
+        C.boolean("compile", self.compile)
         C.positive_int("num_scales", self.num_scales, minimum=2)
         for name in ("steps", "step_start_ema", "eval_every", "eval_episodes", "checkpoint_every"):
             C.positive_int(name, getattr(self, name), minimum=0)
@@ -364,8 +363,7 @@ class CPQLOnlineConfig:
         for name in ("hidden", "depth", "critic_hidden", "critic_depth", "batch", "buffer_size", "update_ema_every",
                      "eval_candidates", "log_every"):
             C.positive_int(name, getattr(self, name))
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
+        C.boolean("compile", self.compile)
         for name in ("steps", "warmup_steps", "step_start_ema", "eval_every", "eval_episodes", "checkpoint_every"):
             C.positive_int(name, getattr(self, name), minimum=0)
         C.positive_float("lr", self.lr)

@@ -111,8 +111,7 @@ class QIPOConfig:
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         C.positive_int("eval_candidates", self.eval_candidates)
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(self.compile).__name__}")
+        C.boolean("compile", self.compile)
         self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
 
 

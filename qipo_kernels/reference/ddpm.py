@@ -189,8 +189,7 @@ def check_ddpm_sample(net, noise, obs, schedule, step_noise, max_action, predict
         raise TypeError(f"schedule must be a DDPMSchedule here, got {type(schedule).__name__}")
     C.positive_float("max_action", max_action)
     for name, v in (("predict_epsilon", predict_epsilon), ("clip_denoised", clip_denoised), ("clip", clip)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        C.boolean(name, v)
     if step_noise is not None:
         C.tensor("step_noise", step_noise, shape=(schedule.n_timesteps - 1,) + tuple(noise.shape))
         C.same_device(noise=noise, step_noise=step_noise)
