@@ -97,8 +97,8 @@ def run(a):
     tr.callback = callback
     try:
         tr.fit(resume=False)
-    except StopTraining:
-        pass
+    except StopTraining:  # budget spent: keep the models, so the run can be diagnosed or resumed like a finished one
+        tr.save_checkpoint()
     res = tr.evaluate(num_episodes=a.final_episodes)
     curve["points"].append(_point(tr, res, "final"))
     curve["final"] = curve["points"][-1]

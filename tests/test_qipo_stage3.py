@@ -201,6 +201,9 @@ def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_pat
             self.train_time = self.train_wall_time = 0.0
             self.eval_history, self.callback = [], None
 
+        def save_checkpoint(self):
+            calls.append(("checkpoint", self.step))
+
         def evaluate(self, num_episodes=None):
             n = num_episodes or self.cfg.eval_episodes
             calls.append((self.step, n))
@@ -217,7 +220,22 @@ def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_pat
     monkeypatch.setattr(T, "load_minari", lambda _id: FakeDS())
     T.main(["run", "--algo", "qipo", "--dataset", "d/x/v0", "--episodes", "3", "--final-episodes", "7",
             "--out", str(tmp_path)])
-    assert calls == [(2, 7), (4, 7)]
+    assert calls == [(2, 7), (4, 7)]  # ran to its end: fit wrote the checkpoint itself
     c = json.load(open(tmp_path / "qipo-cpu-quick-x-s0" / "curve.json"))
     assert [(p["tag"], p["episodes"]) for p in c["points"]] == [("behaviour", 7), ("train", 3), ("final", 7)]
     assert c["final_episodes"] == 7 and c["config"]["eval_episodes"] == 3
+
+
+def test_time_to_score_keeps_a_checkpoint_when_the_budget_stops_the_run(demo_minari_root, tmp_path, monkeypatch):
+    """A run stopped by --budget-s (as every cpu-30min HalfCheetah run is) keeps its checkpoint.pt, so
+    qipo_critic_budget / qipo_stage3_diagnosis can read it; before, only finished runs had one."""
+    from qipo_kernels.algos.common import read_checkpoint
+
+    T.main(["run", "--algo", "qipo", "--dataset", data.DEMO_DATASET_ID, "--budget-s", "0", "--episodes", "1",
+            "--final-episodes", "1", "--eval-every", "0", "--set", "pretrain_batch=16", "--set", "sample_steps=2",
+            "--out", str(tmp_path)])
+    runs = list(tmp_path.glob("qipo-*-s0"))
+    assert len(runs) == 1
+    st = read_checkpoint(str(runs[0] / "run" / "checkpoint.pt"))
+    c = json.load(open(runs[0] / "curve.json"))
+    assert st["step"] == c["final"]["step"] == 1  # stopped after its first step, not at the end of the schedule
