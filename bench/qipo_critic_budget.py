@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.qipo_stage3_diagnosis import load_trainer, normalized_se  # noqa: E402
+from bench.qipo_stage3_diagnosis import critic_from, load_trainer, normalized_se  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 from qipo_kernels.evaluation import normalized_score  # noqa: E402
 
@@ -106,10 +106,15 @@ def write_md(res, out):
          f"Scores: normalised, mean ± s.e. over {res['episodes']} episodes, same evaluation seeds; "
          f"'argmax of {res['candidates']}' = the behaviour model choosing among {res['candidates']} of its own "
          "samples by this critic (a diagnostic of the critic's ranking, not QIPO's evaluation). "
-         f"Evaluation CPU {res['eval_cpu_s']:.0f} s.", "",
-         "| q_steps | mean Q on data | Q / MC return-to-go | per-state Q std (range) | ESS at beta | "
-         "samples above data action | behaviour model, 1 sample | behaviour, argmax of K by Q | final QIPO policy |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         f"Evaluation CPU {res['eval_cpu_s']:.0f} s.", ""]
+    cf = res.get("critic_from")
+    if cf:
+        L += [f"**Critic**: every row's critic columns and argmax use the target critic of `{cf['path']}` "
+              f"({cf['algo']}, step {cf['step']}), not the QIPO run's own stage-2 critic; the behaviour model and "
+              "final policy are the QIPO run's.", ""]
+    L += ["| q_steps | mean Q on data | Q / MC return-to-go | per-state Q std (range) | ESS at beta | "
+          "samples above data action | behaviour model, 1 sample | behaviour, argmax of K by Q | final QIPO policy |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         c = r["critic"]
         f = lambda s: f"{s['normalized']:.1f} ± {s['se']:.1f}"  # noqa: E731
@@ -127,6 +132,9 @@ def main(argv=None):
     ap.add_argument("--support", type=int, default=64, help="behaviour samples per state for the critic statistics")
     ap.add_argument("--candidates", type=int, default=64, help="K of the argmax-by-critic diagnostic")
     ap.add_argument("--episodes", type=int, default=30)
+    ap.add_argument("--critic-from", default=None, metavar="CKPT",
+                    help="score with this run's target critic (e.g. a CPQL checkpoint on the same dataset) instead "
+                         "of each QIPO run's own stage-2 critic")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "qipo_critic_budget"))
     a = ap.parse_args(argv)
@@ -139,6 +147,7 @@ def main(argv=None):
     for p in a.ckpts:
         tr, ck = load_run(p, ds)
         ds = tr.dataset
+        src = critic_from(tr, a.critic_from) if a.critic_from else None
         runs.append((p, tr))
     if len({tr.dataset.dataset_id for _, tr in runs}) != 1:
         raise SystemExit("--ckpts must be runs on one dataset")
@@ -148,7 +157,7 @@ def main(argv=None):
     res = {"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "dataset": ds.dataset_id,
            "data_score": data_score(ds),
            "mc_rtg_mean": float(mc.mean()), "states": a.states, "support": a.support, "candidates": a.candidates,
-           "episodes": a.episodes, "rows": [], "eval_cpu_s": 0.0}
+           "episodes": a.episodes, "rows": [], "eval_cpu_s": 0.0, "critic_from": src}
     for p, tr in runs:
         t0 = time.process_time()
         row = {"ckpt": p, "q_steps": tr.cfg.q_steps, "seed": tr.cfg.seed, "beta": tr.cfg.beta,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -47,6 +48,7 @@ from qipo_kernels.algos.common import atomic_write_json, atomic_write_text, hard
 from qipo_kernels.algos.distributed import flow_loss  # noqa: E402
 from qipo_kernels.algos.qipo import QIPO, QIPOConfig  # noqa: E402
 from qipo_kernels.data import load_minari  # noqa: E402
+from qipo_kernels.nets import DoubleCritic  # noqa: E402
 
 VARIANTS = {
     "preset": dict(beta=3.0),
@@ -82,6 +84,36 @@ def load_trainer(ckpt_path, names, out_dir, ds=None, dataset_id=None):
     for name in names:
         tr.modules[name].load_state_dict(ck["modules"][name])
     return tr, ck
+
+
+def critic_from(tr, path):
+    """Replace ``tr``'s frozen critic (and target) by the target critic of another run's checkpoint on the same
+    dataset (e.g. a CPQL run: clipped double Q trained on the current actor's actions, LayerNorm), to ask
+    whether a critic trained another way ranks the behaviour model's samples better. Not a QIPO option: a
+    diagnostic. Both runs load the dataset the same way (reward scale, observation normalisation), checked."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    conf, mine = ck["config"], dataclasses.asdict(tr.cfg)
+    if ck["dataset_id"] != tr.dataset.dataset_id:
+        raise SystemExit(f"--critic-from {path}: dataset {ck['dataset_id']!r}, expected {tr.dataset.dataset_id!r}")
+    for k in ("reward_scale", "normalize_obs"):
+        if conf.get(k, "auto" if k == "reward_scale" else True) != mine[k]:
+            raise SystemExit(f"--critic-from {path}: {k}={conf.get(k)!r}, the QIPO run has {mine[k]!r}")
+    d = tr.dataset
+    crit = DoubleCritic(d.obs_dim, d.act_dim, int(conf["critic_hidden"]), int(conf["critic_depth"]),
+                        conf.get("critic_activation", "mish"), layer_norm=bool(conf.get("layer_norm", False)))
+    crit.load_state_dict(ck["modules"]["critic_target"])
+    crit.requires_grad_(False).eval()
+    tr.critic = tr.critic_target = crit
+    return {"path": path, "algo": ck.get("algo"), "step": int(ck["step"])}
+
+
+@torch.no_grad()
+def support_q(tr, sup, chunk=8192):
+    """min-Q of tr.critic on a support set [N, M, A] of the dataset's states: [N, M]."""
+    d, M = tr.dataset, sup.shape[1]
+    return torch.cat([tr.critic.q_min(d.obs[i:i + chunk].repeat_interleave(M, 0),
+                                      sup[i:i + chunk].reshape(-1, d.act_dim)).reshape(-1, M)
+                      for i in range(0, len(sup), chunk)])
 
 
 def normalized_se(res):
@@ -334,8 +366,13 @@ def write(res, out):
          f"config: policy batch {res['policy_batch']}, lr {res['policy_lr']}, EMA tau {res['ema_tau']}, "
          f"M = {res['num_support']}, backend {res['backend']!r}. Support renewal: {res['renew_cpu_s']} CPU-s "
          f"({'cached' if res['support_cached'] else 'drawn'}). Scores: EMA policy, normalised, mean ± s.e. over "
-         f"{res['episodes']} episodes (evaluation seed 0, eval generator seeded by the step).", "",
-         "## Score after N policy steps", "",
+         f"{res['episodes']} episodes (evaluation seed 0, eval generator seeded by the step).", ""]
+    cf = res.get("critic_from")
+    if cf:
+        L += [f"**Critic**: not the run's own stage-2 critic but the target critic of `{cf['path']}` ({cf['algo']}, "
+              f"step {cf['step']}), for the support weights and the keep_data / renewal scores (a diagnostic, not "
+              "a QIPO option).", ""]
+    L += ["## Score after N policy steps", "",
          "| variant | settings | " + " | ".join(f"step {s}" for s in [0] + res["eval_at"]) + " | train CPU-s |",
          "|---|---|" + "---|" * (len(res["eval_at"]) + 2)]
     b = res["behaviour"]
@@ -393,6 +430,8 @@ def main(argv=None):
     ap.add_argument("--cache", default="/work/data/stage3diag/support.pt", help="renewed support cache ('' = none)")
     ap.add_argument("--seed", type=int, default=0, help="batch draws of every variant")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--critic-from", default=None, metavar="CKPT",
+                    help="use this run's target critic (e.g. a CPQL checkpoint on the same dataset) for the weights")
     ap.add_argument("--compare", nargs="*", default=[], metavar="CKPT",
                     help="finished runs' checkpoints: evaluate their behaviour model and final EMA (--compare-episodes)")
     ap.add_argument("--compare-episodes", type=int, default=50)
@@ -409,7 +448,9 @@ def main(argv=None):
         return
     tr, ck = build(a.ckpt, os.path.join("/tmp", "qipo_stage3_diag_run"), a.dataset)
     cfg = tr.cfg
+    critic_src = critic_from(tr, a.critic_from) if a.critic_from else None
     res = {"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "ckpt": a.ckpt,
+           "critic_from": critic_src,
            "dataset": ck["dataset_id"], "seed": cfg.seed, "policy_batch": cfg.policy_batch, "policy_lr": cfg.policy_lr,
            "ema_tau": cfg.ema_tau, "num_support": cfg.num_support, "backend": cfg.backend, "episodes": a.episodes,
            "eval_at": sorted(a.eval_at), "variants": []}
@@ -419,6 +460,8 @@ def main(argv=None):
         if c["ckpt"] == os.path.abspath(a.ckpt) and c["step"] == tr.step:
             tr.support, tr.support_q, cached = c["support"], c["support_q"], True
             res["renew_cpu_s"] = c["cpu_s"]
+            if c.get("critic") != a.critic_from:  # the same behaviour samples, scored by this critic
+                tr.support_q = support_q(tr, tr.support)
     if not cached:
         t0 = cpu_s()
         tr._renew_support()
@@ -426,7 +469,8 @@ def main(argv=None):
         if a.cache:
             os.makedirs(os.path.dirname(a.cache), exist_ok=True)
             torch.save({"ckpt": os.path.abspath(a.ckpt), "step": tr.step, "support": tr.support,
-                        "support_q": tr.support_q, "cpu_s": res["renew_cpu_s"]}, a.cache + ".tmp")
+                        "support_q": tr.support_q, "critic": a.critic_from, "cpu_s": res["renew_cpu_s"]},
+                       a.cache + ".tmp")
             os.replace(a.cache + ".tmp", a.cache)
     res["support_cached"] = cached
     res["saturated_data"] = float((tr.dataset.actions.abs() >= SAT).float().mean())

@@ -239,3 +239,53 @@ def test_time_to_score_keeps_a_checkpoint_when_the_budget_stops_the_run(demo_min
     st = read_checkpoint(str(runs[0] / "run" / "checkpoint.pt"))
     c = json.load(open(runs[0] / "curve.json"))
     assert st["step"] == c["final"]["step"] == 1  # stopped after its first step, not at the end of the schedule
+
+
+def test_critic_from_swaps_in_another_runs_target_critic(demo_minari_root, tmp_path):
+    """--critic-from (both diagnosis scripts): a CPQL run's target critic (LayerNorm, Mish) replaces the QIPO
+    run's own; the stage-3 weights and the argmax evaluation then use its values; a run on another dataset or
+    with another reward scale is refused by name."""
+    from qipo_kernels.algos import CPQL, CPQLConfig
+
+    ds = data.load_minari(data.DEMO_DATASET_ID)
+    qrun, crun = tmp_path / "qipo", tmp_path / "cpql"
+    QIPO(ds, tiny_qipo_config(path="ot-eps", pretrain_steps=4, q_steps=3, q_support=2, q_support_refresh=3,
+                              policy_steps=2, policy_batch=8, renew_every=50, checkpoint_every=0),
+         out_dir=str(qrun), progress_bar=False).fit()
+    CPQL(ds, CPQLConfig(hidden=16, depth=2, critic_hidden=24, critic_depth=2, steps=3, batch=16, eval_episodes=0,
+                        checkpoint_every=0, tensorboard=False), out_dir=str(crun), progress_bar=False).fit()
+    qck, cck = str(qrun / "checkpoint.pt"), str(crun / "checkpoint.pt")
+    tr, _ = D.load_trainer(qck, ("behaviour", "critic", "critic_target"), str(tmp_path / "x"), ds)
+    src = D.critic_from(tr, cck)
+    assert src["algo"] == "cpql" and src["step"] == 3
+    want = torch.load(cck, weights_only=False)["modules"]["critic_target"]
+    got = tr.critic.state_dict()
+    assert tr.critic is tr.critic_target and tr.critic.layer_norm and tr.critic.hidden == 24
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    sup = torch.rand(len(ds), 3, ds.act_dim) * 2 - 1
+    q = D.support_q(tr, sup, chunk=7)  # chunks that do not divide N
+    ref = tr.critic.q_min(ds.obs.repeat_interleave(3, 0), sup.reshape(-1, ds.act_dim)).reshape(-1, 3)
+    torch.testing.assert_close(q, ref)
+    out = str(tmp_path / "cb")
+    CB.main(["--ckpts", qck, "--critic-from", cck, "--states", "6", "--support", "3", "--candidates", "2",
+             "--episodes", "1", "--out", out])
+    res = json.load(open(out + ".json"))
+    assert res["critic_from"]["algo"] == "cpql" and "target critic of" in open(out + ".md").read()
+    # the stage-3 diagnosis: the support cached under the run's own critic is re-scored by the swapped one
+    cache, d_out = str(tmp_path / "support.pt"), str(tmp_path / "diag")
+    common = ["--ckpt", qck, "--steps", "2", "--eval-at", "2", "--episodes", "1", "--cache", cache, "--skip-checks",
+              "--out", d_out]
+    D.main(common + ["--variants", "bc"])
+    D.main(common + ["--variants", "preset", "keep_data", "--critic-from", cck])
+    res = json.load(open(d_out + ".json"))
+    assert res["support_cached"] is True and res["critic_from"]["path"] == cck
+    assert torch.load(cache, weights_only=False)["critic"] is None  # the cache still holds the run's own scores
+    assert "target critic of" in open(d_out + ".md").read()
+    # refused: another reward scale (Q on another scale would change what beta means)
+    tr2, _ = D.load_trainer(qck, ("behaviour",), str(tmp_path / "y"), ds)
+    ck = torch.load(cck, weights_only=False)
+    ck["config"]["reward_scale"] = "none"
+    bad = str(tmp_path / "bad.pt")
+    torch.save(ck, bad)
+    with pytest.raises(SystemExit, match="reward_scale='none'"):
+        D.critic_from(tr2, bad)
