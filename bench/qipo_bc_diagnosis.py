@@ -128,8 +128,8 @@ def bc_score(policy_fn, data, episodes):
     from qipo_kernels.evaluation import evaluate
 
     res = evaluate(policy_fn, dataset=data, num_episodes=episodes, seeds=(0,))
-    n = res["episodes"]
-    return float(res["normalized_mean"]), float(res["normalized_std"]) / max(n - 1, 1) ** 0.5
+    se = res["normalized_se"]
+    return float(res["normalized_mean"]), float("nan") if se is None else se
 
 
 def curve_rows(a, data, train_n, obs_h, act_h, lrs):

@@ -117,8 +117,9 @@ def support_q(tr, sup, chunk=8192):
 
 
 def normalized_se(res):
-    """Standard error of the mean normalised score of an evaluate() result (its std is over episodes, ddof 0)."""
-    return float(res["normalized_std"]) / max(res["episodes"] - 1, 1) ** 0.5
+    """The normalised score's standard error of an evaluate() result (nan for one episode: no spread to measure)."""
+    se = res.get("normalized_se")
+    return float("nan") if se is None else float(se)
 
 
 def build(ckpt_path, out_dir, dataset_id=None):

@@ -32,11 +32,12 @@ from qipo_kernels.algos import CPQL, QIPO, StopTraining, cpql_config_for  # noqa
 from qipo_kernels.algos.common import atomic_write_json  # noqa: E402
 from qipo_kernels.algos.qipo import qipo_config_for  # noqa: E402
 from qipo_kernels.data import load_minari  # noqa: E402
+from qipo_kernels.evaluation import standard_error  # noqa: E402
 
 
 def _point(tr, res, tag):
     n = res["episodes"]
-    se = float(res["normalized_std"]) / max(n - 1, 1) ** 0.5 if res.get("normalized_std") is not None else None
+    se = standard_error(res.get("normalized_std"), n)
     return {"tag": tag, "step": tr.step, "cpu_s": round(tr.train_time, 2), "wall_s": round(tr.train_wall_time, 2),
             "normalized": res.get("normalized_mean"), "normalized_se": se, "episodes": n,
             "per_episode": [float(x) for x in np.asarray(res["returns"])]}
@@ -86,7 +87,7 @@ def run(a):
         for h in t.eval_history:
             if h["step"] == t.step and not any(p["step"] == t.step and p["tag"] == "train" for p in curve["points"]):
                 n = h["episodes"]
-                se = (h["normalized_std"] / max(n - 1, 1) ** 0.5) if h.get("normalized_std") is not None else None
+                se = standard_error(h.get("normalized_std"), n)
                 curve["points"].append({"tag": "train", "step": t.step, "cpu_s": h["train_time_s"],
                                         "wall_s": h["train_wall_s"], "normalized": h["normalized_mean"],
                                         "normalized_se": se, "episodes": n})

@@ -309,13 +309,6 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def _stderr(std: Optional[float], n: int) -> Optional[float]:
-    """Standard error of a mean of n values from their population s.d. (ddof 0): s.d. / sqrt(n - 1)."""
-    if std is None or n < 2:
-        return None
-    return float(std) / (n - 1) ** 0.5
-
-
 def _print_eval(name: str, res: Optional[Dict[str, Any]]) -> None:
     """One line: mean ± standard error of the mean over the episodes (labelled "s.e."), and the s.d."""
     if not res:
@@ -323,7 +316,9 @@ def _print_eval(name: str, res: Optional[Dict[str, Any]]) -> None:
     n = int(res["episodes"])
 
     def pm(mean, std):
-        se = _stderr(std, n)
+        from .evaluation import standard_error
+
+        se = standard_error(std, n)
         return f"{mean:.1f} ± {se:.1f} s.e." if se is not None else f"{mean:.1f} (s.e. n/a, 1 episode)"
 
     norm = res.get("normalized_mean")

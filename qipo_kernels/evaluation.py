@@ -55,6 +55,14 @@ def reference_scores(dataset: Union[OfflineDataset, DatasetInfo, Dict, None] = N
     return None
 
 
+def standard_error(std: Optional[float], n: int) -> Optional[float]:
+    """Standard error of the mean of n values from their population s.d. (ddof 0, as evaluate() reports
+    "std"): std / sqrt(n - 1), i.e. the sample s.d. over sqrt(n). None when std is None or n < 2."""
+    if std is None or n < 2:
+        return None
+    return float(std) / (n - 1) ** 0.5
+
+
 def normalized_score(returns, dataset: Union[OfflineDataset, DatasetInfo, Dict, None] = None,
                      env_id: Optional[str] = None) -> Optional[np.ndarray]:
     """100 * (R - ref_min) / (ref_max - ref_min) for returns [E] (numpy float64), or None when no
@@ -103,7 +111,8 @@ def evaluate(policy_fn: Callable[[torch.Tensor], torch.Tensor],
     Returns:
         {"returns": [E*len(seeds)], "lengths": [...], "mean", "std" (over all episodes and seeds),
          "per_seed_mean": [...], "normalized_mean", "normalized_std" (None when no reference
-         scores), "episodes": int, "seeds": [...], "env_id": str}
+         scores), "se", "normalized_se" (standard errors of the means over the episodes; None for one
+         episode or no reference scores), "episodes": int, "seeds": [...], "env_id": str}
     """
     if not callable(policy_fn):
         raise TypeError(f"policy_fn must be callable (obs tensor -> action tensor), got {type(policy_fn).__name__}")
@@ -208,8 +217,10 @@ def evaluate(policy_fn: Callable[[torch.Tensor], torch.Tensor],
         "per_seed_mean": per_seed,
         "normalized_mean": None if norm is None else float(norm.mean()),
         "normalized_std": None if norm is None else float(norm.std()),
+        "se": standard_error(float(rets.std()), int(rets.size)),
+        "normalized_se": None if norm is None else standard_error(float(norm.std()), int(rets.size)),
         "episodes": int(rets.size), "seeds": seeds, "env_id": spec.id,
     }
 
 
-__all__ = ["evaluate", "normalized_score", "reference_scores", "D4RL_REF_SCORES"]
+__all__ = ["evaluate", "normalized_score", "standard_error", "reference_scores", "D4RL_REF_SCORES"]

@@ -48,6 +48,19 @@ def test_evaluate_trivial_policy_gives_finite_scores(demo):
     assert len(r["per_seed_mean"]) == 2 and np.isclose(np.mean(r["per_seed_mean"]), r["mean"])
     norm = 100 * (np.asarray(r["returns"]) - demo.ref_min_score) / (demo.ref_max_score - demo.ref_min_score)
     assert np.isclose(r["normalized_mean"], norm.mean()) and np.isclose(r["normalized_std"], norm.std())
+    # standard errors of the means: the sample s.d. (ddof 1) over sqrt(n), for every caller to read
+    assert np.isclose(r["se"], np.std(r["returns"], ddof=1) / np.sqrt(6))
+    assert np.isclose(r["normalized_se"], norm.std(ddof=1) / np.sqrt(6))
+    one = evaluate(zero_policy, demo, num_episodes=1, seeds=(0,))
+    assert one["se"] is None and one["normalized_se"] is None  # no spread to measure from one episode
+
+
+def test_standard_error_from_a_population_sd():
+    from qipo_kernels.evaluation import standard_error
+
+    x = np.array([3.0, -1.0, 4.0, 1.5, 9.0, 2.0, 6.0])  # 7 values
+    assert np.isclose(standard_error(float(x.std()), 7), x.std(ddof=1) / np.sqrt(7))
+    assert standard_error(None, 7) is None and standard_error(0.0, 1) is None and standard_error(1.0, 0) is None
 
 
 def test_controller_scores_near_100_and_beats_doing_nothing(demo):
