@@ -300,6 +300,12 @@ def cmd_eval(a) -> int:
         tr = load_checkpoint(a.checkpoint, device)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e)) from None
+    if a.set:  # evaluation settings only: the trained networks and the rest of the config stay the run's
+        changes = _parse_sets(type(tr.cfg), a.set)
+        other = sorted(k for k in changes if not k.startswith("eval_"))
+        if other:
+            raise CLIError(f"eval --set changes evaluation fields only (eval_*), got {', '.join(other)}")
+        tr.cfg = _make_config(type(tr.cfg), {**dataclasses.asdict(tr.cfg), **changes})
     res = tr.evaluate(num_episodes=a.episodes, seeds=seeds)
     _print_eval(tr.algo, res)
     if a.json:
@@ -469,6 +475,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the result here (atomic)")
     e.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an evaluation field of the run's config for this evaluation, e.g. eval_noise_scale=0 "
+                        "(QIPO) or eval_candidates=1 (repeatable)")
     e.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("make-dataset", help="roll out an SB3 agent zip in a Gymnasium env -> Minari dataset",

@@ -236,19 +236,27 @@ class FlowPolicy(nn.Module):
     def sample(self, obs: torch.Tensor, num_samples: int = 1, steps: Optional[int] = None,
                solver: Optional[str] = None, noise: Optional[torch.Tensor] = None,
                generator: Optional[torch.Generator] = None, clip: bool = True, backend: str = "auto",
-               grad: bool = False) -> torch.Tensor:
+               grad: bool = False, noise_scale: float = 1.0) -> torch.Tensor:
         """Draw num_samples actions per state: obs [B, S] -> [B, num_samples, A] (clamped to [-1, 1]).
 
         noise: optional initial noise [B, num_samples, A]; steps / solver default to the policy's.
+        noise_scale: multiplies the standard-normal initial noise (before the path's sigma(t0)): 1 samples
+        the learned distribution (QIPO's evaluation), below 1 samples nearer its mode, 0 is the
+        deterministic ODE from the origin (the same action for a state on every call). Not in the QIPO
+        paper: bench/results/qipo_noise_scale.md measures what it does on the locomotion datasets.
         Sampling is inference: it runs under torch.no_grad() (the fused backends take it, the
         result does not require grad) whether or not the caller is in no_grad. grad=True asks for
         gradients through the sampler instead: then, while autograd records, backend="auto" runs
         the reference and the result carries the graph of every solver step.
         """
         C.boolean("grad", grad)
+        noise_scale = C.positive_float("noise_scale", noise_scale, allow_zero=True)
         steps = self.steps if steps is None else C.positive_int("steps", steps)
         solver = self._solver(solver)
-        noise = start_noise(_initial_noise(self, obs, num_samples, noise, generator), self.t0, self.path)
+        noise = _initial_noise(self, obs, num_samples, noise, generator)
+        if noise_scale != 1.0:
+            noise = noise * noise_scale
+        noise = start_noise(noise, self.t0, self.path)
         path = None if self.path == "ot" else self.path
         if grad:
             out = ops.integrate(self.net, noise, obs, steps=steps, solver=solver, t0=self.t0, path=path,
@@ -262,13 +270,18 @@ class FlowPolicy(nn.Module):
     def act(self, obs: torch.Tensor, critic, num_candidates: int = 50, select: str = "argmax",
             temperature: float = 1.0, steps: Optional[int] = None, solver: Optional[str] = None,
             noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-            backend: str = "auto") -> torch.Tensor:
-        """Sample num_candidates actions per state, score them by critic.q_min, pick one: [B, S] -> [B, A]."""
+            backend: str = "auto", noise_scale: float = 1.0) -> torch.Tensor:
+        """Sample num_candidates actions per state, score them by critic.q_min, pick one: [B, S] -> [B, A].
+        noise_scale: as in sample (the candidates' initial noise is multiplied by it)."""
         _check_obs(obs, self.obs_dim)
         C.choice("select", select, SELECT_MODES)
+        noise_scale = C.positive_float("noise_scale", noise_scale, allow_zero=True)
         steps = self.steps if steps is None else C.positive_int("steps", steps)
         solver = self._solver(solver)
         _param_like(self.net, obs)
+        if noise_scale != 1.0:  # draw the candidates' noise here (act would draw the same N(0, I)), scaled
+            noise = _initial_noise(self, obs, C.positive_int("num_candidates", num_candidates), noise, generator)
+            noise = noise * noise_scale
         # one fused call from t0 (0.05 on "ot-eps"): the noise scaled by sigma(t0), as sample scales it
         with torch.no_grad():
             return ops.act(self.net, critic, obs, num_candidates=num_candidates, sampler="flow", steps=steps,

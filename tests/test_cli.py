@@ -60,6 +60,22 @@ def test_train_qipo_and_load_checkpoint(demo_minari_root, tmp_path):
     assert tr.algo == "qipo" and tr.step == 12 and tr.cfg.path == "vp"
     obs = tr.dataset.obs[:3]
     assert tr.policy_fn()(obs).shape == (3, 1)
+    # eval --set: evaluation fields only; eval_noise_scale=0 acts deterministically (the same returns for
+    # two evaluations of the same seed whatever the evaluation generator draws)
+    ev = ["eval", out, "--episodes", "2", "--seeds", "0", "--device", "cpu"]
+    rets = []
+    for k in range(2):
+        tr.step = 12 + k  # (the evaluation generator is seeded by the step)
+        tr.cfg.eval_noise_scale = 0.0
+        rets.append(tr.evaluate(num_episodes=2, seeds=(0,))["returns"])
+    assert rets[0] == rets[1]
+    res_path = str(tmp_path / "ns0.json")
+    assert cli.main(ev + ["--set", "eval_noise_scale=0", "--json", res_path]) == 0
+    assert json.load(open(res_path))["returns"] == rets[0]
+    with pytest.raises(SystemExit, match="evaluation fields only.*beta"):
+        cli.main(ev + ["--set", "beta=1"])
+    with pytest.raises(SystemExit, match="eval_noise_scale must be >= 0"):
+        cli.main(ev + ["--set", "eval_noise_scale=-1"])
 
 
 def test_train_qipo_preset_then_set(demo_minari_root, tmp_path):

@@ -352,3 +352,38 @@ def test_flow_policy_t0_starts_sampling_there_with_scaled_noise():
         cand = pol.sample(obs, 6, noise=cand_noise, backend="torch")
         q = critic.q_min(obs.repeat_interleave(6, 0), cand.reshape(-1, 2)).reshape(5, 6)
     torch.testing.assert_close(picked, cand[torch.arange(5), q.argmax(1)])
+
+
+@pytest.mark.parametrize("path", ["ot", "ot-eps", "vp"])
+def test_flow_policy_noise_scale(path):
+    """noise_scale multiplies the N(0, I) initial noise before the path's sigma(t0) (against the reference
+    integrate, float64, odd sizes); 0 is the deterministic ODE from the origin, the same for any generator;
+    act scales its candidates' noise the same way; a bad value is refused by name before sampling."""
+    torch.manual_seed(3)
+    p = FlowPolicy(S, A, hidden=17, depth=2, path=path).double()
+    obs, z = _obs(6, dtype=torch.float64), torch.randn(6, 17, A, dtype=torch.float64)
+    pth = None if path == "ot" else path
+    for s in (0.0, 0.37, 1.0):
+        want = reference.integrate(p.net, z * s * p.start_noise_scale(), obs, steps=3, solver=p.solver, t0=p.t0,
+                                   path=pth).clamp(-1, 1)
+        for be in ("torch", "auto"):
+            torch.testing.assert_close(p.sample(obs, 17, steps=3, noise=z, noise_scale=s, backend=be), want)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    a0 = p.sample(obs, 4, steps=3, generator=g1, noise_scale=0)
+    torch.testing.assert_close(a0, p.sample(obs, 4, steps=3, generator=g2, noise_scale=0))
+    torch.testing.assert_close(a0[:, 1:], a0[:, :1].expand(-1, 3, -1))
+    # the drawn noise is scaled: same generator state, scale s == explicit s * z
+    z1 = torch.randn(6, 4, A, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(p.sample(obs, 4, steps=3, generator=torch.Generator().manual_seed(5), noise_scale=0.5),
+                               p.sample(obs, 4, steps=3, noise=0.5 * z1))
+    crit = DoubleCritic(S, A, hidden=9, depth=1).double()
+    for be in ("torch", "auto"):
+        got = p.act(obs, crit, num_candidates=17, steps=3, noise=z, noise_scale=0.37, backend=be)
+        torch.testing.assert_close(got, p.act(obs, crit, num_candidates=17, steps=3, noise=0.37 * z, backend=be))
+    act0 = p.act(obs, crit, num_candidates=5, steps=3, generator=g1, noise_scale=0.0)
+    torch.testing.assert_close(act0, a0[:, 0])  # all candidates are the one deterministic action
+    for bad, err in ((-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError), ("x", TypeError)):
+        with pytest.raises(err, match="noise_scale"):
+            p.sample(obs, 2, noise_scale=bad)
+        with pytest.raises(err, match="noise_scale"):
+            p.act(obs, crit, num_candidates=2, noise_scale=bad)

@@ -289,3 +289,31 @@ def test_critic_from_swaps_in_another_runs_target_critic(demo_minari_root, tmp_p
     torch.save(ck, bad)
     with pytest.raises(SystemExit, match="reward_scale='none'"):
         D.critic_from(tr2, bad)
+
+
+def test_noise_scale_script_on_a_tiny_run(demo_minari_root, tmp_path):
+    """bench/qipo_noise_scale.py end to end: behaviour model and final policy at each scale, .md and .json;
+    scale 0 is deterministic (the same returns as a second evaluation by hand); bad arguments refused."""
+    from bench import qipo_noise_scale as NS
+
+    ds = data.load_minari(data.DEMO_DATASET_ID)
+    run = tmp_path / "run"
+    QIPO(ds, tiny_qipo_config(path="ot-eps", pretrain_steps=4, q_steps=2, q_support=2, q_support_refresh=2,
+                              policy_steps=2, policy_batch=8, renew_every=50, checkpoint_every=0),
+         out_dir=str(run), progress_bar=False).fit()
+    ck, out = str(run / "checkpoint.pt"), str(tmp_path / "ns")
+    NS.main(["--ckpts", ck, "--scales", "1", "0", "--episodes", "2", "--out", out])
+    res = json.load(open(out + ".json"))
+    (row,) = res["rows"]
+    for k in ("behaviour", "final"):
+        assert set(row[k]) == {"1.0", "0.0"} and all(math.isfinite(v["normalized"]) for v in row[k].values())
+    tr, _ = D.load_trainer(ck, ("behaviour", "ema"), str(tmp_path / "x"), ds)
+    tr.cfg.eval_noise_scale, tr.step = 0.0, 10_000  # another evaluation generator seed: same actions at scale 0
+    r = tr.evaluate(num_episodes=2, policy=tr.ema)
+    assert r["normalized_mean"] == pytest.approx(row["final"]["0.0"]["normalized"], rel=1e-6)
+    md = open(out + ".md").read()
+    assert "final QIPO, scale 0" in md and "behaviour model, scale 1" in md
+    with pytest.raises(SystemExit, match="--scales"):
+        NS.main(["--ckpts", ck, "--scales", "-1", "--out", out])
+    with pytest.raises(SystemExit, match="no such file"):
+        NS.main(["--ckpts", str(tmp_path / "nope.pt"), "--out", out])

@@ -87,6 +87,9 @@ class QIPOConfig:
     eval_episodes: int = 10
     eval_seeds: tuple = (0,)
     eval_candidates: int = 1          # 1: one sample per state (official); K > 1: argmax min-Q of K
+    # initial-noise scale of the evaluation sampler (FlowPolicy.sample's noise_scale): 1 = the official
+    # evaluation; 0 = the deterministic ODE from the origin. Not the paper's: qipo_noise_scale.md
+    eval_noise_scale: float = 1.0
     log_every: int = 100
     checkpoint_every: int = 10_000
     tensorboard: bool = True
@@ -111,6 +114,7 @@ class QIPOConfig:
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         C.positive_int("eval_candidates", self.eval_candidates)
+        self.eval_noise_scale = C.positive_float("eval_noise_scale", self.eval_noise_scale, allow_zero=True)
         C.boolean("compile", self.compile)
         self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
 
@@ -149,7 +153,7 @@ class QIPO(Trainer):
 
     algo = "qipo"
     # may change on resume: the length of the last stage, memory knobs, the learning rates
-    resume_fields = Trainer.resume_fields | {"policy_steps", "store_support_max", "renew_chunk"}
+    resume_fields = Trainer.resume_fields | {"policy_steps", "store_support_max", "renew_chunk", "eval_noise_scale"}
     lr_fields = {"pretrain_lr": ("behaviour",), "q_lr": ("critic",), "policy_lr": ("policy",)}
     dist_batches = ("pretrain_batch", "q_batch", "policy_batch")
 
@@ -315,14 +319,15 @@ class QIPO(Trainer):
         """obs [n, S] (normalised) -> actions [n, A]: one sample per state from the EMA policy, or the
         argmax-min-Q of ``eval_candidates`` samples when that is > 1."""
         pol = policy if policy is not None else (self.ema if self.step > self.P + self.Q else self.behaviour)
-        K, gen = self.cfg.eval_candidates, self._eval_gen
+        K, gen, ns = self.cfg.eval_candidates, self._eval_gen, self.cfg.eval_noise_scale
 
         @torch.no_grad()
         def fn(obs):
             obs = obs.to(self.device, torch.float32)
             if K > 1:
-                return pol.act(obs, self.critic, num_candidates=K, select="argmax", generator=gen, backend=self.cfg.backend)
-            return pol.sample(obs, 1, generator=gen, backend=self.cfg.backend)[:, 0]
+                return pol.act(obs, self.critic, num_candidates=K, select="argmax", generator=gen,
+                               backend=self.cfg.backend, noise_scale=ns)
+            return pol.sample(obs, 1, generator=gen, backend=self.cfg.backend, noise_scale=ns)[:, 0]
         return fn
 
     def should_eval(self) -> bool:
