@@ -84,7 +84,8 @@ def main(argv=None):
         ds = tr.dataset
         tr.step = int(ck["step"])  # (the evaluation generator is seeded by the step)
         c = tr.cfg
-        label = f"{ds.dataset_id.split('/')[1]}, seed {c.seed}, beta {c.beta:g}, q_steps {c.q_steps}, path {c.path}"
+        label = (f"{ds.dataset_id.split('/')[1]}, seed {c.seed}, path {c.path}, beta {c.beta:g}, q_steps {c.q_steps}, "
+                 f"policy_lr {c.policy_lr:g}, normalize {c.normalize}")
         row = {"ckpt": p, "label": label, "dataset": ds.dataset_id, "seed": c.seed, "step": tr.step,
                "data_score": data_score(ds), "behaviour": {}, "final": {}}
         t0 = time.process_time()
