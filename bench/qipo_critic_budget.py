@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.qipo_stage3_diagnosis import critic_from, load_trainer, normalized_se  # noqa: E402
+from bench.qipo_stage3_diagnosis import critic_from, critic_from_note, load_trainer, normalized_se  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 from qipo_kernels.evaluation import normalized_score  # noqa: E402
 
@@ -86,12 +86,14 @@ def critic_stats(tr, n_states: int, M: int, seed: int = 1234):
             "data_rank_mean_above": float(above.mean()), "data_best_frac": float((above == 0).float().mean())}
 
 
-def score(tr, policy, episodes: int, candidates: int = 1):
-    tr.cfg.eval_candidates = candidates
+def score(tr, policy, episodes: int, candidates: int = 1, noise_scale: float = 1.0):
+    """Normalised score (mean, s.e.) of ``policy`` under tr's evaluation, acting by the argmax-Q of
+    ``candidates`` samples (1: one sample) drawn at initial-noise scale ``noise_scale``."""
+    tr.cfg.eval_candidates, tr.cfg.eval_noise_scale = candidates, float(noise_scale)
     try:
         r = tr.evaluate(num_episodes=episodes, policy=policy)
     finally:
-        tr.cfg.eval_candidates = 1
+        tr.cfg.eval_candidates, tr.cfg.eval_noise_scale = 1, 1.0
     return {"normalized": float(r["normalized_mean"]), "se": normalized_se(r), "episodes": r["episodes"]}
 
 
@@ -107,11 +109,8 @@ def write_md(res, out):
          f"'argmax of {res['candidates']}' = the behaviour model choosing among {res['candidates']} of its own "
          "samples by this critic (a diagnostic of the critic's ranking, not QIPO's evaluation). "
          f"Evaluation CPU {res['eval_cpu_s']:.0f} s.", ""]
-    cf = res.get("critic_from")
-    if cf:
-        L += [f"**Critic**: every row's critic columns and argmax use the target critic of `{cf['path']}` "
-              f"({cf['algo']}, step {cf['step']}), not the QIPO run's own stage-2 critic; the behaviour model and "
-              "final policy are the QIPO run's.", ""]
+    L += critic_from_note(res.get("critic_from"), "every row's critic columns and argmax; the behaviour model and "
+                          "final policy are the QIPO run's")
     L += ["| q_steps | mean Q on data | Q / MC return-to-go | per-state Q std (range) | ESS at beta | "
           "samples above data action | behaviour model, 1 sample | behaviour, argmax of K by Q | final QIPO policy |",
           "|---|---|---|---|---|---|---|---|---|"]

@@ -26,19 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.qipo_critic_budget import data_score  # noqa: E402
-from bench.qipo_stage3_diagnosis import load_trainer, normalized_se  # noqa: E402
+from bench.qipo_critic_budget import data_score, score  # noqa: E402
+from bench.qipo_stage3_diagnosis import load_trainer  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
-
-
-def score(tr, policy, scale: float, episodes: int):
-    """Normalised score of ``policy`` acting with one sample per state at initial-noise scale ``scale``."""
-    tr.cfg.eval_noise_scale = float(scale)
-    try:
-        r = tr.evaluate(num_episodes=episodes, policy=policy)
-    finally:
-        tr.cfg.eval_noise_scale = 1.0
-    return {"normalized": float(r["normalized_mean"]), "se": normalized_se(r), "episodes": r["episodes"]}
 
 
 def write_md(res, out):
@@ -90,8 +80,8 @@ def main(argv=None):
                "data_score": data_score(ds), "behaviour": {}, "final": {}}
         t0 = time.process_time()
         for s in a.scales:
-            row["behaviour"][str(s)] = score(tr, tr.behaviour, s, a.episodes)
-            row["final"][str(s)] = score(tr, tr.ema, s, a.episodes)
+            row["behaviour"][str(s)] = score(tr, tr.behaviour, a.episodes, noise_scale=s)
+            row["final"][str(s)] = score(tr, tr.ema, a.episodes, noise_scale=s)
             print(f"{label}: scale {s:g}: behaviour {row['behaviour'][str(s)]}, final {row['final'][str(s)]}",
                   flush=True)
         res["eval_cpu_s"] += time.process_time() - t0

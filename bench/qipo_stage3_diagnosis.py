@@ -107,6 +107,14 @@ def critic_from(tr, path):
     return {"path": path, "algo": ck.get("algo"), "step": int(ck["step"])}
 
 
+def critic_from_note(src, used_for: str):
+    """The report lines that say a --critic-from critic replaced the run's own ([] when it did not)."""
+    if not src:
+        return []
+    return [f"**Critic**: the target critic of `{src['path']}` ({src['algo']}, step {src['step']}), not the QIPO "
+            f"run's own stage-2 critic, for {used_for} (a diagnostic, not a QIPO option).", ""]
+
+
 @torch.no_grad()
 def support_q(tr, sup, chunk=8192):
     """min-Q of tr.critic on a support set [N, M, A] of the dataset's states: [N, M]."""
@@ -368,11 +376,7 @@ def write(res, out):
          f"M = {res['num_support']}, backend {res['backend']!r}. Support renewal: {res['renew_cpu_s']} CPU-s "
          f"({'cached' if res['support_cached'] else 'drawn'}). Scores: EMA policy, normalised, mean ± s.e. over "
          f"{res['episodes']} episodes (evaluation seed 0, eval generator seeded by the step).", ""]
-    cf = res.get("critic_from")
-    if cf:
-        L += [f"**Critic**: not the run's own stage-2 critic but the target critic of `{cf['path']}` ({cf['algo']}, "
-              f"step {cf['step']}), for the support weights and the keep_data / renewal scores (a diagnostic, not "
-              "a QIPO option).", ""]
+    L += critic_from_note(res.get("critic_from"), "the support weights and the keep_data / renewal scores")
     L += ["## Score after N policy steps", "",
          "| variant | settings | " + " | ".join(f"step {s}" for s in [0] + res["eval_at"]) + " | train CPU-s |",
          "|---|---|" + "---|" * (len(res["eval_at"]) + 2)]
