@@ -41,6 +41,10 @@ def test_train_then_eval_cpql(demo_minari_root, tmp_path, capsys):
     assert cli.main(["eval", out, "--episodes", "2", "--seeds", "0,1", "--device", "cpu", "--json", res_path]) == 0
     res = json.load(open(res_path))
     assert res["episodes"] == 4 and res["seeds"] == [0, 1]
+    # eval --set on a CPQL run: one one-step sample per state instead of the Q softmax over candidates
+    assert cli.main(["eval", out, "--episodes", "1", "--device", "cpu", "--set", "eval_candidates=1"]) == 0
+    with pytest.raises(SystemExit, match="eval_candidates must be"):
+        cli.main(["eval", out, "--episodes", "1", "--device", "cpu", "--set", "eval_candidates=0"])
     # a finished run resumes as finished: no extra steps
     assert cli.main(["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", out, "--no-progress",
                      "--device", "cpu", "--seed", "3"] + TINY_CPQL) == 0
