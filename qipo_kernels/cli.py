@@ -341,7 +341,8 @@ def cmd_make_dataset(a) -> int:
     try:
         did = make_rollout_dataset(a.id, env_id=a.env, agent=a.agent, num_episodes=a.episodes, noise=a.noise,
                                    seed=a.seed, ref_episodes=a.ref_episodes, max_episode_steps=a.max_episode_steps,
-                                   algo=a.algo, overwrite=a.overwrite, progress_bar=not a.no_progress)
+                                   algo=a.algo, overwrite=a.overwrite, progress_bar=not a.no_progress,
+                                   vecnormalize=a.vecnormalize, ref_agent=a.ref_agent)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     from .data.rollout import existing_params
@@ -491,6 +492,10 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--ref-episodes", type=int, default=10, help="episodes for each of ref_min / ref_max")
     m.add_argument("--max-episode-steps", type=int, default=None)
     m.add_argument("--algo", default="auto", help="SB3 algorithm of the zip (auto: read from it)")
+    m.add_argument("--vecnormalize", default=None, metavar="PKL",
+                   help="the agent's VecNormalize pickle (rl-zoo agents trained with normalize: true, e.g. A2C / PPO)")
+    m.add_argument("--ref-agent", default=None, metavar="ZIP",
+                   help="an SB3 zip whose noiseless return is ref_max_score (default: --agent's), e.g. an expert")
     m.add_argument("--root", default=None, help="datasets directory (default $MINARI_DATASETS_PATH or ~/.minari/datasets)")
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--no-progress", action="store_true")

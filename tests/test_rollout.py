@@ -135,3 +135,75 @@ def test_cli_make_dataset_from_an_sb3_zip(root, tmp_path, capsys):
     with pytest.raises(SystemExit, match="does not fit"):
         main(["make-dataset", "--env", "HalfCheetah-v5", "--agent", zpath, "--id", "test/hc-v0", "--episodes", "1",
               "--max-episode-steps", "5", "--no-progress"])
+
+
+def test_vecnormalize_agent_and_reference_agent(root, tmp_path):
+    """An SB3 agent trained on normalised observations rolls out through its VecNormalize statistics
+    (also a pickle written when SB3's env package was the old ``gym``); ref_agent sets ref_max_score;
+    the metadata records both, and a dataset made without them is not mistaken for one made with them."""
+    sb3 = pytest.importorskip("stable_baselines3")
+    import pickle
+
+    import torch
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from qipo_kernels.data.rollout import existing_params, load_obs_normalizer, reference_scores
+
+    torch.manual_seed(0)
+    env = gym.make(ENV)
+    model = sb3.A2C("MlpPolicy", env, policy_kwargs=dict(net_arch=[8]), device="cpu")
+    zpath = str(tmp_path / "tiny_a2c.zip")
+    model.save(zpath)
+    vn = VecNormalize(DummyVecEnv([lambda: gym.make(ENV)]), clip_obs=3.0)
+    rng = np.random.default_rng(0)
+    vn.obs_rms.mean = rng.normal(size=11)
+    vn.obs_rms.var = rng.uniform(0.1, 4.0, size=11)
+    vpath = str(tmp_path / "vecnormalize.pkl")
+    vn.save(vpath)
+    old = tmp_path / "old_gym.pkl"  # the same statistics pickled as if by the old gym package
+    blob = pickle.dumps(vn, protocol=2)
+    assert b"gymnasium.spaces" in blob
+    old.write_bytes(blob.replace(b"cgymnasium.", b"cgym."))
+    assert b"cgym.spaces" in old.read_bytes()
+    with pytest.raises(ModuleNotFoundError, match="gym"):  # what a plain unpickling of an old file does
+        pickle.loads(old.read_bytes())
+    o = rng.normal(size=11) * 5
+    want = np.clip((o - vn.obs_rms.mean) / np.sqrt(vn.obs_rms.var + vn.epsilon), -3.0, 3.0)
+    for p in (vpath, str(old)):
+        np.testing.assert_allclose(load_obs_normalizer(p, 11)(o), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        load_obs_normalizer(vpath, 5)
+    (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not an SB3 VecNormalize pickle"):
+        load_obs_normalizer(str(tmp_path / "junk.pkl"), 11)
+
+    small("test/hop-vn-v0", agent=zpath, noise=0.0, vecnormalize=vpath, ref_agent=linear_policy)
+    d = load_minari("test/hop-vn-v0", normalize_obs=False)
+    acts = np.stack([model.predict(load_obs_normalizer(vpath, 11)(x), deterministic=True)[0]
+                     for x in d.obs.numpy()])
+    np.testing.assert_allclose(d.actions.numpy(), np.clip(acts, -1, 1), atol=1e-5)
+    ref_env = gym.make(ENV, max_episode_steps=15)
+    assert d.ref_max_score == pytest.approx(reference_scores(ref_env, linear_policy, 2)[1])
+    meta = existing_params("test/hop-vn-v0")
+    assert meta["qipo_vecnormalize"].startswith("vecnormalize.pkl (sha256") and "linear_policy" in meta["qipo_ref_agent"]
+    # the same call without vecnormalize is another dataset: refused without overwrite
+    with pytest.raises(ValueError, match="already exists"):
+        small("test/hop-vn-v0", agent=zpath, noise=0.0)
+    with pytest.raises(ValueError, match="vecnormalize applies to an SB3 agent zip"):
+        small("test/hop-bad-v0", vecnormalize=vpath)
+    with pytest.raises(FileNotFoundError, match="ref_agent zip"):
+        small("test/hop-bad-v0", ref_agent=str(tmp_path / "missing.zip"))
+
+
+def test_sb3_algo_of_tells_a2c_from_ppo(tmp_path):
+    """A2C and PPO save the same policy class (common.policies.ActorCriticPolicy); the zip's own fields
+    tell them apart (rl-zoo's A2C MuJoCo agents could not be loaded with algo="auto" before)."""
+    sb3 = pytest.importorskip("stable_baselines3")
+    from qipo_kernels.data.rollout import sb3_algo_of
+
+    env = gym.make("Pendulum-v1")
+    for cls, name in ((sb3.A2C, "a2c"), (sb3.PPO, "ppo"), (sb3.SAC, "sac")):
+        kw = dict(buffer_size=10) if name == "sac" else {}
+        p = str(tmp_path / f"{name}.zip")
+        cls("MlpPolicy", env, device="cpu", **kw).save(p)
+        assert sb3_algo_of(p) == name

@@ -17,13 +17,17 @@ place (``write_buffers_atomic``), so an interrupted run never leaves a dataset t
 
 ``agent`` is a path to an SB3 zip (``load_sb3_agent``: SAC, TD3, DDPG, PPO, A2C; zips saved with
 the old ``gym`` package load too, their spaces are taken from the env) or any callable mapping one
-observation [S] (numpy) to an action [A] in env units.
+observation [S] (numpy) to an action [A] in env units. An agent trained on normalised observations
+(rl-zoo's ``normalize: true``, e.g. its A2C / PPO MuJoCo agents) needs its VecNormalize statistics:
+``vecnormalize=".../<Env>/vecnormalize.pkl"``. ``ref_agent`` (a zip or callable) sets ref_max_score
+instead of the rolled-out agent: a weaker agent's data can then be scored against an expert.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -45,7 +49,8 @@ Policy = Callable[[np.ndarray], np.ndarray]
 # ---- agents ---------------------------------------------------------------------------------------
 
 def sb3_algo_of(path: str) -> str:
-    """The SB3 algorithm a zip was saved by, read from its ``data`` JSON (policy class module)."""
+    """The SB3 algorithm a zip was saved by, read from its ``data`` JSON: the policy class module, and for
+    the on-policy ActorCriticPolicy that A2C and PPO share, PPO's own fields (n_epochs, clip_range)."""
     try:
         with zipfile.ZipFile(path) as z:
             data = json.loads(z.read("data"))
@@ -55,16 +60,54 @@ def sb3_algo_of(path: str) -> str:
     for algo in SB3_ALGOS:
         if f".{algo}." in module or module.endswith(f".{algo}"):
             return algo
+    if module.endswith("common.policies") and "n_steps" in data:  # on-policy: A2C or PPO
+        return "ppo" if ("n_epochs" in data or "clip_range" in data) else "a2c"
     raise ValueError(f"agent {path!r}: cannot tell its algorithm from policy class module {module!r}; "
                      f"pass algo= one of {SB3_ALGOS}")
 
 
-def load_sb3_agent(path: str, env, algo: str = "auto") -> Policy:
+class _GymAsGymnasium(pickle.Unpickler):
+    """Unpickles objects saved when ``gym`` was SB3's env package (old rl-zoo VecNormalize files)."""
+
+    def find_class(self, module, name):
+        if module == "gym" or module.startswith("gym."):
+            module = "gymnasium" + module[3:]
+        return super().find_class(module, name)
+
+
+def load_obs_normalizer(path: str, obs_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The observation map of an SB3 ``VecNormalize`` pickle (rl-zoo's ``vecnormalize.pkl``):
+    obs [S] -> clip((obs - mean) / sqrt(var + epsilon), -clip_obs, clip_obs), or the identity when it
+    did not normalise observations. A pickle runs code when loaded: pass only files you trust (as the
+    agent zip itself)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(os.fspath(path)):
+        raise FileNotFoundError(f"vecnormalize {path!r} is not a file (an SB3 VecNormalize pickle)")
+    require("stable_baselines3")
+    try:
+        with open(os.fspath(path), "rb") as f:
+            vn = _GymAsGymnasium(f).load()
+        norm_obs = bool(getattr(vn, "norm_obs", True))
+        mean = np.asarray(vn.obs_rms.mean, dtype=np.float64)
+        std = np.sqrt(np.asarray(vn.obs_rms.var, dtype=np.float64) + float(vn.epsilon))
+        clip = float(vn.clip_obs)
+    except (pickle.UnpicklingError, AttributeError, EOFError, ImportError, TypeError, ValueError) as e:
+        raise ValueError(f"vecnormalize {os.fspath(path)!r} is not an SB3 VecNormalize pickle "
+                         f"({type(e).__name__}: {e})") from None
+    if mean.shape != (obs_dim,):
+        raise ValueError(f"vecnormalize {os.fspath(path)!r} normalises observations of shape {mean.shape}, "
+                         f"the env's are ({obs_dim},)")
+    if not norm_obs:
+        return lambda obs: obs
+    return lambda obs: np.clip((np.asarray(obs, dtype=np.float64) - mean) / std, -clip, clip).astype(np.float32)
+
+
+def load_sb3_agent(path: str, env, algo: str = "auto", vecnormalize: Optional[str] = None) -> Policy:
     """Load an SB3 agent zip as a deterministic policy obs [S] -> action [A] (env units).
 
     The observation / action spaces are taken from ``env`` (so zips pickled with the old ``gym``
     package load under gymnasium); their shapes must match what the networks were built for.
-    No replay buffer or optimiser state is built.
+    No replay buffer or optimiser state is built. ``vecnormalize``: the agent's VecNormalize pickle;
+    its observation statistics are applied before the agent sees the observation.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"agent must be a path to an SB3 zip or a callable, got {type(path).__name__}")
@@ -89,8 +132,11 @@ def load_sb3_agent(path: str, env, algo: str = "auto") -> Policy:
         raise ValueError(f"agent {path!r} does not fit env {env.spec.id if env.spec else env} "
                          f"(obs {env.observation_space.shape}, action {env.action_space.shape}): {e}") from None
 
+    norm = (lambda obs: obs) if vecnormalize is None else \
+        load_obs_normalizer(vecnormalize, int(np.prod(env.observation_space.shape)))
+
     def policy(obs: np.ndarray) -> np.ndarray:
-        a, _ = model.predict(obs, deterministic=True)
+        a, _ = model.predict(norm(obs), deterministic=True)
         return a
 
     return policy
@@ -137,7 +183,7 @@ def rollout_episode(env, policy: Optional[Policy], reset_seed: int, rng: np.rand
 
 def reference_scores(env, policy: Policy, episodes: int = 10) -> Tuple[float, float]:
     """(mean return of the uniform random policy, of the noiseless ``policy``) on reset seeds
-    REF_SEED0 .. REF_SEED0 + episodes - 1."""
+    REF_SEED0 .. REF_SEED0 + episodes - 1 (``policy``: the reference agent)."""
     rng = np.random.default_rng(REF_SEED0)
     seeds = range(REF_SEED0, REF_SEED0 + episodes)
     rand = [rollout_episode(env, None, s, rng, 0.0)[2].sum() for s in seeds]
@@ -208,7 +254,8 @@ def write_buffers_atomic(dataset_id: str, buffers: List, env_id: str, metadata: 
 def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy], num_episodes: int = 100,
                          noise: float = 0.1, seed: int = 0, ref_episodes: int = 10,
                          max_episode_steps: Optional[int] = None, algo: str = "auto", overwrite: bool = False,
-                         progress_bar: bool = True) -> str:
+                         progress_bar: bool = True, vecnormalize: Optional[str] = None,
+                         ref_agent: Union[str, Policy, None] = None) -> str:
     """Roll out ``agent`` in ``env_id`` for ``num_episodes`` episodes with Gaussian action noise and
     write a Minari dataset (hdf5) with ref_min_score / ref_max_score (see the module docstring).
 
@@ -224,6 +271,10 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
         algo: SB3 algorithm of the zip ("auto": read from the zip).
         overwrite: replace an existing dataset made with other arguments (the same arguments return
             at once, nothing is redone).
+        vecnormalize: the SB3 agent's VecNormalize pickle, for agents trained on normalised observations
+            (rl-zoo's A2C / PPO MuJoCo agents: ``<algo>/<Env>_1/<Env>/vecnormalize.pkl``).
+        ref_agent: an SB3 zip (without VecNormalize) or callable whose noiseless mean return is
+            ref_max_score (None: ``agent``'s), e.g. an expert when ``agent`` is a medium policy.
     Returns:
         dataset_id (pass it to ``load_minari``).
     """
@@ -244,22 +295,40 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
         raise TypeError(f"agent must be a path to an SB3 zip or a callable obs -> action, got {type(agent).__name__}")
     if not callable(agent) and not os.path.isfile(os.fspath(agent)):
         raise FileNotFoundError(f"agent zip {os.fspath(agent)!r} does not exist")
+    if vecnormalize is not None:
+        if callable(agent):
+            raise ValueError("vecnormalize applies to an SB3 agent zip; a callable agent normalises its own input")
+        if not isinstance(vecnormalize, (str, os.PathLike)) or not os.path.isfile(os.fspath(vecnormalize)):
+            raise FileNotFoundError(f"vecnormalize {vecnormalize!r} is not a file (an SB3 VecNormalize pickle)")
+    if ref_agent is not None:
+        if not (callable(ref_agent) or isinstance(ref_agent, (str, os.PathLike))):
+            raise TypeError(f"ref_agent must be a path to an SB3 zip or a callable, got {type(ref_agent).__name__}")
+        if not callable(ref_agent) and not os.path.isfile(os.fspath(ref_agent)):
+            raise FileNotFoundError(f"ref_agent zip {os.fspath(ref_agent)!r} does not exist")
     gym = require("gymnasium")
     require("minari")
     from minari.data_collector import EpisodeBuffer
 
     from ..algos.common import progress
 
-    agent_desc = ("callable " + getattr(agent, "__name__", type(agent).__name__)) if callable(agent) \
-        else f"{os.path.basename(os.fspath(agent))} (sha256 {_file_sha256(os.fspath(agent))[:16]})"
+    def describe(a):
+        return ("callable " + getattr(a, "__name__", type(a).__name__)) if callable(a) \
+            else f"{os.path.basename(os.fspath(a))} (sha256 {_file_sha256(os.fspath(a))[:16]})"
+
+    agent_desc = describe(agent)
     want = {"qipo_env_id": env_id, "qipo_agent": agent_desc, "qipo_noise": float(noise), "qipo_seed": int(seed),
             "qipo_num_episodes": int(num_episodes), "qipo_ref_episodes": int(ref_episodes),
             "qipo_max_episode_steps": max_episode_steps, "qipo_rollout_version": GENERATOR_VERSION}
+    if vecnormalize is not None:  # (absent otherwise: datasets made before these options keep matching)
+        want["qipo_vecnormalize"] = describe(vecnormalize)
+    if ref_agent is not None:
+        want["qipo_ref_agent"] = describe(ref_agent)
     target = dataset_dir(dataset_id)
     if os.path.isdir(os.path.join(target, "data")) and not overwrite:
         have = existing_params(dataset_id) or {}
-        have = {k: have.get(k) for k in want}
-        if have == want and not callable(agent):
+        keys = set(want) | ({"qipo_vecnormalize", "qipo_ref_agent"} & set(have))
+        have = {k: have.get(k) for k in sorted(keys)}
+        if have == {k: want.get(k) for k in sorted(keys)} and not callable(agent) and not callable(ref_agent):
             return dataset_id
         raise ValueError(f"dataset {dataset_id!r} already exists at {target} with parameters {have}; "
                          "pass overwrite=True (--overwrite) to replace it")
@@ -271,8 +340,9 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
     try:
         if not isinstance(env.action_space, gym.spaces.Box):
             raise ValueError(f"env {env_id!r} has a {type(env.action_space).__name__} action space; a Box is needed")
-        policy = agent if callable(agent) else load_sb3_agent(agent, env, algo)
-        ref_min, ref_max = reference_scores(env, policy, ref_episodes)
+        policy = agent if callable(agent) else load_sb3_agent(agent, env, algo, vecnormalize=vecnormalize)
+        ref_policy = policy if ref_agent is None else ref_agent if callable(ref_agent) else load_sb3_agent(ref_agent, env)
+        ref_min, ref_max = reference_scores(env, ref_policy, ref_episodes)
         reset_seeds = np.random.default_rng(np.random.SeedSequence([seed, 0])).integers(0, 2**31 - 1, num_episodes)
         buffers, meta, returns = [], [], []
         bar = progress(range(num_episodes), total=num_episodes, desc=f"rollouts {env_id}", enabled=progress_bar)
@@ -290,7 +360,8 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
     behaviour = 100.0 * (np.mean(returns) - ref_min) / (ref_max - ref_min) if ref_max != ref_min else float("nan")
     want["qipo_behaviour_normalized_score"] = float(behaviour)
     desc = (f"{env_id}, {num_episodes} episodes of {agent_desc} with N(0, {noise}^2) action noise in [-1, 1] "
-            f"units (seed {seed}); ref_min_score: uniform random policy, ref_max_score: the noiseless agent, "
+            f"units (seed {seed}); ref_min_score: uniform random policy, ref_max_score: the noiseless "
+            f"{'agent' if ref_agent is None else 'reference agent ' + want['qipo_ref_agent']}, "
             f"mean over reset seeds {REF_SEED0}..{REF_SEED0 + ref_episodes - 1}. Behaviour normalised score "
             f"{behaviour:.1f}. Made by qipo_kernels.data.rollout.")
     return write_buffers_atomic(dataset_id, buffers, env_id, want, ref_min=ref_min, ref_max=ref_max,
