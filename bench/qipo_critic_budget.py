@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.qipo_stage3_diagnosis import critic_from, critic_from_note, load_trainer, normalized_se  # noqa: E402
+from bench.qipo_stage3_diagnosis import (critic_from, critic_from_note, load_trainer, normalized_se,  # noqa: E402
+                                         support_q)
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 from qipo_kernels.evaluation import normalized_score  # noqa: E402
 
@@ -70,7 +71,7 @@ def load_run(path, ds=None):
 def critic_stats(tr, n_states: int, M: int, seed: int = 1234):
     """The frozen critic on the data and on M behaviour samples of n fixed states (fixed noise)."""
     d, cfg = tr.dataset, tr.cfg
-    q_data = torch.cat([tr.critic.q_min(d.obs[i:i + 8192], d.actions[i:i + 8192]) for i in range(0, len(d), 8192)])
+    q_data = support_q(tr, d.actions[:, None])[:, 0]
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(d), generator=g)[:n_states]
     obs, act = d.obs[idx], d.actions[idx]

@@ -117,7 +117,8 @@ def critic_from_note(src, used_for: str):
 
 @torch.no_grad()
 def support_q(tr, sup, chunk=8192):
-    """min-Q of tr.critic on a support set [N, M, A] of the dataset's states: [N, M]."""
+    """min-Q of tr.critic on a support set [N, M, A] of the dataset's states: [N, M] (M = 1: the data
+    actions' values, ``support_q(tr, d.actions[:, None])[:, 0]``)."""
     d, M = tr.dataset, sup.shape[1]
     return torch.cat([tr.critic.q_min(d.obs[i:i + chunk].repeat_interleave(M, 0),
                                       sup[i:i + chunk].reshape(-1, d.act_dim)).reshape(-1, M)
@@ -188,8 +189,7 @@ def support_stats(tr, sup, q):
     # spread of the support itself: distance of each sample to its state's support mean
     st["support_spread"] = float((sup - sup.mean(1, keepdim=True)).norm(dim=-1).mean())
     st["dist_support_mean_to_data"] = float((sup.mean(1) - a).norm(dim=-1).mean())
-    with torch.no_grad():
-        qd = torch.cat([tr.critic.q_min(d.obs[i:i + 8192], a[i:i + 8192]) for i in range(0, len(a), 8192)])
+    qd = support_q(tr, a[:, None])[:, 0]
     better = (q > qd[:, None]).float().sum(1)  # samples the critic prefers to the data action
     st["data_action_rank"] = {"mean_samples_above": float(better.mean()), "median_samples_above": float(better.median()),
                               "frac_data_best": float((better == 0).float().mean()),
@@ -299,9 +299,7 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed):
         sup = sup.clone()
         q = q.clone()
         sup[:, 0] = d.actions
-        with torch.no_grad():
-            q[:, 0] = torch.cat([tr.critic.q_min(d.obs[i:i + 8192], d.actions[i:i + 8192])
-                                 for i in range(0, len(d.actions), 8192)])
+        q[:, 0] = support_q(tr, d.actions[:, None])[:, 0]
     start = tr.P + tr.Q
     pts, losses, t_train, renewals = [], [], 0.0, []
     info = info if v.get("noclip") else None
@@ -316,9 +314,7 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed):
             sup, q = tr.support, tr.support_q
             if v.get("keep_data_action"):
                 sup[:, 0] = d.actions
-                with torch.no_grad():
-                    q[:, 0] = torch.cat([tr.critic.q_min(d.obs[i:i + 8192], d.actions[i:i + 8192])
-                                         for i in range(0, len(d.actions), 8192)])
+                q[:, 0] = support_q(tr, d.actions[:, None])[:, 0]
             w = torch.softmax(3.0 * (q - q.amax(1, keepdim=True)), dim=1)
             renewals.append({"step": k - 1, "saturated": float((sup.abs() >= SAT).float().mean()),
                              "ess_beta3_mean": float((1.0 / (w ** 2).sum(1)).mean()),

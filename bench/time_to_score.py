@@ -36,10 +36,8 @@ from qipo_kernels.evaluation import standard_error  # noqa: E402
 
 
 def _point(tr, res, tag):
-    n = res["episodes"]
-    se = standard_error(res.get("normalized_std"), n)
     return {"tag": tag, "step": tr.step, "cpu_s": round(tr.train_time, 2), "wall_s": round(tr.train_wall_time, 2),
-            "normalized": res.get("normalized_mean"), "normalized_se": se, "episodes": n,
+            "normalized": res.get("normalized_mean"), "normalized_se": res.get("normalized_se"), "episodes": res["episodes"],
             "per_episode": [float(x) for x in np.asarray(res["returns"])]}
 
 

@@ -207,7 +207,8 @@ def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_pat
         def evaluate(self, num_episodes=None):
             n = num_episodes or self.cfg.eval_episodes
             calls.append((self.step, n))
-            return {"episodes": n, "normalized_mean": 40.0, "normalized_std": 2.0, "returns": [40.0] * n}
+            return {"episodes": n, "normalized_mean": 40.0, "normalized_std": 2.0, "returns": [40.0] * n,
+                    "normalized_se": 2.0 / (n - 1) ** 0.5}
 
         def fit(self, resume=False):
             for self.step in range(1, 5):
