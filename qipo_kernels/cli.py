@@ -342,7 +342,8 @@ def cmd_make_dataset(a) -> int:
         did = make_rollout_dataset(a.id, env_id=a.env, agent=a.agent, num_episodes=a.episodes, noise=a.noise,
                                    seed=a.seed, ref_episodes=a.ref_episodes, max_episode_steps=a.max_episode_steps,
                                    algo=a.algo, overwrite=a.overwrite, progress_bar=not a.no_progress,
-                                   vecnormalize=a.vecnormalize, ref_agent=a.ref_agent)
+                                   vecnormalize=a.vecnormalize, ref_agent=a.ref_agent,
+                                   time_feature=a.time_feature)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     from .data.rollout import existing_params
@@ -496,6 +497,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the agent's VecNormalize pickle (rl-zoo agents trained with normalize: true, e.g. A2C / PPO)")
     m.add_argument("--ref-agent", default=None, metavar="ZIP",
                    help="an SB3 zip whose noiseless return is ref_max_score (default: --agent's), e.g. an expert")
+    m.add_argument("--time-feature", type=int, nargs="?", const=1000, default=None, metavar="MAX_STEPS",
+                   help="the agent was trained with rl-zoo's TimeFeatureWrapper (its config.yml's env_wrapper; "
+                        "e.g. PPO MuJoCo agents): feed it [obs, 1 - t / MAX_STEPS] (default 1000)")
     m.add_argument("--root", default=None, help="datasets directory (default $MINARI_DATASETS_PATH or ~/.minari/datasets)")
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--no-progress", action="store_true")

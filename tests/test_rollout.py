@@ -207,3 +207,64 @@ def test_sb3_algo_of_tells_a2c_from_ppo(tmp_path):
         p = str(tmp_path / f"{name}.zip")
         cls("MlpPolicy", env, device="cpu", **kw).save(p)
         assert sb3_algo_of(p) == name
+
+
+def test_time_feature_agent_sees_obs_and_remaining_time(root, tmp_path):
+    """rl-zoo's PPO MuJoCo agents were trained with sb3-contrib's TimeFeatureWrapper (observation plus
+    1 - t / max_steps, inside VecNormalize): time_feature=max_steps rebuilds that input each step, restarts
+    it every episode, keeps the env's own observations in the dataset, and is recorded in the metadata."""
+    sb3 = pytest.importorskip("stable_baselines3")
+    import torch
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from qipo_kernels.cli import main
+    from qipo_kernels.data.rollout import existing_params, load_obs_normalizer, load_sb3_agent
+
+    torch.manual_seed(0)
+    space12 = gym.spaces.Box(-np.inf, np.inf, (12,), np.float32)
+    env = gym.make(ENV, max_episode_steps=15)
+
+    class With12(gym.ObservationWrapper):
+        def __init__(self, e):
+            super().__init__(e)
+            self.observation_space = space12
+
+        def observation(self, o):
+            return np.concatenate([o, [0.0]]).astype(np.float32)
+
+    model = sb3.PPO("MlpPolicy", With12(gym.make(ENV)), policy_kwargs=dict(net_arch=[8]), n_steps=16,
+                    batch_size=16, device="cpu")
+    zpath = str(tmp_path / "tiny_ppo_tf.zip")
+    model.save(zpath)
+    vn = VecNormalize(DummyVecEnv([lambda: With12(gym.make(ENV))]), clip_obs=4.0)
+    rng = np.random.default_rng(1)
+    vn.obs_rms.mean = rng.normal(size=12)
+    vn.obs_rms.var = rng.uniform(0.05, 0.5, size=12)  # the time feature's own scale matters
+    vpath = str(tmp_path / "vn12.pkl")
+    vn.save(vpath)
+    with pytest.raises(ValueError, match="does not fit"):  # without the feature the agent does not load
+        load_sb3_agent(zpath, env, vecnormalize=vpath)
+    with pytest.raises(ValueError, match="time_feature"):
+        load_sb3_agent(zpath, env, vecnormalize=vpath, time_feature=0)
+    pol = load_sb3_agent(zpath, env, vecnormalize=vpath, time_feature=15)
+    norm = load_obs_normalizer(vpath, 12)
+    for episode in range(2):  # the feature restarts at 1 in every episode
+        o, a, *_ = rollout_episode(env, pol, 7, np.random.default_rng(0), 0.0)
+        assert o.shape[1] == 11 and len(a) == 15
+        want = [model.predict(norm(np.concatenate([o[t], [1 - t / 15]]).astype(np.float32)), deterministic=True)[0]
+                for t in range(len(a))]
+        np.testing.assert_allclose(a, np.clip(want, -1, 1), atol=1e-6)
+        stale = model.predict(norm(np.concatenate([o[3], [1.0]]).astype(np.float32)), deterministic=True)[0]
+        assert not np.allclose(a[3], np.clip(stale, -1, 1))  # the feature does reach the agent
+
+    args = ["make-dataset", "--env", ENV, "--agent", zpath, "--vecnormalize", vpath, "--time-feature", "15",
+            "--id", "test/hop-tf-v0", "--episodes", "2", "--noise", "0", "--ref-episodes", "1",
+            "--max-episode-steps", "15", "--no-progress"]
+    assert main(args) == 0
+    d = load_minari("test/hop-tf-v0", normalize_obs=False)
+    assert d.obs.shape[1] == 11 and existing_params("test/hop-tf-v0")["qipo_time_feature"] == 15
+    assert main(args) == 0  # same arguments: returns at once
+    with pytest.raises(SystemExit, match="already exists"):  # another time feature is another dataset
+        main(args[:7] + ["--time-feature", "1000"] + args[9:])
+    with pytest.raises(ValueError, match="time_feature applies to an SB3 agent zip"):
+        small("test/hop-bad-v0", time_feature=1000)

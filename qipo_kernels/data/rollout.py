@@ -19,8 +19,12 @@ place (``write_buffers_atomic``), so an interrupted run never leaves a dataset t
 the old ``gym`` package load too, their spaces are taken from the env) or any callable mapping one
 observation [S] (numpy) to an action [A] in env units. An agent trained on normalised observations
 (rl-zoo's ``normalize: true``, e.g. its A2C / PPO MuJoCo agents) needs its VecNormalize statistics:
-``vecnormalize=".../<Env>/vecnormalize.pkl"``. ``ref_agent`` (a zip or callable) sets ref_max_score
-instead of the rolled-out agent: a weaker agent's data can then be scored against an expert.
+``vecnormalize=".../<Env>/vecnormalize.pkl"``. An agent trained with rl-zoo's ``TimeFeatureWrapper``
+(its config.yml says ``env_wrapper: sb3_contrib.common.wrappers.TimeFeatureWrapper``, e.g. its PPO MuJoCo
+agents) sees the observation plus the feature 1 - t / max_steps: ``time_feature=1000`` (the wrapper's
+max_steps) appends it before VecNormalize, as the wrapper did in training; the dataset keeps the env's own
+observations. ``ref_agent`` (a zip or callable) sets ref_max_score instead of the rolled-out agent: a
+weaker agent's data can then be scored against an expert.
 """
 from __future__ import annotations
 
@@ -101,13 +105,34 @@ def load_obs_normalizer(path: str, obs_dim: int) -> Callable[[np.ndarray], np.nd
     return lambda obs: np.clip((np.asarray(obs, dtype=np.float64) - mean) / std, -clip, clip).astype(np.float32)
 
 
-def load_sb3_agent(path: str, env, algo: str = "auto", vecnormalize: Optional[str] = None) -> Policy:
+class _TimeFeaturePolicy:
+    """obs [S] -> policy([obs, 1 - t / max_steps]), t = the calls since ``reset()`` (rl-zoo's
+    TimeFeatureWrapper, which sb3-contrib applies inside VecNormalize). ``rollout_episode`` calls
+    ``reset()`` at each episode start."""
+
+    def __init__(self, policy: Policy, max_steps: int):
+        self.policy, self.max_steps, self.t = policy, int(max_steps), 0
+
+    def reset(self) -> None:
+        self.t = 0
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        feature = 1.0 - self.t / self.max_steps
+        self.t += 1
+        return self.policy(np.concatenate([np.asarray(obs, dtype=np.float32).reshape(-1),
+                                           np.asarray([feature], dtype=np.float32)]))
+
+
+def load_sb3_agent(path: str, env, algo: str = "auto", vecnormalize: Optional[str] = None,
+                   time_feature: Optional[int] = None) -> Policy:
     """Load an SB3 agent zip as a deterministic policy obs [S] -> action [A] (env units).
 
     The observation / action spaces are taken from ``env`` (so zips pickled with the old ``gym``
     package load under gymnasium); their shapes must match what the networks were built for.
     No replay buffer or optimiser state is built. ``vecnormalize``: the agent's VecNormalize pickle;
-    its observation statistics are applied before the agent sees the observation.
+    its observation statistics are applied before the agent sees the observation. ``time_feature``:
+    the max_steps of the TimeFeatureWrapper the agent was trained with (the agent then sees [S + 1];
+    the returned policy has a ``reset()`` to call at each episode start).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"agent must be a path to an SB3 zip or a callable, got {type(path).__name__}")
@@ -118,9 +143,18 @@ def load_sb3_agent(path: str, env, algo: str = "auto", vecnormalize: Optional[st
         algo = sb3_algo_of(path)
     if algo not in SB3_ALGOS:
         raise ValueError(f"algo must be 'auto' or one of {SB3_ALGOS}, got {algo!r}")
+    if time_feature is not None:
+        positive_int("time_feature", time_feature)
     sb3 = require("stable_baselines3")
     cls = getattr(sb3, algo.upper())
-    custom = {"observation_space": env.observation_space, "action_space": env.action_space,
+    obs_space = env.observation_space
+    obs_dim = int(np.prod(obs_space.shape))
+    if time_feature is not None:
+        if len(obs_space.shape) != 1:
+            raise ValueError(f"time_feature needs a flat Box observation space, env has {obs_space}")
+        gym = require("gymnasium")
+        obs_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim + 1,), np.float32)
+    custom = {"observation_space": obs_space, "action_space": env.action_space,
               "learning_rate": 0.0, "lr_schedule": lambda _: 0.0, "clip_range": lambda _: 0.0}
     if algo in ("sac", "td3", "ddpg"):
         custom["buffer_size"] = 1  # no 1M-transition replay buffer for a rollout
@@ -130,16 +164,17 @@ def load_sb3_agent(path: str, env, algo: str = "auto", vecnormalize: Optional[st
             model = cls.load(path, device="cpu", custom_objects=custom)
     except RuntimeError as e:  # a state_dict of other sizes: the env does not match the agent
         raise ValueError(f"agent {path!r} does not fit env {env.spec.id if env.spec else env} "
-                         f"(obs {env.observation_space.shape}, action {env.action_space.shape}): {e}") from None
+                         f"(obs {obs_space.shape}{' with the time feature' if time_feature else ''}, "
+                         f"action {env.action_space.shape}): {e}") from None
 
     norm = (lambda obs: obs) if vecnormalize is None else \
-        load_obs_normalizer(vecnormalize, int(np.prod(env.observation_space.shape)))
+        load_obs_normalizer(vecnormalize, int(np.prod(obs_space.shape)))
 
     def policy(obs: np.ndarray) -> np.ndarray:
         a, _ = model.predict(norm(obs), deterministic=True)
         return a
 
-    return policy
+    return policy if time_feature is None else _TimeFeaturePolicy(policy, time_feature)
 
 
 def _file_sha256(path: str) -> str:
@@ -159,6 +194,9 @@ def rollout_episode(env, policy: Optional[Policy], reset_seed: int, rng: np.rand
     space = env.action_space
     low, high = np.asarray(space.low, dtype=np.float64), np.asarray(space.high, dtype=np.float64)
     half = 0.5 * (high - low)
+    reset = getattr(policy, "reset", None)
+    if callable(reset):  # a stateful policy (e.g. the time feature) starts its episode
+        reset()
     obs, _ = env.reset(seed=int(reset_seed))
     observations, actions, rewards, terms, truncs = [obs], [], [], [], []
     while True:
@@ -255,7 +293,7 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
                          noise: float = 0.1, seed: int = 0, ref_episodes: int = 10,
                          max_episode_steps: Optional[int] = None, algo: str = "auto", overwrite: bool = False,
                          progress_bar: bool = True, vecnormalize: Optional[str] = None,
-                         ref_agent: Union[str, Policy, None] = None) -> str:
+                         ref_agent: Union[str, Policy, None] = None, time_feature: Optional[int] = None) -> str:
     """Roll out ``agent`` in ``env_id`` for ``num_episodes`` episodes with Gaussian action noise and
     write a Minari dataset (hdf5) with ref_min_score / ref_max_score (see the module docstring).
 
@@ -275,6 +313,8 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
             (rl-zoo's A2C / PPO MuJoCo agents: ``<algo>/<Env>_1/<Env>/vecnormalize.pkl``).
         ref_agent: an SB3 zip (without VecNormalize) or callable whose noiseless mean return is
             ref_max_score (None: ``agent``'s), e.g. an expert when ``agent`` is a medium policy.
+        time_feature: max_steps of the TimeFeatureWrapper the SB3 agent was trained with (rl-zoo's PPO
+            MuJoCo agents: 1000); the agent then sees [obs, 1 - t / max_steps]. None: no time feature.
     Returns:
         dataset_id (pass it to ``load_minari``).
     """
@@ -300,6 +340,10 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
             raise ValueError("vecnormalize applies to an SB3 agent zip; a callable agent normalises its own input")
         if not isinstance(vecnormalize, (str, os.PathLike)) or not os.path.isfile(os.fspath(vecnormalize)):
             raise FileNotFoundError(f"vecnormalize {vecnormalize!r} is not a file (an SB3 VecNormalize pickle)")
+    if time_feature is not None:
+        positive_int("time_feature", time_feature)
+        if callable(agent):
+            raise ValueError("time_feature applies to an SB3 agent zip; a callable agent builds its own input")
     if ref_agent is not None:
         if not (callable(ref_agent) or isinstance(ref_agent, (str, os.PathLike))):
             raise TypeError(f"ref_agent must be a path to an SB3 zip or a callable, got {type(ref_agent).__name__}")
@@ -323,10 +367,12 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
         want["qipo_vecnormalize"] = describe(vecnormalize)
     if ref_agent is not None:
         want["qipo_ref_agent"] = describe(ref_agent)
+    if time_feature is not None:
+        want["qipo_time_feature"] = int(time_feature)
     target = dataset_dir(dataset_id)
     if os.path.isdir(os.path.join(target, "data")) and not overwrite:
         have = existing_params(dataset_id) or {}
-        keys = set(want) | ({"qipo_vecnormalize", "qipo_ref_agent"} & set(have))
+        keys = set(want) | ({"qipo_vecnormalize", "qipo_ref_agent", "qipo_time_feature"} & set(have))
         have = {k: have.get(k) for k in sorted(keys)}
         if have == {k: want.get(k) for k in sorted(keys)} and not callable(agent) and not callable(ref_agent):
             return dataset_id
@@ -340,7 +386,8 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
     try:
         if not isinstance(env.action_space, gym.spaces.Box):
             raise ValueError(f"env {env_id!r} has a {type(env.action_space).__name__} action space; a Box is needed")
-        policy = agent if callable(agent) else load_sb3_agent(agent, env, algo, vecnormalize=vecnormalize)
+        policy = agent if callable(agent) else load_sb3_agent(agent, env, algo, vecnormalize=vecnormalize,
+                                                                   time_feature=time_feature)
         ref_policy = policy if ref_agent is None else ref_agent if callable(ref_agent) else load_sb3_agent(ref_agent, env)
         ref_min, ref_max = reference_scores(env, ref_policy, ref_episodes)
         reset_seeds = np.random.default_rng(np.random.SeedSequence([seed, 0])).integers(0, 2**31 - 1, num_episodes)
