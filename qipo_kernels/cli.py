@@ -156,7 +156,7 @@ def cmd_train(a) -> int:
 
     device = _device(a.device)
     try:  # under torchrun with several processes: join the group (gloo on CPU, NCCL on cuda:LOCAL_RANK)
-        ctx = distributed.from_env(device)
+        ctx = distributed.from_env(device, a.dist_timeout)
     except ValueError as e:
         raise CLIError(str(e)) from None
     try:
@@ -467,6 +467,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="start over: empty the --out folder first (only a folder qipo-kernels made)")
     t.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
     t.add_argument("--make-local", action="store_true", help="make the embedded dataset first if it is missing")
+    t.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits in a collective (e.g. while rank 0 evaluates) "
+                        "before the job fails (default $QIPO_DIST_TIMEOUT_S or 1800)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
 

@@ -192,3 +192,41 @@ def test_shard_ranges_cover_the_states_in_whole_blocks(n, world):
         assert lo <= hi and (lo % 256 == 0 or lo == n)
     sizes = [hi - lo for lo, hi in ranges]
     assert max(sizes) - min(sizes) <= 256
+
+
+def test_collective_timeout_from_argument_or_environment(monkeypatch):
+    """--dist-timeout / $QIPO_DIST_TIMEOUT_S reach init_process_group; bad values are refused naming the
+    argument before any group is made."""
+    seen = {}
+
+    def fake_init(backend, **kw):
+        seen.update(kw, backend=backend)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(D.tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.tdist, "init_process_group", fake_init)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv(D.TIMEOUT_ENV, raising=False)
+    for arg, env, want in ((None, None, 1800), (None, "7200", 7200), (60.0, "7200", 60)):
+        if env is not None:
+            monkeypatch.setenv(D.TIMEOUT_ENV, env)
+        seen.clear()
+        with pytest.raises(RuntimeError, match="stop here"):
+            D.from_env("cpu", arg)
+        assert seen["timeout"].total_seconds() == want and seen["backend"] == "gloo" and seen["rank"] == 1
+    monkeypatch.setenv(D.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="QIPO_DIST_TIMEOUT_S must be a number of seconds"):
+        D.from_env("cpu")
+    for bad in (0, -5, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="timeout_s must be a"):
+            D.from_env("cpu", bad)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: nothing distributed, but a bad value still says so
+    with pytest.raises(ValueError, match="QIPO_DIST_TIMEOUT_S"):
+        D.from_env("cpu")
+    monkeypatch.delenv(D.TIMEOUT_ENV)
+    assert D.from_env("cpu") is None
+    from qipo_kernels.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="timeout_s must be a finite"):
+        main(["train", "cpql", "--dataset", "x/y-v0", "--dist-timeout", "-1"])

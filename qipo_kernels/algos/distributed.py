@@ -247,9 +247,29 @@ def resume_note(saved: int, now: int) -> Optional[str]:
             f"the order of floating-point sums")
 
 
+DEFAULT_TIMEOUT_S = 1800.0
+TIMEOUT_ENV = "QIPO_DIST_TIMEOUT_S"
+
+
+def check_timeout(timeout_s, name: str = "timeout_s") -> float:
+    """A collective timeout in seconds: a finite number > 0 (a clear error naming ``name`` otherwise)."""
+    try:
+        v = float(timeout_s)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds > 0, got {timeout_s!r}") from None
+    if isinstance(timeout_s, bool) or not (v > 0 and v != float("inf")):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {timeout_s!r}")
+    return v
+
+
 def init(rank: int, world_size: int, init_method: str = "env://", device: str = "cpu",
-         timeout_s: float = 1800.0) -> DistContext:
-    """Join (or make) the default process group: NCCL on CUDA (device cuda:LOCAL_RANK), gloo on the CPU."""
+         timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Join (or make) the default process group: NCCL on CUDA (device cuda:LOCAL_RANK), gloo on the CPU.
+
+    ``timeout_s``: how long a collective waits for the other ranks before the job fails. Ranks other than
+    0 wait in the next step's collective while rank 0 evaluates or writes a checkpoint, so it must exceed
+    the longest evaluation (raise it for many or long evaluation episodes)."""
+    timeout_s = check_timeout(timeout_s)
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -274,15 +294,21 @@ def init(rank: int, world_size: int, init_method: str = "env://", device: str = 
     return DistContext(rank, world_size, dev, owns_group=owns)
 
 
-def from_env(device: str = "cpu") -> Optional[DistContext]:
+def from_env(device: str = "cpu", timeout_s: Optional[float] = None) -> Optional[DistContext]:
     """The DistContext of a process started by torchrun with more than one process (WORLD_SIZE > 1),
-    else None (one process: nothing distributed)."""
+    else None (one process: nothing distributed). ``timeout_s`` (see ``init``): None reads
+    $QIPO_DIST_TIMEOUT_S, default 1800."""
+    if timeout_s is None:
+        env = os.environ.get(TIMEOUT_ENV, "").strip()
+        timeout_s = check_timeout(env, TIMEOUT_ENV) if env else DEFAULT_TIMEOUT_S
+    else:
+        timeout_s = check_timeout(timeout_s)
     ws = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if ws <= 1:
         return None
     if "RANK" not in os.environ:
         raise ValueError("WORLD_SIZE > 1 but RANK is not set: launch with torchrun")
-    return init(int(os.environ["RANK"]), ws, "env://", device)
+    return init(int(os.environ["RANK"]), ws, "env://", device, timeout_s=timeout_s)
 
 
 # ---- the algorithms' sharded pieces (each the plain one-process computation when trainer.dist is None) ----
