@@ -6,6 +6,8 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
     python bench/time_to_score.py run --algo cpql --dataset qipo/halfcheetah/noisy-sac-v0 --seed 0 \\
         --budget-s 600 --out bench/results/tts
     python bench/time_to_score.py report --out bench/results/tts      # table + plot from every run there
+    python bench/time_to_score.py reeval --curve bench/results/tts/<run>/curve.json \
+        --ckpt <out>/<run>/run/checkpoint.pt --episodes 30   # a run's final evaluation again, with more episodes
 
 The datasets come from `qipo-kernels make-dataset` (bench/make_datasets.sh). CPQL uses the per-task
 "medium" defaults of the dataset's env (cpql_config_for); QIPO the preset of --preset (default "cpu-quick";
@@ -105,6 +107,40 @@ def run(a):
     print(json.dumps({k: v for k, v in curve["final"].items() if k != "per_episode"}))
 
 
+def reeval(a):
+    """Evaluate a finished run's final checkpoint again with --episodes episodes (the run's evaluation
+    seeds; deterministic for a given checkpoint and episode count) and make that the curve's final point. The run's own
+    final evaluation is kept under "final_at_train_end", and this command is added to the curve's
+    commands, so the table stays reproducible."""
+    from qipo_kernels.cli import load_checkpoint
+
+    torch.set_num_threads(1)
+    c = json.load(open(a.curve))
+    if "final" not in c:
+        raise SystemExit(f"--curve {a.curve}: the run has no final evaluation (stopped before its end)")
+    if a.episodes < 2:
+        raise SystemExit(f"--episodes must be >= 2 (a standard error needs two episodes), got {a.episodes}")
+    tr = load_checkpoint(a.ckpt, "cpu")
+    if tr.step != c["final"]["step"]:
+        raise SystemExit(f"--ckpt {a.ckpt} is at step {tr.step}, the curve's final evaluation at step "
+                         f"{c['final']['step']}: not this run's final checkpoint")
+    if tr.dataset.dataset_id != c["dataset"] or int(tr.cfg.seed) != int(c["seed"]):
+        raise SystemExit(f"--ckpt {a.ckpt} is a run of {tr.dataset.dataset_id} seed {tr.cfg.seed}, the curve's of "
+                         f"{c['dataset']} seed {c['seed']}")
+    res = tr.evaluate(num_episodes=a.episodes)
+    old = c.get("final_at_train_end") or {k: c["final"][k] for k in ("normalized", "normalized_se", "episodes")}
+    new = {**c["final"], "normalized": res.get("normalized_mean"), "normalized_se": res.get("normalized_se"),
+           "episodes": res["episodes"], "per_episode": [float(x) for x in np.asarray(res["returns"])]}
+    c["points"] = [new if p["tag"] == "final" else p for p in c["points"]]
+    c["final"], c["final_at_train_end"] = new, old
+    cmd = f"bench/time_to_score.py reeval --curve {a.curve} --ckpt {a.ckpt} --episodes {a.episodes}"
+    c["reeval_commands"] = [x for x in c.get("reeval_commands", []) if x != cmd] + [cmd]
+    atomic_write_json(c, a.curve)
+    print(f"{c['dataset']} seed {c['seed']}: final {old['normalized']:.1f} ± {old['normalized_se'] or 0:.1f} "
+          f"({old['episodes']} episodes) -> {new['normalized']:.1f} ± {new['normalized_se']:.1f} "
+          f"({new['episodes']} episodes)")
+
+
 def report(a):
     curves = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out, "*", "curve.json")))]
     if not curves:
@@ -138,7 +174,10 @@ def report(a):
                      f"{int(np.mean([f['step'] for f in finals]))} | {np.mean([f['cpu_s'] for f in finals]):.0f} | "
                      f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {'/'.join(str(f['episodes']) for f in finals)} | "
                      f"{np.mean(best):.1f} |")
-    lines += ["", "Commands (one per run):", ""] + [f"    {c['command']}" for c in curves]
+    lines += ["", "Commands (one per run; a run's final evaluation repeated with more episodes by the reeval "
+              "line after it):", ""]
+    for c in curves:
+        lines += [f"    {c['command']}"] + [f"    {x}" for x in c.get("reeval_commands", [])]
     with open(os.path.join(a.out, "README.md") + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(a.out, "README.md") + ".tmp", os.path.join(a.out, "README.md"))
@@ -242,6 +281,11 @@ def main(argv=None):
     p = sub.add_parser("report")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
     p.set_defaults(fn=report)
+    e = sub.add_parser("reeval", help="a finished run's final evaluation again, with more episodes")
+    e.add_argument("--curve", required=True, help="the run's curve.json (rewritten in place, atomically)")
+    e.add_argument("--ckpt", required=True, help="the run's checkpoint.pt (its run/ folder's)")
+    e.add_argument("--episodes", type=int, default=30)
+    e.set_defaults(fn=reeval)
     a = ap.parse_args(argv)
     a.fn(a)
 

@@ -242,6 +242,38 @@ def test_time_to_score_keeps_a_checkpoint_when_the_budget_stops_the_run(demo_min
     assert st["step"] == c["final"]["step"] == 1  # stopped after its first step, not at the end of the schedule
 
 
+def test_time_to_score_reeval_replaces_the_final_evaluation_and_keeps_the_old_one(demo_minari_root, tmp_path):
+    """reeval: the final checkpoint evaluated again with more episodes becomes the curve's final point (the
+    same evaluation, deterministic: twice gives the same numbers); the old final is kept, the command recorded
+    and listed by report; a checkpoint of another step, or too few episodes, is refused."""
+    T.main(["run", "--algo", "qipo", "--dataset", data.DEMO_DATASET_ID, "--episodes", "1", "--final-episodes", "2",
+            "--eval-every", "0", "--set", "pretrain_steps=3", "--set", "q_steps=2", "--set", "q_support=2",
+            "--set", "policy_steps=2", "--set", "pretrain_batch=16", "--set", "policy_batch=8",
+            "--set", "num_support=2", "--set", "sample_steps=2", "--out", str(tmp_path)])
+    (run,) = list(tmp_path.glob("qipo-*-s0"))
+    curve, ck = str(run / "curve.json"), str(run / "run" / "checkpoint.pt")
+    before = json.load(open(curve))
+    T.main(["reeval", "--curve", curve, "--ckpt", ck, "--episodes", "3"])
+    c = json.load(open(curve))
+    assert c["final"]["episodes"] == 3 and c["final_at_train_end"]["episodes"] == 2
+    assert c["final_at_train_end"]["normalized"] == before["final"]["normalized"]
+    assert [p for p in c["points"] if p["tag"] == "final"] == [c["final"]]
+    assert c["final"]["step"] == before["final"]["step"] and len(c["points"]) == len(before["points"])
+    assert len(c["reeval_commands"]) == 1 and "reeval --curve" in c["reeval_commands"][0]
+    T.main(["reeval", "--curve", curve, "--ckpt", ck, "--episodes", "3"])  # again: the original stays the train-end one
+    c2 = json.load(open(curve))
+    assert c2["final_at_train_end"] == c["final_at_train_end"] and len(c2["reeval_commands"]) == 1
+    assert c2["final"] == c["final"]
+    T.main(["report", "--out", str(tmp_path)])
+    assert "reeval --curve" in (tmp_path / "README.md").read_text()
+    with pytest.raises(SystemExit, match="episodes must be >= 2"):
+        T.main(["reeval", "--curve", curve, "--ckpt", ck, "--episodes", "1"])
+    c["final"]["step"] += 1
+    (run / "curve.json").write_text(json.dumps(c))
+    with pytest.raises(SystemExit, match="not this run's final checkpoint"):
+        T.main(["reeval", "--curve", curve, "--ckpt", ck, "--episodes", "3"])
+
+
 def test_critic_from_swaps_in_another_runs_target_critic(demo_minari_root, tmp_path):
     """--critic-from (both diagnosis scripts): a CPQL run's target critic (LayerNorm, Mish) replaces the QIPO
     run's own; the stage-3 weights and the argmax evaluation then use its values; a run on another dataset or
