@@ -109,9 +109,10 @@ def run(a):
 
 def reeval(a):
     """Evaluate a finished run's final checkpoint again with --episodes episodes (the run's evaluation
-    seeds; deterministic for a given checkpoint and episode count) and make that the curve's final point. The run's own
-    final evaluation is kept under "final_at_train_end", and this command is added to the curve's
-    commands, so the table stays reproducible."""
+    seeds; deterministic for a given checkpoint and episode count) and make that the curve's final point;
+    for QIPO also its stage-1 behaviour model (kept unchanged in the checkpoint) for the "behaviour" point.
+    The run's own evaluations are kept under "final_at_train_end" / "behaviour_at_train_end", and this
+    command is added to the curve's commands, so the table stays reproducible."""
     from qipo_kernels.cli import load_checkpoint
 
     torch.set_num_threads(1)
@@ -127,18 +128,27 @@ def reeval(a):
     if tr.dataset.dataset_id != c["dataset"] or int(tr.cfg.seed) != int(c["seed"]):
         raise SystemExit(f"--ckpt {a.ckpt} is a run of {tr.dataset.dataset_id} seed {tr.cfg.seed}, the curve's of "
                          f"{c['dataset']} seed {c['seed']}")
-    res = tr.evaluate(num_episodes=a.episodes)
-    old = c.get("final_at_train_end") or {k: c["final"][k] for k in ("normalized", "normalized_se", "episodes")}
-    new = {**c["final"], "normalized": res.get("normalized_mean"), "normalized_se": res.get("normalized_se"),
-           "episodes": res["episodes"], "per_episode": [float(x) for x in np.asarray(res["returns"])]}
-    c["points"] = [new if p["tag"] == "final" else p for p in c["points"]]
-    c["final"], c["final_at_train_end"] = new, old
+    tags = {"final": None}
+    if any(p["tag"] == "behaviour" for p in c["points"]):  # QIPO: its stage-1 model is in the checkpoint too
+        tags["behaviour"] = tr.behaviour
+    for tag, policy in tags.items():
+        res = tr.evaluate(num_episodes=a.episodes) if policy is None else \
+            tr.evaluate(num_episodes=a.episodes, policy=policy)
+        point = next(p for p in c["points"] if p["tag"] == tag)
+        key = f"{tag}_at_train_end"
+        old = c.get(key) or {k: point[k] for k in ("normalized", "normalized_se", "episodes")}
+        new = {**point, "normalized": res.get("normalized_mean"), "normalized_se": res.get("normalized_se"),
+               "episodes": res["episodes"], "per_episode": [float(x) for x in np.asarray(res["returns"])]}
+        c["points"] = [new if p["tag"] == tag else p for p in c["points"]]
+        c[key] = old
+        if tag == "final":
+            c["final"] = new
+        print(f"{c['dataset']} seed {c['seed']}: {tag} {old['normalized']:.1f} ± {old['normalized_se'] or 0:.1f} "
+              f"({old['episodes']} episodes) -> {new['normalized']:.1f} ± {new['normalized_se']:.1f} "
+              f"({new['episodes']} episodes)")
     cmd = f"bench/time_to_score.py reeval --curve {a.curve} --ckpt {a.ckpt} --episodes {a.episodes}"
     c["reeval_commands"] = [x for x in c.get("reeval_commands", []) if x != cmd] + [cmd]
     atomic_write_json(c, a.curve)
-    print(f"{c['dataset']} seed {c['seed']}: final {old['normalized']:.1f} ± {old['normalized_se'] or 0:.1f} "
-          f"({old['episodes']} episodes) -> {new['normalized']:.1f} ± {new['normalized_se']:.1f} "
-          f"({new['episodes']} episodes)")
 
 
 def report(a):

@@ -256,6 +256,9 @@ def test_time_to_score_reeval_replaces_the_final_evaluation_and_keeps_the_old_on
     T.main(["reeval", "--curve", curve, "--ckpt", ck, "--episodes", "3"])
     c = json.load(open(curve))
     assert c["final"]["episodes"] == 3 and c["final_at_train_end"]["episodes"] == 2
+    (beh,) = [p for p in c["points"] if p["tag"] == "behaviour"]  # QIPO's stage-1 model too
+    assert beh["episodes"] == 3 and c["behaviour_at_train_end"]["episodes"] == 2
+    assert beh["step"] == [p for p in before["points"] if p["tag"] == "behaviour"][0]["step"]
     assert c["final_at_train_end"]["normalized"] == before["final"]["normalized"]
     assert [p for p in c["points"] if p["tag"] == "final"] == [c["final"]]
     assert c["final"]["step"] == before["final"]["step"] and len(c["points"]) == len(before["points"])
