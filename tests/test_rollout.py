@@ -242,7 +242,7 @@ def test_time_feature_agent_sees_obs_and_remaining_time(root, tmp_path):
     vn.obs_rms.var = rng.uniform(0.05, 0.5, size=12)  # the time feature's own scale matters
     vpath = str(tmp_path / "vn12.pkl")
     vn.save(vpath)
-    with pytest.raises(ValueError, match="does not fit"):  # without the feature the agent does not load
+    with pytest.raises(ValueError, match="(?s)does not fit.*needs time_feature"):  # without the feature: refused, with a hint
         load_sb3_agent(zpath, env, vecnormalize=vpath)
     with pytest.raises(ValueError, match="time_feature"):
         load_sb3_agent(zpath, env, vecnormalize=vpath, time_feature=0)

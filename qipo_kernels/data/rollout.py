@@ -165,7 +165,9 @@ def load_sb3_agent(path: str, env, algo: str = "auto", vecnormalize: Optional[st
     except RuntimeError as e:  # a state_dict of other sizes: the env does not match the agent
         raise ValueError(f"agent {path!r} does not fit env {env.spec.id if env.spec else env} "
                          f"(obs {obs_space.shape}{' with the time feature' if time_feature else ''}, "
-                         f"action {env.action_space.shape}): {e}") from None
+                         f"action {env.action_space.shape}): {e}"
+                         + ("" if time_feature else "; an rl-zoo agent whose config.yml names TimeFeatureWrapper "
+                            "needs time_feature=1000 (--time-feature)")) from None
 
     norm = (lambda obs: obs) if vecnormalize is None else \
         load_obs_normalizer(vecnormalize, int(np.prod(obs_space.shape)))
