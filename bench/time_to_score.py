@@ -37,10 +37,15 @@ from qipo_kernels.data import load_minari  # noqa: E402
 from qipo_kernels.evaluation import standard_error  # noqa: E402
 
 
+def _scores(res):
+    """The score fields of a curve point from an ``evaluate()`` result."""
+    return {"normalized": res.get("normalized_mean"), "normalized_se": res.get("normalized_se"),
+            "episodes": res["episodes"], "per_episode": [float(x) for x in np.asarray(res["returns"])]}
+
+
 def _point(tr, res, tag):
     return {"tag": tag, "step": tr.step, "cpu_s": round(tr.train_time, 2), "wall_s": round(tr.train_wall_time, 2),
-            "normalized": res.get("normalized_mean"), "normalized_se": res.get("normalized_se"), "episodes": res["episodes"],
-            "per_episode": [float(x) for x in np.asarray(res["returns"])]}
+            **_scores(res)}
 
 
 def run(a):
@@ -137,8 +142,7 @@ def reeval(a):
         point = next(p for p in c["points"] if p["tag"] == tag)
         key = f"{tag}_at_train_end"
         old = c.get(key) or {k: point[k] for k in ("normalized", "normalized_se", "episodes")}
-        new = {**point, "normalized": res.get("normalized_mean"), "normalized_se": res.get("normalized_se"),
-               "episodes": res["episodes"], "per_episode": [float(x) for x in np.asarray(res["returns"])]}
+        new = {**point, **_scores(res)}  # same step and CPU seconds, new scores
         c["points"] = [new if p["tag"] == tag else p for p in c["points"]]
         c[key] = old
         if tag == "final":
