@@ -117,3 +117,42 @@ def cli(rank, world, init_method, out, argv):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR=host, MASTER_PORT=port)
     assert main(argv) == 0
+
+
+INTERRUPT_AT = 3
+
+
+def interrupted(rank, world, init_method, out, who, where):
+    """torch.multiprocessing entry: a CPQL run in OUT/interrupted-WHO-WHERE whose rank WHO (alone) gets a
+    SIGINT at step INTERRUPT_AT, inside the step ("step") or after it, between steps ("between"). Each rank
+    writes OUT/interrupted-WHO-WHERE/outcome<rank>.pt: how fit() ended and at which step."""
+    torch.set_num_threads(1)
+    from qipo_kernels import data
+    from qipo_kernels.algos import distributed
+
+    ctx = distributed.init(rank, world, init_method, "cpu", timeout_s=120)
+    ds = data.load_minari(data.DEMO_DATASET_ID)
+    run = os.path.join(out, f"interrupted-{who}-{where}")
+
+    def between(tr, metrics):
+        if where == "between" and ctx.rank == who and tr.step == INTERRUPT_AT:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    tr = make("cpql", ds, run, between, steps=200)
+    step = tr.train_step
+
+    def inside():
+        if where == "step" and ctx.rank == who and tr.step == INTERRUPT_AT - 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, in the middle of the step
+        return step()
+    tr.train_step = inside
+    ctx.attach(tr)
+    try:
+        tr.fit()
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    except Exception as e:  # noqa: BLE001 - recorded for the test to show
+        outcome = f"{type(e).__name__}: {e}"
+    torch.save({"outcome": outcome, "step": tr.step}, os.path.join(run, f"outcome{rank}.pt"))
+    ctx.close()

@@ -230,3 +230,18 @@ def test_collective_timeout_from_argument_or_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="timeout_s must be a finite"):
         main(["train", "cpql", "--dataset", "x/y-v0", "--dist-timeout", "-1"])
+
+
+@pytest.mark.parametrize("who,where", [(1, "between"), (0, "step"), (1, "step")])
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(demo_minari_root, demo_ds, tmp_path, who, where):
+    """A SIGINT that reaches one rank only (or the ranks at different moments: torchrun forwards Ctrl-C to
+    each worker in turn) stops every rank after the same step, and rank 0 writes that step's checkpoint;
+    before, the other ranks went on into the next step's collective and failed there without a checkpoint."""
+    out = str(tmp_path)
+    _spawn(W.interrupted, out, who, where)
+    run = os.path.join(out, f"interrupted-{who}-{where}")
+    ends = [torch.load(os.path.join(run, f"outcome{r}.pt"), weights_only=False) for r in range(2)]
+    stop = W.INTERRUPT_AT if where == "step" else W.INTERRUPT_AT + 1
+    assert [e["outcome"] for e in ends] == ["interrupted", "interrupted"], ends
+    assert [e["step"] for e in ends] == [stop, stop]
+    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["step"] == stop

@@ -393,17 +393,22 @@ def config_changes(old: Dict[str, Any], cfg) -> Dict[str, tuple]:
 def _checkpoint_on_interrupt(trainer: "Trainer"):
     """While training, Ctrl-C (SIGINT) stops the run with a checkpoint instead of losing the steps since the
     last one. Inside a training step the interrupt is deferred to the end of that step (the state is then
-    consistent); anywhere else it raises KeyboardInterrupt at once. The trainer saves on its way out."""
+    consistent); anywhere else it raises KeyboardInterrupt at once. The trainer saves on its way out.
+
+    Under torch.distributed the ranks agree at the end of each step (DistContext.end_step) and all stop after
+    the first step at whose end any of them had been interrupted; ranks other than 0 also defer an
+    interrupt that comes between steps, since they only stop together with rank 0."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        if trainer._in_step:
+        if trainer._in_step or (trainer.dist is not None and not trainer.is_main):
             if not trainer._interrupted:
                 trainer._interrupted = True
-                print("\ninterrupt: writing a checkpoint at the end of this step (Ctrl-C again to quit without)",
-                      file=sys.stderr, flush=True)
+                if trainer.is_main:
+                    print("\ninterrupt: writing a checkpoint at the end of this step (Ctrl-C again to quit without)",
+                          file=sys.stderr, flush=True)
                 return
             trainer._ckpt_ok = False  # a second Ctrl-C inside a step: that state is half-updated, not saved
         raise KeyboardInterrupt
@@ -613,7 +618,16 @@ class Trainer:
         self._ckpt_ok = self._interrupted = False
         with self._run_dir_lock(), _checkpoint_on_interrupt(self):
             try:
-                return self._fit(resume)
+                try:
+                    return self._fit(resume)
+                except Exception as e:
+                    if self.dist is None or not self._interrupted:
+                        raise
+                    # interrupted, then a collective failed: another rank stopped outside a step (rank 0
+                    # during an evaluation), so this one stops too; mid-step, its state is half-updated
+                    if self._in_step:
+                        self._ckpt_ok = False
+                    raise KeyboardInterrupt from e
             except KeyboardInterrupt:
                 if self._ckpt_ok:
                     self.save_checkpoint()
@@ -683,8 +697,9 @@ class Trainer:
                 stage = self.stage()
                 self._in_step = True   # until the step is logged: a Ctrl-C here waits for the end of it
                 metrics, nsamples = self.train_step()
+                stop = None  # under torch.distributed: whether any rank was interrupted by the end of this step
                 if self.dist is not None:
-                    metrics = self.dist.mean_metrics(metrics)
+                    metrics, stop = self.dist.end_step(metrics, self._interrupted)
                 self.step += 1
                 self.train_time += time.process_time() - c0
                 self.train_wall_time += time.perf_counter() - t0
@@ -703,7 +718,7 @@ class Trainer:
                     bar.set_postfix(post, refresh=False)
                     t_last, n_last, s_last = now, 0, self.step
                 self._in_step = False
-                if self._interrupted:
+                if self._interrupted if stop is None else stop:
                     raise KeyboardInterrupt
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps \
                         and self.is_main and self.should_eval():

@@ -175,15 +175,22 @@ class DistContext:
 
     def mean_metrics(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
         """Average scalar metrics over the ranks (one all_reduce), so rank 0 logs the global batch's."""
+        return self.end_step(metrics, False)[0]
+
+    def end_step(self, metrics: Dict[str, Any], stop: bool) -> Tuple[Dict[str, Any], bool]:
+        """The end of a training step on every rank, in one all_reduce: the metrics averaged over the ranks
+        (as ``mean_metrics``) and whether any rank asks to ``stop`` (a Ctrl-C that reached it), so that
+        all ranks stop after the same step."""
         keys = sorted(k for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float)))
-        if not keys:
-            return metrics
-        v = torch.stack([metrics[k].detach().reshape(()).to(self.device, torch.float64) if torch.is_tensor(metrics[k])
-                         else torch.tensor(float(metrics[k]), dtype=torch.float64, device=self.device) for k in keys])
-        tdist.all_reduce(v)  # one host sync (tolist) for all the metrics
+        vals = [metrics[k].detach().reshape(()).to(self.device, torch.float64) if torch.is_tensor(metrics[k])
+                else torch.tensor(float(metrics[k]), dtype=torch.float64, device=self.device) for k in keys]
+        vals.append(torch.tensor(1.0 if stop else 0.0, dtype=torch.float64, device=self.device))
+        v = torch.stack(vals)
+        tdist.all_reduce(v)  # one host sync (tolist) for all the metrics and the stop flag
+        got = v.tolist()
         out = dict(metrics)
-        out.update({k: float(x) / self.world_size for k, x in zip(keys, v.tolist())})
-        return out
+        out.update({k: float(x) / self.world_size for k, x in zip(keys, got)})
+        return out, got[-1] > 0
 
     def shard_range(self, n: int, block: int = NOISE_BLOCK) -> Tuple[int, int]:
         """This rank's contiguous range [lo, hi) of n items, split in whole blocks as evenly as possible."""
