@@ -159,9 +159,10 @@ def report(a):
     curves = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out, "*", "curve.json")))]
     if not curves:
         raise SystemExit(f"no runs under {a.out}")
-    groups = {}
-    for c in curves:
-        groups.setdefault((_label(c), c["dataset"]), []).append(c)
+    groups, budgets = {}, {}
+    for c in curves:  # runs of one label on one dataset with different budgets are rows of their own
+        groups.setdefault((_label(c), c["dataset"], float(c["budget_s"])), []).append(c)
+        budgets.setdefault((_label(c), c["dataset"]), set()).add(float(c["budget_s"]))
     lines = ["# Time-to-score on one CPU thread", "",
              "Normalised score 100 (R - ref_min) / (ref_max - ref_min) of the final policy; mean ± s.e. over all "
              "evaluation episodes of all seeds (s.e. of the seed means in brackets when there are >= 2 seeds). "
@@ -169,7 +170,9 @@ def report(a):
              "were shared with other jobs: wall time was ~3-5x the CPU time.", "",
              "| algorithm | dataset | behaviour (data) | seeds | steps | train CPU-s | QIPO behaviour model | final score | final episodes per seed | best evaluation on the curve |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for (algo, dataset), cs in sorted(groups.items()):
+    for (algo, dataset, budget), cs in sorted(groups.items()):
+        if len(budgets[(algo, dataset)]) > 1:
+            algo = f"{algo} (budget {budget:.0f} s)"
         done = [c for c in cs if "final" in c]
         if not done:  # killed before its final evaluation: one row per run, up to its last evaluation
             for c in cs:
@@ -213,7 +216,9 @@ def report(a):
             x = [p["cpu_s"] for p in pts]
             y = [p["normalized"] for p in pts]
             e = [p["normalized_se"] or 0 for p in pts]
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=f"{_label(c)} seed {c['seed']}")
+            long = len(budgets[(_label(c), dataset)]) > 1
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=2,
+                        label=f"{_label(c)} seed {c['seed']}" + (f" (budget {c['budget_s']:.0f} s)" if long else ""))
             beh = [p for p in pts if p["tag"] == "behaviour"]
             if beh:
                 ax.plot([p["cpu_s"] for p in beh], [p["normalized"] for p in beh], "k*", markersize=12)

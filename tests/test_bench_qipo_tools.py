@@ -56,7 +56,9 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     runs = {"qipo-old": curve("qipo", None, 0, "time_to_score.py run --algo qipo", 10.0),  # before presets were recorded
             "qipo-a-s0": curve("qipo", "cpu-30min", 0, "run --algo qipo --preset cpu-30min", 40.0),
             "qipo-a-s1": curve("qipo", "cpu-30min", 1, "run --algo qipo --preset cpu-30min", 50.0),
-            "cpql-s0": curve("cpql", None, 0, "run --algo cpql", 70.0)}
+            "cpql-s0": curve("cpql", None, 0, "run --algo cpql", 70.0),
+            "cpql-long-s0": curve("cpql", None, 0, "run --algo cpql --budget-s 40", 90.0)}
+    runs["cpql-long-s0"]["budget_s"] = 40
     assert T._label(runs["qipo-old"]) == "qipo cpu-quick"
     assert T._label({"algo": "qipo", "command": "x --preset cpu-30min --seed 1"}) == "qipo cpu-30min"
     assert T._label(runs["cpql-s0"]) == "cpql"
@@ -73,7 +75,9 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln}
     assert " | 2 | " in rows["qipo cpu-30min"] and "45.0 ± " in rows["qipo cpu-30min"]
     assert " | 1 | " in rows["qipo cpu-quick"] and "10.0 ± " in rows["qipo cpu-quick"]
-    assert "70.0 ± " in rows["cpql"]
+    # the same algorithm and dataset with another budget: a row of its own, named by its budget
+    assert "70.0 ± " in rows["cpql (budget 10 s)"] and " | 1 | " in rows["cpql (budget 10 s)"]
+    assert "90.0 ± " in rows["cpql (budget 40 s)"] and " | 1 | " in rows["cpql (budget 40 s)"]
 
 
 def test_time_to_score_partial_runs_show_the_behaviour_model_only_from_stage_1(tmp_path):
