@@ -120,6 +120,8 @@ def test_changed_config_is_refused_or_really_applied(tiny_ds, tmp_path, capsys):
 # ---- Ctrl-C --------------------------------------------------------------------------------------
 
 def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes_identically(tiny_ds, tmp_path):
+    # the handler in place before (Python's default, or SIG_IGN when pytest was started in the background)
+    handler_before = signal.getsignal(signal.SIGINT)
     ref = CPQL(tiny_ds, _ccfg(checkpoint_every=0), out_dir=str(tmp_path / "ref"), progress_bar=False)
     ref.fit()
 
@@ -151,7 +153,7 @@ def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes_identically(tiny_ds, tmp
     b2 = CPQL(tiny_ds, _ccfg(checkpoint_every=0), out_dir=str(tmp_path / "b"), progress_bar=False)
     b2.fit()
     _same(ref, b2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before   # handler restored
 
 
 # ---- the run folder: marker, lock, --fresh ---------------------------------------------------------
