@@ -19,6 +19,7 @@ behaviour model (end of stage 1) is evaluated too.
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import os
@@ -159,10 +160,14 @@ def report(a):
     curves = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out, "*", "curve.json")))]
     if not curves:
         raise SystemExit(f"no runs under {a.out}")
-    groups, budgets = {}, {}
+    groups = {}
     for c in curves:  # runs of one label on one dataset with different budgets are rows of their own
         groups.setdefault((_label(c), c["dataset"], float(c["budget_s"])), []).append(c)
-        budgets.setdefault((_label(c), c["dataset"]), set()).add(float(c["budget_s"]))
+    n_budgets = collections.Counter((label, dataset) for label, dataset, _ in groups)
+
+    def budget_tag(label, dataset, budget):
+        """" (budget N s)" where it tells apart the rows (and curves) of one label on one dataset, else ""."""
+        return f" (budget {budget:.0f} s)" if n_budgets[(label, dataset)] > 1 else ""
     lines = ["# Time-to-score on one CPU thread", "",
              "Normalised score 100 (R - ref_min) / (ref_max - ref_min) of the final policy; mean ± s.e. over all "
              "evaluation episodes of all seeds (s.e. of the seed means in brackets when there are >= 2 seeds). "
@@ -171,8 +176,7 @@ def report(a):
              "| algorithm | dataset | behaviour (data) | seeds | steps | train CPU-s | QIPO behaviour model | final score | final episodes per seed | best evaluation on the curve |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (algo, dataset, budget), cs in sorted(groups.items()):
-        if len(budgets[(algo, dataset)]) > 1:
-            algo = f"{algo} (budget {budget:.0f} s)"
+        algo += budget_tag(algo, dataset, budget)
         done = [c for c in cs if "final" in c]
         if not done:  # killed before its final evaluation: one row per run, up to its last evaluation
             for c in cs:
@@ -216,9 +220,8 @@ def report(a):
             x = [p["cpu_s"] for p in pts]
             y = [p["normalized"] for p in pts]
             e = [p["normalized_se"] or 0 for p in pts]
-            long = len(budgets[(_label(c), dataset)]) > 1
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=2,
-                        label=f"{_label(c)} seed {c['seed']}" + (f" (budget {c['budget_s']:.0f} s)" if long else ""))
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=f"{_label(c)} seed {c['seed']}"
+                        + budget_tag(_label(c), dataset, float(c["budget_s"])))
             beh = [p for p in pts if p["tag"] == "behaviour"]
             if beh:
                 ax.plot([p["cpu_s"] for p in beh], [p["normalized"] for p in beh], "k*", markersize=12)

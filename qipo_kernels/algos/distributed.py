@@ -173,14 +173,10 @@ class DistContext:
         tdist.all_reduce(y)
         return y / self.world_size
 
-    def mean_metrics(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
-        """Average scalar metrics over the ranks (one all_reduce), so rank 0 logs the global batch's."""
-        return self.end_step(metrics, False)[0]
-
     def end_step(self, metrics: Dict[str, Any], stop: bool) -> Tuple[Dict[str, Any], bool]:
-        """The end of a training step on every rank, in one all_reduce: the metrics averaged over the ranks
-        (as ``mean_metrics``) and whether any rank asks to ``stop`` (a Ctrl-C that reached it), so that
-        all ranks stop after the same step."""
+        """The end of a training step on every rank, in one all_reduce: the scalar metrics averaged over the
+        ranks (so rank 0 logs the global batch's) and whether any rank asks to ``stop`` (a Ctrl-C that
+        reached it), so that all ranks stop after the same step."""
         keys = sorted(k for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float)))
         vals = [metrics[k].detach().reshape(()).to(self.device, torch.float64) if torch.is_tensor(metrics[k])
                 else torch.tensor(float(metrics[k]), dtype=torch.float64, device=self.device) for k in keys]
