@@ -12,8 +12,8 @@
 Training resumes from ``<out>/checkpoint.pt`` when it exists (``--fresh`` starts over) and writes CSV
 logs, atomic checkpoints and ``<out>/summary.json``. A run folder holds one configuration: a changed
 ``--set`` on an existing run is refused unless the field may change on resume (steps, learning rates,
-evaluation and logging settings). Ctrl-C writes a checkpoint. train / eval / demo use one torch CPU thread
-unless ``--threads N`` says otherwise. Errors are one line; ``--debug`` shows the traceback.
+evaluation and logging settings); fields the command does not name keep the run's own values. Ctrl-C
+writes a checkpoint. train / eval / demo use one torch CPU thread unless ``--threads N`` says otherwise. Errors are one line; ``--debug`` shows the traceback.
 ``--preset NAME`` (QIPO) starts from a documented preset of QIPO_PRESETS (schedule lengths, batch sizes
 and learning rates only; the papers' values stay the defaults); ``--set`` overrides apply after it.
 """
@@ -24,6 +24,7 @@ import ast
 import contextlib
 import dataclasses
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -151,6 +152,36 @@ def build_trainer(algo: str, cfg_dict: Dict[str, Any], out_dir: str, device: str
     return cls(dataset, cfg, out_dir=out_dir, device=device, progress_bar=progress_bar, callback=callback)
 
 
+def _keep_run_config(algo: str, cfg_cls, cfg_dict: Dict[str, Any], given: set, out: str,
+                     verbose: bool = True) -> Dict[str, Any]:
+    """On a resume (``<out>/checkpoint.pt`` exists), the config fields the command line does not name
+    (``given``: --set, --preset, --task, --seed) take the run's own values from its checkpoint instead of
+    the defaults, so the same or a shorter command continues the run as it was configured, whether the CLI
+    or the Python API made it. Fields the command line names are compared by the trainer as before (a
+    change is applied when it may change on resume, refused otherwise). Returns (the config dict to use,
+    the name of the preset the run was made with or None)."""
+    from .algos.common import config_changes, read_checkpoint
+
+    path = os.path.join(out, "checkpoint.pt")
+    cfg = _make_config(cfg_cls, cfg_dict)   # the arguments are checked first
+    if not os.path.isfile(path):
+        return cfg_dict, None
+    st = read_checkpoint(path, mmap=True)   # CheckpointError (one line) when unreadable
+    if st.get("algo") != algo:
+        return cfg_dict, None                # the trainer refuses it with its own message
+    kept = {k: old for k, (old, _) in config_changes(st.get("config") or {}, cfg).items() if k not in given}
+    if kept and verbose:
+        shown = ", ".join(f"{k}={kept[k]!r}" for k in sorted(kept))
+        print(f"resuming {out} with its own settings for the fields not given here: {shown}")
+    preset = None
+    try:   # the preset the run was made with (config.json), when the command line names none
+        with open(os.path.join(out, "config.json")) as f:
+            preset = json.load(f).get("preset")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {**cfg_dict, **kept}, preset
+
+
 def cmd_train(a) -> int:
     from .algos import distributed
 
@@ -197,10 +228,16 @@ def _train(a, device: str, ctx) -> int:
             base = dataclasses.asdict(cpql_config_for(a.dataset))
         if main:
             print(preset_message(a.dataset))
+    given = set(base) if (a.preset is not None or a.task) else set()   # fields the command line names
     if a.seed is not None:
         base["seed"] = a.seed
+        given.add("seed")
     cfg_dict = _parse_sets(cfg_cls, a.set, base)
+    given |= {s.split("=", 1)[0].strip().replace("-", "_") for s in a.set or ()}
     out = a.out or os.path.join("runs", a.algo)
+    run_preset = None
+    if not a.fresh:
+        cfg_dict, run_preset = _keep_run_config(a.algo, cfg_cls, cfg_dict, given, out, verbose=main)
     probe = _make_config(cfg_cls, cfg_dict)   # every argument is checked before anything is written or removed
     set_threads(a.threads, verbose=main)
     if ctx is not None and a.algo == "cpql-online":
@@ -230,7 +267,7 @@ def _train(a, device: str, ctx) -> int:
         except (TypeError, ValueError) as e:
             raise CLIError(str(e)) from None
         tr.dataset_id = a.dataset
-        tr.preset = a.preset
+        tr.preset = a.preset if a.preset is not None else run_preset
         if ctx is not None:
             try:
                 ctx.attach(tr)

@@ -232,6 +232,40 @@ def test_run_folder_holds_one_configuration(demo_minari_root, tmp_path, capsys):
     assert json.load(open(out / "summary.json"))["config"]["hidden"] == 16 and not (out / "extra.csv").exists()
 
 
+def test_resume_keeps_the_runs_own_settings_for_fields_the_command_does_not_name(demo_minari_root, tmp_path,
+                                                                                   capsys):
+    # a run made through the Python API with settings the CLI's defaults do not have ...
+    out = tmp_path / "api-run"
+    ds = data.load_minari(data.DEMO_DATASET_ID)
+    cfg = dict(hidden=8, critic_hidden=8, steps=6, batch=8, eval_episodes=0, checkpoint_every=3, log_every=2,
+               tensorboard=False, step_start_ema=2, lr=1e-4, seed=5)
+    cli.build_trainer("cpql", cfg, str(out), "cpu", ds, progress_bar=False).fit()
+    # ... resumed by a command that names only the new step count: the run keeps its own architecture,
+    # learning rate, seed, logging and checkpointing instead of the defaults (which would refuse the
+    # architecture, and silently turn on TensorBoard and change the learning rate)
+    args = ["train", "cpql", "--dataset", data.DEMO_DATASET_ID, "--out", str(out), "--no-progress"]
+    assert cli.main(args + ["--set", "steps=8"]) == 0
+    text = capsys.readouterr().out
+    assert "with its own settings for the fields not given here" in text and "hidden=8" in text and "lr=0.0001" in text
+    assert "resuming from step 6 of 8 in" in text and "with steps 6 -> 8" in text and "tensorboard" not in text.split(
+        "resuming from")[-1]
+    s = json.load(open(out / "summary.json"))
+    assert s["steps"] == 8 and s["config"]["lr"] == 1e-4 and s["config"]["tensorboard"] is False
+    assert s["config"]["seed"] == 5 and s["config"]["checkpoint_every"] == 3
+    assert not (out / "tb").exists()
+    tr = cli.load_checkpoint(str(out), "cpu")
+    assert tr.step == 8 and all(g["lr"] == 1e-4 for o in tr.optims.values() for g in o.param_groups)
+    # a field the command names is still compared: a new learning rate applies, a new architecture is refused
+    assert cli.main(args + ["--set", "steps=9", "--set", "lr=3e-4"]) == 0
+    assert "lr 0.0001 -> 0.0003" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="hidden 8 -> 16"):
+        cli.main(args + ["--set", "steps=9", "--set", "hidden=16"])
+    # --fresh starts from the command line's settings alone
+    assert cli.main(args + ["--fresh", "--set", "steps=2", "--set", "eval_episodes=0", "--set", "hidden=8",
+                            "--set", "critic_hidden=8", "--set", "batch=8", "--set", "tensorboard=false"]) == 0
+    assert json.load(open(out / "summary.json"))["config"]["lr"] != 1e-4
+
+
 def test_every_error_is_one_line(demo_minari_root, tmp_path, capsys, monkeypatch):
     def one_line(args, match, code=None):
         with pytest.raises(SystemExit) as ei:

@@ -166,8 +166,9 @@ def checkpoint_safe(x: Any) -> Any:
     return x
 
 
-def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by ``Trainer.save_checkpoint`` with ``torch.load(weights_only=True)``.
+def read_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint written by ``Trainer.save_checkpoint`` with ``torch.load(weights_only=True)``
+    (``mmap=True``: tensors are mapped, not read, for a caller that only needs the config).
 
     Raises FileNotFoundError when ``path`` is missing and CheckpointError (a ValueError, one line naming
     ``path`` and what to do) when it is corrupt, truncated, not a qipo-kernels checkpoint, or holds objects
@@ -177,7 +178,7 @@ def read_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path}")
     hint = ("delete it (or train with --fresh) to start over, or restore it from a copy")
     try:
-        st = torch.load(path, map_location=map_location, weights_only=True)
+        st = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # PytorchStreamReader / EOFError / UnpicklingError / zipfile errors ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "Weights only load failed" in first or "weights_only" in first:
