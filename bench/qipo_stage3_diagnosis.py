@@ -21,6 +21,8 @@ Variants (--variants):
   keep_data    beta 3, keep_data_action=True (slot 0 of every support set = the dataset action; Alg. 2)
   batch        beta 3, normalize="batch" (the paper's Algorithm 1)
   beta1        beta 1
+  beta10       beta 10 (sharper weights: toward the critic's argmax; not a paper setting)
+  beta30       beta 30
 Support statistics: effective support size per state 1 / sum_j w_j^2 (beta 3 and 1), saturated
 coordinates (|a| >= 0.999) in the support vs the data, the distance of the support to the data action,
 where the critic ranks the data action among the 64 samples; the stage-3 loss gradient with
@@ -57,6 +59,8 @@ VARIANTS = {
     "keep_data": dict(beta=3.0, keep_data_action=True),
     "batch": dict(beta=3.0, normalize="batch"),
     "beta1": dict(beta=1.0),
+    "beta10": dict(beta=10.0),
+    "beta30": dict(beta=30.0),
     # diagnostic only (not an algorithm option): self-distillation on the same support samples before the
     # sampler's final clamp to [-1, 1] (same noise, so the clamped version is the shared support)
     "uniform_noclip": dict(beta=1e-6, noclip=True),
@@ -280,9 +284,10 @@ def unchecked_loss(pol, obs, actions, gen):
     return _flow_matching_loss(pred, actions, z, t, pol.path, None, 1.0, "support", None)
 
 
-def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed):
+def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every=None):
     v = VARIANTS[name]
     cfg, d = tr.cfg, tr.dataset
+    renew_every = renew_every or cfg.renew_every
     if v.get("noclip"):
         t0 = cpu_s()
         raw = unclamped_support(tr, sup.shape[1])
@@ -306,7 +311,7 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed):
     for k in range(1, steps + 1):
         t0 = cpu_s()
         tr.step = start + k - 1
-        if k > 1 and (k - 1) % cfg.renew_every == 0 and not v.get("bc"):
+        if k > 1 and (k - 1) % renew_every == 0 and not v.get("bc"):
             if v.get("noclip"):
                 raise SystemExit("uniform_noclip has no renewal: use --steps <= renew_every")
             # a support renewal from this variant's EMA, as the trainer does (the run's noise key)
@@ -369,7 +374,8 @@ def write(res, out):
          "", "Command:", "", "    " + res["command"], "",
          f"Checkpoint: `{res['ckpt']}` (dataset {res['dataset']}, seed {res['seed']}); stage-3 settings from its "
          f"config: policy batch {res['policy_batch']}, lr {res['policy_lr']}, EMA tau {res['ema_tau']}, "
-         f"M = {res['num_support']}, backend {res['backend']!r}. Support renewal: {res['renew_cpu_s']} CPU-s "
+         f"M = {res['num_support']}, renewal every {res.get('renew_every', '(the config)')} steps, "
+         f"backend {res['backend']!r}. Support renewal: {res['renew_cpu_s']} CPU-s "
          f"({'cached' if res['support_cached'] else 'drawn'}). Scores: EMA policy, normalised, mean ± s.e. over "
          f"{res['episodes']} episodes (evaluation seed 0, eval generator seeded by the step).", ""]
     L += critic_from_note(res.get("critic_from"), "the support weights and the keep_data / renewal scores")
@@ -431,6 +437,8 @@ def main(argv=None):
     ap.add_argument("--cache", default="/work/data/stage3diag/support.pt", help="renewed support cache ('' = none)")
     ap.add_argument("--seed", type=int, default=0, help="batch draws of every variant")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--renew-every", type=int, default=None,
+                    help="support renewal period in policy steps (default: the checkpoint's renew_every)")
     ap.add_argument("--critic-from", default=None, metavar="CKPT",
                     help="use this run's target critic (e.g. a CPQL checkpoint on the same dataset) for the weights")
     ap.add_argument("--compare", nargs="*", default=[], metavar="CKPT",
@@ -441,6 +449,8 @@ def main(argv=None):
                                                   "qipo_stage3_diagnosis"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if a.renew_every is not None and a.renew_every < 1:
+        raise SystemExit(f"--renew-every must be >= 1, got {a.renew_every}")
     if a.only_compare:
         res = json.load(open(a.out + ".json"))
         res["compare"] = compare_checkpoints(a.compare, a.compare_episodes)
@@ -454,7 +464,7 @@ def main(argv=None):
            "critic_from": critic_src,
            "dataset": ck["dataset_id"], "seed": cfg.seed, "policy_batch": cfg.policy_batch, "policy_lr": cfg.policy_lr,
            "ema_tau": cfg.ema_tau, "num_support": cfg.num_support, "backend": cfg.backend, "episodes": a.episodes,
-           "eval_at": sorted(a.eval_at), "variants": []}
+           "eval_at": sorted(a.eval_at), "renew_every": a.renew_every or cfg.renew_every, "variants": []}
     cached = False
     if a.cache and os.path.exists(a.cache):
         c = torch.load(a.cache)
@@ -487,7 +497,7 @@ def main(argv=None):
         print(json.dumps({k: res[k] for k in ("support_stats", "grad_check", "sampler_check")}, indent=1), flush=True)
     write(res, a.out)
     for name in a.variants:
-        r = run_variant(tr, name, sup, q, a.steps, set(a.eval_at), a.episodes, a.seed)
+        r = run_variant(tr, name, sup, q, a.steps, set(a.eval_at), a.episodes, a.seed, a.renew_every)
         res["variants"].append(r)
         write(res, a.out)
     if a.compare:

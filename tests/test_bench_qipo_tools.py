@@ -112,3 +112,28 @@ def test_time_to_score_partial_runs_show_the_behaviour_model_only_from_stage_1(t
     for r in rows:
         assert "(train)" not in " | ".join(r) and r[7].startswith("not reached")
     assert by_ds["d/a/v0"][8] == "-" and by_ds["d/a/v0"][9] == "44.4 (so far) |" and by_ds["d/b/v0"][9] == "17.7 (so far) |"
+
+
+def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_minari_root, tmp_path):
+    """bench/qipo_stage3_diagnosis.py on a tiny finished QIPO run: a sharper-beta variant with --renew-every
+    (renewals only at that period) and --critic-from (here the run's own checkpoint: the same critic)."""
+    from bench import qipo_stage3_diagnosis as S3
+    from qipo_kernels import data
+    from qipo_kernels.algos.qipo import QIPO
+    from tests.conftest import tiny_qipo_config
+
+    run = tmp_path / "run"
+    QIPO(data.load_minari(data.DEMO_DATASET_ID), tiny_qipo_config(), out_dir=str(run), progress_bar=False).fit()
+    ck, out = str(run / "checkpoint.pt"), str(tmp_path / "diag")
+    S3.main(["--ckpt", ck, "--critic-from", ck, "--steps", "7", "--renew-every", "3", "--eval-at", "3", "7",
+             "--episodes", "1", "--variants", "beta10", "beta30", "--skip-checks", "--cache", "", "--out", out])
+    res = json.load(open(out + ".json"))
+    assert res["renew_every"] == 3 and res["critic_from"]["algo"] == "qipo"
+    assert [r["variant"] for r in res["variants"]] == ["beta10", "beta30"]
+    for r in res["variants"]:
+        assert [x["step"] for x in r["renewals"]] == [3, 6]             # every 3 steps, not the run's 5
+        assert [p["step"] for p in r["points"]] == [3, 7] and all(math.isfinite(p["normalized"]) for p in r["points"])
+    assert r["settings"]["beta"] == 30.0
+    assert "renewal every 3 steps" in open(out + ".md").read()
+    with pytest.raises(SystemExit, match="--renew-every must be >= 1"):
+        S3.main(["--ckpt", ck, "--renew-every", "0", "--out", out])
