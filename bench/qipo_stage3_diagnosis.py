@@ -23,6 +23,7 @@ Variants (--variants):
   beta1        beta 1
   beta10       beta 10 (sharper weights: toward the critic's argmax; not a paper setting)
   beta30       beta 30
+  beta10_lr1e-3  beta 10 with policy lr 1e-3 (the preset's is 3e-4)
 Support statistics: effective support size per state 1 / sum_j w_j^2 (beta 3 and 1), saturated
 coordinates (|a| >= 0.999) in the support vs the data, the distance of the support to the data action,
 where the critic ranks the data action among the 64 samples; the stage-3 loss gradient with
@@ -61,6 +62,7 @@ VARIANTS = {
     "beta1": dict(beta=1.0),
     "beta10": dict(beta=10.0),
     "beta30": dict(beta=30.0),
+    "beta10_lr1e-3": dict(beta=10.0, lr=1e-3),
     # diagnostic only (not an algorithm option): self-distillation on the same support samples before the
     # sampler's final clamp to [-1, 1] (same noise, so the clamped version is the shared support)
     "uniform_noclip": dict(beta=1e-6, noclip=True),
@@ -298,7 +300,7 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every=No
         sup = raw
     hard_update(tr.policy, tr.behaviour)
     hard_update(tr.ema, tr.behaviour)
-    opt = torch.optim.Adam(tr.policy.parameters(), lr=cfg.policy_lr)
+    opt = torch.optim.Adam(tr.policy.parameters(), lr=v.get("lr", cfg.policy_lr))
     tr.gen.manual_seed(seed)
     if v.get("keep_data_action"):
         sup = sup.clone()
