@@ -24,6 +24,7 @@ Variants (--variants):
   beta10       beta 10 (sharper weights: toward the critic's argmax; not a paper setting)
   beta30       beta 30
   beta10_lr1e-3  beta 10 with policy lr 1e-3 (the preset's is 3e-4)
+  beta10_b512  beta 10 with policy batch 512 states (the preset's is 128)
 Support statistics: effective support size per state 1 / sum_j w_j^2 (beta 3 and 1), saturated
 coordinates (|a| >= 0.999) in the support vs the data, the distance of the support to the data action,
 where the critic ranks the data action among the 64 samples; the stage-3 loss gradient with
@@ -63,6 +64,7 @@ VARIANTS = {
     "beta10": dict(beta=10.0),
     "beta30": dict(beta=30.0),
     "beta10_lr1e-3": dict(beta=10.0, lr=1e-3),
+    "beta10_b512": dict(beta=10.0, batch=512),
     # diagnostic only (not an algorithm option): self-distillation on the same support samples before the
     # sampler's final clamp to [-1, 1] (same noise, so the clamped version is the shared support)
     "uniform_noclip": dict(beta=1e-6, noclip=True),
@@ -327,7 +329,7 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every=No
                              "ess_beta3_mean": float((1.0 / (w ** 2).sum(1)).mean()),
                              "q_std_per_state": float(q.std(1).mean()), "cpu_s": round(cpu_s() - t0, 1)})
             print(f"  {name}: renewal at step {k - 1}: {renewals[-1]}", flush=True)
-        idx = tr._idx(cfg.policy_batch)
+        idx = tr._idx(v.get("batch", cfg.policy_batch))
         if v.get("bc"):
             loss = flow_loss(tr, tr.policy, d.obs[idx], d.actions[idx])
         elif v.get("noclip"):

@@ -126,10 +126,10 @@ def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_m
     QIPO(data.load_minari(data.DEMO_DATASET_ID), tiny_qipo_config(), out_dir=str(run), progress_bar=False).fit()
     ck, out = str(run / "checkpoint.pt"), str(tmp_path / "diag")
     S3.main(["--ckpt", ck, "--critic-from", ck, "--steps", "7", "--renew-every", "3", "--eval-at", "3", "7",
-             "--episodes", "1", "--variants", "beta10", "beta10_lr1e-3", "--skip-checks", "--cache", "", "--out", out])
+             "--episodes", "1", "--variants", "beta10_b512", "beta10_lr1e-3", "--skip-checks", "--cache", "", "--out", out])
     res = json.load(open(out + ".json"))
     assert res["renew_every"] == 3 and res["critic_from"]["algo"] == "qipo"
-    assert [r["variant"] for r in res["variants"]] == ["beta10", "beta10_lr1e-3"]
+    assert [r["variant"] for r in res["variants"]] == ["beta10_b512", "beta10_lr1e-3"]
     for r in res["variants"]:
         assert [x["step"] for x in r["renewals"]] == [3, 6]             # every 3 steps, not the run's 5
         assert [p["step"] for p in r["points"]] == [3, 7] and all(math.isfinite(p["normalized"]) for p in r["points"])
