@@ -13,7 +13,8 @@ Training resumes from ``<out>/checkpoint.pt`` when it exists (``--fresh`` starts
 logs, atomic checkpoints and ``<out>/summary.json``. A run folder holds one configuration: a changed
 ``--set`` on an existing run is refused unless the field may change on resume (steps, learning rates,
 evaluation and logging settings); fields the command does not name keep the run's own values. Ctrl-C
-writes a checkpoint. train / eval / demo use one torch CPU thread unless ``--threads N`` says otherwise. Errors are one line; ``--debug`` shows the traceback.
+writes a checkpoint. train / eval / demo use one torch CPU thread unless ``--threads N`` says otherwise.
+Errors are one line; ``--debug`` shows the traceback.
 ``--preset NAME`` (QIPO) starts from a documented preset of QIPO_PRESETS (schedule lengths, batch sizes
 and learning rates only; the papers' values stay the defaults); ``--set`` overrides apply after it.
 """
