@@ -288,10 +288,9 @@ def unchecked_loss(pol, obs, actions, gen):
     return _flow_matching_loss(pred, actions, z, t, pol.path, None, 1.0, "support", None)
 
 
-def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every=None):
+def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every):
     v = VARIANTS[name]
     cfg, d = tr.cfg, tr.dataset
-    renew_every = renew_every or cfg.renew_every
     if v.get("noclip"):
         t0 = cpu_s()
         raw = unclamped_support(tr, sup.shape[1])
@@ -501,7 +500,7 @@ def main(argv=None):
         print(json.dumps({k: res[k] for k in ("support_stats", "grad_check", "sampler_check")}, indent=1), flush=True)
     write(res, a.out)
     for name in a.variants:
-        r = run_variant(tr, name, sup, q, a.steps, set(a.eval_at), a.episodes, a.seed, a.renew_every)
+        r = run_variant(tr, name, sup, q, a.steps, set(a.eval_at), a.episodes, a.seed, res["renew_every"])
         res["variants"].append(r)
         write(res, a.out)
     if a.compare:

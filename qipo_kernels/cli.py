@@ -29,7 +29,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -71,6 +71,11 @@ def parse_field(cfg_cls, name: str, text: str) -> Any:
                          if "expected" not in str(e) else str(e)) from None
 
 
+def _set_key(item: str) -> str:
+    """The config field a ``--set key=value`` item names (dashes read as underscores)."""
+    return item.split("=", 1)[0].strip().replace("-", "_")
+
+
 def _parse_sets(cfg_cls, sets: Sequence[str], base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """--set key=value pairs, each value parsed by the field's type (parse_field)."""
     names = {f.name for f in dataclasses.fields(cfg_cls)}
@@ -78,8 +83,7 @@ def _parse_sets(cfg_cls, sets: Sequence[str], base: Optional[Dict[str, Any]] = N
     for s in sets or ():
         if "=" not in s:
             raise CLIError(f"--set expects key=value, got {s!r}")
-        k, v = s.split("=", 1)
-        k = k.strip().replace("-", "_")
+        k, v = _set_key(s), s.split("=", 1)[1]
         if k not in names:
             raise CLIError(f"unknown {cfg_cls.__name__} field {k!r}; known: {', '.join(sorted(names))}")
         try:
@@ -154,7 +158,7 @@ def build_trainer(algo: str, cfg_dict: Dict[str, Any], out_dir: str, device: str
 
 
 def _keep_run_config(algo: str, cfg_cls, cfg_dict: Dict[str, Any], given: set, out: str,
-                     verbose: bool = True) -> Dict[str, Any]:
+                     verbose: bool = True) -> Tuple[Dict[str, Any], Optional[str]]:
     """On a resume (``<out>/checkpoint.pt`` exists), the config fields the command line does not name
     (``given``: --set, --preset, --task, --seed) take the run's own values from its checkpoint instead of
     the defaults, so the same or a shorter command continues the run as it was configured, whether the CLI
@@ -234,7 +238,7 @@ def _train(a, device: str, ctx) -> int:
         base["seed"] = a.seed
         given.add("seed")
     cfg_dict = _parse_sets(cfg_cls, a.set, base)
-    given |= {s.split("=", 1)[0].strip().replace("-", "_") for s in a.set or ()}
+    given |= {_set_key(s) for s in a.set or ()}
     out = a.out or os.path.join("runs", a.algo)
     run_preset = None
     if not a.fresh:
