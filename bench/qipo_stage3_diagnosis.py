@@ -288,7 +288,10 @@ def unchecked_loss(pol, obs, actions, gen):
     return _flow_matching_loss(pred, actions, z, t, pol.path, None, 1.0, "support", None)
 
 
-def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every):
+def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, on_point=None):
+    """Stage 3 of ``steps`` policy steps from the behaviour model, evaluated at ``eval_at``. ``on_point`` (if
+    given) receives the variant's result so far, marked ``"partial": True``, after every evaluation, so a long
+    run leaves its points on disk before it ends."""
     v = VARIANTS[name]
     cfg, d = tr.cfg, tr.dataset
     if v.get("noclip"):
@@ -347,6 +350,9 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every):
             p["loss_last100"] = float(np.mean(losses[-100:]))
             pts.append(p)
             print(f"  {name} step {k}: {p['normalized']:.1f} ± {p['se']:.1f}  (train {t_train:.0f} CPU-s)", flush=True)
+            if on_point is not None and k < steps:
+                on_point({"variant": name, "settings": v, "points": list(pts), "train_cpu_s": round(t_train, 1),
+                          "renewals": list(renewals), "partial": True})
     return {"variant": name, "settings": v, "points": pts, "train_cpu_s": round(t_train, 1), "renewals": renewals,
             **({"unclamped_support": info} if info is not None else {})}
 
@@ -389,7 +395,8 @@ def write(res, out):
     for r in res["variants"]:
         cells = [f"{b['normalized']:.1f} ± {b['se']:.1f}"] + [f"{p['normalized']:.1f} ± {p['se']:.1f}" for p in r["points"]]
         cells += ["-"] * (len(res["eval_at"]) + 1 - len(cells))
-        L.append(f"| {r['variant']} | {json.dumps(r['settings'])} | " + " | ".join(cells) + f" | {r['train_cpu_s']} |")
+        name = r["variant"] + (" (running)" if r.get("partial") else "")
+        L.append(f"| {name} | {json.dumps(r['settings'])} | " + " | ".join(cells) + f" | {r['train_cpu_s']} |")
     L += ["", "## Drift of the EMA policy's samples from the data (2,048 fixed dataset states x 16 samples)", "",
           "saturated: fraction of coordinates with |a| >= 0.999 (the data: "
           f"{res.get('saturated_data', float('nan')):.3f}); spread: mean per-state std; "
@@ -500,7 +507,8 @@ def main(argv=None):
         print(json.dumps({k: res[k] for k in ("support_stats", "grad_check", "sampler_check")}, indent=1), flush=True)
     write(res, a.out)
     for name in a.variants:
-        r = run_variant(tr, name, sup, q, a.steps, set(a.eval_at), a.episodes, a.seed, res["renew_every"])
+        r = run_variant(tr, name, sup, q, a.steps, set(a.eval_at), a.episodes, a.seed, res["renew_every"],
+                        on_point=lambda part: write({**res, "variants": res["variants"] + [part]}, a.out))
         res["variants"].append(r)
         write(res, a.out)
     if a.compare:

@@ -114,9 +114,10 @@ def test_time_to_score_partial_runs_show_the_behaviour_model_only_from_stage_1(t
     assert by_ds["d/a/v0"][8] == "-" and by_ds["d/a/v0"][9] == "44.4 (so far) |" and by_ds["d/b/v0"][9] == "17.7 (so far) |"
 
 
-def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_minari_root, tmp_path):
+def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_minari_root, tmp_path, monkeypatch):
     """bench/qipo_stage3_diagnosis.py on a tiny finished QIPO run: a sharper-beta variant with --renew-every
-    (renewals only at that period) and --critic-from (here the run's own checkpoint: the same critic)."""
+    (renewals only at that period) and --critic-from (here the run's own checkpoint: the same critic); a
+    variant's points reach the result files at every evaluation, before the variant ends."""
     from bench import qipo_stage3_diagnosis as S3
     from qipo_kernels import data
     from qipo_kernels.algos.qipo import QIPO
@@ -125,6 +126,8 @@ def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_m
     run = tmp_path / "run"
     QIPO(data.load_minari(data.DEMO_DATASET_ID), tiny_qipo_config(), out_dir=str(run), progress_bar=False).fit()
     ck, out = str(run / "checkpoint.pt"), str(tmp_path / "diag")
+    written, write = [], S3.write
+    monkeypatch.setattr(S3, "write", lambda res, o: (written.append(json.loads(json.dumps(res))), write(res, o)))
     S3.main(["--ckpt", ck, "--critic-from", ck, "--steps", "7", "--renew-every", "3", "--eval-at", "3", "7",
              "--episodes", "1", "--variants", "beta10_b512", "beta10_lr1e-3", "--skip-checks", "--cache", "", "--out", out])
     res = json.load(open(out + ".json"))
@@ -134,6 +137,10 @@ def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_m
         assert [x["step"] for x in r["renewals"]] == [3, 6]             # every 3 steps, not the run's 5
         assert [p["step"] for p in r["points"]] == [3, 7] and all(math.isfinite(p["normalized"]) for p in r["points"])
     assert r["settings"] == {"beta": 10.0, "lr": 1e-3}
-    assert "renewal every 3 steps" in open(out + ".md").read()
+    assert "renewal every 3 steps" in open(out + ".md").read() and "(running)" not in open(out + ".md").read()
+    partial = [w["variants"][-1] for w in written if w["variants"] and w["variants"][-1].get("partial")]
+    assert [(r["variant"], [p["step"] for p in r["points"]]) for r in partial] == [("beta10_b512", [3]),
+                                                                                    ("beta10_lr1e-3", [3])]
+    assert not any(r.get("partial") for r in res["variants"])
     with pytest.raises(SystemExit, match="--renew-every must be >= 1"):
         S3.main(["--ckpt", ck, "--renew-every", "0", "--out", out])
