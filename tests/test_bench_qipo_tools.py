@@ -144,3 +144,67 @@ def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_m
     assert not any(r.get("partial") for r in res["variants"])
     with pytest.raises(SystemExit, match="--renew-every must be >= 1"):
         S3.main(["--ckpt", ck, "--renew-every", "0", "--out", out])
+
+
+class _FixedSampler:
+    """A stand-in policy for bench/qipo_saturation.measure: every sample is ``value`` (before the clip) with
+    the sign of its coordinate's data action, whatever the noise."""
+    solver = "dpm2"
+
+    def __init__(self, value, signs):
+        self.steps, self.value, self.signs, self.calls = 3, value, signs, []
+
+    def sample(self, obs, K, steps=None, noise=None, clip=True):
+        self.calls.append(steps)
+        x = (self.value * self.signs)[:, None, :].expand(obs.shape[0], K, -1).clone()
+        return x.clamp(-1, 1) if clip else x
+
+
+def test_saturation_profile_counts_bounds_overshoot_and_position_at_the_datas_bounds():
+    import torch
+
+    from bench import qipo_saturation as Q
+
+    act = torch.tensor([[1.0, -1.0, 0.5], [-1.0, 0.2, 0.9995], [0.0, 1.0, -0.95]] * 6)[:17]   # 17 states
+    obs = torch.zeros(17, 4)
+    assert Q.profile(act) == {"0.9": round(float((act.abs() >= 0.9).float().mean()), 4),
+                              "0.95": round(float((act.abs() >= 0.95).float().mean()), 4),
+                              "0.99": round(float((act.abs() >= 0.99).float().mean()), 4),
+                              "0.999": round(float((act.abs() >= 0.999).float().mean()), 4)}
+    signs = torch.where(act >= 0, 1.0, -1.0)
+    over = _FixedSampler(1.5, signs)                      # every sample past the bound: all clipped to it
+    m = Q.measure(over, obs, act, K=6, factors=[1, 4], score_fn=lambda pol: {"steps_seen": pol.steps})
+    assert over.calls == [3, 12] and over.steps == 3      # the step factors, and the policy's steps restored
+    r = m["rows"][0]
+    assert r["beyond_1"] == 1.0 and r["profile"]["0.999"] == 1.0 and r["at_bound_mean"] == 1.0
+    assert r["at_bound_within_0.01"] == 1.0 and [x["score"]["steps_seen"] for x in m["rows"]] == [3, 12]
+    inside = _FixedSampler(0.995, signs)                  # just inside: within 0.01 of the bound, never at it
+    r = Q.measure(inside, obs, act, K=6, factors=[1])["rows"][0]
+    assert r["beyond_1"] == 0.0 and r["profile"]["0.999"] == 0.0 and r["profile"]["0.99"] == 1.0
+    assert r["at_bound_mean"] == 0.995 and r["at_bound_within_0.01"] == 1.0
+    assert m["data_at_bound"] == round(float((act.abs() >= 0.999).float().mean()), 4)
+
+
+def test_saturation_script_on_a_tiny_run(demo_minari_root, tmp_path):
+    from bench import qipo_saturation as Q
+    from qipo_kernels import data
+    from qipo_kernels.algos.qipo import QIPO
+    from tests.conftest import tiny_qipo_config
+
+    run = tmp_path / "run"
+    QIPO(data.load_minari(data.DEMO_DATASET_ID), tiny_qipo_config(), out_dir=str(run), progress_bar=False).fit()
+    out = str(tmp_path / "sat")
+    Q.main(["--ckpts", str(run / "checkpoint.pt"), "--states", "17", "--samples", "6", "--step-factors", "1", "2",
+            "--episodes", "1", "--out", out])
+    res = json.load(open(out + ".json"))
+    (r,) = res["runs"]
+    base = tiny_qipo_config().sample_steps
+    assert [x["steps"] for x in r["measure"]["rows"]] == [base, 2 * base]
+    assert all(math.isfinite(x["score"]["normalized"]) for x in r["measure"]["rows"])
+    assert "| data |" in open(out + ".md").read()
+    for bad, msg in ((["--states", "0"], "--states must be >= 1"), (["--episodes", "-1"], "--episodes must be >= 0"),
+                     (["--step-factors", "0"], "--step-factors must be >= 1")):
+        with pytest.raises(SystemExit, match=msg):
+            Q.main(["--ckpts", str(run / "checkpoint.pt"), *bad, "--out", out])
+    with pytest.raises(SystemExit, match="--ckpts: no such file"):
+        Q.main(["--ckpts", str(tmp_path / "nope.pt"), "--out", out])
