@@ -210,33 +210,47 @@ def report(a):
     except ImportError:
         print("matplotlib missing: no plot")
         return
+    path = os.path.join(a.out, "time_to_score.png")
+    plot_curves(plt, curves, path, budget_tag)
+    print(f"plot: {path}")
+
+
+def plot_curves(plt, curves, path, budget_tag):
+    """Score against train CPU seconds, one panel per dataset (one below the other). One colour per configuration
+    (algorithm, preset, --set values, budget), one marker per seed; the legend (outside the panel) lists
+    the configurations with their seed counts. Black stars: QIPO's behaviour model (end of stage 1)."""
     datasets = sorted({c["dataset"] for c in curves})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, 3.8 * len(datasets)), squeeze=False)
+    markers = "osD^vP*Xh"
+    for ax, dataset in zip(axes.flat, datasets):
+        configs = {}
         for c in curves:
-            if c["dataset"] != dataset:
-                continue
-            pts = [p for p in c["points"] if p["normalized"] is not None]
-            x = [p["cpu_s"] for p in pts]
-            y = [p["normalized"] for p in pts]
-            e = [p["normalized_se"] or 0 for p in pts]
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=2, label=f"{_label(c)} seed {c['seed']}"
-                        + budget_tag(_label(c), dataset, float(c["budget_s"])))
-            beh = [p for p in pts if p["tag"] == "behaviour"]
-            if beh:
-                ax.plot([p["cpu_s"] for p in beh], [p["normalized"] for p in beh], "k*", markersize=12)
+            if c["dataset"] == dataset:
+                key = _label(c) + budget_tag(_label(c), dataset, float(c["budget_s"]))
+                configs.setdefault(key, []).append(c)
+        for i, (key, cs) in enumerate(configs.items()):
+            colour = plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")(i % 20)
+            seeds = sorted({c["seed"] for c in cs})
+            for j, c in enumerate(sorted(cs, key=lambda c: c["seed"])):
+                pts = [p for p in c["points"] if p["normalized"] is not None]
+                ax.errorbar([p["cpu_s"] for p in pts], [p["normalized"] for p in pts],
+                            yerr=[p["normalized_se"] or 0 for p in pts], color=colour, alpha=0.85, lw=1.2,
+                            marker=markers[seeds.index(c["seed"]) % len(markers)], markersize=4, capsize=2,
+                            label=f"{key} (seeds {', '.join(str(s) for s in seeds)})" if j == 0 else None)
+                beh = [p for p in pts if p["tag"] == "behaviour"]
+                if beh:
+                    ax.plot([p["cpu_s"] for p in beh], [p["normalized"] for p in beh], "k*", markersize=10)
         b = [c["behaviour_normalized"] for c in curves if c["dataset"] == dataset][0]
         ax.axhline(b, color="gray", ls="--", label="behaviour (data)")
         ax.axhline(b + 20, color="gray", ls=":", label="behaviour + 20 (target)")
         ax.set_title(dataset)
         ax.set_xlabel("train CPU seconds (one thread)")
         ax.set_ylabel("normalised score")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  title="marker = seed; black star = QIPO behaviour model", title_fontsize=7)
     fig.tight_layout()
-    path = os.path.join(a.out, "time_to_score.png")
-    fig.savefig(path + ".tmp.png", dpi=90)
+    fig.savefig(path + ".tmp.png", dpi=90, bbox_inches="tight")   # "tight": the legends outside the panels
     os.replace(path + ".tmp.png", path)
-    print(f"plot: {path}")
 
 
 def _behaviour_cell(points) -> str:
