@@ -384,6 +384,7 @@ def write(res, out):
          f"Checkpoint: `{res['ckpt']}` (dataset {res['dataset']}, seed {res['seed']}); stage-3 settings from its "
          f"config: policy batch {res['policy_batch']}, lr {res['policy_lr']}, EMA tau {res['ema_tau']}, "
          f"M = {res['num_support']}, renewal every {res.get('renew_every', '(the config)')} steps, "
+         f"sampler steps {res.get('sample_steps', 8)} (supports, renewals, evaluation), "
          f"backend {res['backend']!r}. Support renewal: {res['renew_cpu_s']} CPU-s "
          f"({'cached' if res['support_cached'] else 'drawn'}). Scores: EMA policy, normalised, mean ± s.e. over "
          f"{res['episodes']} episodes (evaluation seed 0, eval generator seeded by the step).", ""]
@@ -449,6 +450,9 @@ def main(argv=None):
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--renew-every", type=int, default=None,
                     help="support renewal period in policy steps (default: the checkpoint's renew_every)")
+    ap.add_argument("--sample-steps", type=int, default=None,
+                    help="solver steps of every sampler here (supports, renewals, evaluation, drift; default: the "
+                         "checkpoint's sample_steps); not a preset knob: a diagnostic of the sampler's share")
     ap.add_argument("--critic-from", default=None, metavar="CKPT",
                     help="use this run's target critic (e.g. a CPQL checkpoint on the same dataset) for the weights")
     ap.add_argument("--compare", nargs="*", default=[], metavar="CKPT",
@@ -461,6 +465,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     if a.renew_every is not None and a.renew_every < 1:
         raise SystemExit(f"--renew-every must be >= 1, got {a.renew_every}")
+    if a.sample_steps is not None and a.sample_steps < 1:
+        raise SystemExit(f"--sample-steps must be >= 1, got {a.sample_steps}")
     if a.only_compare:
         res = json.load(open(a.out + ".json"))
         res["compare"] = compare_checkpoints(a.compare, a.compare_episodes)
@@ -469,16 +475,22 @@ def main(argv=None):
         return
     tr, ck = build(a.ckpt, os.path.join("/tmp", "qipo_stage3_diag_run"), a.dataset)
     cfg = tr.cfg
+    if a.sample_steps is not None:
+        cfg.sample_steps = a.sample_steps
+        for pol in (tr.behaviour, tr.policy, tr.ema):
+            pol.steps = a.sample_steps
     critic_src = critic_from(tr, a.critic_from) if a.critic_from else None
     res = {"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), "ckpt": a.ckpt,
            "critic_from": critic_src,
            "dataset": ck["dataset_id"], "seed": cfg.seed, "policy_batch": cfg.policy_batch, "policy_lr": cfg.policy_lr,
            "ema_tau": cfg.ema_tau, "num_support": cfg.num_support, "backend": cfg.backend, "episodes": a.episodes,
-           "eval_at": sorted(a.eval_at), "renew_every": a.renew_every or cfg.renew_every, "variants": []}
+           "eval_at": sorted(a.eval_at), "renew_every": a.renew_every or cfg.renew_every,
+           "sample_steps": cfg.sample_steps, "variants": []}
     cached = False
     if a.cache and os.path.exists(a.cache):
         c = torch.load(a.cache)
-        if c["ckpt"] == os.path.abspath(a.ckpt) and c["step"] == tr.step:
+        # caches from before --sample-steps existed were drawn with the runs' own 8 steps
+        if c["ckpt"] == os.path.abspath(a.ckpt) and c["step"] == tr.step and c.get("sample_steps", 8) == cfg.sample_steps:
             tr.support, tr.support_q, cached = c["support"], c["support_q"], True
             res["renew_cpu_s"] = c["cpu_s"]
             if c.get("critic") != a.critic_from:  # the same behaviour samples, scored by this critic
@@ -490,7 +502,8 @@ def main(argv=None):
         if a.cache:
             os.makedirs(os.path.dirname(a.cache), exist_ok=True)
             torch.save({"ckpt": os.path.abspath(a.ckpt), "step": tr.step, "support": tr.support,
-                        "support_q": tr.support_q, "critic": a.critic_from, "cpu_s": res["renew_cpu_s"]},
+                        "support_q": tr.support_q, "critic": a.critic_from, "cpu_s": res["renew_cpu_s"],
+                        "sample_steps": cfg.sample_steps},
                        a.cache + ".tmp")
             os.replace(a.cache + ".tmp", a.cache)
     res["support_cached"] = cached

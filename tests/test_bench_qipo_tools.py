@@ -146,6 +146,46 @@ def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_m
         S3.main(["--ckpt", ck, "--renew-every", "0", "--out", out])
 
 
+
+def test_stage3_diagnosis_sample_steps_reach_every_sampler_and_key_the_support_cache(demo_minari_root, tmp_path,
+                                                                                      monkeypatch):
+    """--sample-steps sets the solver steps of the supports, renewals and evaluation, and a support cached
+    with other sampler steps is drawn again, not reused."""
+    from bench import qipo_stage3_diagnosis as S3
+    from qipo_kernels import data
+    from qipo_kernels.algos.qipo import QIPO
+    from tests.conftest import tiny_qipo_config
+
+    run = tmp_path / "run"
+    cfg = tiny_qipo_config()
+    QIPO(data.load_minari(data.DEMO_DATASET_ID), cfg, out_dir=str(run), progress_bar=False).fit()
+    ck, out, cache = str(run / "checkpoint.pt"), str(tmp_path / "diag"), str(tmp_path / "sup.pt")
+    base = ["--ckpt", ck, "--steps", "2", "--eval-at", "2", "--episodes", "1", "--variants", "uniform",
+            "--skip-checks", "--cache", cache, "--out", out]
+    S3.main(base)
+    first = json.load(open(out + ".json"))
+    assert first["sample_steps"] == cfg.sample_steps and not first["support_cached"]
+    import torch
+
+    from qipo_kernels.policies import FlowPolicy
+
+    steps_seen, orig = [], FlowPolicy.sample
+
+    def spy(self, *args, **kw):
+        steps_seen.append(kw.get("steps") or self.steps)
+        return orig(self, *args, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(FlowPolicy, "sample", spy)
+        S3.main(base[:-2] + ["--sample-steps", str(cfg.sample_steps + 3), "--out", out])
+    second = json.load(open(out + ".json"))
+    assert second["sample_steps"] == cfg.sample_steps + 3 and not second["support_cached"]   # redrawn
+    assert steps_seen and set(steps_seen) == {cfg.sample_steps + 3}
+    assert torch.load(cache)["sample_steps"] == cfg.sample_steps + 3
+    S3.main(base[:-2] + ["--sample-steps", str(cfg.sample_steps + 3), "--out", out])
+    assert json.load(open(out + ".json"))["support_cached"]                                  # same steps: reused
+    with pytest.raises(SystemExit, match="--sample-steps must be >= 1"):
+        S3.main(base[:-2] + ["--sample-steps", "0", "--out", out])
+
 class _FixedSampler:
     """A stand-in policy for bench/qipo_saturation.measure: every sample is ``value`` (before the clip) with
     the sign of its coordinate's data action, whatever the noise."""
