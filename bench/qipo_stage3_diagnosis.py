@@ -396,7 +396,8 @@ def write(res, out):
     for r in res["variants"]:
         cells = [f"{b['normalized']:.1f} ± {b['se']:.1f}"] + [f"{p['normalized']:.1f} ± {p['se']:.1f}" for p in r["points"]]
         cells += ["-"] * (len(res["eval_at"]) + 1 - len(cells))
-        name = r["variant"] + (" (running)" if r.get("partial") else "")
+        name = r["variant"] + (f" (stopped after step {r['stopped_at']})" if r.get("stopped_at")
+                               else " (running)" if r.get("partial") else "")
         L.append(f"| {name} | {json.dumps(r['settings'])} | " + " | ".join(cells) + f" | {r['train_cpu_s']} |")
     L += ["", "## Drift of the EMA policy's samples from the data (2,048 fixed dataset states x 16 samples)", "",
           "saturated: fraction of coordinates with |a| >= 0.999 (the data: "

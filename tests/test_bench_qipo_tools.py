@@ -142,6 +142,9 @@ def test_stage3_diagnosis_variants_with_renewal_period_and_foreign_critic(demo_m
     assert [(r["variant"], [p["step"] for p in r["points"]]) for r in partial] == [("beta10_b512", [3]),
                                                                                     ("beta10_lr1e-3", [3])]
     assert not any(r.get("partial") for r in res["variants"])
+    res["variants"][0]["stopped_at"] = 3           # a variant stopped by hand after its step-3 evaluation
+    S3.write(res, out)
+    assert "| beta10_b512 (stopped after step 3) |" in open(out + ".md").read()
     with pytest.raises(SystemExit, match="--renew-every must be >= 1"):
         S3.main(["--ckpt", ck, "--renew-every", "0", "--out", out])
 
