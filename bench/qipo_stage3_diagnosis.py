@@ -377,6 +377,12 @@ def compare_checkpoints(paths, episodes, ds=None):
     return rows
 
 
+def _score_cell(p):
+    """"mean ± s.e." of an evaluation (s.e. nan in memory, null after a JSON round trip for one episode)."""
+    se = p.get("se")
+    return f"{p['normalized']:.1f} ± {float('nan') if se is None else se:.1f}"
+
+
 def write(res, out):
     atomic_write_json(res, out + ".json")
     L = ["# QIPO stage 3 on one checkpoint: which part of the stage-3 data path loses the behaviour model's score",
@@ -394,7 +400,7 @@ def write(res, out):
          "|---|---|" + "---|" * (len(res["eval_at"]) + 2)]
     b = res["behaviour"]
     for r in res["variants"]:
-        cells = [f"{b['normalized']:.1f} ± {b['se']:.1f}"] + [f"{p['normalized']:.1f} ± {p['se']:.1f}" for p in r["points"]]
+        cells = [_score_cell(b)] + [_score_cell(p) for p in r["points"]]
         cells += ["-"] * (len(res["eval_at"]) + 1 - len(cells))
         name = r["variant"] + (f" (stopped after step {r['stopped_at']})" if r.get("stopped_at")
                                else " (running)" if r.get("partial") else "")
