@@ -25,6 +25,9 @@ Variants (--variants):
   beta30       beta 30
   beta10_lr1e-3  beta 10 with policy lr 1e-3 (the preset's is 3e-4)
   beta10_b512  beta 10 with policy batch 512 states (the preset's is 128)
+  argmax_bc    plain flow matching on each state's critic-argmax support action (beta -> infinity, one
+               target per state, no renewal) at stage 1's batch 1024 and lr 1e-3: can the flow learn the
+               argmax-of-M policy at all in this many steps (not a QIPO setting: a diagnostic)
 Support statistics: effective support size per state 1 / sum_j w_j^2 (beta 3 and 1), saturated
 coordinates (|a| >= 0.999) in the support vs the data, the distance of the support to the data action,
 where the critic ranks the data action among the 64 samples; the stage-3 loss gradient with
@@ -65,6 +68,7 @@ VARIANTS = {
     "beta30": dict(beta=30.0),
     "beta10_lr1e-3": dict(beta=10.0, lr=1e-3),
     "beta10_b512": dict(beta=10.0, batch=512),
+    "argmax_bc": dict(argmax_bc=True, batch=1024, lr=1e-3),
     # diagnostic only (not an algorithm option): self-distillation on the same support samples before the
     # sampler's final clamp to [-1, 1] (same noise, so the clamped version is the shared support)
     "uniform_noclip": dict(beta=1e-6, noclip=True),
@@ -311,13 +315,15 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
         q = q.clone()
         sup[:, 0] = d.actions
         q[:, 0] = support_q(tr, d.actions[:, None])[:, 0]
+    if v.get("argmax_bc"):   # each state's highest-Q support action: [N, A]
+        best = sup[torch.arange(len(sup)), q.argmax(1)]
     start = tr.P + tr.Q
     pts, losses, t_train, renewals = [], [], 0.0, []
     info = info if v.get("noclip") else None
     for k in range(1, steps + 1):
         t0 = cpu_s()
         tr.step = start + k - 1
-        if k > 1 and (k - 1) % renew_every == 0 and not v.get("bc"):
+        if k > 1 and (k - 1) % renew_every == 0 and not (v.get("bc") or v.get("argmax_bc")):
             if v.get("noclip"):
                 raise SystemExit("uniform_noclip has no renewal: use --steps <= renew_every")
             # a support renewal from this variant's EMA, as the trainer does (the run's noise key)
@@ -334,6 +340,8 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
         idx = tr._idx(v.get("batch", cfg.policy_batch))
         if v.get("bc"):
             loss = flow_loss(tr, tr.policy, d.obs[idx], d.actions[idx])
+        elif v.get("argmax_bc"):
+            loss = flow_loss(tr, tr.policy, d.obs[idx], best[idx])
         elif v.get("noclip"):
             loss = unchecked_loss(tr.policy, d.obs[idx], sup[idx], tr.gen)
         else:

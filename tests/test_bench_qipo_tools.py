@@ -185,7 +185,12 @@ def test_stage3_diagnosis_sample_steps_reach_every_sampler_and_key_the_support_c
     assert steps_seen and set(steps_seen) == {cfg.sample_steps + 3}
     assert torch.load(cache)["sample_steps"] == cfg.sample_steps + 3
     S3.main(base[:-2] + ["--sample-steps", str(cfg.sample_steps + 3), "--out", out])
-    assert json.load(open(out + ".json"))["support_cached"]                                  # same steps: reused
+    again = json.load(open(out + ".json"))
+    assert again["support_cached"]                                                          # same steps: reused
+    # argmax_bc: flow matching on each state's highest-Q support action, no renewal
+    S3.main(base[:-6] + ["argmax_bc", "--skip-checks", "--cache", cache, "--renew-every", "1", "--out", out])
+    (r,) = json.load(open(out + ".json"))["variants"]
+    assert r["variant"] == "argmax_bc" and r["renewals"] == [] and math.isfinite(r["points"][0]["normalized"])
     with pytest.raises(SystemExit, match="--sample-steps must be >= 1"):
         S3.main(base[:-2] + ["--sample-steps", "0", "--out", out])
 
