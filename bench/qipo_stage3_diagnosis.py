@@ -28,6 +28,10 @@ Variants (--variants):
   argmax_bc    plain flow matching on each state's critic-argmax support action (beta -> infinity, one
                target per state, no renewal) at stage 1's batch 1024 and lr 1e-3: can the flow learn the
                argmax-of-M policy at all in this many steps (not a QIPO setting: a diagnostic)
+  sampled_beta3 / sampled_beta10  QIPO's weighted loss estimated by sampling: per state in the batch, one
+               support action drawn with probability softmax(beta Q) (its expectation is proportional to the support-normalised
+               weighted loss), plain flow matching on it, batch 1024 states, lr 1e-3: the same objective at
+               1/M of the network evaluations per state (a diagnostic, not a QIPO option)
 Support statistics: effective support size per state 1 / sum_j w_j^2 (beta 3 and 1), saturated
 coordinates (|a| >= 0.999) in the support vs the data, the distance of the support to the data action,
 where the critic ranks the data action among the 64 samples; the stage-3 loss gradient with
@@ -69,6 +73,8 @@ VARIANTS = {
     "beta10_lr1e-3": dict(beta=10.0, lr=1e-3),
     "beta10_b512": dict(beta=10.0, batch=512),
     "argmax_bc": dict(argmax_bc=True, batch=1024, lr=1e-3),
+    "sampled_beta3": dict(sampled=True, beta=3.0, batch=1024, lr=1e-3),
+    "sampled_beta10": dict(sampled=True, beta=10.0, batch=1024, lr=1e-3),
     # diagnostic only (not an algorithm option): self-distillation on the same support samples before the
     # sampler's final clamp to [-1, 1] (same noise, so the clamped version is the shared support)
     "uniform_noclip": dict(beta=1e-6, noclip=True),
@@ -317,6 +323,8 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
         q[:, 0] = support_q(tr, d.actions[:, None])[:, 0]
     if v.get("argmax_bc"):   # each state's highest-Q support action: [N, A]
         best = sup[torch.arange(len(sup)), q.argmax(1)]
+    if v.get("sampled"):     # the support-normalised energy weights softmax_j(beta Q): [N, M]
+        pw = torch.softmax(v["beta"] * (q - q.amax(1, keepdim=True)), dim=1)
     start = tr.P + tr.Q
     pts, losses, t_train, renewals = [], [], 0.0, []
     info = info if v.get("noclip") else None
@@ -337,11 +345,16 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
                              "ess_beta3_mean": float((1.0 / (w ** 2).sum(1)).mean()),
                              "q_std_per_state": float(q.std(1).mean()), "cpu_s": round(cpu_s() - t0, 1)})
             print(f"  {name}: renewal at step {k - 1}: {renewals[-1]}", flush=True)
+            if v.get("sampled"):
+                pw = torch.softmax(v["beta"] * (q - q.amax(1, keepdim=True)), dim=1)
         idx = tr._idx(v.get("batch", cfg.policy_batch))
         if v.get("bc"):
             loss = flow_loss(tr, tr.policy, d.obs[idx], d.actions[idx])
         elif v.get("argmax_bc"):
             loss = flow_loss(tr, tr.policy, d.obs[idx], best[idx])
+        elif v.get("sampled"):
+            j = torch.multinomial(pw[idx], 1, generator=tr.gen)[:, 0]
+            loss = flow_loss(tr, tr.policy, d.obs[idx], sup[idx, j])
         elif v.get("noclip"):
             loss = unchecked_loss(tr.policy, d.obs[idx], sup[idx], tr.gen)
         else:

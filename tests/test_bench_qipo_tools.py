@@ -191,6 +191,10 @@ def test_stage3_diagnosis_sample_steps_reach_every_sampler_and_key_the_support_c
     S3.main(base[:-6] + ["argmax_bc", "--skip-checks", "--cache", cache, "--renew-every", "1", "--out", out])
     (r,) = json.load(open(out + ".json"))["variants"]
     assert r["variant"] == "argmax_bc" and r["renewals"] == [] and math.isfinite(r["points"][0]["normalized"])
+    # sampled_beta3: one support action per state drawn by its weight; renewals as the trainer does them
+    S3.main(base[:-6] + ["sampled_beta3", "--skip-checks", "--cache", cache, "--renew-every", "1", "--out", out])
+    (r,) = json.load(open(out + ".json"))["variants"]
+    assert [x["step"] for x in r["renewals"]] == [1] and math.isfinite(r["points"][0]["normalized"])
     with pytest.raises(SystemExit, match="--sample-steps must be >= 1"):
         S3.main(base[:-2] + ["--sample-steps", "0", "--out", out])
 
