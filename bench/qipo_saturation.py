@@ -67,7 +67,8 @@ def measure(pol, obs: torch.Tensor, act: torch.Tensor, K: int, factors, seed: in
         rows.append({"steps": steps, "solver": pol.solver, "profile": profile(x),
                      "beyond_1": round(float((raw.abs() > 1.0).float().mean()), 4),
                      "at_bound_mean": round(float(pos.mean()), 4) if pos.numel() else float("nan"),
-                     "at_bound_within_0.01": round(float((pos >= 0.99).float().mean()), 4) if pos.numel() else float("nan"),
+                     "at_bound_within_0.01": (round(float((pos >= 0.99).float().mean()), 4) if pos.numel()
+                                              else float("nan")),
                      "cpu_s": round(time.process_time() - t0, 1)})
         if score_fn is not None:
             base, pol.steps = pol.steps, steps

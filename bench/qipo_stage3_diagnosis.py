@@ -29,9 +29,9 @@ Variants (--variants):
                target per state, no renewal) at stage 1's batch 1024 and lr 1e-3: can the flow learn the
                argmax-of-M policy at all in this many steps (not a QIPO setting: a diagnostic)
   sampled_beta3 / sampled_beta10  QIPO's weighted loss estimated by sampling: per state in the batch, one
-               support action drawn with probability softmax(beta Q) (its expectation is proportional to the support-normalised
-               weighted loss), plain flow matching on it, batch 1024 states, lr 1e-3: the same objective at
-               1/M of the network evaluations per state (a diagnostic, not a QIPO option)
+               support action drawn with probability softmax(beta Q) (in expectation proportional to the
+               support-normalised weighted loss), plain flow matching on it, batch 1024 states, lr 1e-3: the
+               same objective at 1/M of the network evaluations per state (a diagnostic, not a QIPO option)
 Support statistics: effective support size per state 1 / sum_j w_j^2 (beta 3 and 1), saturated
 coordinates (|a| >= 0.999) in the support vs the data, the distance of the support to the data action,
 where the critic ranks the data action among the 64 samples; the stage-3 loss gradient with
@@ -518,7 +518,8 @@ def main(argv=None):
     if a.cache and os.path.exists(a.cache):
         c = torch.load(a.cache)
         # caches from before --sample-steps existed were drawn with the runs' own 8 steps
-        if c["ckpt"] == os.path.abspath(a.ckpt) and c["step"] == tr.step and c.get("sample_steps", 8) == cfg.sample_steps:
+        same_steps = c.get("sample_steps", 8) == cfg.sample_steps
+        if c["ckpt"] == os.path.abspath(a.ckpt) and c["step"] == tr.step and same_steps:
             tr.support, tr.support_q, cached = c["support"], c["support_q"], True
             res["renew_cpu_s"] = c["cpu_s"]
             if c.get("critic") != a.critic_from:  # the same behaviour samples, scored by this critic
