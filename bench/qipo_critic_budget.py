@@ -37,6 +37,7 @@ from bench.qipo_stage3_diagnosis import (critic_from, critic_from_note, load_tra
                                          support_q)
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 from qipo_kernels.evaluation import normalized_score  # noqa: E402
+from qipo_kernels.reference.loss import energy_weights  # noqa: E402
 
 
 def mc_return_to_go(ds, gamma: float) -> torch.Tensor:
@@ -78,7 +79,7 @@ def critic_stats(tr, n_states: int, M: int, seed: int = 1234):
     noise = torch.randn((len(idx), M, d.act_dim), generator=g)
     sup = tr.behaviour.sample(obs, M, noise=noise, backend=cfg.backend)                       # [n, M, A]
     q = tr.critic.q_min(obs.repeat_interleave(M, 0), sup.reshape(-1, d.act_dim)).reshape(-1, M)  # [n, M]
-    w = torch.softmax(cfg.beta * (q - q.amax(1, keepdim=True)), dim=1)
+    w = energy_weights(q, cfg.beta)
     ess = 1.0 / (w ** 2).sum(1)
     above = (q > q_data[idx][:, None]).float().sum(1)
     return {"q_data_mean": float(q_data.mean()),

@@ -60,6 +60,7 @@ from qipo_kernels.algos.distributed import flow_loss  # noqa: E402
 from qipo_kernels.algos.qipo import QIPO, QIPOConfig  # noqa: E402
 from qipo_kernels.data import load_minari  # noqa: E402
 from qipo_kernels.nets import DoubleCritic  # noqa: E402
+from qipo_kernels.reference.loss import energy_weights  # noqa: E402
 
 VARIANTS = {
     "preset": dict(beta=3.0),
@@ -192,7 +193,7 @@ def support_stats(tr, sup, q):
     a = d.actions
     st = {}
     for beta in (3.0, 1.0):
-        w = torch.softmax(beta * (q - q.amax(1, keepdim=True)), dim=1)
+        w = energy_weights(q, beta)
         ess = 1.0 / (w ** 2).sum(1)
         st[f"ess_beta{beta:g}"] = {"mean": float(ess.mean()), "median": float(ess.median()),
                                    "p10": float(ess.quantile(0.1)), "frac_below_2": float((ess < 2).float().mean())}
@@ -324,7 +325,7 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
     if v.get("argmax_bc"):   # each state's highest-Q support action: [N, A]
         best = sup[torch.arange(len(sup)), q.argmax(1)]
     if v.get("sampled"):     # the support-normalised energy weights softmax_j(beta Q): [N, M]
-        pw = torch.softmax(v["beta"] * (q - q.amax(1, keepdim=True)), dim=1)
+        pw = energy_weights(q, v["beta"])
     start = tr.P + tr.Q
     pts, losses, t_train, renewals = [], [], 0.0, []
     info = info if v.get("noclip") else None
@@ -340,13 +341,13 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
             if v.get("keep_data_action"):
                 sup[:, 0] = d.actions
                 q[:, 0] = support_q(tr, d.actions[:, None])[:, 0]
-            w = torch.softmax(3.0 * (q - q.amax(1, keepdim=True)), dim=1)
+            w = energy_weights(q, 3.0)
             renewals.append({"step": k - 1, "saturated": float((sup.abs() >= SAT).float().mean()),
                              "ess_beta3_mean": float((1.0 / (w ** 2).sum(1)).mean()),
                              "q_std_per_state": float(q.std(1).mean()), "cpu_s": round(cpu_s() - t0, 1)})
             print(f"  {name}: renewal at step {k - 1}: {renewals[-1]}", flush=True)
             if v.get("sampled"):
-                pw = torch.softmax(v["beta"] * (q - q.amax(1, keepdim=True)), dim=1)
+                pw = energy_weights(q, v["beta"])
         idx = tr._idx(v.get("batch", cfg.policy_batch))
         if v.get("bc"):
             loss = flow_loss(tr, tr.policy, d.obs[idx], d.actions[idx])
@@ -411,7 +412,7 @@ def write(res, out):
          f"Checkpoint: `{res['ckpt']}` (dataset {res['dataset']}, seed {res['seed']}); stage-3 settings from its "
          f"config: policy batch {res['policy_batch']}, lr {res['policy_lr']}, EMA tau {res['ema_tau']}, "
          f"M = {res['num_support']}, renewal every {res.get('renew_every', '(the config)')} steps, "
-         f"sampler steps {res.get('sample_steps', 8)} (supports, renewals, evaluation), "
+         f"sampler steps {res.get('sample_steps', '(the config)')} (supports, renewals, evaluation), "
          f"backend {res['backend']!r}. Support renewal: {res['renew_cpu_s']} CPU-s "
          f"({'cached' if res['support_cached'] else 'drawn'}). Scores: EMA policy, normalised, mean ± s.e. over "
          f"{res['episodes']} episodes (evaluation seed 0, eval generator seeded by the step).", ""]
@@ -503,6 +504,7 @@ def main(argv=None):
         return
     tr, ck = build(a.ckpt, os.path.join("/tmp", "qipo_stage3_diag_run"), a.dataset)
     cfg = tr.cfg
+    run_sample_steps = cfg.sample_steps   # the checkpoint's own, before --sample-steps
     if a.sample_steps is not None:
         cfg.sample_steps = a.sample_steps
         for pol in (tr.behaviour, tr.policy, tr.ema):
@@ -517,8 +519,8 @@ def main(argv=None):
     cached = False
     if a.cache and os.path.exists(a.cache):
         c = torch.load(a.cache)
-        # caches from before --sample-steps existed were drawn with the runs' own 8 steps
-        same_steps = c.get("sample_steps", 8) == cfg.sample_steps
+        # caches from before --sample-steps existed were drawn with the checkpoint's own sampler steps
+        same_steps = c.get("sample_steps", run_sample_steps) == cfg.sample_steps
         if c["ckpt"] == os.path.abspath(a.ckpt) and c["step"] == tr.step and same_steps:
             tr.support, tr.support_q, cached = c["support"], c["support_q"], True
             res["renew_cpu_s"] = c["cpu_s"]
