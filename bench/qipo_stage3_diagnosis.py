@@ -60,7 +60,7 @@ from qipo_kernels.algos.distributed import flow_loss  # noqa: E402
 from qipo_kernels.algos.qipo import QIPO, QIPOConfig  # noqa: E402
 from qipo_kernels.data import load_minari  # noqa: E402
 from qipo_kernels.nets import DoubleCritic  # noqa: E402
-from qipo_kernels.reference.loss import energy_weights  # noqa: E402
+from qipo_kernels.reference.loss import draw_weighted_pairs, energy_weights  # noqa: E402
 
 VARIANTS = {
     "preset": dict(beta=3.0),
@@ -324,8 +324,6 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
         q[:, 0] = support_q(tr, d.actions[:, None])[:, 0]
     if v.get("argmax_bc"):   # each state's highest-Q support action: [N, A]
         best = sup[torch.arange(len(sup)), q.argmax(1)]
-    if v.get("sampled"):     # the support-normalised energy weights softmax_j(beta Q): [N, M]
-        pw = energy_weights(q, v["beta"])
     start = tr.P + tr.Q
     pts, losses, t_train, renewals = [], [], 0.0, []
     info = info if v.get("noclip") else None
@@ -346,15 +344,14 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
                              "ess_beta3_mean": float((1.0 / (w ** 2).sum(1)).mean()),
                              "q_std_per_state": float(q.std(1).mean()), "cpu_s": round(cpu_s() - t0, 1)})
             print(f"  {name}: renewal at step {k - 1}: {renewals[-1]}", flush=True)
-            if v.get("sampled"):
-                pw = energy_weights(q, v["beta"])
         idx = tr._idx(v.get("batch", cfg.policy_batch))
         if v.get("bc"):
             loss = flow_loss(tr, tr.policy, d.obs[idx], d.actions[idx])
         elif v.get("argmax_bc"):
             loss = flow_loss(tr, tr.policy, d.obs[idx], best[idx])
         elif v.get("sampled"):
-            j = torch.multinomial(pw[idx], 1, generator=tr.gen)[:, 0]
+            # QIPOConfig(support_estimator="sampled")'s draw: one support action per state by its weight
+            _, j = draw_weighted_pairs(q[idx], v["beta"], generator=tr.gen)
             loss = flow_loss(tr, tr.policy, d.obs[idx], sup[idx, j])
         elif v.get("noclip"):
             loss = unchecked_loss(tr.policy, d.obs[idx], sup[idx], tr.gen)

@@ -17,6 +17,7 @@ CPQL_BASE = dict(hidden=16, depth=2, critic_hidden=16, critic_depth=2, steps=6, 
 RUNS = {
     "qipo_support": ("qipo", {}),
     "qipo_batch": ("qipo", dict(normalize="batch", keep_data_action=True)),
+    "qipo_sampled": ("qipo", dict(support_estimator="sampled")),
     "cpql_sigmas": ("cpql", dict(sigmas=(2.0, 0.5))),
     "cpql_maxq": ("cpql", dict(max_q_backup=True, q_norm=False)),
 }

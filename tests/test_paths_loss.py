@@ -165,3 +165,62 @@ def test_loss_bad_input():
         R.flow_path(p, p, torch.rand(2, 4), "ot")
     with pytest.raises(ValueError, match="noise must have the shape"):
         R.flow_path(p, p[:, :1], torch.rand(2, 3), "ot")
+
+
+@pytest.mark.parametrize("normalize", ["support", "batch"])
+@pytest.mark.parametrize("B,M", [(17, 6), (1, 1000), (6, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_draw_weighted_pairs_draws_each_pair_with_its_weight(normalize, B, M, dtype):
+    """The sampled estimator: each draw lands on (state, slot) with probability energy_weights / B
+    ("support": exactly one slot per state) or / (B M) ("batch"), so the mean per-pair loss over the draws converges to
+    weighted_fm_loss (the expectation is that loss, measured in float64)."""
+    g = torch.Generator().manual_seed(B * 1000 + M)
+    energy = (torch.randn(B, M, generator=g, dtype=torch.float64) * 2).to(dtype)
+    beta, R_draws = 1.7, 4000 if M < 1000 else 400
+    counts = torch.zeros(B, M, dtype=torch.float64)
+    for _ in range(R_draws):
+        rows, cols = R.draw_weighted_pairs(energy, beta, normalize, generator=g)
+        assert rows.dtype == cols.dtype == torch.int64 and rows.shape == cols.shape == (B,)
+        if normalize == "support":
+            assert torch.equal(rows, torch.arange(B))
+        counts.index_put_((rows, cols), torch.ones(B, dtype=torch.float64), accumulate=True)
+    # probability of one draw landing on (b, m): "support" weights sum to 1 per state, "batch" ones to B * M
+    p = R.energy_weights(energy.double(), beta, normalize) / (B if normalize == "support" else B * M)
+    n = R_draws * B
+    expected = n * p                 # binomial counts; the + 3 covers pairs with expected counts near 0
+    assert ((counts - expected).abs() <= 5 * (expected * (1 - p)).sqrt() + 3).all()
+    # the estimator's expectation: the weighted loss on fixed per-pair errors
+    pred, tgt = (torch.randn(B, M, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    pp = ((pred - tgt) ** 2).sum(-1)
+    full = R.weighted_fm_loss(pred, tgt, energy.double(), beta, normalize)
+    est = (counts * pp).sum() / n
+    assert abs(float(est - full)) <= 5 * float(((pp - full) ** 2 * p).sum().sqrt() / math.sqrt(n)) + 1e-9
+
+
+def test_draw_weighted_pairs_large_beta_is_the_argmax_and_keeps_the_generator_stream():
+    g = torch.Generator().manual_seed(0)
+    energy = torch.randn(17, 6, generator=g) * 50 + 1e4    # large energies, small spread: max-subtracted
+    rows, cols = R.draw_weighted_pairs(energy, 1e3, "support", generator=g)
+    assert torch.equal(cols, energy.argmax(1))
+    rows, cols = R.draw_weighted_pairs(energy, 1e3, "batch", generator=g)
+    top = int(energy.argmax())
+    assert (rows == top // 6).all() and (cols == top % 6).all()
+    a = R.draw_weighted_pairs(energy, 0.01, generator=torch.Generator().manual_seed(5))
+    b = R.draw_weighted_pairs(energy, 0.01, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[1], b[1])
+
+
+def test_draw_weighted_pairs_bad_input():
+    e = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="energy must be 2-d"):
+        R.draw_weighted_pairs(e[0], 1.0)
+    with pytest.raises(ValueError, match="energy must be non-empty"):
+        R.draw_weighted_pairs(e[:0], 1.0)
+    with pytest.raises(ValueError, match="energy contains NaN"):
+        R.draw_weighted_pairs(torch.full((4, 3), float("nan")), 1.0)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        R.draw_weighted_pairs(e, 0.0)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        R.draw_weighted_pairs(e, 1.0, "global")
+    with pytest.raises(TypeError, match="energy must have dtype"):
+        R.draw_weighted_pairs(e.long(), 1.0)

@@ -353,3 +353,46 @@ def test_noise_scale_script_on_a_tiny_run(demo_minari_root, tmp_path):
         NS.main(["--ckpts", ck, "--scales", "-1", "--out", out])
     with pytest.raises(SystemExit, match="no such file"):
         NS.main(["--ckpts", str(tmp_path / "nope.pt"), "--out", out])
+
+
+@pytest.mark.parametrize("normalize", ["support", "batch"])
+def test_sampled_support_estimator_step_is_plain_fm_on_weight_drawn_pairs(small_ds, tmp_path, normalize):
+    """support_estimator="sampled": a stage-3 step draws the batch's states, then one support action per
+    row with draw_weighted_pairs (the run's generator), and takes plain flow matching on those pairs; the
+    step counts policy_batch samples. Replayed here from the same generator state on a copy of the policy."""
+    import copy
+
+    from qipo_kernels.reference import draw_weighted_pairs
+
+    cfg = _cfg(support_estimator="sampled", normalize=normalize, beta=5.0, policy_batch=17)
+    tr = QIPO(small_ds, cfg, out_dir=str(tmp_path), progress_bar=False)
+    while tr.step < tr.P + tr.Q + 1:      # through stages 1-2 and the first stage-3 step (renews the support)
+        tr.train_step()
+        tr.step += 1
+    before = copy.deepcopy(tr.policy)
+    g = torch.Generator().manual_seed(0)
+    g.set_state(tr.gen.get_state())
+    metrics, n = tr.train_step()
+    idx = torch.randint(0, len(small_ds), (17,), generator=g)
+    rows, cols = draw_weighted_pairs(tr.support_q[idx], 5.0, normalize, generator=g)
+    sidx = idx[rows]
+    want = before.loss(small_ds.obs[sidx], tr.support[sidx, cols], generator=g)
+    assert n == 17
+    torch.testing.assert_close(metrics["policy_loss"], want.detach())
+    # the step changed the policy, and the next step counts the same samples
+    assert any(not torch.equal(a, b) for a, b in zip(before.parameters(), tr.policy.parameters()))
+    assert tr.train_step()[1] == 17
+
+
+def test_sampled_support_estimator_runs_to_the_end_and_is_named_in_errors(small_ds, tmp_path):
+    from qipo_kernels.algos import QIPOConfig
+
+    cfg = _cfg(support_estimator="sampled", checkpoint_every=6, policy_steps=6)
+    tr = QIPO(small_ds, cfg, out_dir=str(tmp_path / "a"), progress_bar=False)
+    summary = tr.fit()
+    assert summary["steps"] == tr.P + tr.Q + 6
+    assert all(torch.isfinite(p).all() for p in tr.policy.parameters())
+    with pytest.raises(ValueError, match="support_estimator must be one of"):
+        QIPOConfig(support_estimator="one")
+    with pytest.raises(TypeError, match="keep_data_action"):
+        QIPOConfig(keep_data_action="yes")

@@ -12,6 +12,8 @@ Three stages over one global step counter (see /work/shared/ALGORITHMS.md sectio
    energy-weighted FM loss with weights softmax_j(beta min(Q1, Q2)) over each state's support
    (``normalize="support"``, official code) or over the batch (``"batch"``, the paper's Algorithm 1).
    ``keep_data_action`` puts the dataset action in slot 0 of every support set (Algorithm 2).
+   ``support_estimator="sampled"`` (not the paper's) estimates the same loss from one support action per
+   state drawn by its weight.
 
 Networks: the policy / behaviour model is a ConditionalMLP (Gaussian Fourier time features, as QGPO's
 ScoreNet; the official U-Net-shaped residual MLP is not reproduced), the critic a twin ReLU MLP.
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from .. import _checks as C
 from ..nets import DoubleCritic
 from ..policies import FlowPolicy
+from ..reference.loss import draw_weighted_pairs
 from ..reference.ode import NOISE_SOLVERS, VELOCITY_SOLVERS
 from ..reference.paths import PATHS
 from .common import Trainer, hard_update, polyak, progress, seed_everything
@@ -74,6 +77,11 @@ class QIPOConfig:
     beta: float = 3.0
     normalize: str = "support"        # "support" (official code) | "batch" (paper's Algorithm 1)
     keep_data_action: bool = False
+    # "full": the loss on all M support actions of each state (official code, paper); "sampled": one
+    # support action per state drawn with probability of its weight (reference.loss.draw_weighted_pairs),
+    # plain FM on those: the same loss and gradient in expectation, 1/M of the network rows per state (not
+    # the paper's; pair it with a larger policy_batch: bench/results/qipo_stage3_findings.md section 11)
+    support_estimator: str = "full"
     renew_chunk: int = 4096           # states per batched sampler call during renewal
     # Support sets are kept in checkpoints only up to this many numbers (4 MB of float32): larger ones
     # (100k states x 64 x A: ~160 MB) are re-drawn from the restored networks on resume instead (a
@@ -103,6 +111,8 @@ class QIPOConfig:
         if self.solver is not None:
             C.choice("solver", self.solver, VELOCITY_SOLVERS if self.path == "ot" else NOISE_SOLVERS)
         C.choice("normalize", self.normalize, ("support", "batch"))
+        C.choice("support_estimator", self.support_estimator, ("full", "sampled"))
+        C.boolean("keep_data_action", self.keep_data_action)
         for name in ("hidden", "depth", "critic_hidden", "critic_depth", "sample_steps", "pretrain_batch", "q_batch",
                      "q_support", "q_support_refresh", "policy_batch", "num_support", "renew_every", "renew_chunk",
                      "log_every"):
@@ -283,13 +293,20 @@ class QIPO(Trainer):
         if k % cfg.renew_every == 0 or self.support is None:
             self._renew_support()
         idx = self._idx(cfg.policy_batch)
-        loss = flow_loss(self, self.policy, d.obs[idx], self.support[idx], energy=self.support_q[idx], beta=cfg.beta,
-                         normalize=cfg.normalize, backend=cfg.backend)
+        if cfg.support_estimator == "sampled":  # one weight-drawn (state, support action) pair per batch row
+            rows, cols = draw_weighted_pairs(self.support_q[idx], cfg.beta, cfg.normalize, generator=self.gen)
+            sidx = idx[rows]
+            loss = flow_loss(self, self.policy, d.obs[sidx], self.support[sidx, cols])
+            n = cfg.policy_batch
+        else:
+            loss = flow_loss(self, self.policy, d.obs[idx], self.support[idx], energy=self.support_q[idx],
+                             beta=cfg.beta, normalize=cfg.normalize, backend=cfg.backend)
+            n = cfg.policy_batch * cfg.num_support
         self.optims["policy"].zero_grad(set_to_none=True)
         loss.backward()
         self.optims["policy"].step()
         polyak(self.ema, self.policy, cfg.ema_tau)
-        return {"policy_loss": loss.detach()}, cfg.policy_batch * cfg.num_support
+        return {"policy_loss": loss.detach()}, n
 
     # ---- state beyond modules / optimizers -----------------------------------------------------
     def _state(self) -> Dict[str, Any]:

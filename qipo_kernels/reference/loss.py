@@ -34,6 +34,38 @@ def energy_weights(energy: torch.Tensor, beta: float, normalize: str = "support"
     return w.to(energy.dtype)
 
 
+def draw_weighted_pairs(energy: torch.Tensor, beta: float, normalize: str = "support",
+                        generator: Optional[torch.Generator] = None):
+    """Draw (state, support-slot) pairs with probability proportional to the energy weights: the
+    sampled estimator of the energy-weighted loss. energy [B, M] -> (rows [B], cols [B]), int64.
+
+    "support": one slot per state, cols[b] ~ softmax_m(beta * energy[b]), rows = arange(B); then
+               E[mean_b l[b, cols[b]]] = mean_b sum_m w[b, m] l[b, m], the support-normalised loss.
+    "batch":   B pairs drawn with replacement from softmax over all B*M pairs; then
+               E[mean_k l[rows[k], cols[k]]] = mean_{b,m} (B M softmax_{b,m}) l[b, m], the batch-normalised loss.
+    Plain flow matching on the drawn pairs is thus an unbiased estimate of ``weighted_fm_loss`` and of its
+    gradient (for the same t and noise distribution) that runs the network on B rows instead of B*M.
+    The weights are ``energy_weights`` (max-subtracted, float32 for half-precision energies).
+    """
+    C.tensor("energy", energy, ndim=2)
+    B, M = energy.shape
+    if B == 0 or M == 0:
+        raise ValueError(f"energy must be non-empty [B, M], got {tuple(energy.shape)}")
+    C.finite("energy", energy)
+    C.positive_float("beta", beta)
+    if float(beta) > BETA_MAX:
+        raise ValueError(f"beta must be <= {BETA_MAX:.7g} (the weights are computed in float32), got {beta!r}")
+    C.choice("normalize", normalize, NORMALIZE)
+    w = energy_weights(energy.detach().float() if energy.dtype != torch.float64 else energy.detach(), float(beta),
+                       normalize)
+    if normalize == "support":
+        rows = torch.arange(B, device=energy.device)
+        cols = torch.multinomial(w, 1, generator=generator)[:, 0]
+        return rows, cols
+    flat = torch.multinomial(w.reshape(-1), B, replacement=True, generator=generator)
+    return flat // M, flat % M
+
+
 def _weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
     B, M, _ = pred.shape
     per_pair = ((pred - target) ** 2).sum(-1)  # [B, M]
