@@ -24,6 +24,19 @@ VARIANTS = ("torch", "torch.compile", "cudagraph", "triton", "cpp")
 RESULTS_DIR = os.environ.get("QIPO_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+# ----------------------------------------------------------------------------- formatting
+def pm(mean: float, se: Optional[float], digits: int = 1) -> str:
+    """"mean ± se"; an s.e. that cannot be measured (one episode: nan in memory, null after a JSON round
+    trip) reads "mean ± -" instead of failing or printing "nan"."""
+    se_txt = "-" if se is None or se != se else f"{se:.{digits}f}"
+    return f"{mean:.{digits}f} ± {se_txt}"
+
+
+def score_text(s: Dict, digits: int = 1) -> str:
+    """pm of an evaluation summary {"normalized": mean, "se": standard error or None}."""
+    return pm(s["normalized"], s.get("se"), digits)
+
+
 # ----------------------------------------------------------------------------- device
 def cpu_model() -> str:
     """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""

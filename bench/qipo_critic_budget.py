@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.qipo_stage3_diagnosis import (critic_from, critic_from_note, load_trainer, normalized_se,  # noqa: E402
                                          support_q)
+from bench._common import score_text  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 from qipo_kernels.evaluation import normalized_score  # noqa: E402
 from qipo_kernels.reference.loss import energy_weights  # noqa: E402
@@ -118,7 +119,7 @@ def write_md(res, out):
           "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         c = r["critic"]
-        f = lambda s: f"{s['normalized']:.1f} ± {s['se']:.1f}"  # noqa: E731
+        f = score_text
         L.append(f"| {r['q_steps']} | {c['q_data_mean']:.1f} | {c['q_data_mean'] / res['mc_rtg_mean']:.2f} | "
                  f"{c['q_std_per_state']:.3f} ({c['q_range_per_state']:.2f}) | {c['ess_mean']:.1f} (beta {r['beta']:g}) | "
                  f"{c['data_rank_mean_above']:.1f} of {res['support']} | {f(r['behaviour'])} | {f(r['behaviour_argmax'])} | "

@@ -28,12 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.qipo_critic_budget import data_score, score  # noqa: E402
 from bench.qipo_stage3_diagnosis import load_trainer  # noqa: E402
+from bench._common import score_text  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def write_md(res, out):
     scales = res["scales"]
-    f = lambda s: f"{s['normalized']:.1f} ± {s['se']:.1f}"  # noqa: E731
+    f = score_text
     L = ["# QIPO's models against the initial-noise scale of their sampler (issue 10)", "",
          "Command:", "", "    " + res["command"], "",
          "One sample per state (QIPO's evaluation), its initial noise N(0, I) multiplied by the scale: 1 = the "

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._common import score_text  # noqa: E402
 from bench.qipo_critic_budget import data_score, score  # noqa: E402
 from bench.qipo_stage3_diagnosis import SAT as AT_BOUND, load_trainer  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
@@ -102,7 +103,7 @@ def write(res, out):
             L.append(f"| {r['label']} | model, {x['solver']} x {x['steps']} | "
                      + " | ".join(f"{x['profile'][t]:.3f}" for t in th)
                      + f" | {x['beyond_1']:.3f} | {x['at_bound_mean']:.3f} | {x['at_bound_within_0.01']:.3f} | "
-                     + (f"{x['score']['normalized']:.1f} ± {x['score']['se']:.1f}" if "score" in x else "-")
+                     + (score_text(x["score"]) if "score" in x else "-")
                      + f" | {x['cpu_s']} |")
     L += ["", "Checkpoints:", ""] + [f"- {r['label']}: `{r['ckpt']}`" for r in res["runs"]]
     atomic_write_text("\n".join(L) + "\n", out + ".md")

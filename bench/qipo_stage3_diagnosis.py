@@ -55,6 +55,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._common import pm, score_text  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text, hard_update, polyak  # noqa: E402
 from qipo_kernels.algos.distributed import flow_loss  # noqa: E402
 from qipo_kernels.algos.qipo import QIPO, QIPOConfig  # noqa: E402
@@ -368,7 +369,7 @@ def run_variant(tr, name, sup, q, steps, eval_at, episodes, seed, renew_every, o
             p = evaluate(tr, start + k, episodes)
             p["loss_last100"] = float(np.mean(losses[-100:]))
             pts.append(p)
-            print(f"  {name} step {k}: {p['normalized']:.1f} ± {p['se']:.1f}  (train {t_train:.0f} CPU-s)", flush=True)
+            print(f"  {name} step {k}: {score_text(p)}  (train {t_train:.0f} CPU-s)", flush=True)
             if on_point is not None and k < steps:
                 on_point({"variant": name, "settings": v, "points": list(pts), "train_cpu_s": round(t_train, 1),
                           "renewals": list(renewals), "partial": True})
@@ -390,16 +391,15 @@ def compare_checkpoints(paths, episodes, ds=None):
             r = tr.evaluate(num_episodes=episodes, policy=pol)
             row[name] = {"normalized": float(r["normalized_mean"]), "se": normalized_se(r), "episodes": r["episodes"],
                          "drift": drift(tr, pol)}
-        print(f"  {path}: behaviour {row['behaviour']['normalized']:.1f} ± {row['behaviour']['se']:.1f}, "
-              f"final EMA {row['final_ema']['normalized']:.1f} ± {row['final_ema']['se']:.1f}", flush=True)
+        print(f"  {path}: behaviour {score_text(row['behaviour'])}, final EMA {score_text(row['final_ema'])}",
+              flush=True)
         rows.append(row)
     return rows
 
 
 def _score_cell(p):
     """"mean ± s.e." of an evaluation (s.e. nan in memory, null after a JSON round trip for one episode)."""
-    se = p.get("se")
-    return f"{p['normalized']:.1f} ± {float('nan') if se is None else se:.1f}"
+    return score_text(p)
 
 
 def write(res, out):
@@ -447,9 +447,10 @@ def write(res, out):
         for r in res["compare"]:
             b_, f_ = r["behaviour"], r["final_ema"]
             diff = f_["normalized"] - b_["normalized"]
-            dse = (b_["se"] ** 2 + f_["se"] ** 2) ** 0.5
-            L.append(f"| {r['ckpt']} | {r['seed']} | {r['config']} | {b_['normalized']:.1f} ± {b_['se']:.1f} | "
-                     f"{f_['normalized']:.1f} ± {f_['se']:.1f} | {diff:+.1f} ± {dse:.1f} | "
+            ses = [float("nan") if x["se"] is None else x["se"] for x in (b_, f_)]
+            dse = (ses[0] ** 2 + ses[1] ** 2) ** 0.5
+            L.append(f"| {r['ckpt']} | {r['seed']} | {r['config']} | {score_text(b_)} | "
+                     f"{score_text(f_)} | {'+' if diff >= 0 else ''}{pm(diff, dse)} | "
                      f"{b_['drift']['saturated']:.3f} / {f_['drift']['saturated']:.3f} |")
     ren = [(r["variant"], x) for r in res["variants"] for x in r.get("renewals", [])]
     if ren:
@@ -539,7 +540,7 @@ def main(argv=None):
     sup, q = tr.support, tr.support_q
     print(f"support ready ({res['renew_cpu_s']} CPU-s, cached={cached})", flush=True)
     res["behaviour"] = evaluate(tr, tr.P + tr.Q, a.episodes)
-    print(f"behaviour model (EMA at step 0): {res['behaviour']['normalized']:.1f} ± {res['behaviour']['se']:.1f}",
+    print(f"behaviour model (EMA at step 0): {score_text(res['behaviour'])}",
           flush=True)
     if not a.skip_checks:
         res["support_stats"] = support_stats(tr, sup, q)

@@ -260,3 +260,35 @@ def test_saturation_script_on_a_tiny_run(demo_minari_root, tmp_path):
             Q.main(["--ckpts", str(run / "checkpoint.pt"), *bad, "--out", out])
     with pytest.raises(SystemExit, match="--ckpts: no such file"):
         Q.main(["--ckpts", str(tmp_path / "nope.pt"), "--out", out])
+
+
+def _null_every_se(x):
+    """A copy of a result with every "se" set to None, as a one-episode evaluation reads after a JSON round trip."""
+    if isinstance(x, dict):
+        return {k: (None if k == "se" else _null_every_se(v)) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_null_every_se(v) for v in x]
+    return x
+
+
+@pytest.mark.parametrize("module,writer,result", [
+    ("qipo_critic_budget", "write_md", "qipo_critic_budget.json"),
+    ("qipo_noise_scale", "write_md", "qipo_noise_scale_halfcheetah.json"),
+    ("qipo_saturation", "write", "qipo_saturation.json"),
+    ("qipo_stage3_diagnosis", "write", "qipo_stage3_diagnosis.json"),     # with the --only-compare table
+])
+def test_reports_rewrite_from_json_with_one_episode_evaluations(module, writer, result, tmp_path):
+    """Every report of the diagnosis scripts can be rewritten from its committed JSON when an evaluation
+    had one episode (s.e. null): "mean ± -" instead of a TypeError or "nan"."""
+    import importlib
+
+    from bench._common import pm, score_text
+
+    mod = importlib.import_module(f"bench.{module}")
+    res = _null_every_se(json.load(open(os.path.join(ROOT, "bench", "results", result))))
+    out = str(tmp_path / "report")
+    getattr(mod, writer)(res, out)
+    md = open(out + ".md").read()
+    assert "± -" in md and "nan" not in md.replace("nanoseconds", "")
+    assert pm(1.25, None) == pm(1.25, float("nan")) == "1.2 ± -" and pm(-3.0, 0.26) == "-3.0 ± 0.3"
+    assert score_text({"normalized": 40.04, "se": 1.46}) == "40.0 ± 1.5"
