@@ -11,8 +11,8 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
 
 The datasets come from `qipo-kernels make-dataset` (bench/make_datasets.sh). CPQL uses the per-task
 "medium" defaults of the dataset's env (cpql_config_for); QIPO the preset of --preset (default "cpu-quick";
-QIPO_PRESETS: schedule lengths, batch and lr only). Each run writes <out>/<algo>-<env>-s<seed>/curve.json
-(QIPO: <out>/qipo-<preset>-<env>-s<seed>/curve.json): every
+QIPO_PRESETS: schedule lengths, batch and lr only). Each run writes <out>/<algo>-<env>-s<seed>-<kind>/curve.json
+(QIPO: <out>/qipo-<preset>-<env>-s<seed>-<kind>/curve.json; run_name): every
 evaluation as (step, train CPU seconds, normalised mean, its s.e. over the episodes). QIPO's
 behaviour model (end of stage 1) is evaluated too.
 """
@@ -23,6 +23,7 @@ import collections
 import glob
 import json
 import os
+import re
 import sys
 import time
 
@@ -49,14 +50,25 @@ def _point(tr, res, tag):
             **_scores(res)}
 
 
+def run_name(algo, preset, sets, dataset, seed) -> str:
+    """The run's folder: algo[-preset][-key_value...]-env-sSEED[-kind], kind the dataset's name without its
+    version ("qipo/halfcheetah/medium-a2c-v0" -> halfcheetah-s0-medium-a2c), so runs of one env's datasets
+    never share a folder."""
+    parts = dataset.split("/")
+    env = parts[1] if len(parts) >= 3 else dataset
+    kind = re.sub(r"(^|-)v\d+$", "", parts[-1]) if len(parts) >= 3 else ""
+    tail = "".join(f"-{kv.replace('=', '_')}" for kv in sets)
+    head = algo if algo == "cpql" else f"{algo}-{preset}{tail}"
+    return f"{head}-{env}-s{seed}" + (f"-{kind}" if kind else "")
+
+
 def run(a):
     if a.set and a.algo != "qipo":
         raise SystemExit("--set applies to --algo qipo only")
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
     env = a.dataset.split("/")[1] if a.dataset.count("/") >= 2 else a.dataset
-    tail = "".join(f"-{kv.replace('=', '_')}" for kv in a.set)
-    name = f"{a.algo}-{env}-s{a.seed}" if a.algo == "cpql" else f"{a.algo}-{a.preset}{tail}-{env}-s{a.seed}"
+    name = run_name(a.algo, a.preset, a.set, a.dataset, a.seed)
     out = os.path.join(a.out, name)
     os.makedirs(out, exist_ok=True)
     if a.algo == "cpql":

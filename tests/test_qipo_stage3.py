@@ -235,7 +235,7 @@ def test_time_to_score_keeps_a_checkpoint_when_the_budget_stops_the_run(demo_min
     T.main(["run", "--algo", "qipo", "--dataset", data.DEMO_DATASET_ID, "--budget-s", "0", "--episodes", "1",
             "--final-episodes", "1", "--eval-every", "0", "--set", "pretrain_batch=16", "--set", "sample_steps=2",
             "--out", str(tmp_path)])
-    runs = list(tmp_path.glob("qipo-*-s0"))
+    runs = list(tmp_path.glob("qipo-*-s0-mixed"))
     assert len(runs) == 1
     st = read_checkpoint(str(runs[0] / "run" / "checkpoint.pt"))
     c = json.load(open(runs[0] / "curve.json"))
@@ -250,7 +250,7 @@ def test_time_to_score_reeval_replaces_the_final_evaluation_and_keeps_the_old_on
             "--eval-every", "0", "--set", "pretrain_steps=3", "--set", "q_steps=2", "--set", "q_support=2",
             "--set", "policy_steps=2", "--set", "pretrain_batch=16", "--set", "policy_batch=8",
             "--set", "num_support=2", "--set", "sample_steps=2", "--out", str(tmp_path)])
-    (run,) = list(tmp_path.glob("qipo-*-s0"))
+    (run,) = list(tmp_path.glob("qipo-*-s0-mixed"))
     curve, ck = str(run / "curve.json"), str(run / "run" / "checkpoint.pt")
     before = json.load(open(curve))
     T.main(["reeval", "--curve", curve, "--ckpt", ck, "--episodes", "3"])
@@ -396,3 +396,11 @@ def test_sampled_support_estimator_runs_to_the_end_and_is_named_in_errors(small_
         QIPOConfig(support_estimator="one")
     with pytest.raises(TypeError, match="keep_data_action"):
         QIPOConfig(keep_data_action="yes")
+
+
+def test_time_to_score_run_names_tell_one_envs_datasets_apart():
+    assert T.run_name("qipo", "cpu-30min", ["beta=10"], "qipo/halfcheetah/medium-a2c-v0", 1) == \
+        "qipo-cpu-30min-beta_10-halfcheetah-s1-medium-a2c"
+    assert T.run_name("cpql", None, [], "qipo/halfcheetah/noisy-sac-v0", 0) == "cpql-halfcheetah-s0-noisy-sac"
+    assert T.run_name("qipo", "cpu-quick", [], "d/x/v0", 0) == "qipo-cpu-quick-x-s0"
+    assert T.run_name("cpql", None, [], "pendulum", 2) == "cpql-pendulum-s2"
