@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -232,7 +233,7 @@ def plot_curves(plt, curves, path, budget_tag):
     (algorithm, preset, --set values, budget), one marker per seed; the legend (outside the panel) lists
     the configurations with their seed counts. Black stars: QIPO's behaviour model (end of stage 1)."""
     datasets = sorted({c["dataset"] for c in curves})
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, 3.8 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(9, 4.2 * len(datasets)), squeeze=False)
     markers = "osD^vP*Xh"
     for ax, dataset in zip(axes.flat, datasets):
         configs = {}
@@ -248,7 +249,8 @@ def plot_curves(plt, curves, path, budget_tag):
                 ax.errorbar([p["cpu_s"] for p in pts], [p["normalized"] for p in pts],
                             yerr=[p["normalized_se"] or 0 for p in pts], color=colour, alpha=0.85, lw=1.2,
                             marker=markers[seeds.index(c["seed"]) % len(markers)], markersize=4, capsize=2,
-                            label=f"{key} (seeds {', '.join(str(s) for s in seeds)})" if j == 0 else None)
+                            label=textwrap.fill(f"{key} (seeds {', '.join(str(s) for s in seeds)})", 70,
+                                                subsequent_indent="    ") if j == 0 else None)
                 beh = [p for p in pts if p["tag"] == "behaviour"]
                 if beh:
                     ax.plot([p["cpu_s"] for p in beh], [p["normalized"] for p in beh], "k*", markersize=10)
@@ -260,6 +262,8 @@ def plot_curves(plt, curves, path, budget_tag):
         ax.set_ylabel("normalised score")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
                   title="marker = seed; black star = QIPO behaviour model", title_fontsize=7)
+    # long configuration names are wrapped (70 characters) so that tight_layout fits the outside legends
+    # and keeps each panel's title clear of the x label above it
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=90, bbox_inches="tight")   # "tight": the legends outside the panels
     os.replace(path + ".tmp.png", path)
