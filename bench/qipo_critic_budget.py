@@ -119,11 +119,10 @@ def write_md(res, out):
           "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         c = r["critic"]
-        f = score_text
         L.append(f"| {r['q_steps']} | {c['q_data_mean']:.1f} | {c['q_data_mean'] / res['mc_rtg_mean']:.2f} | "
                  f"{c['q_std_per_state']:.3f} ({c['q_range_per_state']:.2f}) | {c['ess_mean']:.1f} (beta {r['beta']:g}) | "
-                 f"{c['data_rank_mean_above']:.1f} of {res['support']} | {f(r['behaviour'])} | {f(r['behaviour_argmax'])} | "
-                 f"{f(r['final'])} |")
+                 f"{c['data_rank_mean_above']:.1f} of {res['support']} | {score_text(r['behaviour'])} | {score_text(r['behaviour_argmax'])} | "
+                 f"{score_text(r['final'])} |")
     atomic_write_text("\n".join(L) + "\n", out + ".md")
 
 

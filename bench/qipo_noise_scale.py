@@ -34,7 +34,6 @@ from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # no
 
 def write_md(res, out):
     scales = res["scales"]
-    f = score_text
     L = ["# QIPO's models against the initial-noise scale of their sampler (issue 10)", "",
          "Command:", "", "    " + res["command"], "",
          "One sample per state (QIPO's evaluation), its initial noise N(0, I) multiplied by the scale: 1 = the "
@@ -45,8 +44,8 @@ def write_md(res, out):
          + " | " + " | ".join(f"final QIPO, scale {s:g}" for s in scales) + " |",
          "|---|---|" + "---|" * (2 * len(scales))]
     for r in res["rows"]:
-        L.append(f"| {r['label']} | {r['data_score']} | " + " | ".join(f(r['behaviour'][str(s)]) for s in scales)
-                 + " | " + " | ".join(f(r['final'][str(s)]) for s in scales) + " |")
+        L.append(f"| {r['label']} | {r['data_score']} | " + " | ".join(score_text(r['behaviour'][str(s)]) for s in scales)
+                 + " | " + " | ".join(score_text(r['final'][str(s)]) for s in scales) + " |")
     L += ["", "Checkpoints:", ""] + [f"- {r['label']}: `{r['ckpt']}`" for r in res["rows"]]
     atomic_write_text("\n".join(L) + "\n", out + ".md")
 

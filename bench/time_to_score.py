@@ -56,11 +56,15 @@ def run_name(algo, preset, sets, dataset, seed) -> str:
     version ("qipo/halfcheetah/medium-a2c-v0" -> halfcheetah-s0-medium-a2c), so runs of one env's datasets
     never share a folder."""
     parts = dataset.split("/")
-    env = parts[1] if len(parts) >= 3 else dataset
     kind = re.sub(r"(^|-)v\d+$", "", parts[-1]) if len(parts) >= 3 else ""
     tail = "".join(f"-{kv.replace('=', '_')}" for kv in sets)
     head = algo if algo == "cpql" else f"{algo}-{preset}{tail}"
-    return f"{head}-{env}-s{seed}" + (f"-{kind}" if kind else "")
+    return f"{head}-{dataset_env(dataset)}-s{seed}" + (f"-{kind}" if kind else "")
+
+
+def dataset_env(dataset) -> str:
+    """The env of a namespaced dataset id ("qipo/halfcheetah/medium-a2c-v0" -> "halfcheetah"), else the id."""
+    return dataset.split("/")[1] if dataset.count("/") >= 2 else dataset
 
 
 def run(a):
@@ -68,7 +72,7 @@ def run(a):
         raise SystemExit("--set applies to --algo qipo only")
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
-    env = a.dataset.split("/")[1] if a.dataset.count("/") >= 2 else a.dataset
+    env = dataset_env(a.dataset)
     name = run_name(a.algo, a.preset, a.set, a.dataset, a.seed)
     out = os.path.join(a.out, name)
     os.makedirs(out, exist_ok=True)

@@ -52,10 +52,7 @@ def draw_weighted_pairs(energy: torch.Tensor, beta: float, normalize: str = "sup
     if B == 0 or M == 0:
         raise ValueError(f"energy must be non-empty [B, M], got {tuple(energy.shape)}")
     C.finite("energy", energy)
-    C.positive_float("beta", beta)
-    if float(beta) > BETA_MAX:
-        raise ValueError(f"beta must be <= {BETA_MAX:.7g} (the weights are computed in float32), got {beta!r}")
-    C.choice("normalize", normalize, NORMALIZE)
+    _check_weighting(beta, normalize)
     w = energy_weights(energy.detach().float() if energy.dtype != torch.float64 else energy.detach(), float(beta),
                        normalize)
     if normalize == "support":
@@ -95,6 +92,11 @@ def check_weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
         C.tensor("pair_weight", pair_weight, shape=(B, M))
         C.finite("pair_weight", pair_weight)
     C.same_device(pred=pred, target=target, energy=energy, pair_weight=pair_weight)
+    _check_weighting(beta, normalize)
+
+
+def _check_weighting(beta, normalize):
+    """beta and normalize of the energy weights, as every loss and draw_weighted_pairs check them."""
     C.positive_float("beta", beta)
     if float(beta) > BETA_MAX:
         raise ValueError(f"beta must be <= {BETA_MAX:.7g} (the weights are computed in float32), got {beta!r}")
