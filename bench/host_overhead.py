@@ -15,6 +15,9 @@ Cases (3 x 256 Mish ConditionalMLP, obs 17, action 6, 1 state x 50 candidates x 
     ops.integrate          ops.integrate(net, x0, obs, steps=10, backend="triton")       target <= 40 us
     ops.consistency_sample ops.consistency_sample(net, x0, obs, backend="triton") (one step)
     ops.act                ops.act(net, critic, obs, 50, backend="triton") (flow, argmax)
+    ops.act.ot-eps         the ops.act call FlowPolicy.act makes for the "ot-eps" policy: 10 dpm2 steps
+                           from t0 = 0.05, the noise drawn inside (policy.act.ot-eps minus this is the
+                           policy wrapper's own cost)
     policy.act.ot-eps      FlowPolicy.act(obs, critic, 50, backend="triton") of the "ot-eps" policy (from
                            t0 = 0.05): one ops.act call since ops.act takes t0 (before: sample, the
                            critic in PyTorch, select_action: three calls)
@@ -50,6 +53,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 TARGETS_US = {"sampler": 20.0, "ops.integrate": 40.0}
+# the cases whose ops calls and kernel launches per call are recorded with the times
+DISPATCH_CASES = ("ops.act", "ops.act.ot-eps", "policy.act.ot-eps")
 
 
 class _NoLaunch:
@@ -162,6 +167,7 @@ def _setup():
     eps_policy = FlowPolicy(S, A, hidden=H, depth=D, activation="mish", steps=T, path="ot-eps").eval()
     eps_policy.requires_grad_(False)
     smp_eps = make_sampler(eps_policy, num_samples=K, backend="triton")
+    eps_solver = eps_policy._solver(None)
     obs_k, act_k = obs.repeat_interleave(K, 0), torch.rand(K, A) * 2 - 1
     cases = {
         "sampler": lambda: smp(obs),
@@ -169,6 +175,8 @@ def _setup():
         "ops.integrate": lambda: ops.integrate(net, x0, obs, steps=T, backend="triton"),
         "ops.consistency_sample": lambda: ops.consistency_sample(net, x0, obs, backend="triton"),
         "ops.act": lambda: ops.act(net, critic, obs, K, steps=T, noise=x0, backend="triton"),
+        "ops.act.ot-eps": lambda: ops.act(eps_policy.net, critic, obs, K, steps=T, solver=eps_solver, path="ot-eps",
+                                          t0=eps_policy.t0, backend="triton"),
         "policy.act.ot-eps": lambda: eps_policy.act(obs, critic, K, backend="triton"),
         "critic.q_min": lambda: critic.q_min(obs_k, act_k),
     }
@@ -195,7 +203,7 @@ def _measure(mocks, calls, rounds, repeat):
         for fn in cases.values():
             fn()
         assert all(prepared().values()), f"a sampler did not take the Triton prepared path: {prepared()}"
-        res["dispatches"] = {name: _dispatches(cases[name], mocks) for name in ("ops.act", "policy.act.ot-eps")}
+        res["dispatches"] = {name: _dispatches(cases[name], mocks) for name in DISPATCH_CASES}
         before = mocks["sampler"].calls
         times = {name: [] for name in cases}
         for _ in range(repeat):
@@ -237,7 +245,8 @@ def _worker(root: str) -> int:
         for _ in range(200):
             fn()
     info = {"prepared": prepared(),
-            "dispatches": {name: _dispatches(cases[name], mocks) for name in ("ops.act", "policy.act.ot-eps")}}
+            "dispatches": {name: _dispatches(cases[name], mocks) for name in DISPATCH_CASES},
+            "cases": list(cases)}
     print("ready " + json.dumps(info), flush=True)
     for line in sys.stdin:
         name, n = line.split()
@@ -281,8 +290,7 @@ def compare(other: str, calls: int = 1000, rounds: int = 15) -> dict:
         if first[0] != "ready":
             raise RuntimeError(f"the worker for {root} did not start")
         ready[side] = json.loads(first[1])
-    names = ["sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act", "policy.act.ot-eps",
-             "critic.q_min"]
+    names = ready["this"]["cases"]   # (both workers run this file's cases, on their own tree's package)
     got = {side: {n: [] for n in names} for side in roots}
     loads = [_load()]
     try:

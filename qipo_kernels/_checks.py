@@ -148,20 +148,20 @@ def _first_float_param(module):
 _FIRST_PARAM: dict = {}
 
 
-def module_dtype(module) -> Optional[torch.dtype]:
-    """The dtype of the first floating-point parameter of an nn.Module (in registration order,
-    depth first); None when module is not an nn.Module or has no floating parameter.
+def first_param(module) -> Optional[torch.Tensor]:
+    """The first floating-point parameter of an nn.Module (in registration order, depth first); None
+    when module is not an nn.Module or has no floating parameter.
 
-    Runs on every sampler call (one-state real-time calls too), so where that parameter lives is
-    remembered per module; the dtype itself is read every call (``.to(dtype)`` converts in place,
-    ``owner._parameters[name]`` replaced is noticed). Only a parameter-owning submodule detached
-    from the module since the last call (a replaced first layer) goes unseen until
-    ``_FIRST_PARAM.pop(id(module))``; its dtype then speaks for the module."""
+    Runs on every sampler and policy call (one-state real-time calls too), so where that parameter
+    lives is remembered per module and the parameter itself is read every call (``.to(dtype)``
+    converts in place, ``owner._parameters[name]`` replaced is noticed). Only a parameter-owning
+    submodule detached from the module since the last call (a replaced first layer) goes unseen
+    until ``_FIRST_PARAM.pop(id(module))``; its parameter then speaks for the module."""
     rec = _FIRST_PARAM.get(id(module))
     if rec is not None and rec[0]() is module:
         p = rec[1]._parameters.get(rec[2])
         if p is not None:
-            return p.dtype
+            return p
     if not isinstance(module, torch.nn.Module):
         return None
     found = _first_float_param(module)
@@ -169,7 +169,13 @@ def module_dtype(module) -> Optional[torch.dtype]:
         return None
     mid = id(module)
     _FIRST_PARAM[mid] = (weakref.ref(module, lambda _r, mid=mid: _FIRST_PARAM.pop(mid, None)),) + found
-    return found[0]._parameters[found[1]].dtype
+    return found[0]._parameters[found[1]]
+
+
+def module_dtype(module) -> Optional[torch.dtype]:
+    """The dtype of ``first_param(module)``; None when there is none."""
+    p = first_param(module)
+    return None if p is None else p.dtype
 
 
 def module_inputs(module_name: str, module, **tensors) -> None:

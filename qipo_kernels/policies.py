@@ -53,7 +53,9 @@ def _check_obs(obs, obs_dim: int, name: str = "obs") -> torch.Tensor:
 
 
 def _param_like(module: nn.Module, obs: torch.Tensor) -> None:
-    p = next(module.parameters())
+    p = C.first_param(module)   # (located once per module, not a walk of module.parameters() per call)
+    if p is None:
+        raise TypeError(f"the policy network {type(module).__name__} has no floating-point parameters")
     if obs.device != p.device:
         raise ValueError(f"obs is on {obs.device} but the policy is on {p.device}")
     if obs.dtype != p.dtype:

@@ -8,8 +8,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-CASES = ("sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act", "policy.act.ot-eps",
-         "critic.q_min")
+CASES = ("sampler", "sampler.ot-eps", "ops.integrate", "ops.consistency_sample", "ops.act", "ops.act.ot-eps",
+         "policy.act.ot-eps", "critic.q_min")
 ONE_ACT = {"ops": ["act"], "launches": 1}
 
 
@@ -23,7 +23,7 @@ def test_host_overhead_measures_the_prepared_and_functional_paths():
     us, mn = res["us_per_call"], res["us_per_call_min"]
     assert set(us) == set(mn) == set(CASES) | {"watch"}
     # FlowPolicy.act from t0 = 0.05 ("ot-eps") is one ops.act call and one (mocked) launch, as ops.act
-    assert res["dispatches"] == {"ops.act": ONE_ACT, "policy.act.ot-eps": ONE_ACT}
+    assert res["dispatches"] == {"ops.act": ONE_ACT, "ops.act.ot-eps": ONE_ACT, "policy.act.ot-eps": ONE_ACT}
     assert all(0 < mn[k] <= us[k] for k in us)  # the minimum of the rounds is at most their median
     assert len(res["load_1min"]) == 3 and res["repeat"] == 2
     assert res["watched_slots"] >= 10 and set(res["meets_targets"]) == {"sampler", "ops.integrate"}
@@ -41,7 +41,8 @@ def test_host_overhead_compare_runs_two_trees_back_to_back():
         assert set(us) == set(CASES)
         assert all(0 < v["wall_min"] <= v["wall_median"] and v["cpu_min"] > 0 for v in us.values())
         assert res["trees"][side]["prepared"] == {"sampler": True, "sampler.ot-eps": True}
-        assert res["trees"][side]["dispatches"] == {"ops.act": ONE_ACT, "policy.act.ot-eps": ONE_ACT}
+        assert res["trees"][side]["dispatches"] == {"ops.act": ONE_ACT, "ops.act.ot-eps": ONE_ACT,
+                                                    "policy.act.ot-eps": ONE_ACT}
 
 
 def test_traffic_model_counts_weights_once_per_evaluation_and_no_scratch():

@@ -136,3 +136,28 @@ def test_sample_cpp_falls_back_to_the_reference_with_gradients():
     assert a.requires_grad
     with pytest.raises(RuntimeError, match="backend='cpp' cannot run sample here: grad mode is on"):
         qk.sample(net, obs, 2, steps=2, seed=0, backend="cpp")
+
+
+# ------------------------------------------------------ the policies' obs-vs-parameters check
+def test_policy_obs_check_follows_conversions_of_the_policy():
+    """FlowPolicy / ConsistencyPolicy / DDPMPolicy compare obs with their first parameter, located once
+    per network (C.first_param): a later .double() / .float() of the policy is still seen, and the
+    message names both dtypes, before anything is sampled."""
+    torch.manual_seed(0)
+    critic = qk.DoubleCritic(5, 3, hidden=16, depth=1)
+    for pol in (FlowPolicy(5, 3, hidden=16, depth=1, path="ot-eps"), qk.ConsistencyPolicy(5, 3, hidden=16, depth=1),
+                qk.DDPMPolicy(5, 3, hidden=16, depth=1)):
+        obs = torch.randn(4, 5)
+        assert pol.sample(obs, 2, backend="torch").shape == (4, 2, 3)
+        with pytest.raises(TypeError, match=r"obs has dtype torch.float64 but the policy's parameters are torch.float32"):
+            pol.sample(obs.double(), 2, backend="torch")
+        pol.double()                                   # in place: the remembered parameter is now float64
+        with pytest.raises(TypeError, match=r"obs has dtype torch.float32 but the policy's parameters are torch.float64"):
+            pol.act(obs, critic.double(), 2, backend="torch")
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            pol.float()                                # new Parameter objects replace the remembered one
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(False)
+        assert pol.act(obs, critic.float(), 2, backend="torch").shape == (4, 3)
+        assert qk._checks.first_param(pol.net) is next(pol.net.parameters())
