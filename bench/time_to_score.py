@@ -14,7 +14,8 @@ The datasets come from `qipo-kernels make-dataset` (bench/make_datasets.sh). CPQ
 QIPO_PRESETS: schedule lengths, batch and lr only). Each run writes <out>/<algo>-<env>-s<seed>-<kind>/curve.json
 (QIPO: <out>/qipo-<preset>-<env>-s<seed>-<kind>/curve.json; run_name): every
 evaluation as (step, train CPU seconds, normalised mean, its s.e. over the episodes). QIPO's
-behaviour model (end of stage 1) is evaluated too.
+behaviour model (end of stage 1) is evaluated too; ``--stage1-only`` stops there (the run's final score is
+the behaviour model's; folder <...>-stage1-<env>-...).
 """
 from __future__ import annotations
 
@@ -51,13 +52,13 @@ def _point(tr, res, tag):
             **_scores(res)}
 
 
-def run_name(algo, preset, sets, dataset, seed) -> str:
-    """The run's folder: algo[-preset][-key_value...]-env-sSEED[-kind], kind the dataset's name without its
-    version ("qipo/halfcheetah/medium-a2c-v0" -> halfcheetah-s0-medium-a2c), so runs of one env's datasets
+def run_name(algo, preset, sets, dataset, seed, stage1_only=False) -> str:
+    """The run's folder: algo[-preset][-key_value...][-stage1]-env-sSEED[-kind], kind the dataset's name without
+    its version ("qipo/halfcheetah/medium-a2c-v0" -> halfcheetah-s0-medium-a2c), so runs of one env's datasets
     never share a folder."""
     parts = dataset.split("/")
     kind = re.sub(r"(^|-)v\d+$", "", parts[-1]) if len(parts) >= 3 else ""
-    tail = "".join(f"-{kv.replace('=', '_')}" for kv in sets)
+    tail = "".join(f"-{kv.replace('=', '_')}" for kv in sets) + ("-stage1" if stage1_only else "")
     head = algo if algo == "cpql" else f"{algo}-{preset}{tail}"
     return f"{head}-{dataset_env(dataset)}-s{seed}" + (f"-{kind}" if kind else "")
 
@@ -70,10 +71,12 @@ def dataset_env(dataset) -> str:
 def run(a):
     if a.set and a.algo != "qipo":
         raise SystemExit("--set applies to --algo qipo only")
+    if a.stage1_only and a.algo != "qipo":
+        raise SystemExit("--stage1-only applies to --algo qipo only (its behaviour model)")
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
     env = dataset_env(a.dataset)
-    name = run_name(a.algo, a.preset, a.set, a.dataset, a.seed)
+    name = run_name(a.algo, a.preset, a.set, a.dataset, a.seed, a.stage1_only)
     out = os.path.join(a.out, name)
     os.makedirs(out, exist_ok=True)
     if a.algo == "cpql":
@@ -90,7 +93,7 @@ def run(a):
                                                           tensorboard=False)})
         tr = QIPO(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
     curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
-             "budget_s": a.budget_s, "final_episodes": a.final_episodes,
+             "budget_s": a.budget_s, "final_episodes": a.final_episodes, "stage1_only": bool(a.stage1_only),
              "behaviour_normalized": None, "points": [], "command": " ".join(sys.argv),
              "config": {k: v for k, v in vars(cfg).items()}}
     curve["ref"] = [ds.ref_min_score, ds.ref_max_score]
@@ -107,6 +110,8 @@ def run(a):
         if a.algo == "qipo" and t.step == t.P:  # the behaviour model, at the end of stage 1
             curve["points"].append(_point(t, t.evaluate(num_episodes=a.final_episodes), "behaviour"))
             save()
+            if a.stage1_only:
+                raise StopTraining("stage 1 only")
         for h in t.eval_history:
             if h["step"] == t.step and not any(p["step"] == t.step and p["tag"] == "train" for p in curve["points"]):
                 n = h["episodes"]
@@ -123,9 +128,15 @@ def run(a):
         tr.fit(resume=False)
     except StopTraining:  # budget spent: keep the models, so the run can be diagnosed or resumed like a finished one
         tr.save_checkpoint()
-    res = tr.evaluate(num_episodes=a.final_episodes)
-    curve["points"].append(_point(tr, res, "final"))
-    curve["final"] = curve["points"][-1]
+    beh = [p for p in curve["points"] if p["tag"] == "behaviour"]
+    if a.stage1_only and beh:  # the run's model is the behaviour model, evaluated already with --final-episodes
+        curve["final"] = dict(beh[-1], tag="final")
+    else:
+        if a.stage1_only:  # the budget ran out inside stage 1: the partly trained behaviour model
+            print("--stage1-only: the budget stopped stage 1 before its end; evaluating the model as it is")
+        res = tr.evaluate(num_episodes=a.final_episodes)
+        curve["points"].append(_point(tr, res, "final"))
+        curve["final"] = curve["points"][-1]
     save()
     print(json.dumps({k: v for k, v in curve["final"].items() if k != "per_episode"}))
 
@@ -306,7 +317,8 @@ def _label(c):
     if preset is None:
         words = c.get("command", "").split()
         preset = words[words.index("--preset") + 1] if "--preset" in words[:-1] else "cpu-quick"
-    return " ".join([f"qipo {preset}"] + [f"--set {kv}" for kv in c.get("set", [])])
+    return " ".join([f"qipo {preset}"] + [f"--set {kv}" for kv in c.get("set", [])]
+                    + (["--stage1-only"] if c.get("stage1_only") else []))
 
 
 def _norm_eps(c, final):
@@ -332,6 +344,9 @@ def main(argv=None):
     r.add_argument("--preset", default="cpu-quick", help="QIPO preset (QIPO_PRESETS)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="QIPO: a QIPOConfig override after the preset (a diagnostic run; named and grouped apart)")
+    r.add_argument("--stage1-only", action="store_true",
+                   help="QIPO: stop after stage 1 and its behaviour-model evaluation (the run's final score is that "
+                        "model's; folder <...>-stage1-<env>-...)")
     r.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
     r.set_defaults(fn=run)
     p = sub.add_parser("report")

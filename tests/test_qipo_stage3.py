@@ -227,6 +227,50 @@ def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_pat
     assert c["final_episodes"] == 7 and c["config"]["eval_episodes"] == 3
 
 
+def test_time_to_score_stage1_only_stops_after_the_behaviour_model(tmp_path, monkeypatch):
+    """--stage1-only: the run stops right after the behaviour model's evaluation (no stage 2 / 3 step, no
+    second evaluation of the same model), keeps its checkpoint, and its final point is that evaluation; its
+    folder and report label say so; CPQL refuses the flag."""
+    calls = []
+
+    class FakeDS:
+        ref_min_score, ref_max_score = 0.0, 100.0
+        episode_returns = np.array([30.0, 34.0])
+
+    class FakeQIPO:
+        def __init__(self, ds, cfg, out_dir, progress_bar):
+            self.cfg, self.P, self.step = cfg, 2, 0
+            self.train_time = self.train_wall_time = 0.0
+            self.eval_history, self.callback = [], None
+
+        def save_checkpoint(self):
+            calls.append(("checkpoint", self.step))
+
+        def evaluate(self, num_episodes=None):
+            calls.append((self.step, num_episodes))
+            return {"episodes": num_episodes, "normalized_mean": 40.0 + self.step, "normalized_std": 2.0,
+                    "returns": [40.0] * num_episodes, "normalized_se": 1.0}
+
+        def fit(self, resume=False):
+            for self.step in range(1, 5):
+                calls.append(("step", self.step))
+                self.callback(self, {})
+
+    monkeypatch.setattr(T, "QIPO", FakeQIPO)
+    monkeypatch.setattr(T, "load_minari", lambda _id: FakeDS())
+    T.main(["run", "--algo", "qipo", "--dataset", "d/x/v1", "--stage1-only", "--final-episodes", "7",
+            "--out", str(tmp_path)])
+    assert calls == [("step", 1), ("step", 2), (2, 7), ("checkpoint", 2)]
+    c = json.load(open(tmp_path / "qipo-cpu-quick-stage1-x-s0" / "curve.json"))
+    assert c["stage1_only"] is True and [p["tag"] for p in c["points"]] == ["behaviour"]
+    assert c["final"] == dict(c["points"][0], tag="final") and c["final"]["normalized"] == 42.0
+    assert T._label(c) == "qipo cpu-quick --stage1-only"
+    T.main(["report", "--out", str(tmp_path)])
+    assert "| qipo cpu-quick --stage1-only | d/x/v1 |" in open(tmp_path / "README.md").read()
+    with pytest.raises(SystemExit, match="--stage1-only applies to --algo qipo only"):
+        T.main(["run", "--algo", "cpql", "--dataset", "d/x/v1", "--stage1-only", "--out", str(tmp_path)])
+
+
 def test_time_to_score_keeps_a_checkpoint_when_the_budget_stops_the_run(demo_minari_root, tmp_path, monkeypatch):
     """A run stopped by --budget-s (as every cpu-30min HalfCheetah run is) keeps its checkpoint.pt, so
     qipo_critic_budget / qipo_stage3_diagnosis can read it; before, only finished runs had one."""
@@ -404,3 +448,5 @@ def test_time_to_score_run_names_tell_one_envs_datasets_apart():
     assert T.run_name("cpql", None, [], "qipo/halfcheetah/noisy-sac-v0", 0) == "cpql-halfcheetah-s0-noisy-sac"
     assert T.run_name("qipo", "cpu-quick", [], "d/x/v0", 0) == "qipo-cpu-quick-x-s0"
     assert T.run_name("cpql", None, [], "pendulum", 2) == "cpql-pendulum-s2"
+    assert T.run_name("qipo", "cpu-30min", ["path=ot"], "qipo/walker2d/medium-ppo-v0", 2, stage1_only=True) == \
+        "qipo-cpu-30min-path_ot-stage1-walker2d-s2-medium-ppo"
