@@ -351,8 +351,8 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
 
     Arguments and result as ops._act_ref: obs [B, S] -> actions [B, A]. Random inputs that are None
     are drawn from ``generator`` in the reference's order (noise, step noise, uniform). Flow
-    integrates from ``t0`` (integrate's tables on [t0, 1]); the noise is scaled by sigma(t0) on the
-    host (reference.ode.start_noise), as the reference scales it.
+    integrates from ``t0`` (integrate's tables on [t0, 1]); given noise is scaled by sigma(t0) on the
+    host (reference.ode.start_noise), as the reference scales it; drawn noise is drawn at that scale.
     """
     B = obs.shape[0]
     K = num_candidates
@@ -362,10 +362,13 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
         raise ValueError(f"obs must be [B, {net.obs_dim}] (net.obs_dim), got shape {tuple(obs.shape)}")
     e = _entry(net, "policy", dtype, device)  # (a Fallback before anything is drawn)
     ce = _entry(critic, "critic", dtype, device)
-    if noise is None:
-        noise = torch.randn((B, K, A), dtype=dtype, device=device, generator=generator)
-    if sampler == "flow":
-        noise = _ode.start_noise(noise, t0, path)
+    scale = _ode.start_noise_scale(t0, path) if sampler == "flow" else 1.0
+    if noise is None:  # N(0, sigma(t0)^2) in one op (one launch less on a GPU): the draws of randn() *
+        # sigma(t0), the same generator stream, at most 1 ulp apart (as the prepared sampler draws them)
+        noise = torch.randn((B, K, A), dtype=dtype, device=device, generator=generator) if scale == 1.0 else \
+            torch.normal(0.0, scale, (B, K, A), dtype=dtype, device=device, generator=generator)
+    elif scale != 1.0:
+        noise = noise * scale
     sig = [float(s) for s in (sigmas or ())] if sampler == "consistency" else []
     if sampler == "consistency" and sig and step_noise is None:
         step_noise = _draw_step_noise(sig, (B * K, A), dtype, device, generator)
