@@ -185,15 +185,15 @@ def test_critic_budget_script_on_two_tiny_runs(demo_minari_root, tmp_path):
         CB.main(["--ckpts", cks[0], "--states", "0", "--out", out])
 
 
-def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_path, monkeypatch):
-    """The behaviour-model and final points use --final-episodes, the training curve --episodes (with 5
-    episodes on Walker2d the s.e. reached 14 points and a lucky behaviour-model reading of 51.1 stood for
-    a model that scores 28.0 ± 2.8 over 50)."""
-    calls = []
+class _FakeDS:
+    """time_to_score's view of a dataset: reference scores and the data's episode returns."""
+    ref_min_score, ref_max_score = 0.0, 100.0
+    episode_returns = np.array([30.0, 34.0])
 
-    class FakeDS:
-        ref_min_score, ref_max_score = 0.0, 100.0
-        episode_returns = np.array([30.0, 34.0])
+
+def _fake_qipo(calls):
+    """A QIPO stand-in for time_to_score run: stage 1 ends at step 2 (P), four steps in all, a training-curve
+    evaluation at step 3; every step, evaluation (step, episodes) and checkpoint is logged in ``calls``."""
 
     class FakeQIPO:
         def __init__(self, ds, cfg, out_dir, progress_bar):
@@ -207,21 +207,31 @@ def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_pat
         def evaluate(self, num_episodes=None):
             n = num_episodes or self.cfg.eval_episodes
             calls.append((self.step, n))
-            return {"episodes": n, "normalized_mean": 40.0, "normalized_std": 2.0, "returns": [40.0] * n,
-                    "normalized_se": 2.0 / (n - 1) ** 0.5}
+            return {"episodes": n, "normalized_mean": 40.0 + self.step, "normalized_std": 2.0,
+                    "returns": [40.0] * n, "normalized_se": 2.0 / (n - 1) ** 0.5}
 
         def fit(self, resume=False):
             for self.step in range(1, 5):
+                calls.append(("step", self.step))
                 if self.step == 3:
                     self.eval_history.append({"step": 3, "episodes": self.cfg.eval_episodes, "normalized_mean": 41.0,
                                               "normalized_std": 1.0, "train_time_s": 0.1, "train_wall_s": 0.1})
                 self.callback(self, {})
 
-    monkeypatch.setattr(T, "QIPO", FakeQIPO)
-    monkeypatch.setattr(T, "load_minari", lambda _id: FakeDS())
+    return FakeQIPO
+
+
+def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_path, monkeypatch):
+    """The behaviour-model and final points use --final-episodes, the training curve --episodes (with 5
+    episodes on Walker2d the s.e. reached 14 points and a lucky behaviour-model reading of 51.1 stood for
+    a model that scores 28.0 ± 2.8 over 50)."""
+    calls = []
+    monkeypatch.setattr(T, "QIPO", _fake_qipo(calls))
+    monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
     T.main(["run", "--algo", "qipo", "--dataset", "d/x/v0", "--episodes", "3", "--final-episodes", "7",
             "--out", str(tmp_path)])
-    assert calls == [(2, 7), (4, 7)]  # ran to its end: fit wrote the checkpoint itself
+    # ran to its end (fit wrote the checkpoint itself)
+    assert [c for c in calls if c[0] != "step"] == [(2, 7), (4, 7)]
     c = json.load(open(tmp_path / "qipo-cpu-quick-x-s0" / "curve.json"))
     assert [(p["tag"], p["episodes"]) for p in c["points"]] == [("behaviour", 7), ("train", 3), ("final", 7)]
     assert c["final_episodes"] == 7 and c["config"]["eval_episodes"] == 3
@@ -232,32 +242,8 @@ def test_time_to_score_stage1_only_stops_after_the_behaviour_model(tmp_path, mon
     second evaluation of the same model), keeps its checkpoint, and its final point is that evaluation; its
     folder and report label say so; CPQL refuses the flag."""
     calls = []
-
-    class FakeDS:
-        ref_min_score, ref_max_score = 0.0, 100.0
-        episode_returns = np.array([30.0, 34.0])
-
-    class FakeQIPO:
-        def __init__(self, ds, cfg, out_dir, progress_bar):
-            self.cfg, self.P, self.step = cfg, 2, 0
-            self.train_time = self.train_wall_time = 0.0
-            self.eval_history, self.callback = [], None
-
-        def save_checkpoint(self):
-            calls.append(("checkpoint", self.step))
-
-        def evaluate(self, num_episodes=None):
-            calls.append((self.step, num_episodes))
-            return {"episodes": num_episodes, "normalized_mean": 40.0 + self.step, "normalized_std": 2.0,
-                    "returns": [40.0] * num_episodes, "normalized_se": 1.0}
-
-        def fit(self, resume=False):
-            for self.step in range(1, 5):
-                calls.append(("step", self.step))
-                self.callback(self, {})
-
-    monkeypatch.setattr(T, "QIPO", FakeQIPO)
-    monkeypatch.setattr(T, "load_minari", lambda _id: FakeDS())
+    monkeypatch.setattr(T, "QIPO", _fake_qipo(calls))
+    monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
     T.main(["run", "--algo", "qipo", "--dataset", "d/x/v1", "--stage1-only", "--final-episodes", "7",
             "--out", str(tmp_path)])
     assert calls == [("step", 1), ("step", 2), (2, 7), ("checkpoint", 2)]
