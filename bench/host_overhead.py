@@ -167,7 +167,6 @@ def _setup():
     eps_policy = FlowPolicy(S, A, hidden=H, depth=D, activation="mish", steps=T, path="ot-eps").eval()
     eps_policy.requires_grad_(False)
     smp_eps = make_sampler(eps_policy, num_samples=K, backend="triton")
-    eps_solver = eps_policy._solver(None)
     obs_k, act_k = obs.repeat_interleave(K, 0), torch.rand(K, A) * 2 - 1
     cases = {
         "sampler": lambda: smp(obs),
@@ -175,8 +174,8 @@ def _setup():
         "ops.integrate": lambda: ops.integrate(net, x0, obs, steps=T, backend="triton"),
         "ops.consistency_sample": lambda: ops.consistency_sample(net, x0, obs, backend="triton"),
         "ops.act": lambda: ops.act(net, critic, obs, K, steps=T, noise=x0, backend="triton"),
-        "ops.act.ot-eps": lambda: ops.act(eps_policy.net, critic, obs, K, steps=T, solver=eps_solver, path="ot-eps",
-                                          t0=eps_policy.t0, backend="triton"),
+        "ops.act.ot-eps": lambda: ops.act(eps_policy.net, critic, obs, K, steps=T, solver=eps_policy.solver,
+                                          path="ot-eps", t0=eps_policy.t0, backend="triton"),
         "policy.act.ot-eps": lambda: eps_policy.act(obs, critic, K, backend="triton"),
         "critic.q_min": lambda: critic.q_min(obs_k, act_k),
     }

@@ -362,13 +362,11 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
         raise ValueError(f"obs must be [B, {net.obs_dim}] (net.obs_dim), got shape {tuple(obs.shape)}")
     e = _entry(net, "policy", dtype, device)  # (a Fallback before anything is drawn)
     ce = _entry(critic, "critic", dtype, device)
-    scale = _ode.start_noise_scale(t0, path) if sampler == "flow" else 1.0
-    if noise is None:  # N(0, sigma(t0)^2) in one op (one launch less on a GPU): the draws of randn() *
-        # sigma(t0), the same generator stream, at most 1 ulp apart (as the prepared sampler draws them)
-        noise = torch.randn((B, K, A), dtype=dtype, device=device, generator=generator) if scale == 1.0 else \
-            torch.normal(0.0, scale, (B, K, A), dtype=dtype, device=device, generator=generator)
-    elif scale != 1.0:
-        noise = noise * scale
+    if noise is None:
+        scale = _ode.start_noise_scale(t0, path) if sampler == "flow" else 1.0
+        noise = _draw_noise((B, K, A), scale, dtype, device, generator)
+    elif sampler == "flow":
+        noise = _ode.start_noise(noise, t0, path)
     sig = [float(s) for s in (sigmas or ())] if sampler == "consistency" else []
     if sampler == "consistency" and sig and step_noise is None:
         step_noise = _draw_step_noise(sig, (B * K, A), dtype, device, generator)
@@ -408,6 +406,14 @@ def act(net, critic, obs, num_candidates, sampler, steps, solver, path, sigmas, 
                   mode == "softmax", False, dtype, device, hot_key=hk)
     _check_marked(out, B)
     return out
+
+
+def _draw_noise(shape, scale, dtype, device, generator) -> torch.Tensor:
+    """A sampler's initial noise N(0, scale^2) (scale None or 1: plain randn) in one op, one launch on a
+    GPU: the draws of randn() * scale from the same generator stream, at most 1 ulp apart."""
+    if scale is None or scale == 1.0:
+        return torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    return torch.normal(0.0, scale, shape, dtype=dtype, device=device, generator=generator)
 
 
 def _check_marked(out, B: int) -> None:
@@ -483,10 +489,7 @@ class Prepared:
         if self.entry.watch.changed():
             return None
         dtype, device, gen = self.dtype, self.device, self.generator
-        if self.noise_scale is None:
-            noise = torch.randn(self.shape, dtype=dtype, device=device, generator=gen)
-        else:  # N(0, sigma(t0)^2) in one op: the same draws as randn() * sigma(t0) (at most 1 ulp apart)
-            noise = torch.normal(0.0, self.noise_scale, self.shape, dtype=dtype, device=device, generator=gen)
+        noise = _draw_noise(self.shape, self.noise_scale, dtype, device, gen)
         sn = _draw_step_noise(self.sig, (self.N, self.A), dtype, device, gen) if self.sig else None
         out = _host.empty(self.shape, dtype, device)
         run_plan(self.plan, noise, obs if obs.is_contiguous() else obs.contiguous(), sn, None, out, None,
