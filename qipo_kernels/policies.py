@@ -33,6 +33,7 @@ from . import _checks as C
 from . import ops
 from .nets import ConditionalMLP
 from .reference.consistency import NUM_SCALES, RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from .reference.loss import dequantize_bounds
 from .reference.ode import NOISE_SOLVERS, SOLVERS, VELOCITY_SOLVERS, start_noise, start_noise_scale
 from .reference.paths import PATHS, VP_EPS
 from .reference.select import SELECT_MODES
@@ -180,7 +181,8 @@ class FlowPolicy(nn.Module):
     def loss(self, obs: torch.Tensor, actions: torch.Tensor, energy: Optional[torch.Tensor] = None,
              beta: float = 3.0, normalize: str = "support", generator: Optional[torch.Generator] = None,
              t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-             pair_weight: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+             pair_weight: Optional[torch.Tensor] = None, backend: str = "auto", bound_dequant: float = 0.0,
+             dequant_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(Energy-weighted) flow-matching loss.
 
         Args:
@@ -192,6 +194,11 @@ class FlowPolicy(nn.Module):
             beta: inverse temperature > 0 (QIPO: 3.0).
             generator: for t ~ U(0, 1) ("ot", "ot-eps") or U(0, 1 - 1e-3) ("vp") and z ~ N(0, I).
             t, noise: optional fixed draws, [B, M] (in [0, 1], else a ValueError) and [B, M, A].
+            bound_dequant: sigma >= 0 of ``reference.dequantize_bounds``: target coordinates at the bound
+                (|a| = 1, where the env clips) become sign(a) (1 + sigma |z|) after the range check, so the
+                model learns to put the data's at-bound mass beyond it (the sampler clamps it back); 0 (the
+                default, the papers): the actions as given. dequant_noise: optional fixed z [B, M, A] for it
+                (else drawn from ``generator`` after t and noise).
         Returns: scalar loss.
         """
         _check_obs(obs, self.obs_dim)
@@ -210,6 +217,10 @@ class FlowPolicy(nn.Module):
             C.finite("energy", energy)
             C.same_device(obs=obs, energy=energy)
         C.positive_float("beta", beta)
+        bound_dequant = C.positive_float("bound_dequant", bound_dequant, allow_zero=True)
+        if dequant_noise is not None:
+            C.tensor("dequant_noise", dequant_noise, shape=(B, M, A))
+            C.same_device(obs=obs, dequant_noise=dequant_noise)
         if t is None:
             hi = 1.0 - VP_EPS if self.path == "vp" else 1.0
             t = torch.rand((B, M), dtype=obs.dtype, device=obs.device, generator=generator) * hi
@@ -221,6 +232,8 @@ class FlowPolicy(nn.Module):
             noise = torch.randn((B, M, A), dtype=obs.dtype, device=obs.device, generator=generator)
         else:
             C.tensor("noise", noise, shape=(B, M, A))
+        if bound_dequant > 0.0:  # after t and noise: their draws from generator are the same either way
+            actions = dequantize_bounds(actions, bound_dequant, dequant_noise, generator)
         x_t, _ = ops.flow_path(actions, noise, t, self.path, backend=_elementwise_backend("flow_path", backend, obs))
         pred = self.net(x_t.reshape(B * M, A), t.reshape(B * M), obs.repeat_interleave(M, dim=0)).reshape(B, M, A)
         return ops.flow_matching_loss(pred, actions, noise, t, self.path, energy=energy, beta=beta,

@@ -18,6 +18,7 @@ RUNS = {
     "qipo_support": ("qipo", {}),
     "qipo_batch": ("qipo", dict(normalize="batch", keep_data_action=True)),
     "qipo_sampled": ("qipo", dict(support_estimator="sampled")),
+    "qipo_dequant": ("qipo", dict(bound_dequant=0.2)),
     "cpql_sigmas": ("cpql", dict(sigmas=(2.0, 0.5))),
     "cpql_maxq": ("cpql", dict(max_q_backup=True, q_norm=False)),
 }

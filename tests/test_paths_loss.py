@@ -224,3 +224,49 @@ def test_draw_weighted_pairs_bad_input():
         R.draw_weighted_pairs(e, 1.0, "global")
     with pytest.raises(TypeError, match="energy must have dtype"):
         R.draw_weighted_pairs(e.long(), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(17, 6), (6, 17, 3), (1000, 1)])
+def test_dequantize_bounds_moves_only_the_bound_coordinates_outward(dtype, shape):
+    g = torch.Generator().manual_seed(3)
+    a = (torch.rand(shape, generator=g, dtype=dtype) * 2.6 - 1.3).clamp(-1, 1)   # ~23% at each bound
+    a.view(-1)[::7] = float("nan")
+    z = torch.randn(shape, generator=g, dtype=dtype)
+    out = R.dequantize_bounds(a, 0.25, z)
+    at = a.abs() >= 1
+    assert out.dtype == dtype and out.shape == a.shape and at.any()
+    inside = ~at & ~a.isnan()
+    assert torch.equal(out[inside], a[inside])
+    assert out[a.isnan()].isnan().all()
+    want = a[at].sign() * (1 + 0.25 * z[at].abs())             # float64 closed form, same z
+    torch.testing.assert_close(out[at].double(), want.double(), rtol=0, atol=1e-7 if dtype == torch.float32 else 0)
+    assert (out[at].abs() >= 1).all() and torch.equal(out[at].sign(), a[at].sign())
+    # the sampler's clamp maps every moved coordinate back onto its bound
+    torch.testing.assert_close(out.clamp(-1, 1), a, equal_nan=True)
+    assert R.dequantize_bounds(a, 0.0) is a
+
+
+def test_dequantize_bounds_draws_a_half_normal_excess_from_the_generator():
+    a = torch.ones(200_000, 1)
+    a[::2] = -1
+    out = R.dequantize_bounds(a, 0.1, generator=torch.Generator().manual_seed(0))
+    excess = (out.abs() - 1).double()
+    assert float(excess.min()) >= 0
+    # half-normal of scale 0.1: mean 0.1 sqrt(2 / pi), second moment 0.01 (5 s.e.)
+    assert float(excess.mean()) == pytest.approx(0.1 * math.sqrt(2 / math.pi), abs=5 * 0.1 * 0.6 / math.sqrt(2e5))
+    assert float((excess ** 2).mean()) == pytest.approx(0.01, rel=0.02)
+    again = R.dequantize_bounds(a, 0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_dequantize_bounds_bad_input():
+    a = torch.ones(4, 3)
+    with pytest.raises(ValueError, match="sigma must be >= 0"):
+        R.dequantize_bounds(a, -0.1)
+    with pytest.raises(ValueError, match="sigma must be >= 0"):
+        R.dequantize_bounds(a, float("nan"))
+    with pytest.raises(ValueError, match="z must have shape"):
+        R.dequantize_bounds(a, 0.1, torch.randn(4, 2))
+    with pytest.raises(TypeError, match="actions must have dtype"):
+        R.dequantize_bounds(a.long(), 0.1)

@@ -387,3 +387,92 @@ def test_flow_policy_noise_scale(path):
             p.sample(obs, 2, noise_scale=bad)
         with pytest.raises(err, match="noise_scale"):
             p.act(obs, crit, num_candidates=2, noise_scale=bad)
+
+
+@pytest.mark.parametrize("path", ["ot", "ot-eps", "vp"])
+def test_flow_policy_bound_dequant_is_the_loss_on_dequantized_targets(path):
+    """loss(bound_dequant=sigma) = the plain loss on reference.dequantize_bounds(actions, sigma, z) for the
+    same t, noise and z, on every backend; drawn from the generator in the order t, noise, z (so
+    distributed.flow_loss can draw them for the global batch); sigma = 0 changes nothing."""
+    torch.manual_seed(2)
+    p = FlowPolicy(S, A, hidden=17, depth=2, path=path)
+    B, M = 6, 17
+    g = torch.Generator().manual_seed(5)
+    obs = _obs(B)
+    acts = (torch.rand(B, M, A, generator=g) * 3 - 1.5).clamp(-1, 1)
+    t, z, zq = torch.rand(B, M, generator=g) * (1 - VP_EPS), torch.randn(B, M, A, generator=g), torch.randn(B, M, A, generator=g)
+    e = torch.randn(B, M, generator=g)
+    # the reference: the loss formula on the dequantized targets (no range check: they lie beyond 1)
+    tgt = reference.dequantize_bounds(acts, 0.2, zq)
+    x_t, target = reference.flow_path(tgt, z, t, path)
+    pred = p.net(x_t.reshape(-1, A), t.reshape(-1), obs.repeat_interleave(M, 0)).reshape(B, M, A)
+    want = reference.weighted_fm_loss(pred, target, e, 3.0, "support")
+    for backend in ("torch", "auto"):
+        got = p.loss(obs, acts, energy=e, t=t, noise=z, bound_dequant=0.2, dequant_noise=zq, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in p.net.parameters())
+    # drawn: t, then noise, then z, from one generator
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    drawn = p.loss(obs, acts, generator=g1, bound_dequant=0.2, backend="torch")
+    hi = 1.0 - VP_EPS if path == "vp" else 1.0
+    t2 = torch.rand(B, M, generator=g2) * hi
+    z2, zq2 = torch.randn(B, M, A, generator=g2), torch.randn(B, M, A, generator=g2)
+    torch.testing.assert_close(drawn, p.loss(obs, acts, t=t2, noise=z2, bound_dequant=0.2, dequant_noise=zq2,
+                                             backend="torch"))
+    # off: the plain loss, and the generator advances as without the argument
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(p.loss(obs, acts, generator=g1, bound_dequant=0.0), p.loss(obs, acts, generator=g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_flow_policy_bound_dequant_bad_input_before_any_draw():
+    p = FlowPolicy(S, A, hidden=8, depth=1)
+    obs, acts = _obs(4), torch.zeros(4, 2, A)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with pytest.raises(ValueError, match="bound_dequant must be >= 0"):
+        p.loss(obs, acts, generator=g, bound_dequant=-0.1)
+    with pytest.raises(TypeError, match="bound_dequant must be a number"):
+        p.loss(obs, acts, generator=g, bound_dequant=None)
+    with pytest.raises(ValueError, match=r"dequant_noise must be \[4, 2, 3\]"):
+        p.loss(obs, acts, generator=g, bound_dequant=0.1, dequant_noise=torch.randn(4, 3))
+    assert torch.equal(g.get_state(), state)
+    # the data range is checked on the actions as given, not on their dequantized copy
+    with pytest.raises(ValueError, match="actions must lie in"):
+        p.loss(obs, acts + 1.5, bound_dequant=0.1)
+
+
+def test_bound_dequant_makes_the_flow_model_keep_the_datas_saturated_actions():
+    """Regression test for QIPO's stage-1 saturation (issue 10; bench/results/qipo_saturation.md): on data
+    with 35% of the coordinates at the bound (an env clip), plain flow matching puts that mass just
+    inside the box (15% of the samples' coordinates at |a| >= 0.999 after 2,000 steps here); with the
+    bound targets dequantized (sigma 0.2) the samples match the data's fraction (36%)."""
+    torch.set_num_threads(1)
+
+    def draw(n, g):
+        s = torch.randn(n, 5, generator=g)
+        W = torch.tensor([[1.0, -0.5, 0.3, 0.0, 0.8], [0.2, 0.9, -0.7, 0.5, 0.0], [-0.6, 0.1, 0.4, 1.0, -0.3]])
+        return s, (1.1 * torch.tanh(1.5 * s @ W.T) + 0.2 * torch.randn(n, 3, generator=g)).clamp(-1, 1)
+
+    sat = {}
+    for sigma in (0.0, 0.2):
+        g = torch.Generator().manual_seed(0)
+        s, a = draw(20000, g)
+        sh, ah = draw(300, g)
+        torch.manual_seed(0)
+        pol = FlowPolicy(5, 3, hidden=64, depth=3, path="ot-eps", steps=8)
+        opt = torch.optim.Adam(pol.parameters(), lr=1e-3)
+        for _ in range(2000):
+            idx = torch.randint(0, 20000, (256,), generator=g)
+            loss = pol.loss(s[idx], a[idx], generator=g, bound_dequant=sigma)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out = pol.sample(sh, 64, generator=g)
+        sat[sigma] = float((out.abs() >= 0.999).float().mean())
+        data_sat = float((ah.abs() >= 0.999).float().mean())
+    assert 0.3 < data_sat < 0.4
+    assert sat[0.0] < data_sat - 0.12, sat          # the defect this guards against
+    assert abs(sat[0.2] - data_sat) < 0.06, (sat, data_sat)

@@ -436,3 +436,51 @@ def test_time_to_score_run_names_tell_one_envs_datasets_apart():
     assert T.run_name("cpql", None, [], "pendulum", 2) == "cpql-pendulum-s2"
     assert T.run_name("qipo", "cpu-30min", ["path=ot"], "qipo/walker2d/medium-ppo-v0", 2, stage1_only=True) == \
         "qipo-cpu-30min-path_ot-stage1-walker2d-s2-medium-ppo"
+
+
+@pytest.mark.parametrize("estimator", ["full", "sampled"])
+def test_bound_dequant_reaches_every_flow_matching_step(small_ds, tmp_path, estimator):
+    """QIPOConfig.bound_dequant is passed to the stage-1 loss on the data actions and to the stage-3 loss
+    on the support (both estimators): each step replays as FlowPolicy.loss(..., bound_dequant) from the
+    run's generator; the option is validated by name."""
+    import copy
+
+    from qipo_kernels.algos import QIPOConfig
+    from qipo_kernels.reference import draw_weighted_pairs
+
+    cfg = _cfg(bound_dequant=0.3, support_estimator=estimator, policy_batch=17)
+    tr = QIPO(small_ds, cfg, out_dir=str(tmp_path), progress_bar=False)
+    assert float((small_ds.actions.abs() >= 1).float().mean()) > 0.1
+    g = torch.Generator().manual_seed(0)
+
+    def replay(pol, idx_n, fn):
+        g.set_state(tr.gen.get_state())
+        before = copy.deepcopy(pol)
+        metrics, _ = tr.train_step()
+        idx = torch.randint(0, len(small_ds), (idx_n,), generator=g)
+        return metrics, fn(before, idx)
+
+    m, want = replay(tr.behaviour, cfg.pretrain_batch,
+                     lambda b, idx: b.loss(small_ds.obs[idx], small_ds.actions[idx], generator=g, bound_dequant=0.3))
+    torch.testing.assert_close(m["bc_loss"], want.detach())
+    plain = tr.behaviour.loss(small_ds.obs, small_ds.actions, generator=torch.Generator().manual_seed(1))
+    deq = tr.behaviour.loss(small_ds.obs, small_ds.actions, generator=torch.Generator().manual_seed(1),
+                            bound_dequant=0.3)
+    assert not torch.equal(plain, deq)   # the targets did change
+    tr.step += 1
+    while tr.step < tr.P + tr.Q + 1:      # the rest of stages 1-2 and the first stage-3 step (the renewal)
+        tr.train_step()
+        tr.step += 1
+    assert (tr.support.abs() >= 1).float().mean() > 0.05   # support actions at the bound, clamped there
+
+    def stage3(b, idx):
+        if estimator == "sampled":
+            rows, cols = draw_weighted_pairs(tr.support_q[idx], cfg.beta, cfg.normalize, generator=g)
+            return b.loss(small_ds.obs[idx[rows]], tr.support[idx[rows], cols], generator=g, bound_dequant=0.3)
+        return b.loss(small_ds.obs[idx], tr.support[idx], energy=tr.support_q[idx], beta=cfg.beta,
+                      normalize=cfg.normalize, generator=g, bound_dequant=0.3)
+
+    m, want = replay(tr.policy, 17, stage3)
+    torch.testing.assert_close(m["policy_loss"], want.detach())
+    with pytest.raises(ValueError, match="bound_dequant must be >= 0"):
+        QIPOConfig(bound_dequant=-1.0)

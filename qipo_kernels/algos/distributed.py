@@ -339,14 +339,18 @@ def flow_loss(trainer, policy, obs: torch.Tensor, actions: torch.Tensor, energy:
     B = obs.shape[0]
     M = actions.shape[1] if actions.dim() == 3 else 1
     t, noise = flow_draws(policy, B, M, obs.dtype, obs.device, trainer.gen)
+    zq = None  # FlowPolicy.loss' dequantization draw, after t and noise as there
+    if kw.get("bound_dequant", 0.0) > 0.0:
+        zq = torch.randn((B, M, policy.act_dim), dtype=obs.dtype, device=obs.device, generator=trainer.gen)
     pair_weight = None
     if energy is not None and kw.get("normalize", "support") == "batch":
         from ..reference.loss import energy_weights
 
         pair_weight = ctx.rows(energy_weights(energy.to(obs.dtype), float(kw.get("beta", 3.0)), "batch"))
         energy = None
-    o, a, e, t, noise = (ctx.rows(x) for x in (obs, actions, energy, t, noise))
-    return ctx.call(policy, lambda m: m.loss(o, a, energy=e, t=t, noise=noise, pair_weight=pair_weight, **kw))
+    o, a, e, t, noise, zq = (ctx.rows(x) for x in (obs, actions, energy, t, noise, zq))
+    return ctx.call(policy, lambda m: m.loss(o, a, energy=e, t=t, noise=noise, pair_weight=pair_weight,
+                                             dequant_noise=zq, **kw))
 
 
 def rank_mean(trainer, x: torch.Tensor) -> torch.Tensor:

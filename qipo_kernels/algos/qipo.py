@@ -82,6 +82,11 @@ class QIPOConfig:
     # plain FM on those: the same loss and gradient in expectation, 1/M of the network rows per state (not
     # the paper's; pair it with a larger policy_batch: bench/results/qipo_stage3_findings.md section 11)
     support_estimator: str = "full"
+    # sigma of FlowPolicy.loss' bound_dequant for every flow-matching target (stage-1 data actions, stage-3
+    # support actions): a coordinate at the bound (|a| = 1, where the env clips) is trained on as
+    # sign(a) (1 + sigma |z|), so the model keeps the data's at-bound mass (the sampler's clamp puts it back
+    # on the bound). 0: off (the papers). Not the paper's; measured in bench/results/tts-stage1/NOTES.md
+    bound_dequant: float = 0.0
     renew_chunk: int = 4096           # states per batched sampler call during renewal
     # Support sets are kept in checkpoints only up to this many numbers (4 MB of float32): larger ones
     # (100k states x 64 x A: ~160 MB) are re-drawn from the restored networks on resume instead (a
@@ -125,6 +130,7 @@ class QIPOConfig:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
         C.positive_int("eval_candidates", self.eval_candidates)
         self.eval_noise_scale = C.positive_float("eval_noise_scale", self.eval_noise_scale, allow_zero=True)
+        self.bound_dequant = C.positive_float("bound_dequant", self.bound_dequant, allow_zero=True)
         C.boolean("compile", self.compile)
         self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
 
@@ -259,7 +265,7 @@ class QIPO(Trainer):
         s = self.step
         if s < self.P:  # behaviour pre-training
             idx = self._idx(cfg.pretrain_batch)
-            loss = flow_loss(self, self.behaviour, d.obs[idx], d.actions[idx])
+            loss = flow_loss(self, self.behaviour, d.obs[idx], d.actions[idx], bound_dequant=cfg.bound_dequant)
             self.optims["behaviour"].zero_grad(set_to_none=True)
             loss.backward()
             self.optims["behaviour"].step()
@@ -296,11 +302,12 @@ class QIPO(Trainer):
         if cfg.support_estimator == "sampled":  # one weight-drawn (state, support action) pair per batch row
             rows, cols = draw_weighted_pairs(self.support_q[idx], cfg.beta, cfg.normalize, generator=self.gen)
             sidx = idx[rows]
-            loss = flow_loss(self, self.policy, d.obs[sidx], self.support[sidx, cols])
+            loss = flow_loss(self, self.policy, d.obs[sidx], self.support[sidx, cols], bound_dequant=cfg.bound_dequant)
             n = cfg.policy_batch
         else:
             loss = flow_loss(self, self.policy, d.obs[idx], self.support[idx], energy=self.support_q[idx],
-                             beta=cfg.beta, normalize=cfg.normalize, backend=cfg.backend)
+                             beta=cfg.beta, normalize=cfg.normalize, backend=cfg.backend,
+                             bound_dequant=cfg.bound_dequant)
             n = cfg.policy_batch * cfg.num_support
         self.optims["policy"].zero_grad(set_to_none=True)
         loss.backward()

@@ -63,6 +63,31 @@ def draw_weighted_pairs(energy: torch.Tensor, beta: float, normalize: str = "sup
     return flat // M, flat % M
 
 
+def dequantize_bounds(actions: torch.Tensor, sigma: float, z: Optional[torch.Tensor] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Flow-matching targets at the action box's edge, read as censored: actions [..., A] -> same shape.
+
+    An environment clips actions to [-1, 1], so a dataset action at +-1 (19-48% of the coordinates of the
+    locomotion datasets here) stands for "at or beyond the bound": an atom that a continuous flow model
+    cannot represent (it puts that mass just inside, near 0.94: bench/results/qipo_saturation.md). Each
+    coordinate with |a| >= 1 becomes sign(a) (1 + sigma |z|), z ~ N(0, 1) (``z``: fixed draws of actions'
+    shape, else drawn from ``generator``): a half-normal tail beyond the bound, which the model can learn
+    and the sampler's clamp to [-1, 1] maps back onto the bound. Coordinates inside the box and NaN are
+    unchanged; sigma = 0 returns ``actions`` itself. Not part of the papers (FlowPolicy.loss's
+    ``bound_dequant``, QIPOConfig.bound_dequant; off by default).
+    """
+    C.tensor("actions", actions)
+    sigma = C.positive_float("sigma", sigma, allow_zero=True)
+    if z is not None:
+        C.tensor("z", z, shape=tuple(actions.shape))
+        C.same_device(actions=actions, z=z)
+    if sigma == 0.0:
+        return actions
+    if z is None:
+        z = torch.randn(actions.shape, dtype=actions.dtype, device=actions.device, generator=generator)
+    return torch.where(actions.abs() >= 1.0, actions.sign() * (1.0 + sigma * z.abs()), actions)
+
+
 def _weighted_fm_loss(pred, target, energy, beta, normalize, pair_weight):
     B, M, _ = pred.shape
     per_pair = ((pred - target) ** 2).sum(-1)  # [B, M]
