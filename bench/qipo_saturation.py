@@ -1,4 +1,4 @@
-"""Where the behaviour model puts the data's saturated actions (issue 10, item 2's saturation target).
+"""Where QIPO's models put the data's saturated actions (issue 10, item 2's saturation target).
 
 One command, over finished QIPO runs (bench/time_to_score.py keeps their checkpoint.pt):
 
@@ -6,7 +6,8 @@ One command, over finished QIPO runs (bench/time_to_score.py keeps their checkpo
         --step-factors 1 4 16 --out bench/results/qipo_saturation
 
 The locomotion datasets' actions are clipped to [-1, 1], so a large share of their coordinates sit exactly
-at a bound (a point mass). Per checkpoint, the stage-1 behaviour model draws K samples for each of N
+at a bound (a point mass). Per checkpoint, the stage-1 behaviour model (``--models``: and / or the final EMA
+policy of a run that finished stage 3) draws K samples for each of N
 dataset states with the run's own sampler (solver, t0) at the run's step count times each --step-factors
 value, the same initial noise for every row. Reported:
 
@@ -19,7 +20,9 @@ Why a flow's samples land just inside a bound: every deterministic solver here e
 at the last solver time, a posterior mean E[a | x_t] at a noise level above zero, and a posterior mean of a
 distribution with mass at the bound and inside it lies strictly inside. Only network error pushes a sample
 past the bound (the "beyond 1" column), so the |a| >= 0.999 share falls as the network improves and rises
-as the last step's noise level shrinks (more steps). The step-factor rows test that.
+as the last step's noise level shrinks (more steps). The step-factor rows test that. A run trained with
+``QIPOConfig.bound_dequant`` > 0 learned the at-bound mass as a tail beyond the bound instead (its targets
+there were sign(a) (1 + sigma |z|)), so its samples cross the bound and the clip puts them on it.
 
 Writes <out>.json and <out>.md (temp file, then rename) after every checkpoint.
 """
@@ -40,6 +43,7 @@ from bench.qipo_critic_budget import data_score, score  # noqa: E402
 from bench.qipo_stage3_diagnosis import SAT as AT_BOUND, load_trainer  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 
+MODELS = ("behaviour", "ema")
 THRESHOLDS = (0.9, 0.95, 0.99, AT_BOUND)   # AT_BOUND: the diagnosis scripts' saturation threshold, 0.999
 
 
@@ -83,14 +87,15 @@ def measure(pol, obs: torch.Tensor, act: torch.Tensor, K: int, factors, seed: in
 def write(res, out):
     atomic_write_json(res, out + ".json")
     th = [f"{t:g}" for t in THRESHOLDS]
-    L = ["# Where QIPO's behaviour model puts the data's saturated actions (issue 10)", "", "Command:", "",
+    L = ["# Where QIPO's models put the data's saturated actions (issue 10)", "", "Command:", "",
          "    " + res["command"], "",
-         f"{res['states']} dataset states (a fixed random draw) x {res['K']} samples of the stage-1 behaviour model, "
+         f"{res['states']} dataset states (a fixed random draw) x {res['K']} samples of the model (row label: the stage-1 "
+         "behaviour model, or the final EMA policy of a finished run), "
          "the run's solver and t0, its step count times a factor, the same initial noise in every row. "
          "Columns |a| >= x: fraction of the clipped coordinates at or beyond x (data row: the data actions of "
          "the same states). beyond 1: samples outside [-1, 1] before the clip. At the data's bounds: over the "
          "coordinates where the data action is at +-1, the mean of sign(data) x sample and the fraction within "
-         "0.01 of that bound. Score: the behaviour model acting with one sample per state at that step count "
+         "0.01 of that bound. Score: the model acting with one sample per state at that step count "
          "(QIPO's evaluation), normalised, mean ± s.e. over the episodes, the same evaluation seeds and sampler "
          "noise in every row. See the script's docstring for the reading.", "",
          "| run | row | " + " | ".join(f"\\|a\\| >= {t}" for t in th) + " | beyond 1 | at the data's bounds: mean | "
@@ -118,6 +123,9 @@ def main(argv=None):
                     help="sampler steps = the run's steps x each factor")
     ap.add_argument("--episodes", type=int, default=0,
                     help="also score the behaviour model at each step count over this many episodes (0: no scores)")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=["behaviour"],
+                    help="which of each run's models: the stage-1 behaviour model and / or the final EMA policy "
+                         "(a run that finished stage 3)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "qipo_saturation"))
     a = ap.parse_args(argv)
@@ -135,17 +143,23 @@ def main(argv=None):
     ds = None
     with tempfile.TemporaryDirectory() as tmp:
         for p in a.ckpts:
-            tr, ck = load_trainer(p, ("behaviour",), tmp, ds=ds)
+            tr, ck = load_trainer(p, tuple(a.models), tmp, ds=ds)
             ds, cfg = tr.dataset, tr.cfg
+            if "ema" in a.models and ck["step"] <= tr.P + tr.Q:
+                raise SystemExit(f"--models ema: {p} stopped at step {ck['step']}, before stage 3 (its EMA policy "
+                                 f"is not trained); use --models behaviour")
             g = torch.Generator().manual_seed(1234)
             idx = torch.randperm(len(ds.actions), generator=g)[:a.states]
-            label = f"{ds.dataset_id}, seed {cfg.seed}, path {cfg.path}, stage 1 {tr.P} steps"
-            print(f"{label}: {p}", flush=True)
-            fn = (lambda pol, tr=tr: score(tr, pol, a.episodes)) if a.episodes else None
-            res["runs"].append({"label": label, "ckpt": p, "data_score": data_score(ds),
-                                "measure": measure(tr.behaviour, ds.obs[idx], ds.actions[idx], a.samples,
-                                                   a.step_factors, score_fn=fn)})
-            write(res, a.out)
+            for name in a.models:
+                label = f"{ds.dataset_id}, seed {cfg.seed}, path {cfg.path}" + (
+                    f", bound_dequant {cfg.bound_dequant:g}" if cfg.bound_dequant else "") + (
+                    f", stage 1 {tr.P} steps" if name == "behaviour" else f", final EMA policy (step {ck['step']})")
+                print(f"{label}: {p}", flush=True)
+                fn = (lambda pol, tr=tr: score(tr, pol, a.episodes)) if a.episodes else None
+                res["runs"].append({"label": label, "model": name, "ckpt": p, "data_score": data_score(ds),
+                                    "measure": measure(tr.modules[name], ds.obs[idx], ds.actions[idx], a.samples,
+                                                       a.step_factors, score_fn=fn)})
+                write(res, a.out)
     print(f"wrote {a.out}.md / .json")
 
 

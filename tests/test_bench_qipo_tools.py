@@ -247,13 +247,20 @@ def test_saturation_script_on_a_tiny_run(demo_minari_root, tmp_path):
     QIPO(data.load_minari(data.DEMO_DATASET_ID), tiny_qipo_config(), out_dir=str(run), progress_bar=False).fit()
     out = str(tmp_path / "sat")
     Q.main(["--ckpts", str(run / "checkpoint.pt"), "--states", "17", "--samples", "6", "--step-factors", "1", "2",
-            "--episodes", "1", "--out", out])
+            "--episodes", "1", "--models", "behaviour", "ema", "--out", out])
     res = json.load(open(out + ".json"))
-    (r,) = res["runs"]
+    r, e = res["runs"]
+    assert (r["model"], e["model"]) == ("behaviour", "ema") and "final EMA policy" in e["label"]
     base = tiny_qipo_config().sample_steps
     assert [x["steps"] for x in r["measure"]["rows"]] == [base, 2 * base]
-    assert all(math.isfinite(x["score"]["normalized"]) for x in r["measure"]["rows"])
+    assert all(math.isfinite(x["score"]["normalized"]) for x in r["measure"]["rows"] + e["measure"]["rows"])
     assert "| data |" in open(out + ".md").read()
+    # a run that stopped before stage 3 has no trained EMA policy to measure
+    early = tmp_path / "early"
+    QIPO(data.load_minari(data.DEMO_DATASET_ID), tiny_qipo_config(policy_steps=0), out_dir=str(early),
+         progress_bar=False).fit()
+    with pytest.raises(SystemExit, match="--models ema: .* before stage 3"):
+        Q.main(["--ckpts", str(early / "checkpoint.pt"), "--models", "ema", "--states", "5", "--out", out])
     for bad, msg in ((["--states", "0"], "--states must be >= 1"), (["--episodes", "-1"], "--episodes must be >= 0"),
                      (["--step-factors", "0"], "--step-factors must be >= 1")):
         with pytest.raises(SystemExit, match=msg):
