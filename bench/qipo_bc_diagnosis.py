@@ -8,6 +8,10 @@ transitions, i.e. the last episodes) and measured on ``--states`` held-out state
              against the data action (pooled over action dims)
     sat      fraction of clipped samples with |a| >= 0.999 (the data's own fraction is printed too)
     max|a|   largest |a| before the final clip
+    spread   (--checkpoints mode) flow: the root-mean-square over states and action dims of the 64 clipped
+             samples' per-state standard deviation, the model's own action noise; MLP: the rms of the data
+             actions' residual around its prediction, an upper bound on the data's noise around its
+             conditional mean (equal to it when the regression is exact)
 
 A plain MLP regression (obs -> action, tanh output, MSE) with the same steps / batch / lr is the
 baseline. One torch thread. Writes a markdown table to --out.
@@ -64,7 +68,7 @@ def measure(policy: FlowPolicy, obs, act, steps=None, solver=None, gen=None, K=6
     raw = torch.nan_to_num(raw, nan=1e6, posinf=1e6, neginf=-1e6)
     clipped = raw.clamp(-1, 1)
     return {"r2": r2(clipped.mean(1), act), "sat": float((clipped.abs() >= 0.999).float().mean()),
-            "max_abs": float(raw.abs().max())}
+            "max_abs": float(raw.abs().max()), "spread": float(clipped.var(1).mean().sqrt())}
 
 
 def train_flow(data, train_n, steps, batch, lr, ema_tau=None, seed=0, at=None, **mk):
@@ -133,7 +137,7 @@ def bc_score(policy_fn, data, episodes):
 
 
 def curve_rows(a, data, train_n, obs_h, act_h, lrs):
-    """--checkpoints mode: rows (model, lr, sampler, steps, R^2, sat, max|a|, BC score, s.e., CPU-s)."""
+    """--checkpoints mode: rows (model, lr, sampler, steps, R^2, sat, max|a|, BC score, s.e., CPU-s, spread)."""
     marks = sorted(int(x) for x in a.checkpoints.split(","))
     rows = []
     for lr in lrs:
@@ -142,7 +146,8 @@ def curve_rows(a, data, train_n, obs_h, act_h, lrs):
                 pred = torch.tanh(net(obs_h))
                 sc, se = bc_score(lambda o: torch.tanh(net(o)), data, a.bc_episodes) if a.bc_episodes else (nan, nan)
             rows.append(("MLP regression (tanh, MSE)", f"{lr:g}", "-", net_steps[0], r2(pred, act_h),
-                         float((pred.abs() >= 0.999).float().mean()), float("nan"), sc, se, cpu))
+                         float((pred.abs() >= 0.999).float().mean()), float("nan"), sc, se, cpu,
+                         float((act_h - pred).pow(2).mean().sqrt())))
             print(rows[-1], flush=True)
         nan = float("nan")
         net_steps = [0]
@@ -169,7 +174,7 @@ def curve_rows(a, data, train_n, obs_h, act_h, lrs):
                     sc, se = bc_score(lambda o: pol_eval.sample(o, 1, generator=eg)[:, 0], data, a.bc_episodes)
                 rows.append((f"{name} ({mk['path']}, {mk['time_embedding']})", f"{lr:g}",
                              f"{solver} x {st} from t0={s0:g}", m, meas["r2"], meas["sat"], meas["max_abs"], sc, se,
-                             cpu))
+                             cpu, meas["spread"]))
                 print(rows[-1], f"loss(last 50) {loss:.3f}", flush=True)
             train_flow(data, train_n, marks[-1], a.batch, lr, at={m: (lambda p, c, l, m=m, f=at_flow: f(p, c, l, m))
                                                                    for m in marks}, **mk)
@@ -220,15 +225,18 @@ def main(argv=None):
                  f"Batch {a.batch}, one CPU thread; {a.states} held-out states (last {a.holdout:.0%} of transitions), "
                  f"64 samples per state for R^2 / saturation. Data saturation (|a| >= 0.999): {data_sat:.3f}. "
                  f"Behaviour policy (the data's episodes): {beh_s}. BC score: {a.bc_episodes} episodes, one sample "
-                 f"per state (MLP: its tanh output), normalised, ± s.e. over episodes. Total CPU "
+                 f"per state (MLP: its tanh output), normalised, ± s.e. over episodes. Spread: flow, the rms of each "
+                 f"state's sample std (its action noise); MLP, the rms of the data's residual around its prediction "
+                 f"(at most the data's noise). Total CPU "
                  f"{time.process_time() - t0:.0f} s.", "",
                  "Command: `python bench/qipo_bc_diagnosis.py " + " ".join(argv if argv is not None else sys.argv[1:])
                  + "`", "",
-                 "| model | lr | sampler | steps | R^2 of mean | saturation | max abs before clip | BC score | train CPU-s |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "| model | lr | sampler | steps | R^2 of mean | saturation | max abs before clip | spread | BC score "
+                 "| train CPU-s |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             f = lambda x, d=3: "-" if x != x else f"{x:.{d}f}"  # noqa: E731
-            lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {f(r[4])} | {f(r[5])} | {f(r[6])} | "
+            lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {f(r[4])} | {f(r[5])} | {f(r[6])} | {f(r[10])} | "
                          f"{f(r[7], 1)} ± {f(r[8], 1)} | {r[9]:.0f} |")
         _write(a.out, lines, {"rows": rows, "data_saturation": data_sat, "norm_gap": norm_gap})
         return

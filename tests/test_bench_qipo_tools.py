@@ -31,10 +31,11 @@ def test_bc_diagnosis_checkpoints_rows(demo_minari_root, tmp_path):
         assert 0.0 <= r[5] <= 1.0                             # saturation
         assert math.isfinite(r[7])                            # evaluated BC score
         assert r[9] >= 0.0                                    # CPU seconds so far
+        assert 0.0 <= r[10] <= 2.0                            # spread of actions in [-1, 1]
     assert rows[0][9] <= rows[1][9] and rows[2][9] <= rows[3][9]
     assert rows[2][2] == "dpm2 x 8 from t0=0.05" and rows[4][2] == "euler x 10 from t0=0"
     text = open(out).read()
-    assert "| BC score |" in text and text.count("\n| ") == 1 + len(rows)  # the header and one line per row
+    assert "| spread | BC score |" in text and text.count("\n| ") == 1 + len(rows)  # the header and one line per row
     # --skip-mlp: no MLP rows
     D.main(["--dataset", data.DEMO_DATASET_ID, "--checkpoints", "2", "--batch", "8", "--lrs", "1e-3",
             "--variants", "ot-fourier", "--bc-episodes", "0", "--states", "20", "--skip-mlp", "--out", out])
