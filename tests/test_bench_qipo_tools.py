@@ -300,3 +300,100 @@ def test_reports_rewrite_from_json_with_one_episode_evaluations(module, writer, 
     assert "± -" in md and "nan" not in md.replace("nanoseconds", "")
     assert pm(1.25, None) == pm(1.25, float("nan")) == "1.2 ± -" and pm(-3.0, 0.26) == "-3.0 ± 0.3"
     assert score_text({"normalized": 40.04, "se": 1.46}) == "40.0 ± 1.5"
+
+
+class _ConstModel:
+    """A stand-in behaviour model for bench/qipo_closed_loop: every sample is ``value`` ([-1, 1] units)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def sample(self, obs, K, generator=None):
+        import torch
+
+        return torch.full((obs.shape[0], K, 1), float(self.value))
+
+
+class _CountingAgent:
+    """A stand-in agent (raw obs -> env action): its k-th call since reset() returns ``start + step * k``."""
+
+    def __init__(self, start, step):
+        self.start, self.step, self.k, self.resets = start, step, 0, 0
+
+    def reset(self):
+        self.k, self.resets = 0, self.resets + 1
+
+    def __call__(self, obs):
+        a = self.start + self.step * self.k
+        self.k += 1
+        return [a]
+
+
+def test_closed_loop_driver_errors_falls_and_actions(demo_minari_root, monkeypatch):
+    import numpy as np
+
+    from bench import qipo_closed_loop as CL
+    from qipo_kernels import data
+
+    ds = data.load_minari(data.DEMO_DATASET_ID)          # Pendulum: actions in [-2, 2], 200 steps, never falls
+    half = float(ds.info._act_half[0])
+    # the data driver acts as the agent, the model driver with its first sample, both on the same reset seeds:
+    # a constant model and an agent giving that model's action in env units are the same controller
+    c = 0.3
+    agent = CL.Probe(lambda o: [0.0], _ConstModel(c), ds.info, "model", 1, 0)
+    assert np.allclose(agent(np.zeros(3)), ds.info.to_env_action(np.array([c])))
+    m = CL.run_driver(lambda o: ds.info.to_env_action(np.array([c])), _ConstModel(c), ds, "model", 2, 0.0, 3, 50)
+    d = CL.run_driver(lambda o: ds.info.to_env_action(np.array([c])), _ConstModel(c), ds, "data", 2, 0.0, 3, 50)
+    assert m["normalized"] == d["normalized"] and m["steps"] == d["steps"] == 400 and m["falls"] == 0
+    assert m["error"] < 1e-6 and m["spread"] == 0.0 and m["error_before_fall"] != m["error_before_fall"]  # nan
+    # errors: the model's mean minus the agent's action in [-1, 1] units, rms over steps
+    a = CL.run_driver(_CountingAgent(-1.0, 0.001), _ConstModel(c), ds, "data", 1, 0.0, 2, 50)
+    want = c - (-1.0 + 0.001 * np.arange(200)) / half
+    assert abs(a["error"] - float(np.sqrt(np.mean(want ** 2)))) < 1e-6  # the model samples float32
+    # falls: the error over the last --tail steps of the episodes that terminated, all steps of the others
+    lengths = {0: 7, 1: 5, 2: 9}
+
+    def fake_rollout(env, policy, seed, rng, noise):
+        policy.reset()
+        for _ in range(lengths[seed]):
+            policy(np.zeros(3))
+        T = lengths[seed]
+        return None, None, np.ones(T), np.array([False] * (T - 1) + [seed != 1]), np.zeros(T, bool)
+
+    monkeypatch.setattr(CL, "rollout_episode", fake_rollout)
+    ag = _CountingAgent(0.0, 0.1)
+    r = CL.run_driver(ag, _ConstModel(0.0), ds, "data", 3, 0.0, 2, 3)
+    err = lambda T: -(0.1 * np.arange(T)) / half  # noqa: E731
+    assert r["falls"] == 2 and ag.resets == 3 and r["steps"] == 21
+    assert abs(r["error_before_fall"] - float(np.sqrt(np.mean(np.r_[err(7)[-3:], err(9)[-3:]] ** 2)))) < 1e-9
+    assert abs(r["error_no_fall"] - float(np.sqrt(np.mean(err(5) ** 2)))) < 1e-9
+    with pytest.raises(ValueError, match="driver must be one of"):
+        CL.Probe(ag, _ConstModel(0.0), ds.info, "expert", 2, 0)
+
+
+def test_closed_loop_script_on_a_tiny_run(demo_minari_root, tmp_path):
+    from bench import qipo_closed_loop as CL
+    from qipo_kernels import data
+    from qipo_kernels.algos.qipo import QIPO
+    from tests.conftest import tiny_qipo_config
+
+    run = tmp_path / "run"
+    QIPO(data.load_minari(data.DEMO_DATASET_ID), tiny_qipo_config(policy_steps=0), out_dir=str(run),
+         progress_bar=False).fit()
+    out = str(tmp_path / "cl")
+    CL.main(["--ckpts", str(run / "checkpoint.pt"), "--episodes", "2", "--samples", "3", "--out", out],
+            agent=lambda o: [0.5])
+    res = json.load(open(out + ".json"))
+    (r,) = res["runs"]
+    assert [d["driver"] for d in r["drivers"]] == ["data", "model"] and "stage 1 12 steps" in r["label"]
+    for d in r["drivers"]:
+        assert d["steps"] == 400 and d["falls"] == 0 and 0.0 < d["error"] < 2.0 and 0.0 <= d["spread"] <= 1.0
+    text = open(out + ".md").read()
+    assert text.count("\n| qipo") == 2 and "| error before a fall |" in text
+    for bad, msg in ((["--episodes", "0"], "--episodes must be >= 1"), (["--noise", "-1"], "--noise must be >= 0")):
+        with pytest.raises(SystemExit, match=msg):
+            CL.main(["--ckpts", str(run / "checkpoint.pt"), *bad, "--out", out], agent=lambda o: [0.5])
+    with pytest.raises(SystemExit, match="--agent: the SB3 agent zip"):
+        CL.main(["--ckpts", str(run / "checkpoint.pt"), "--out", out])
+    with pytest.raises(SystemExit, match="--ckpts: no such file"):
+        CL.main(["--ckpts", str(tmp_path / "nope.pt"), "--out", out], agent=lambda o: [0.5])
