@@ -165,6 +165,10 @@ def main(argv=None, agent=None):
     ds = None
     with tempfile.TemporaryDirectory() as tmp:
         for p in a.ckpts:
+            did = torch.load(p, map_location="cpu", weights_only=False, mmap=True)["dataset_id"]
+            if ds is not None and did != ds.dataset_id:
+                raise SystemExit(f"--ckpts: {p} is a run on {did!r}, the first on {ds.dataset_id!r}; one agent "
+                                 "made one dataset: pass one dataset's runs")
             tr, ck = load_trainer(p, ("behaviour",), tmp, ds=ds)
             ds, cfg = tr.dataset, tr.cfg
             if agent is None:

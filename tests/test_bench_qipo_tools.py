@@ -372,6 +372,8 @@ def test_closed_loop_driver_errors_falls_and_actions(demo_minari_root, monkeypat
 
 
 def test_closed_loop_script_on_a_tiny_run(demo_minari_root, tmp_path):
+    import torch
+
     from bench import qipo_closed_loop as CL
     from qipo_kernels import data
     from qipo_kernels.algos.qipo import QIPO
@@ -397,3 +399,10 @@ def test_closed_loop_script_on_a_tiny_run(demo_minari_root, tmp_path):
         CL.main(["--ckpts", str(run / "checkpoint.pt"), "--out", out])
     with pytest.raises(SystemExit, match="--ckpts: no such file"):
         CL.main(["--ckpts", str(tmp_path / "nope.pt"), "--out", out], agent=lambda o: [0.5])
+    other = tmp_path / "other.pt"                     # a run on another dataset: refused, by name
+    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck["dataset_id"] = "qipo/other/x-v0"
+    torch.save(ck, other)
+    with pytest.raises(SystemExit, match="one agent made one dataset"):
+        CL.main(["--ckpts", str(run / "checkpoint.pt"), str(other), "--episodes", "1", "--drivers", "data",
+                 "--out", out], agent=lambda o: [0.5])
