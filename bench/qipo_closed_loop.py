@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import pm  # noqa: E402
 from bench.qipo_critic_budget import data_score  # noqa: E402
-from bench.qipo_stage3_diagnosis import load_trainer  # noqa: E402
+from bench.qipo_stage3_diagnosis import load_trainer, model_label  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 from qipo_kernels.data.rollout import rollout_episode  # noqa: E402
 from qipo_kernels.evaluation import normalized_score  # noqa: E402
@@ -170,7 +170,7 @@ def main(argv=None, agent=None):
                 raise SystemExit(f"--ckpts: {p} is a run on {did!r}, the first on {ds.dataset_id!r}; one agent "
                                  "made one dataset: pass one dataset's runs")
             tr, ck = load_trainer(p, ("behaviour",), tmp, ds=ds)
-            ds, cfg = tr.dataset, tr.cfg
+            ds = tr.dataset
             if agent is None:
                 import gymnasium as gym
 
@@ -179,8 +179,7 @@ def main(argv=None, agent=None):
                 env = gym.make(ds.info.env_spec())
                 agent = load_sb3_agent(a.agent, env, vecnormalize=a.vecnormalize, time_feature=a.time_feature)
                 env.close()
-            label = f"{ds.dataset_id}, seed {cfg.seed}, path {cfg.path}" + (
-                f", bound_dequant {cfg.bound_dequant:g}" if cfg.bound_dequant else "") + f", stage 1 {tr.P} steps"
+            label = model_label(tr, ck)
             print(f"{label}: {p}", flush=True)
             run = {"label": label, "ckpt": p, "data_score": data_score(ds), "drivers": []}
             res["runs"].append(run)

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import score_text  # noqa: E402
 from bench.qipo_critic_budget import data_score, score  # noqa: E402
-from bench.qipo_stage3_diagnosis import SAT as AT_BOUND, load_trainer  # noqa: E402
+from bench.qipo_stage3_diagnosis import SAT as AT_BOUND, load_trainer, model_label  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json, atomic_write_text  # noqa: E402
 
 MODELS = ("behaviour", "ema")
@@ -144,16 +144,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for p in a.ckpts:
             tr, ck = load_trainer(p, tuple(a.models), tmp, ds=ds)
-            ds, cfg = tr.dataset, tr.cfg
+            ds = tr.dataset
             if "ema" in a.models and ck["step"] <= tr.P + tr.Q:
                 raise SystemExit(f"--models ema: {p} stopped at step {ck['step']}, before stage 3 (its EMA policy "
                                  f"is not trained); use --models behaviour")
             g = torch.Generator().manual_seed(1234)
             idx = torch.randperm(len(ds.actions), generator=g)[:a.states]
             for name in a.models:
-                label = f"{ds.dataset_id}, seed {cfg.seed}, path {cfg.path}" + (
-                    f", bound_dequant {cfg.bound_dequant:g}" if cfg.bound_dequant else "") + (
-                    f", stage 1 {tr.P} steps" if name == "behaviour" else f", final EMA policy (step {ck['step']})")
+                label = model_label(tr, ck, name)
                 print(f"{label}: {p}", flush=True)
                 fn = (lambda pol, tr=tr: score(tr, pol, a.episodes)) if a.episodes else None
                 res["runs"].append({"label": label, "model": name, "ckpt": p, "data_score": data_score(ds),

@@ -106,6 +106,15 @@ def load_trainer(ckpt_path, names, out_dir, ds=None, dataset_id=None):
     return tr, ck
 
 
+def model_label(tr, ck, name="behaviour"):
+    """A report row's name for one model of a run loaded by load_trainer: dataset, seed, path, bound_dequant
+    (when on), and which model: the stage-1 behaviour model or the final EMA policy ("ema")."""
+    cfg = tr.cfg
+    return f"{tr.dataset.dataset_id}, seed {cfg.seed}, path {cfg.path}" + (
+        f", bound_dequant {cfg.bound_dequant:g}" if cfg.bound_dequant else "") + (
+        f", stage 1 {tr.P} steps" if name == "behaviour" else f", final EMA policy (step {ck['step']})")
+
+
 def critic_from(tr, path):
     """Replace ``tr``'s frozen critic (and target) by the target critic of another run's checkpoint on the same
     dataset (e.g. a CPQL run: clipped double Q trained on the current actor's actions, LayerNorm), to ask
