@@ -59,7 +59,7 @@ def run_name(algo, preset, sets, dataset, seed, stage1_only=False) -> str:
     parts = dataset.split("/")
     kind = re.sub(r"(^|-)v\d+$", "", parts[-1]) if len(parts) >= 3 else ""
     tail = "".join(f"-{kv.replace('=', '_')}" for kv in sets) + ("-stage1" if stage1_only else "")
-    head = algo if algo == "cpql" else f"{algo}-{preset}{tail}"
+    head = f"cpql{tail}" if algo == "cpql" else f"{algo}-{preset}{tail}"
     return f"{head}-{dataset_env(dataset)}-s{seed}" + (f"-{kind}" if kind else "")
 
 
@@ -69,29 +69,30 @@ def dataset_env(dataset) -> str:
 
 
 def run(a):
-    if a.set and a.algo != "qipo":
-        raise SystemExit("--set applies to --algo qipo only")
     if a.stage1_only and a.algo != "qipo":
         raise SystemExit("--stage1-only applies to --algo qipo only (its behaviour model)")
+    from qipo_kernels.algos.cpql import CPQLConfig
+    from qipo_kernels.algos.qipo import QIPOConfig
+    from qipo_kernels.cli import CLIError, _parse_sets
+
+    try:  # a bad --set is refused by name before the dataset is loaded or a folder made
+        extra = _parse_sets(CPQLConfig if a.algo == "cpql" else QIPOConfig, a.set)
+    except CLIError as e:
+        raise SystemExit(str(e)) from None
+    env = dataset_env(a.dataset)
+    common = dict(seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes, checkpoint_every=0, tensorboard=False)
+    try:  # the config (an out-of-range --set value) before the dataset is loaded or a folder made
+        cfg = (cpql_config_for(f"{env}-medium", **{**extra, **common}) if a.algo == "cpql"
+               else qipo_config_for(a.preset, **{**extra, **common}))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
-    env = dataset_env(a.dataset)
     name = run_name(a.algo, a.preset, a.set, a.dataset, a.seed, a.stage1_only)
     out = os.path.join(a.out, name)
     os.makedirs(out, exist_ok=True)
-    if a.algo == "cpql":
-        cfg = cpql_config_for(f"{env}-medium", seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes,
-                              checkpoint_every=0, tensorboard=False)
-        tr = CPQL(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
-    else:
-        from qipo_kernels.algos.qipo import QIPOConfig
-        from qipo_kernels.cli import _parse_sets
-
-        extra = _parse_sets(QIPOConfig, a.set)
-        cfg = qipo_config_for(a.preset, **{**extra, **dict(seed=a.seed, eval_every=a.eval_every,
-                                                          eval_episodes=a.episodes, checkpoint_every=0,
-                                                          tensorboard=False)})
-        tr = QIPO(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
+    trainer = CPQL if a.algo == "cpql" else QIPO
+    tr = trainer(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
     curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
              "budget_s": a.budget_s, "final_episodes": a.final_episodes, "stage1_only": bool(a.stage1_only),
              "behaviour_normalized": None, "points": [], "command": " ".join(sys.argv),
@@ -312,7 +313,7 @@ def _partial_row(algo, dataset, c) -> str:
 def _label(c):
     """The algorithm and, for QIPO, its preset (older curves: parsed from the command, default cpu-quick)."""
     if c["algo"] != "qipo":
-        return c["algo"]
+        return " ".join([c["algo"]] + [f"--set {kv}" for kv in c.get("set", [])])
     preset = c.get("preset")
     if preset is None:
         words = c.get("command", "").split()
@@ -343,7 +344,8 @@ def main(argv=None):
                         "5 episodes gave s.e. up to 14 points, bench/results/qipo_stage3_diagnosis.md)")
     r.add_argument("--preset", default="cpu-quick", help="QIPO preset (QIPO_PRESETS)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="QIPO: a QIPOConfig override after the preset (a diagnostic run; named and grouped apart)")
+                   help="a QIPOConfig (after the preset) or CPQLConfig (after the task defaults) override; "
+                        "a diagnostic run, named and grouped apart")
     r.add_argument("--stage1-only", action="store_true",
                    help="QIPO: stop after stage 1 and its behaviour-model evaluation (the run's final score is that "
                         "model's; folder <...>-stage1-<env>-...)")

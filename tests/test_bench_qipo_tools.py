@@ -65,8 +65,18 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     assert T._label(runs["cpql-s0"]) == "cpql"
     # a diagnostic run with --set overrides is labelled (and so grouped) apart from its preset
     assert T._label({"algo": "qipo", "preset": "cpu-30min", "set": ["path=ot"]}) == "qipo cpu-30min --set path=ot"
-    with pytest.raises(SystemExit, match="--set applies to --algo qipo only"):
-        T.main(["run", "--algo", "cpql", "--dataset", "d/x/v0", "--set", "path=ot", "--out", str(tmp_path / "no")])
+    # and so is a CPQL run with CPQLConfig overrides, in its own folder
+    assert T._label({"algo": "cpql", "set": ["lr=0.001"]}) == "cpql --set lr=0.001"
+    assert T.run_name("cpql", "cpu-quick", ["lr=0.001"], "qipo/halfcheetah/medium-a2c-v0", 2) == \
+        "cpql-lr_0.001-halfcheetah-s2-medium-a2c"
+    assert T.run_name("cpql", "cpu-quick", [], "qipo/halfcheetah/medium-a2c-v0", 2) == "cpql-halfcheetah-s2-medium-a2c"
+    # a --set the algorithm's config does not have, or a value out of range, is refused by name before the
+    # dataset (here: none by that name) is loaded or a folder made
+    for algo, kv, msg in (("cpql", "path=ot", "unknown CPQLConfig field 'path'"),
+                          ("qipo", "eta=2", "unknown QIPOConfig field 'eta'"),
+                          ("cpql", "lr=-1", "lr"), ("qipo", "beta=-1", "beta")):
+        with pytest.raises(SystemExit, match=msg):
+            T.main(["run", "--algo", algo, "--dataset", "d/halfcheetah/v0", "--set", kv, "--out", str(tmp_path / "no")])
     assert not os.path.exists(tmp_path / "no")
     for name, c in runs.items():
         os.makedirs(tmp_path / name)
