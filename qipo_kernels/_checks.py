@@ -102,8 +102,13 @@ _INF = float("inf")
 
 
 def positive_float(name: str, v, allow_zero: bool = False) -> float:
+    """A finite float > 0 (>= 0 with ``allow_zero``), returned as float. Any real number converts (int,
+    numpy or 0-d tensor values); a string or bool is refused like any other non-number (TypeError naming
+    ``name``), not parsed: a config would otherwise keep ``"0.1"`` and fail later, far from the argument."""
     if type(v) is float and 0.0 < v < _INF:  # the common case, without the conversions below
         return v
+    if isinstance(v, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
     try:
         f = float(v)
     except (TypeError, ValueError):

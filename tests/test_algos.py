@@ -230,6 +230,13 @@ def test_configs_reject_bad_values():
         CPQLConfig(eval_select="max")
     with pytest.raises(ValueError, match="env_id"):
         CPQLOnlineConfig(env_id="")
+    # a float field given as a string (or a bool) is refused by name, not kept to fail far away: CPQLConfig
+    # kept lr="0.001" for its Adam and QIPOConfig beta="3" for the softmax before this check
+    for cls, field, bad in ((CPQLConfig, "lr", "0.001"), (QIPOConfig, "beta", "3"), (CPQLConfig, "eta", True),
+                            (QIPOConfig, "bound_dequant", "0.1"), (CPQLOnlineConfig, "lr", b"1e-3")):
+        with pytest.raises(TypeError, match=f"{field} must be a number, got {type(bad).__name__}"):
+            cls(**{field: bad})
+    assert CPQLConfig(lr=1).lr == 1 and QIPOConfig(beta=np.float32(2.0)).beta == 2.0  # real numbers pass
     with pytest.raises(TypeError, match="QIPOConfig"):
         QIPO(None, CPQLConfig())
     with pytest.raises(TypeError, match="CPQLConfig"):
