@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import dataclasses
 import json
 import os
 import re
@@ -36,7 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qipo_kernels.algos import CPQL, QIPO, StopTraining, cpql_config_for  # noqa: E402
 from qipo_kernels.algos.common import atomic_write_json  # noqa: E402
-from qipo_kernels.algos.qipo import qipo_config_for  # noqa: E402
+from qipo_kernels.algos.cpql import CPQLConfig  # noqa: E402
+from qipo_kernels.algos.qipo import QIPOConfig, qipo_config_for  # noqa: E402
+from qipo_kernels.cli import CLIError, _make_config, _parse_sets  # noqa: E402
 from qipo_kernels.data import load_minari  # noqa: E402
 from qipo_kernels.evaluation import standard_error  # noqa: E402
 
@@ -71,20 +74,13 @@ def dataset_env(dataset) -> str:
 def run(a):
     if a.stage1_only and a.algo != "qipo":
         raise SystemExit("--stage1-only applies to --algo qipo only (its behaviour model)")
-    from qipo_kernels.algos.cpql import CPQLConfig
-    from qipo_kernels.algos.qipo import QIPOConfig
-    from qipo_kernels.cli import CLIError, _parse_sets
-
-    try:  # a bad --set is refused by name before the dataset is loaded or a folder made
-        extra = _parse_sets(CPQLConfig if a.algo == "cpql" else QIPOConfig, a.set)
-    except CLIError as e:
-        raise SystemExit(str(e)) from None
     env = dataset_env(a.dataset)
+    cfg_cls = CPQLConfig if a.algo == "cpql" else QIPOConfig
     common = dict(seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes, checkpoint_every=0, tensorboard=False)
-    try:  # the config (an out-of-range --set value) before the dataset is loaded or a folder made
-        cfg = (cpql_config_for(f"{env}-medium", **{**extra, **common}) if a.algo == "cpql"
-               else qipo_config_for(a.preset, **{**extra, **common}))
-    except (TypeError, ValueError) as e:
+    try:  # as `train` does: defaults, then --set, every value checked before the dataset loads or a folder is made
+        base = dataclasses.asdict(cpql_config_for(f"{env}-medium") if a.algo == "cpql" else qipo_config_for(a.preset))
+        cfg = _make_config(cfg_cls, {**_parse_sets(cfg_cls, a.set, base), **common})
+    except (CLIError, ValueError) as e:
         raise SystemExit(str(e)) from None
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
