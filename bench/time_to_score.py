@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -223,7 +224,7 @@ def report(a):
     lines += ["", "Commands (one per run; a run's final evaluation repeated with more episodes by the reeval "
               "line after it):", ""]
     for c in curves:
-        lines += [f"    {c['command']}"] + [f"    {x}" for x in c.get("reeval_commands", [])]
+        lines += [f"    {c['command']}"] + [f"    {x}" for x in _reeval_lines(c)]
     with open(os.path.join(a.out, "README.md") + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(a.out, "README.md") + ".tmp", os.path.join(a.out, "README.md"))
@@ -324,7 +325,7 @@ def _norm_eps(c, final):
     return 100 * (np.asarray(final["per_episode"], dtype=np.float64) - lo) / (hi - lo)
 
 
-def main(argv=None):
+def _parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
@@ -355,7 +356,24 @@ def main(argv=None):
     e.add_argument("--ckpt", required=True, help="the run's checkpoint.pt (its run/ folder's)")
     e.add_argument("--episodes", type=int, default=30)
     e.set_defaults(fn=reeval)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def _reeval_lines(c):
+    """The curve's reeval commands with --ckpt where its run command puts the checkpoint today
+    (<--out>/<run_name>/run/checkpoint.pt): runs made before a folder-naming change recorded the old folder,
+    and a reader repeating the run command gets the new one. Commands that do not parse are shown as recorded."""
+    try:
+        a = _parser().parse_args(shlex.split(c["command"])[1:])
+        ckpt = os.path.join(a.out, run_name(a.algo, a.preset, a.set, a.dataset, a.seed, a.stage1_only),
+                            "run", "checkpoint.pt")
+    except (SystemExit, ValueError, KeyError, IndexError, AttributeError):
+        return list(c.get("reeval_commands", []))
+    return [re.sub(r"--ckpt \S+", lambda _: f"--ckpt {ckpt}", x) for x in c.get("reeval_commands", [])]
+
+
+def main(argv=None):
+    a = _parser().parse_args(argv)
     a.fn(a)
 
 

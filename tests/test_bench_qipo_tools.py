@@ -91,6 +91,19 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     assert "90.0 ± " in rows["cpql (budget 40 s)"] and " | 1 | " in rows["cpql (budget 40 s)"]
 
 
+def test_time_to_score_report_points_reeval_at_the_folder_the_run_command_makes(tmp_path):
+    """A reeval line recorded with a run folder of an older naming is shown with the checkpoint path the run
+    command listed above it creates today; a command that does not parse is shown as recorded."""
+    old = "bench/time_to_score.py reeval --curve c.json --ckpt /data/tts/qipo-walker2d-s1/run/checkpoint.pt --episodes 30"
+    c = {"command": "bench/time_to_score.py run --algo qipo --preset cpu-30min --set path=ot "
+                    "--dataset qipo/walker2d/noisy-sac-v0 --seed 1 --out /data/tts",
+         "reeval_commands": [old]}
+    assert T._reeval_lines(c) == [old.replace("qipo-walker2d-s1", "qipo-cpu-30min-path_ot-walker2d-s1-noisy-sac")]
+    c["command"] = "bench/time_to_score.py run --algo nope --dataset x"  # argparse refuses: kept as recorded
+    assert T._reeval_lines(c) == [old]
+    assert T._reeval_lines({"command": "x"}) == []
+
+
 def test_time_to_score_partial_runs_show_the_behaviour_model_only_from_stage_1(tmp_path):
     """A run stopped before its final evaluation: the "QIPO behaviour model" column shows the evaluation
     tagged "behaviour" (end of stage 1) or "-", never the last training evaluation."""
