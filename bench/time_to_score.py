@@ -5,6 +5,7 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
 
     python bench/time_to_score.py run --algo cpql --dataset qipo/halfcheetah/noisy-sac-v0 --seed 0 \\
         --budget-s 600 --out bench/results/tts
+    python bench/time_to_score.py run ... --budget-s 3600 --resume    # a finished run continued to a larger budget
     python bench/time_to_score.py report --out bench/results/tts      # table + plot from every run there
     python bench/time_to_score.py reeval --curve bench/results/tts/<run>/curve.json \
         --ckpt <out>/<run>/run/checkpoint.pt --episodes 30   # a run's final evaluation again, with more episodes
@@ -72,6 +73,24 @@ def dataset_env(dataset) -> str:
     return dataset.split("/")[1] if dataset.count("/") >= 2 else dataset
 
 
+def _resumable(a, out):
+    """--resume: the finished run in ``out`` (its curve.json with a final evaluation, and run/checkpoint.pt),
+    which this command continues to a larger --budget-s; anything else is refused by name."""
+    path, ckpt = os.path.join(out, "curve.json"), os.path.join(out, "run", "checkpoint.pt")
+    if not (os.path.isfile(path) and os.path.isfile(ckpt)):
+        raise SystemExit(f"--resume: no finished run to continue in {out} (needs curve.json and run/checkpoint.pt)")
+    c = json.load(open(path))
+    if "final" not in c:
+        raise SystemExit(f"--resume: {path} has no final evaluation (the run did not finish); start it again "
+                         f"without --resume")
+    if c.get("stage1_only"):
+        raise SystemExit("--resume: a --stage1-only run ends with stage 1; there is nothing to continue")
+    if a.budget_s <= c["final"]["cpu_s"]:
+        raise SystemExit(f"--budget-s must exceed the {c['final']['cpu_s']:.0f} train CPU seconds the run has "
+                         f"spent to continue it, got {a.budget_s:g}")
+    return c
+
+
 def run(a):
     if a.stage1_only and a.algo != "qipo":
         raise SystemExit("--stage1-only applies to --algo qipo only (its behaviour model)")
@@ -83,17 +102,23 @@ def run(a):
         cfg = _make_config(cfg_cls, {**_parse_sets(cfg_cls, a.set, base), **common})
     except (CLIError, ValueError) as e:
         raise SystemExit(str(e)) from None
-    torch.set_num_threads(1)
-    ds = load_minari(a.dataset)
     name = run_name(a.algo, a.preset, a.set, a.dataset, a.seed, a.stage1_only)
     out = os.path.join(a.out, name)
+    old = _resumable(a, out) if a.resume else None   # checked before the dataset loads
+    torch.set_num_threads(1)
+    ds = load_minari(a.dataset)
     os.makedirs(out, exist_ok=True)
     trainer = CPQL if a.algo == "cpql" else QIPO
     tr = trainer(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
     curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
              "budget_s": a.budget_s, "final_episodes": a.final_episodes, "stage1_only": bool(a.stage1_only),
-             "behaviour_normalized": None, "points": [], "command": " ".join(sys.argv),
+             "behaviour_normalized": None, "points": [], "command": a.command,
              "config": {k: v for k, v in vars(cfg).items()}}
+    if old is not None:  # the finished run's curve goes on; its final evaluation stays on it as a "budget_end" point
+        curve = {**old, "budget_s": a.budget_s, "final_episodes": a.final_episodes,
+                 "points": [dict(p, tag="budget_end") if p["tag"] == "final" else p for p in old["points"]],
+                 "resume_commands": old.get("resume_commands", []) + [a.command]}
+        curve.pop("final", None)
     curve["ref"] = [ds.ref_min_score, ds.ref_max_score]
     ep = getattr(ds, "episode_returns", None)
     if ep is not None and ds.ref_max_score is not None:
@@ -123,7 +148,7 @@ def run(a):
 
     tr.callback = callback
     try:
-        tr.fit(resume=False)
+        tr.fit(resume=old is not None)
     except StopTraining:  # budget spent: keep the models, so the run can be diagnosed or resumed like a finished one
         tr.save_checkpoint()
     beh = [p for p in curve["points"] if p["tag"] == "behaviour"]
@@ -221,10 +246,10 @@ def report(a):
                      f"{int(np.mean([f['step'] for f in finals]))} | {np.mean([f['cpu_s'] for f in finals]):.0f} | "
                      f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {'/'.join(str(f['episodes']) for f in finals)} | "
                      f"{np.mean(best):.1f} |")
-    lines += ["", "Commands (one per run; a run's final evaluation repeated with more episodes by the reeval "
-              "line after it):", ""]
+    lines += ["", "Commands (one per run; after it the commands that continued it to a larger budget (--resume) "
+              "or repeated its final evaluation with more episodes (reeval)):", ""]
     for c in curves:
-        lines += [f"    {c['command']}"] + [f"    {x}" for x in _reeval_lines(c)]
+        lines += [f"    {x}" for x in [c["command"]] + c.get("resume_commands", []) + _reeval_lines(c)]
     with open(os.path.join(a.out, "README.md") + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(a.out, "README.md") + ".tmp", os.path.join(a.out, "README.md"))
@@ -347,6 +372,9 @@ def _parser():
                    help="QIPO: stop after stage 1 and its behaviour-model evaluation (the run's final score is that "
                         "model's; folder <...>-stage1-<env>-...)")
     r.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
+    r.add_argument("--resume", action="store_true",
+                   help="continue the finished run of these arguments in --out from its checkpoint to a larger "
+                        "--budget-s; its final evaluation stays on the curve as a \"budget_end\" point")
     r.set_defaults(fn=run)
     p = sub.add_parser("report")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
@@ -374,6 +402,8 @@ def _reeval_lines(c):
 
 def main(argv=None):
     a = _parser().parse_args(argv)
+    # the command as a reader would type it (called from Python: this script's path and the arguments given)
+    a.command = " ".join([sys.argv[0]] + sys.argv[1:] if argv is None else ["bench/time_to_score.py"] + list(argv))
     a.fn(a)
 
 

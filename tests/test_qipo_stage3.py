@@ -272,6 +272,36 @@ def test_time_to_score_keeps_a_checkpoint_when_the_budget_stops_the_run(demo_min
     assert st["step"] == c["final"]["step"] == 1  # stopped after its first step, not at the end of the schedule
 
 
+def test_time_to_score_resume_continues_a_finished_run_to_a_larger_budget(demo_minari_root, tmp_path):
+    """--resume: a run the budget stopped goes on from its checkpoint (train CPU time and step counted on, not
+    restarted) to the end of its schedule; its old final evaluation stays on the curve as "budget_end", the
+    resume command is recorded and listed by report; no finished run, or a budget not above the time spent,
+    is refused before anything runs."""
+    args = ["run", "--algo", "qipo", "--dataset", data.DEMO_DATASET_ID, "--episodes", "1", "--final-episodes", "2",
+            "--eval-every", "0", "--set", "pretrain_steps=3", "--set", "q_steps=2", "--set", "q_support=2",
+            "--set", "policy_steps=2", "--set", "pretrain_batch=16", "--set", "policy_batch=8",
+            "--set", "num_support=2", "--set", "sample_steps=2", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--resume: no finished run to continue"):
+        T.main(args + ["--budget-s", "1000", "--resume"])
+    assert not list(tmp_path.iterdir())
+    T.main(args + ["--budget-s", "0"])          # stops after its first step
+    (run,) = list(tmp_path.glob("qipo-*-s0-mixed"))
+    first = json.load(open(run / "curve.json"))
+    assert first["final"]["step"] == 1
+    with pytest.raises(SystemExit, match="--budget-s must exceed"):
+        T.main(args + ["--budget-s", "0", "--resume"])
+    T.main(args + ["--budget-s", "1000", "--resume"])
+    c = json.load(open(run / "curve.json"))
+    assert c["final"]["step"] == 7 and c["budget_s"] == 1000  # 3 + 2 + 2 steps: the schedule's end
+    assert c["final"]["cpu_s"] >= first["final"]["cpu_s"]
+    tags = [(p["tag"], p["step"]) for p in c["points"]]
+    assert tags[0] == ("budget_end", 1) and tags[-1] == ("final", 7)
+    assert c["command"] == first["command"] and len(c["resume_commands"]) == 1 and "--resume" in c["resume_commands"][0]
+    T.main(["report", "--out", str(tmp_path)])
+    text = open(tmp_path / "README.md").read()
+    assert c["resume_commands"][0] in text and text.index(c["command"]) < text.index(c["resume_commands"][0])
+
+
 def test_time_to_score_reeval_replaces_the_final_evaluation_and_keeps_the_old_one(demo_minari_root, tmp_path):
     """reeval: the final checkpoint evaluated again with more episodes becomes the curve's final point (the
     same evaluation, deterministic: twice gives the same numbers); the old final is kept, the command recorded
