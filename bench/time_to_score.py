@@ -391,6 +391,8 @@ def _reeval_lines(c):
     """The curve's reeval commands with --ckpt where its run command puts the checkpoint today
     (<--out>/<run_name>/run/checkpoint.pt): runs made before a folder-naming change recorded the old folder,
     and a reader repeating the run command gets the new one. Commands that do not parse are shown as recorded."""
+    if not c.get("reeval_commands"):
+        return []
     try:
         a = _parser().parse_args(shlex.split(c["command"])[1:])
         ckpt = os.path.join(a.out, run_name(a.algo, a.preset, a.set, a.dataset, a.seed, a.stage1_only),
