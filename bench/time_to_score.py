@@ -110,6 +110,9 @@ def run(a):
     os.makedirs(out, exist_ok=True)
     trainer = CPQL if a.algo == "cpql" else QIPO
     tr = trainer(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
+    if old is not None and old["final"]["step"] >= tr.total_steps:
+        raise SystemExit(f"--resume: the run in {out} ended its schedule ({tr.total_steps} steps), not its budget; "
+                         f"a larger --budget-s adds nothing (a longer schedule is another run: --set ...)")
     curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
              "budget_s": a.budget_s, "final_episodes": a.final_episodes, "stage1_only": bool(a.stage1_only),
              "behaviour_normalized": None, "points": [], "command": a.command,

@@ -276,7 +276,7 @@ def test_time_to_score_resume_continues_a_finished_run_to_a_larger_budget(demo_m
     """--resume: a run the budget stopped goes on from its checkpoint (train CPU time and step counted on, not
     restarted) to the end of its schedule; its old final evaluation stays on the curve as "budget_end", the
     resume command is recorded and listed by report; no finished run, or a budget not above the time spent,
-    is refused before anything runs."""
+    is refused before anything runs, and a run that ended its schedule (not its budget) is refused untouched."""
     args = ["run", "--algo", "qipo", "--dataset", data.DEMO_DATASET_ID, "--episodes", "1", "--final-episodes", "2",
             "--eval-every", "0", "--set", "pretrain_steps=3", "--set", "q_steps=2", "--set", "q_support=2",
             "--set", "policy_steps=2", "--set", "pretrain_batch=16", "--set", "policy_batch=8",
@@ -297,6 +297,9 @@ def test_time_to_score_resume_continues_a_finished_run_to_a_larger_budget(demo_m
     tags = [(p["tag"], p["step"]) for p in c["points"]]
     assert tags[0] == ("budget_end", 1) and tags[-1] == ("final", 7)
     assert c["command"] == first["command"] and len(c["resume_commands"]) == 1 and "--resume" in c["resume_commands"][0]
+    with pytest.raises(SystemExit, match="ended its schedule"):   # nothing left to continue
+        T.main(args + ["--budget-s", "2000", "--resume"])
+    assert json.load(open(run / "curve.json")) == c
     T.main(["report", "--out", str(tmp_path)])
     text = open(tmp_path / "README.md").read()
     assert c["resume_commands"][0] in text and text.index(c["command"]) < text.index(c["resume_commands"][0])
