@@ -113,15 +113,16 @@ def run(a):
     if old is not None and old["final"]["step"] >= tr.total_steps:
         raise SystemExit(f"--resume: the run in {out} ended its schedule ({tr.total_steps} steps), not its budget; "
                          f"a larger --budget-s adds nothing (a longer schedule is another run: --set ...)")
-    curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
-             "budget_s": a.budget_s, "final_episodes": a.final_episodes, "stage1_only": bool(a.stage1_only),
-             "behaviour_normalized": None, "points": [], "command": a.command,
-             "config": {k: v for k, v in vars(cfg).items()}}
-    if old is not None:  # the finished run's curve goes on; its final evaluation stays on it as a "budget_end" point
-        curve = {**old, "budget_s": a.budget_s, "final_episodes": a.final_episodes,
-                 "points": [dict(p, tag="budget_end") if p["tag"] == "final" else p for p in old["points"]],
-                 "resume_commands": old.get("resume_commands", []) + [a.command]}
-        curve.pop("final", None)
+    if old is None:
+        curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
+                 "budget_s": a.budget_s, "final_episodes": a.final_episodes, "stage1_only": bool(a.stage1_only),
+                 "behaviour_normalized": None, "points": [], "command": a.command,
+                 "config": {k: v for k, v in vars(cfg).items()}}
+    else:  # the finished run's curve goes on; its final evaluation stays on it as a "budget_end" point
+        curve = {k: v for k, v in old.items() if k != "final"}
+        curve.update(budget_s=a.budget_s, final_episodes=a.final_episodes,
+                     points=[dict(p, tag="budget_end") if p["tag"] == "final" else p for p in old["points"]],
+                     resume_commands=old.get("resume_commands", []) + [a.command])
     curve["ref"] = [ds.ref_min_score, ds.ref_max_score]
     ep = getattr(ds, "episode_returns", None)
     if ep is not None and ds.ref_max_score is not None:
@@ -401,14 +402,14 @@ def _reeval_lines(c):
         ckpt = os.path.join(a.out, run_name(a.algo, a.preset, a.set, a.dataset, a.seed, a.stage1_only),
                             "run", "checkpoint.pt")
     except (SystemExit, ValueError, KeyError, IndexError, AttributeError):
-        return list(c.get("reeval_commands", []))
-    return [re.sub(r"--ckpt \S+", lambda _: f"--ckpt {ckpt}", x) for x in c.get("reeval_commands", [])]
+        return list(c["reeval_commands"])
+    return [re.sub(r"--ckpt \S+", lambda _: f"--ckpt {ckpt}", x) for x in c["reeval_commands"]]
 
 
 def main(argv=None):
     a = _parser().parse_args(argv)
     # the command as a reader would type it (called from Python: this script's path and the arguments given)
-    a.command = " ".join([sys.argv[0]] + sys.argv[1:] if argv is None else ["bench/time_to_score.py"] + list(argv))
+    a.command = " ".join(sys.argv if argv is None else ["bench/time_to_score.py", *argv])
     a.fn(a)
 
 
