@@ -1,5 +1,6 @@
 """QIPO / CPQL trainers: configs, per-task defaults, resumable checkpoints, end-to-end improvement."""
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -66,10 +67,15 @@ def _kill_at(k):
     return cb
 
 
-@pytest.mark.parametrize("algo,kill", [("qipo", 8), ("qipo", 19), ("qipo", 31), ("cpql", 14)])
+def _ccfg_decay(**kw):
+    return _ccfg(lr_decay=True, **kw)
+
+
+@pytest.mark.parametrize("algo,kill", [("qipo", 8), ("qipo", 19), ("qipo", 31), ("cpql", 14), ("cpql-lr-decay", 14)])
 def test_killed_run_resumes_identically(tiny_ds, tmp_path, algo, kill):
-    """Kill after `kill` steps (checkpoints every 5/6 steps), resume: bit-identical to an uninterrupted run."""
-    cls, cfg = (QIPO, _qcfg) if algo == "qipo" else (CPQL, _ccfg)
+    """Kill after `kill` steps (checkpoints every 5/6 steps), resume: bit-identical to an uninterrupted run
+    (with CPQL's lr_decay too: the resumed optimizers follow the same cosine from the checkpoint's step)."""
+    cls, cfg = {"qipo": (QIPO, _qcfg), "cpql": (CPQL, _ccfg), "cpql-lr-decay": (CPQL, _ccfg_decay)}[algo]
     full = cls(tiny_ds, cfg(), out_dir=str(tmp_path / "full"), progress_bar=False)
     full.fit()
     run = cls(tiny_ds, cfg(), out_dir=str(tmp_path / "run"), progress_bar=False, callback=_kill_at(kill))
@@ -265,6 +271,36 @@ def test_cpql_task_defaults():
         cpql_config_for("hopper-medium", etaa=1.0)
 
 
+def test_cpql_lr_decay_follows_the_cosine(tiny_ds, tmp_path):
+    """lr_decay=True: update k of a 25-step run uses lr0 (1 + cos(pi k / 25)) / 2 in both optimizers (logged as
+    "lr"); off (the default), the optimizers keep lr0 and nothing is logged. A non-bool is refused by name."""
+    lr0, seen = 1e-3, []
+
+    def record(tr, metrics):
+        seen.append((metrics["lr"], [g["lr"] for o in tr.optims.values() for g in o.param_groups]))
+
+    tr = CPQL(tiny_ds, _ccfg(lr=lr0, lr_decay=True), out_dir=str(tmp_path / "decay"), progress_bar=False,
+              callback=record)
+    tr.fit()
+    assert len(seen) == 25
+    for k, (logged, in_optims) in enumerate(seen):
+        want = lr0 * 0.5 * (1.0 + np.cos(np.pi * k / 25))
+        assert logged == pytest.approx(want, rel=1e-12) and in_optims == pytest.approx([want, want], rel=1e-12), k
+    assert seen[0][0] == lr0 and seen[-1][0] > 0 and tr.scheduled_lr(25) == 0.0 and tr.scheduled_lr(99) == 0.0
+    rows = list(csv.DictReader(open(tmp_path / "decay" / "train.csv")))
+    assert rows and all(float(r["lr"]) < lr0 for r in rows)
+    plain, lrs = [], []
+    tr = CPQL(tiny_ds, _ccfg(lr=lr0), out_dir=str(tmp_path / "plain"), progress_bar=False,
+              callback=lambda t, m: (plain.append("lr" in m), lrs.extend(g["lr"] for o in t.optims.values()
+                                                                         for g in o.param_groups)))
+    tr.fit()
+    assert not any(plain) and set(lrs) == {lr0} and tr.scheduled_lr(10) == lr0
+    with pytest.raises(TypeError, match="lr_decay must be a bool"):
+        _ccfg(lr_decay="yes")
+    with pytest.raises(TypeError, match="lr_decay must be a bool"):
+        CPQLOnlineConfig(lr_decay=1)
+
+
 def test_cpql_max_q_backup_and_multistep(tiny_ds, tmp_path):
     cfg = _ccfg(steps=4, max_q_backup=True, num_max_q=3, q_norm=False, sigmas=(80.0, 2.2404397589312026, 0.002),
                 layer_norm=False,
@@ -314,6 +350,11 @@ def test_cpql_online_smoke_and_resume(tmp_path):
     assert resumed.try_resume() and resumed.step == 30 and len(resumed.buffer) == 30 and resumed.updates == 10
     s = resumed.fit()
     assert s["steps"] == 40 and len(resumed.buffer) == 40 and np.isfinite(s["final_eval"]["mean"])
+    # lr_decay counts env steps (warm-up included, as the official code's epochs): the last update, at step 39
+    dec = CPQLOnline(dataclasses.replace(cfg, lr_decay=True, eval_episodes=0), out_dir=str(tmp_path / "decay"),
+                     progress_bar=False)
+    dec.fit()
+    assert dec.optims["actor"].param_groups[0]["lr"] == pytest.approx(3e-4 * 0.5 * (1 + np.cos(np.pi * 39 / 40)))
 
 
 def test_e2e_cpql_beats_behaviour(demo_ds, tmp_path):

@@ -20,6 +20,7 @@ alpha = 0.05, no LayerNorm.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -82,6 +83,9 @@ class CPQLConfig:
     critic_depth: int = 3
     layer_norm: bool = True           # LayerNorm in the critic (offline)
     lr: float = 3e-4
+    # cosine decay of both learning rates from lr to 0 over ``steps`` (the official code's --lr_decay,
+    # off in its runs): lr(step) = lr (1 + cos(pi step / steps)) / 2
+    lr_decay: bool = False
     eta: float = 1.0
     alpha: float = 1.0                # weight of the reconstruction loss
     grad_norm: float = 5.0            # <= 0 disables clipping
@@ -117,6 +121,7 @@ class CPQLConfig:
                      "eval_candidates", "log_every"):
             C.positive_int(name, getattr(self, name))
         C.boolean("compile", self.compile)
+        C.boolean("lr_decay", self.lr_decay)
         C.positive_int("num_scales", self.num_scales, minimum=2)
         for name in ("steps", "step_start_ema", "eval_every", "eval_episodes", "checkpoint_every"):
             C.positive_int(name, getattr(self, name), minimum=0)
@@ -202,10 +207,25 @@ class _CPQLCore:
             r["swap"] = float(torch.rand((), generator=g, device=self.device)) > 0.5
         return r
 
+    def scheduled_lr(self, step: int) -> float:
+        """The learning rate of both optimizers at ``step``: ``cfg.lr``, or with ``cfg.lr_decay`` the cosine
+        cfg.lr (1 + cos(pi step / total_steps)) / 2 (0 from total_steps on). A function of the step alone,
+        so a resumed run follows the same schedule (a resume with more steps stretches what is left)."""
+        cfg = self.cfg
+        if not cfg.lr_decay:
+            return float(cfg.lr)
+        frac = min(step / max(self.total_steps, 1), 1.0)
+        return float(cfg.lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
     def _update(self, batch: Dict[str, torch.Tensor], online: bool) -> Dict[str, torch.Tensor]:
         """One critic + actor update on a global batch; under torch.distributed on this process's share of it
         (same random draws as one process, gradients averaged by DDP, the |Q| normaliser global)."""
         cfg = self.cfg
+        if cfg.lr_decay:
+            lr = self.scheduled_lr(self.step)
+            for o in self.optims.values():
+                for group in o.param_groups:
+                    group["lr"] = lr
         z = self._draws(batch["obs"].shape[0], online, batch["obs"].dtype)
         obs, act, rew, nobs, done = (self.rows(batch[k]) for k in ("obs", "actions", "rewards", "next_obs", "dones"))
         zn, zr, zs, za = self.rows(z["next"]), self.rows(z["recon"]), self.rows(z["sigma_idx"]), self.rows(z["new"])
@@ -260,8 +280,11 @@ class _CPQLCore:
                 polyak(self.actor_target, self.actor, 1.0 - cfg.ema_decay)
                 polyak(self.critic_target, self.critic, 1.0 - cfg.ema_decay)
         self.updates = n
-        return {"critic_loss": critic_loss.detach(), "recon": recon.detach(), "q_loss": q_loss.detach(),
-                "actor_loss": actor_loss.detach(), "q_mean": q1.detach().mean(), "actor_gn": agn, "critic_gn": cgn}
+        out = {"critic_loss": critic_loss.detach(), "recon": recon.detach(), "q_loss": q_loss.detach(),
+               "actor_loss": actor_loss.detach(), "q_mean": q1.detach().mean(), "actor_gn": agn, "critic_gn": cgn}
+        if cfg.lr_decay:
+            out["lr"] = self.optims["actor"].param_groups[0]["lr"]
+        return out
 
     def policy_fn(self):
         """obs [n, S] -> actions [n, A]: eval_candidates one-step samples per state from the actor, one
@@ -282,7 +305,7 @@ class CPQL(_CPQLCore, Trainer):
     """Offline CPQL on an OfflineDataset."""
 
     algo = "cpql"
-    resume_fields = Trainer.resume_fields | {"steps", "grad_norm", "task"}   # may change on resume
+    resume_fields = Trainer.resume_fields | {"steps", "grad_norm", "task", "lr_decay"}   # may change on resume
     lr_fields = {"lr": ("actor", "critic")}
     dist_batches = ("batch",)
 
@@ -332,6 +355,7 @@ class CPQLOnlineConfig:
     critic_depth: int = 3
     layer_norm: bool = False
     lr: float = 3e-4
+    lr_decay: bool = False            # cosine decay to 0 over ``steps`` (as CPQLConfig.lr_decay)
     eta: float = 1.0
     alpha: float = 0.05
     grad_norm: float = 2.0
@@ -364,6 +388,7 @@ class CPQLOnlineConfig:
                      "eval_candidates", "log_every"):
             C.positive_int(name, getattr(self, name))
         C.boolean("compile", self.compile)
+        C.boolean("lr_decay", self.lr_decay)
         for name in ("steps", "warmup_steps", "step_start_ema", "eval_every", "eval_episodes", "checkpoint_every"):
             C.positive_int(name, getattr(self, name), minimum=0)
         C.positive_float("lr", self.lr)
@@ -380,7 +405,7 @@ class CPQLOnline(_CPQLCore, Trainer):
     """
 
     algo = "cpql-online"
-    resume_fields = Trainer.resume_fields | {"steps", "grad_norm"}   # may change on resume
+    resume_fields = Trainer.resume_fields | {"steps", "grad_norm", "lr_decay"}   # may change on resume
     lr_fields = {"lr": ("actor", "critic")}
 
     def __init__(self, cfg: Optional[CPQLOnlineConfig] = None, out_dir: str = "runs/cpql-online", device: str = "cpu",
