@@ -252,8 +252,12 @@ def report(a):
                      f"{np.mean(best):.1f} |")
     lines += ["", "Commands (one per run; after it the commands that continued it to a larger budget (--resume) "
               "or repeated its final evaluation with more episodes (reeval)):", ""]
+    listed = set()  # a resumed run's command is also that of the shorter run kept beside it: listed once
     for c in curves:
-        lines += [f"    {x}" for x in [c["command"]] + c.get("resume_commands", []) + _reeval_lines(c)]
+        for x in [c["command"]] + c.get("resume_commands", []) + _reeval_lines(c):
+            if x not in listed:
+                listed.add(x)
+                lines.append(f"    {x}")
     with open(os.path.join(a.out, "README.md") + ".tmp", "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(a.out, "README.md") + ".tmp", os.path.join(a.out, "README.md"))

@@ -300,9 +300,12 @@ def test_time_to_score_resume_continues_a_finished_run_to_a_larger_budget(demo_m
     with pytest.raises(SystemExit, match="ended its schedule"):   # nothing left to continue
         T.main(args + ["--budget-s", "2000", "--resume"])
     assert json.load(open(run / "curve.json")) == c
+    (tmp_path / "short").mkdir()   # the shorter run kept beside its continuation (as bench/results/tts does)
+    (tmp_path / "short" / "curve.json").write_text(json.dumps(first))
     T.main(["report", "--out", str(tmp_path)])
     text = open(tmp_path / "README.md").read()
     assert c["resume_commands"][0] in text and text.index(c["command"]) < text.index(c["resume_commands"][0])
+    assert text.count(c["command"] + "\n") == 1   # both runs start with it: listed once
 
 
 def test_time_to_score_reeval_replaces_the_final_evaluation_and_keeps_the_old_one(demo_minari_root, tmp_path):
