@@ -295,6 +295,16 @@ def test_cpql_lr_decay_follows_the_cosine(tiny_ds, tmp_path):
                                                                          for g in o.param_groups)))
     tr.fit()
     assert not any(plain) and set(lrs) == {lr0} and tr.scheduled_lr(10) == lr0
+    # a run killed mid-decay and resumed with lr_decay off goes on at lr0 (its optimizers held the decayed lr)
+    run = CPQL(tiny_ds, _ccfg(lr=lr0, lr_decay=True), out_dir=str(tmp_path / "off"), progress_bar=False,
+               callback=_kill_at(14))
+    with pytest.raises(StopTraining):
+        run.fit()
+    held = torch.load(str(tmp_path / "off" / "checkpoint.pt"), weights_only=False)["optims"]["actor"]["param_groups"]
+    assert held[0]["lr"] < lr0
+    off = CPQL(tiny_ds, _ccfg(lr=lr0), out_dir=str(tmp_path / "off"), progress_bar=False)
+    assert off.try_resume() and "lr_decay" in off.resume_changes
+    assert {g["lr"] for o in off.optims.values() for g in o.param_groups} == {lr0}
     with pytest.raises(TypeError, match="lr_decay must be a bool"):
         _ccfg(lr_decay="yes")
     with pytest.raises(TypeError, match="lr_decay must be a bool"):

@@ -217,6 +217,15 @@ class _CPQLCore:
         frac = min(step / max(self.total_steps, 1), 1.0)
         return float(cfg.lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
+    def _apply_resume_changes(self, changes: Dict[str, tuple]) -> None:
+        """The Trainer's, then the optimizers' lr set to this step's scheduled value: a checkpoint's optimizers
+        hold the lr they last used, which a resume that turns lr_decay off must not keep."""
+        super()._apply_resume_changes(changes)
+        lr = self.scheduled_lr(self.step)
+        for o in self.optims.values():
+            for group in o.param_groups:
+                group["lr"] = lr
+
     def _update(self, batch: Dict[str, torch.Tensor], online: bool) -> Dict[str, torch.Tensor]:
         """One critic + actor update on a global batch; under torch.distributed on this process's share of it
         (same random draws as one process, gradients averaged by DDP, the |Q| normaliser global)."""
