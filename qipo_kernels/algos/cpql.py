@@ -221,7 +221,9 @@ class _CPQLCore:
         """The Trainer's, then the optimizers' lr set to this step's scheduled value: a checkpoint's optimizers
         hold the lr they last used, which a resume that turns lr_decay off must not keep."""
         super()._apply_resume_changes(changes)
-        lr = self.scheduled_lr(self.step)
+        self._set_lr(self.scheduled_lr(self.step))
+
+    def _set_lr(self, lr: float) -> None:
         for o in self.optims.values():
             for group in o.param_groups:
                 group["lr"] = lr
@@ -232,9 +234,7 @@ class _CPQLCore:
         cfg = self.cfg
         if cfg.lr_decay:
             lr = self.scheduled_lr(self.step)
-            for o in self.optims.values():
-                for group in o.param_groups:
-                    group["lr"] = lr
+            self._set_lr(lr)
         z = self._draws(batch["obs"].shape[0], online, batch["obs"].dtype)
         obs, act, rew, nobs, done = (self.rows(batch[k]) for k in ("obs", "actions", "rewards", "next_obs", "dones"))
         zn, zr, zs, za = self.rows(z["next"]), self.rows(z["recon"]), self.rows(z["sigma_idx"]), self.rows(z["new"])
@@ -292,7 +292,7 @@ class _CPQLCore:
         out = {"critic_loss": critic_loss.detach(), "recon": recon.detach(), "q_loss": q_loss.detach(),
                "actor_loss": actor_loss.detach(), "q_mean": q1.detach().mean(), "actor_gn": agn, "critic_gn": cgn}
         if cfg.lr_decay:
-            out["lr"] = self.optims["actor"].param_groups[0]["lr"]
+            out["lr"] = lr
         return out
 
     def policy_fn(self):
