@@ -43,6 +43,7 @@ from qipo_kernels.algos.cpql import CPQLConfig  # noqa: E402
 from qipo_kernels.algos.qipo import QIPOConfig, qipo_config_for  # noqa: E402
 from qipo_kernels.cli import CLIError, _make_config, _parse_sets  # noqa: E402
 from qipo_kernels.data import load_minari  # noqa: E402
+from qipo_kernels.data.rollout import existing_params, software_stamp  # noqa: E402
 from qipo_kernels.evaluation import standard_error  # noqa: E402
 
 
@@ -91,6 +92,26 @@ def _resumable(a, out):
     return c
 
 
+def _dataset_build(ds) -> dict:
+    """What tells one build of a dataset from another: its reference scores and the data's normalised score
+    (the mean episode return; None without episode returns or reference scores)."""
+    ep = getattr(ds, "episode_returns", None)
+    beh = None
+    if ep is not None and ds.ref_max_score is not None and ds.ref_min_score is not None:
+        beh = float(100 * (np.mean(np.asarray(ep)) - ds.ref_min_score) / (ds.ref_max_score - ds.ref_min_score))
+    return {"ref": [ds.ref_min_score, ds.ref_max_score], "behaviour_normalized": beh}
+
+
+def _same_build(curve, build) -> bool:
+    """Whether a run's curve was trained on this build of its dataset (curves of older versions of this script
+    all hold "ref" and "behaviour_normalized")."""
+    def close(x, y):
+        return (x is None) == (y is None) and (x is None or np.isclose(float(x), float(y), rtol=1e-9, atol=0.0))
+    ref = curve.get("ref") or [None, None]
+    return all(close(x, y) for x, y in zip(ref, build["ref"])) and \
+        close(curve.get("behaviour_normalized"), build["behaviour_normalized"])
+
+
 def run(a):
     if a.stage1_only and a.algo != "qipo":
         raise SystemExit("--stage1-only applies to --algo qipo only (its behaviour model)")
@@ -107,6 +128,13 @@ def run(a):
     old = _resumable(a, out) if a.resume else None   # checked before the dataset loads
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
+    build = _dataset_build(ds)
+    if old is not None and not _same_build(old, build):
+        raise SystemExit(f"--resume: {a.dataset} here (reference scores {build['ref']}, data score "
+                         f"{build['behaviour_normalized']}) is not the build the run in {out} trained on (reference "
+                         f"scores {old.get('ref')}, data score {old.get('behaviour_normalized')}): the dataset was "
+                         f"rebuilt (made on another machine or with other package versions); continue the run where "
+                         f"its dataset is, or start a new run in another --out")
     os.makedirs(out, exist_ok=True)
     trainer = CPQL if a.algo == "cpql" else QIPO
     tr = trainer(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
@@ -123,11 +151,12 @@ def run(a):
         curve.update(budget_s=a.budget_s, final_episodes=a.final_episodes,
                      points=[dict(p, tag="budget_end") if p["tag"] == "final" else p for p in old["points"]],
                      resume_commands=old.get("resume_commands", []) + [a.command])
-    curve["ref"] = [ds.ref_min_score, ds.ref_max_score]
-    ep = getattr(ds, "episode_returns", None)
-    if ep is not None and ds.ref_max_score is not None:
-        curve["behaviour_normalized"] = float(100 * (np.mean(np.asarray(ep)) - ds.ref_min_score)
-                                              / (ds.ref_max_score - ds.ref_min_score))
+    curve["ref"] = build["ref"]
+    if build["behaviour_normalized"] is not None:
+        curve["behaviour_normalized"] = build["behaviour_normalized"]
+    stamp = software_stamp()   # what each leg of the run (start, every --resume) ran with, and the dataset's maker
+    curve["made_with"] = [x for x in curve.get("made_with", []) if x != stamp] + [stamp]
+    curve["dataset_made_with"] = (existing_params(a.dataset) or {}).get("qipo_made_with")
     deadline = time.time() + a.wall_limit_s if a.wall_limit_s else None
 
     def save():
@@ -215,6 +244,7 @@ def report(a):
     curves = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out, "*", "curve.json")))]
     if not curves:
         raise SystemExit(f"no runs under {a.out}")
+    curves = _name_builds(curves)   # runs on two builds of one dataset are never pooled
     groups = {}
     for c in curves:  # runs of one label on one dataset with different budgets are rows of their own
         groups.setdefault((_label(c), c["dataset"], float(c["budget_s"])), []).append(c)
@@ -272,6 +302,26 @@ def report(a):
     path = os.path.join(a.out, "time_to_score.png")
     plot_curves(plt, curves, path, budget_tag)
     print(f"plot: {path}")
+
+
+def _name_builds(curves):
+    """The curves, each with its "dataset" named apart where one dataset id has runs on more than one build of
+    it (other reference scores or data score: the dataset was rebuilt on another machine or with other package
+    versions): "qipo/walker2d/medium-ppo-v0 (data 73.9, ref max 3905.5)". Ids with one build keep their name."""
+    def key(c):
+        ref = c.get("ref") or [None, None]
+        return tuple(None if v is None else round(float(v), 6) for v in (*ref, c.get("behaviour_normalized")))
+    builds = collections.defaultdict(set)
+    for c in curves:
+        builds[c["dataset"]].add(key(c))
+
+    def name(c):
+        if len(builds[c["dataset"]]) == 1:
+            return c["dataset"]
+        _, ref_max, beh = key(c)
+        return (f"{c['dataset']} (data {'-' if beh is None else f'{beh:.1f}'}, "
+                f"ref max {'-' if ref_max is None else f'{ref_max:.1f}'})")
+    return [dict(c, dataset=name(c)) for c in curves]
 
 
 def plot_curves(plt, curves, path, budget_tag):

@@ -393,7 +393,8 @@ def cmd_make_dataset(a) -> int:
 
     meta = existing_params(did) or {}
     print(f"dataset {did} at {dataset_dir(did)}: ref_min_score {meta.get('ref_min_score')}, ref_max_score "
-          f"{meta.get('ref_max_score')}, behaviour normalised score {meta.get('qipo_behaviour_normalized_score')}")
+          f"{meta.get('ref_max_score')}, behaviour normalised score {meta.get('qipo_behaviour_normalized_score')}"
+          + (f"; made with {meta['qipo_made_with']}" if meta.get("qipo_made_with") else ""))
     return 0
 
 

@@ -91,6 +91,31 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     assert "90.0 ± " in rows["cpql (budget 40 s)"] and " | 1 | " in rows["cpql (budget 40 s)"]
 
 
+def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path):
+    """Runs of one command on two builds of one dataset id (rebuilt on another machine: other reference scores
+    and data score) are rows of their own, each named by its build and with its own data score; a dataset with
+    one build keeps its plain name."""
+    def curve(seed, ref_max, data, score, dataset="d/w/v0"):
+        ret = 1.0 + score / 100 * (ref_max - 1.0)   # per_episode holds returns
+        f = {"tag": "final", "step": 5, "cpu_s": 1.0, "normalized": score, "normalized_se": 0.0, "episodes": 2,
+             "per_episode": [ret, ret]}
+        return {"algo": "cpql", "dataset": dataset, "seed": seed, "budget_s": 10, "behaviour_normalized": data,
+                "ref": [1.0, ref_max], "command": f"run --algo cpql --seed {seed} --dataset {dataset}",
+                "points": [f], "final": f}
+    runs = {"a0": curve(0, 3894.7, 74.6, 90.0), "a1": curve(1, 3894.7, 74.6, 94.0),
+            "b3": curve(3, 3905.5, 73.9, 80.0), "other": curve(0, 50.0, 10.0, 20.0, dataset="d/h/v0")}
+    for name, c in runs.items():
+        os.makedirs(tmp_path / name)
+        json.dump(c, open(tmp_path / name / "curve.json", "w"))
+    T.main(["report", "--out", str(tmp_path)])
+    rows = {ln.split(" | ")[1]: ln.split(" | ") for ln in open(tmp_path / "README.md").read().splitlines()
+            if ln.startswith("| ") and "---" not in ln and "algorithm" not in ln}
+    assert set(rows) == {"d/w/v0 (data 74.6, ref max 3894.7)", "d/w/v0 (data 73.9, ref max 3905.5)", "d/h/v0"}
+    a, b = rows["d/w/v0 (data 74.6, ref max 3894.7)"], rows["d/w/v0 (data 73.9, ref max 3905.5)"]
+    assert (a[2], a[3], a[7].split(" ± ")[0]) == ("74.6", "2", "92.0")
+    assert (b[2], b[3], b[7].split(" ± ")[0]) == ("73.9", "1", "80.0")
+
+
 def test_time_to_score_report_points_reeval_at_the_folder_the_run_command_makes(tmp_path):
     """A reeval line recorded with a run folder of an older naming is shown with the checkpoint path the run
     command listed above it creates today; a command that does not parse is shown as recorded."""

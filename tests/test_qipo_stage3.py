@@ -197,7 +197,7 @@ def _fake_qipo(calls):
 
     class FakeQIPO:
         def __init__(self, ds, cfg, out_dir, progress_bar):
-            self.cfg, self.P, self.step = cfg, 2, 0
+            self.cfg, self.P, self.step, self.total_steps = cfg, 2, 0, 4
             self.train_time = self.train_wall_time = 0.0
             self.eval_history, self.callback = [], None
 
@@ -235,6 +235,39 @@ def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_pat
     c = json.load(open(tmp_path / "qipo-cpu-quick-x-s0" / "curve.json"))
     assert [(p["tag"], p["episodes"]) for p in c["points"]] == [("behaviour", 7), ("train", 3), ("final", 7)]
     assert c["final_episodes"] == 7 and c["config"]["eval_episodes"] == 3
+
+
+def test_time_to_score_records_what_it_ran_with_and_resumes_only_on_the_same_build(tmp_path, monkeypatch):
+    """A curve keeps the software stamp of each leg (start, --resume) and its dataset's; a --resume on a rebuilt
+    dataset (other reference scores or data score: made on another machine) is refused before anything runs,
+    and the curve is left as it was."""
+    from qipo_kernels.data.rollout import software_stamp
+
+    calls = []
+    monkeypatch.setattr(T, "QIPO", _fake_qipo(calls))
+    monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
+    args = ["run", "--algo", "qipo", "--dataset", "d/x/v0", "--episodes", "2", "--final-episodes", "2",
+            "--out", str(tmp_path)]
+    T.main(args + ["--budget-s", "10"])
+    run = tmp_path / "qipo-cpu-quick-x-s0"
+    c = json.load(open(run / "curve.json"))
+    assert c["made_with"] == [software_stamp()] and c["dataset_made_with"] is None   # no such dataset on disk
+    assert c["ref"] == [0.0, 100.0] and c["behaviour_normalized"] == 32.0
+    (run / "run").mkdir()
+    (run / "run" / "checkpoint.pt").write_bytes(b"")    # the fake trainer writes none
+    for field, value in (("ref_max_score", 101.0), ("episode_returns", np.array([30.0, 34.5]))):
+        class Rebuilt(_FakeDS):
+            pass
+        setattr(Rebuilt, field, value)
+        monkeypatch.setattr(T, "load_minari", lambda _id: Rebuilt())
+        n = len(calls)
+        with pytest.raises(SystemExit, match="is not the build the run .* trained on"):
+            T.main(args + ["--budget-s", "20", "--resume"])
+        assert len(calls) == n and json.load(open(run / "curve.json")) == c
+    # on the same build the resume gets past that check to the next one (the fake run ended its schedule)
+    monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
+    with pytest.raises(SystemExit, match="ended its schedule"):
+        T.main(args + ["--budget-s", "20", "--resume"])
 
 
 def test_time_to_score_stage1_only_stops_after_the_behaviour_model(tmp_path, monkeypatch):

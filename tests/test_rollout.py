@@ -131,6 +131,18 @@ def test_cli_make_dataset_from_an_sb3_zip(root, tmp_path, capsys):
     d = load_minari("test/hop-sac-v0")
     assert len(d) > 0 and d.ref_max_score is not None
     assert main(args) == 0  # same arguments: returns at once (idempotent)
+    # what made it is kept in the metadata and printed; it is not compared when the dataset is reused: the same
+    # arguments on a machine with other versions return the dataset that is there rather than refuse it
+    from qipo_kernels.data import rollout
+    meta = rollout.existing_params("test/hop-sac-v0")
+    assert meta["qipo_made_with"] == rollout.software_stamp()
+    assert f"torch {torch.__version__}" in meta["qipo_made_with"] and "mujoco " in meta["qipo_made_with"]
+    assert "made with python " in capsys.readouterr().out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout, "software_stamp", lambda: "python 0, torch 0; cpu other")
+        mp.setattr(rollout, "rollout_episode", None)   # reuse must not roll anything out
+        assert main(args) == 0
+    assert rollout.existing_params("test/hop-sac-v0")["qipo_made_with"] == meta["qipo_made_with"]
     # an agent built for another env says so
     with pytest.raises(SystemExit, match="does not fit"):
         main(["make-dataset", "--env", "HalfCheetah-v5", "--agent", zpath, "--id", "test/hc-v0", "--episodes", "1",

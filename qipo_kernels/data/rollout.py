@@ -10,7 +10,10 @@ clipped to the action Box (``noise`` is the standard deviation in the [-1, 1]-re
 that the package trains on). Reference scores, stored in the Minari metadata for the normalised
 score 100 (R - ref_min) / (ref_max - ref_min), are measured on ``ref_episodes`` fixed reset seeds
 (10000, 10001, ...): ``ref_min_score`` = mean return of the uniformly random policy (action RNG seed
-10000), ``ref_max_score`` = mean return of the noiseless agent. Same arguments -> same data.
+10000), ``ref_max_score`` = mean return of the noiseless agent. Same arguments on the same machine and
+package versions -> same data; MuJoCo rollouts are chaotic, so another CPU or other torch / mujoco / numpy
+versions give a slightly different dataset (seen: a Walker2d data score of 73.9 against 74.6). The metadata's
+``qipo_made_with`` (``software_stamp()``) says what made it.
 
 The dataset is built in a hidden temporary directory under the datasets directory and renamed into
 place (``write_buffers_atomic``), so an interrupted run never leaves a dataset that loads.
@@ -231,6 +234,34 @@ def reference_scores(env, policy: Policy, episodes: int = 10) -> Tuple[float, fl
     return float(np.mean(rand)), float(np.mean(good))
 
 
+# ---- provenance -----------------------------------------------------------------------------------
+
+STAMP_PACKAGES = ("torch", "numpy", "gymnasium", "mujoco", "stable-baselines3", "minari")
+
+
+def software_stamp() -> str:
+    """What a dataset or a run was made with: "python 3.11.7, torch 2.13.0+cpu, ..., mujoco 4.0.1, ...;
+    cpu <model name>" (a package that is not installed reads "absent"). MuJoCo rollouts are chaotic: the same
+    agent, seed and command on another CPU or with other versions of these packages gives a slightly different
+    dataset (other returns, other reference scores), so what made it is kept beside it."""
+    import platform
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+    cpu = platform.processor() or platform.machine() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.lower().startswith("model name")), cpu)
+    except OSError:
+        pass
+    pkgs = ", ".join(f"{n} {version(n)}" for n in STAMP_PACKAGES)
+    return f"python {platform.python_version()}, {pkgs}; cpu {cpu}"
+
+
 # ---- atomic writing -------------------------------------------------------------------------------
 
 def existing_params(dataset_id: str) -> Optional[dict]:
@@ -408,6 +439,7 @@ def make_rollout_dataset(dataset_id: str, env_id: str, agent: Union[str, Policy]
         env.close()
     behaviour = 100.0 * (np.mean(returns) - ref_min) / (ref_max - ref_min) if ref_max != ref_min else float("nan")
     want["qipo_behaviour_normalized_score"] = float(behaviour)
+    want["qipo_made_with"] = software_stamp()   # (not compared when an existing dataset is reused)
     desc = (f"{env_id}, {num_episodes} episodes of {agent_desc} with N(0, {noise}^2) action noise in [-1, 1] "
             f"units (seed {seed}); ref_min_score: uniform random policy, ref_max_score: the noiseless "
             f"{'agent' if ref_agent is None else 'reference agent ' + want['qipo_ref_agent']}, "
