@@ -285,6 +285,8 @@ def report(a):
     listed = set()  # a resumed run's command is also that of the shorter run kept beside it: listed once
     for c in curves:
         for x in [c["command"]] + c.get("resume_commands", []) + _reeval_lines(c):
+            if c.get("build_named"):   # the same command on another build of the dataset: say which
+                x += f"   # on {c['dataset']}"
             if x not in listed:
                 listed.add(x)
                 lines.append(f"    {x}")
@@ -321,7 +323,7 @@ def _name_builds(curves):
         _, ref_max, beh = key(c)
         return (f"{c['dataset']} (data {'-' if beh is None else f'{beh:.1f}'}, "
                 f"ref max {'-' if ref_max is None else f'{ref_max:.1f}'})")
-    return [dict(c, dataset=name(c)) for c in curves]
+    return [dict(c, dataset=name(c), build_named=name(c) != c["dataset"]) for c in curves]
 
 
 def plot_curves(plt, curves, path, budget_tag):

@@ -114,6 +114,10 @@ def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path):
     a, b = rows["d/w/v0 (data 74.6, ref max 3894.7)"], rows["d/w/v0 (data 73.9, ref max 3905.5)"]
     assert (a[2], a[3], a[7].split(" ± ")[0]) == ("74.6", "2", "92.0")
     assert (b[2], b[3], b[7].split(" ± ")[0]) == ("73.9", "1", "80.0")
+    # each command says which build it ran on, where there are two
+    text = open(tmp_path / "README.md").read()
+    assert "    run --algo cpql --seed 3 --dataset d/w/v0   # on d/w/v0 (data 73.9, ref max 3905.5)\n" in text
+    assert "    run --algo cpql --seed 0 --dataset d/h/v0\n" in text
 
 
 def test_time_to_score_report_points_reeval_at_the_folder_the_run_command_makes(tmp_path):
