@@ -7,6 +7,7 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
         --budget-s 600 --out bench/results/tts
     python bench/time_to_score.py run ... --budget-s 3600 --resume    # a finished run continued to a larger budget
     python bench/time_to_score.py report --out bench/results/tts      # table + plot from every run there
+    python bench/time_to_score.py gain --dataset ID --label "cpql --set lr=0.001"   # gain over the data, pooled
     python bench/time_to_score.py reeval --curve bench/results/tts/<run>/curve.json \
         --ckpt <out>/<run>/run/checkpoint.pt --episodes 30   # a run's final evaluation again, with more episodes
 
@@ -326,6 +327,41 @@ def _name_builds(curves):
     return [dict(c, dataset=name(c), build_named=name(c) != c["dataset"]) for c in curves]
 
 
+def gain(a):
+    """The final score minus each run's own data score, for the runs of one configuration (``--label``, as the
+    report's first column without a budget) on one dataset id, pooled over the builds of that id (a dataset
+    rebuilt on another machine has a slightly different data score, _name_builds): one line per run, then the
+    mean gain ± s.e. over all final episodes, [s.e. of the runs' gains]."""
+    curves = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out, "*", "curve.json")))]
+    on = [c for c in curves if c["dataset"] == a.dataset and "final" in c]
+    sel = [c for c in on if _label(c) == a.label]
+    if not sel:
+        raise SystemExit(f"--label {a.label!r}: no finished run of it on {a.dataset} under {a.out}; its labels "
+                         f"there: {sorted({_label(c) for c in on}) or 'none'}")
+    budgets = sorted({float(c["budget_s"]) for c in sel})
+    if a.budget_s is not None:
+        sel = [c for c in sel if float(c["budget_s"]) == a.budget_s]
+        if not sel:
+            raise SystemExit(f"--budget-s {a.budget_s:g}: the runs of {a.label!r} on {a.dataset} have budgets {budgets}")
+    elif len(budgets) > 1:
+        raise SystemExit(f"the runs of {a.label!r} on {a.dataset} have budgets {budgets}: pick one with --budget-s")
+    named = {id(c): n["dataset"] for c, n in zip(curves, _name_builds(curves))}
+    lines = [f"{a.label} on {a.dataset}: final score minus the run's own data score", "",
+             "| seed | dataset build | data | final | gain |", "|---|---|---|---|---|"]
+    eps, gains = [], []
+    for c in sorted(sel, key=lambda c: (named[id(c)], c["seed"])):
+        g = _norm_eps(c, c["final"]) - c["behaviour_normalized"]
+        eps.append(g)
+        gains.append(float(g.mean()))
+        lines.append(f"| {c['seed']} | {named[id(c)]} | {c['behaviour_normalized']:.1f} | "
+                     f"{c['final']['normalized']:.1f} | {gains[-1]:+.1f} |")
+    e = np.concatenate(eps)
+    se = e.std(ddof=1) / np.sqrt(len(e)) if len(e) > 1 else float("nan")
+    seed_se = f" [{np.std(gains, ddof=1) / np.sqrt(len(gains)):.1f}]" if len(gains) > 1 else ""
+    lines += ["", f"{len(sel)} run{'s' * (len(sel) != 1)}, {len(e)} final episodes: gain {e.mean():+.1f} ± {se:.1f}{seed_se}"]
+    print("\n".join(lines))
+
+
 def plot_curves(plt, curves, path, budget_tag):
     """Score against train CPU seconds, one panel per dataset (one below the other). One colour per configuration
     (algorithm, preset, --set values, budget), one marker per seed; the legend (outside the panel) lists
@@ -439,6 +475,13 @@ def _parser():
     p = sub.add_parser("report")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
     p.set_defaults(fn=report)
+    g = sub.add_parser("gain", help="final score minus each run's data score, pooled over builds of one dataset")
+    g.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
+    g.add_argument("--dataset", required=True, help="the dataset id (every build of it)")
+    g.add_argument("--label", required=True, help='the configuration, as the report\'s first column without its '
+                                                   'budget, e.g. "cpql --set lr=0.001"')
+    g.add_argument("--budget-s", type=float, default=None, help="where the configuration's runs have several budgets")
+    g.set_defaults(fn=gain)
     e = sub.add_parser("reeval", help="a finished run's final evaluation again, with more episodes")
     e.add_argument("--curve", required=True, help="the run's curve.json (rewritten in place, atomically)")
     e.add_argument("--ckpt", required=True, help="the run's checkpoint.pt (its run/ folder's)")

@@ -91,7 +91,7 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     assert "90.0 ± " in rows["cpql (budget 40 s)"] and " | 1 | " in rows["cpql (budget 40 s)"]
 
 
-def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path):
+def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path, capsys):
     """Runs of one command on two builds of one dataset id (rebuilt on another machine: other reference scores
     and data score) are rows of their own, each named by its build and with its own data score; a dataset with
     one build keeps its plain name."""
@@ -118,6 +118,21 @@ def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path):
     text = open(tmp_path / "README.md").read()
     assert "    run --algo cpql --seed 3 --dataset d/w/v0   # on d/w/v0 (data 73.9, ref max 3905.5)\n" in text
     assert "    run --algo cpql --seed 0 --dataset d/h/v0\n" in text
+    # gain: each run's final minus its own build's data score, pooled over the builds
+    capsys.readouterr()
+    T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql"])
+    out = capsys.readouterr().out
+    assert "| 3 | d/w/v0 (data 73.9, ref max 3905.5) | 73.9 | 80.0 | +6.1 |" in out
+    assert "| 1 | d/w/v0 (data 74.6, ref max 3894.7) | 74.6 | 94.0 | +19.4 |" in out
+    assert "3 runs, 6 final episodes: gain +13.6 ± " in out   # (15.4 + 19.4 + 6.1) / 3, two episodes each
+    with pytest.raises(SystemExit, match="no finished run of it on d/w/v0 .* labels there: \\['cpql'\\]"):
+        T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "qipo cpu-30min"])
+    runs["a1"]["budget_s"] = 40
+    json.dump(runs["a1"], open(tmp_path / "a1" / "curve.json", "w"))
+    with pytest.raises(SystemExit, match="budgets \\[10.0, 40.0\\]: pick one with --budget-s"):
+        T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql"])
+    T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql", "--budget-s", "40"])
+    assert "1 run, 2 final episodes: gain +19.4 ± 0.0" in capsys.readouterr().out
 
 
 def test_time_to_score_report_points_reeval_at_the_folder_the_run_command_makes(tmp_path):
