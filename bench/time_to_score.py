@@ -345,6 +345,10 @@ def gain(a):
             raise SystemExit(f"--budget-s {a.budget_s:g}: the runs of {a.label!r} on {a.dataset} have budgets {budgets}")
     elif len(budgets) > 1:
         raise SystemExit(f"the runs of {a.label!r} on {a.dataset} have budgets {budgets}: pick one with --budget-s")
+    missing = [c["seed"] for c in sel if c.get("behaviour_normalized") is None]
+    if missing:
+        raise SystemExit(f"the runs of seeds {missing} have no data score (their dataset has no reference scores "
+                         f"or episode returns): no gain over the data to compute")
     named = {id(c): n["dataset"] for c, n in zip(curves, _name_builds(curves))}
     lines = [f"{a.label} on {a.dataset}: final score minus the run's own data score", "",
              "| seed | dataset build | data | final | gain |", "|---|---|---|---|---|"]

@@ -133,6 +133,10 @@ def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path, caps
         T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql"])
     T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql", "--budget-s", "40"])
     assert "1 run, 2 final episodes: gain +19.4 ± 0.0" in capsys.readouterr().out
+    runs["a1"]["behaviour_normalized"] = None
+    json.dump(runs["a1"], open(tmp_path / "a1" / "curve.json", "w"))
+    with pytest.raises(SystemExit, match=r"seeds \[1\] have no data score"):
+        T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql", "--budget-s", "40"])
 
 
 def test_time_to_score_report_points_reeval_at_the_folder_the_run_command_makes(tmp_path):
