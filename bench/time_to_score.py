@@ -103,14 +103,15 @@ def _dataset_build(ds) -> dict:
     return {"ref": [ds.ref_min_score, ds.ref_max_score], "behaviour_normalized": beh}
 
 
-def _same_build(curve, build) -> bool:
-    """Whether a run's curve was trained on this build of its dataset (curves of older versions of this script
-    all hold "ref" and "behaviour_normalized")."""
-    def close(x, y):
-        return (x is None) == (y is None) and (x is None or np.isclose(float(x), float(y), rtol=1e-9, atol=0.0))
-    ref = curve.get("ref") or [None, None]
-    return all(close(x, y) for x, y in zip(ref, build["ref"])) and \
-        close(curve.get("behaviour_normalized"), build["behaviour_normalized"])
+def _build_key(c) -> tuple:
+    """A dataset build's identity, from a curve or a _dataset_build dict: (ref_min, ref_max, data score), rounded
+    to 6 decimals (curves of older versions of this script all hold "ref" and "behaviour_normalized")."""
+    ref = c.get("ref") or [None, None]
+    return tuple(None if v is None else round(float(v), 6) for v in (*ref, c.get("behaviour_normalized")))
+
+
+def _load_curves(out):
+    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*", "curve.json")))]
 
 
 def run(a):
@@ -130,7 +131,7 @@ def run(a):
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
     build = _dataset_build(ds)
-    if old is not None and not _same_build(old, build):
+    if old is not None and _build_key(old) != _build_key(build):
         raise SystemExit(f"--resume: {a.dataset} here (reference scores {build['ref']}, data score "
                          f"{build['behaviour_normalized']}) is not the build the run in {out} trained on (reference "
                          f"scores {old.get('ref')}, data score {old.get('behaviour_normalized')}): the dataset was "
@@ -242,7 +243,7 @@ def reeval(a):
 
 
 def report(a):
-    curves = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out, "*", "curve.json")))]
+    curves = _load_curves(a.out)
     if not curves:
         raise SystemExit(f"no runs under {a.out}")
     curves = _name_builds(curves)   # runs on two builds of one dataset are never pooled
@@ -311,17 +312,14 @@ def _name_builds(curves):
     """The curves, each with its "dataset" named apart where one dataset id has runs on more than one build of
     it (other reference scores or data score: the dataset was rebuilt on another machine or with other package
     versions): "qipo/walker2d/medium-ppo-v0 (data 73.9, ref max 3905.5)". Ids with one build keep their name."""
-    def key(c):
-        ref = c.get("ref") or [None, None]
-        return tuple(None if v is None else round(float(v), 6) for v in (*ref, c.get("behaviour_normalized")))
     builds = collections.defaultdict(set)
     for c in curves:
-        builds[c["dataset"]].add(key(c))
+        builds[c["dataset"]].add(_build_key(c))
 
     def name(c):
         if len(builds[c["dataset"]]) == 1:
             return c["dataset"]
-        _, ref_max, beh = key(c)
+        _, ref_max, beh = _build_key(c)
         return (f"{c['dataset']} (data {'-' if beh is None else f'{beh:.1f}'}, "
                 f"ref max {'-' if ref_max is None else f'{ref_max:.1f}'})")
     return [dict(c, dataset=name(c), build_named=name(c) != c["dataset"]) for c in curves]
@@ -332,7 +330,7 @@ def gain(a):
     report's first column without a budget) on one dataset id, pooled over the builds of that id (a dataset
     rebuilt on another machine has a slightly different data score, _name_builds): one line per run, then the
     mean gain ± s.e. over all final episodes, [s.e. of the runs' gains]."""
-    curves = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.out, "*", "curve.json")))]
+    curves = _load_curves(a.out)
     on = [c for c in curves if c["dataset"] == a.dataset and "final" in c]
     sel = [c for c in on if _label(c) == a.label]
     if not sel:
