@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import platform
 import re
 import tempfile
 import time
@@ -39,15 +38,10 @@ def score_text(s: Dict, digits: int = 1) -> str:
 
 # ----------------------------------------------------------------------------- device
 def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
+    """CPU model name (qipo_kernels.data.rollout.cpu_model: /proc/cpuinfo, else platform)."""
+    from qipo_kernels.data.rollout import cpu_model as _cpu_model
+
+    return _cpu_model()
 
 
 def device_name(device: torch.device) -> str:

@@ -27,7 +27,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -41,14 +40,10 @@ from qipo_kernels import _C
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """CPU model name (the package's one reading of it, qipo_kernels.data.rollout.cpu_model)."""
+    from qipo_kernels.data.rollout import cpu_model
+
+    return cpu_model()
 
 
 def timeit(fn, min_time: float, min_reps: int = 5):

@@ -329,3 +329,37 @@ def test_bench_train_step_compile_table(tmp_path, monkeypatch):
         for name in tr.optims:
             m = tr.modules[name]
             assert getattr(getattr(m, "net", m), "_qipo_compiled", False) or getattr(m, "_qipo_compiled", False)
+
+
+# ----------------------------------------------------------------------------- the CPU model name
+def test_cpu_model_one_reading(monkeypatch):
+    """Datasets' stamps and the benchmarks' result files name the CPU through one function: the
+    "model name" line of /proc/cpuinfo, else the platform's name for the processor."""
+    import builtins
+    import io
+    import platform
+
+    from bench import _common, bench_cpu
+    from qipo_kernels.data import rollout
+
+    real_open = builtins.open
+
+    def fake_open(path, *a, **k):
+        if path == "/proc/cpuinfo":
+            return io.StringIO("processor\t: 0\nvendor_id\t: Acme\nmodel name\t: Acme Widget 9000 @ 1.0GHz\n")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert rollout.cpu_model() == "Acme Widget 9000 @ 1.0GHz"
+    assert _common.cpu_model() == bench_cpu.cpu_name() == "Acme Widget 9000 @ 1.0GHz"
+    assert rollout.software_stamp().endswith("; cpu Acme Widget 9000 @ 1.0GHz")
+
+    def no_cpuinfo(path, *a, **k):
+        if path == "/proc/cpuinfo":
+            raise OSError("no such file")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    assert rollout.cpu_model() == _common.cpu_model() == bench_cpu.cpu_name() == "riscv64"

@@ -252,14 +252,23 @@ def software_stamp() -> str:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
             return "absent"
-    cpu = platform.processor() or platform.machine() or "unknown"
+    pkgs = ", ".join(f"{n} {version(n)}" for n in STAMP_PACKAGES)
+    return f"python {platform.python_version()}, {pkgs}; cpu {cpu_model()}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor() / machine(), else "unknown".
+    The one reading of it: datasets' and runs' stamps and the benchmarks' result files all use this."""
+    import platform
+
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.lower().startswith("model name")), cpu)
+            for ln in fh:
+                if ln.lower().startswith("model name"):
+                    return ln.split(":", 1)[1].strip()
     except OSError:
         pass
-    pkgs = ", ".join(f"{n} {version(n)}" for n in STAMP_PACKAGES)
-    return f"python {platform.python_version()}, {pkgs}; cpu {cpu}"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 # ---- atomic writing -------------------------------------------------------------------------------
