@@ -6,6 +6,7 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
     python bench/time_to_score.py run --algo cpql --dataset qipo/halfcheetah/noisy-sac-v0 --seed 0 \\
         --budget-s 600 --out bench/results/tts
     python bench/time_to_score.py run ... --budget-s 3600 --resume    # a finished run continued to a larger budget
+    python bench/time_to_score.py collect --from OUT --to bench/results/tts   # finished runs into the results
     python bench/time_to_score.py report --out bench/results/tts      # table + plot from every run there
     python bench/time_to_score.py gain --dataset ID --label "cpql --set lr=0.001"   # gain over the data, pooled
     python bench/time_to_score.py reeval --curve bench/results/tts/<run>/curve.json \
@@ -308,6 +309,36 @@ def report(a):
     print(f"plot: {path}")
 
 
+def collect(a):
+    """Copy the finished runs of a run --out (``<src>/<run>/curve.json``) into a results folder (``--to``), where
+    report and gain read them. Nothing there is overwritten: a run already there (same command, same dataset build)
+    is left as it is, even when it differs (reeval rewrites the results copy in place); a folder of that name that
+    holds a run on another build of the dataset (a rebuilt dataset gives the same run name) sends the new run to
+    ``<run>-rebuilt`` (``-rebuilt2``, ... when those are taken by yet other builds). Prints what it did per run."""
+    src = sorted(glob.glob(os.path.join(a.src, "*", "curve.json")))
+    if not src:
+        raise SystemExit(f"--from: no runs in {a.src} (expected {a.src}/<run>/curve.json, as `run --out` writes)")
+    for path in src:
+        c = json.load(open(path))
+        name = os.path.basename(os.path.dirname(path))
+        if "final" not in c:
+            print(f"{name}: not finished (no final evaluation), not collected")
+            continue
+        for k in range(1, 1000):
+            dest = name if k == 1 else f"{name}-rebuilt" + ("" if k == 2 else str(k - 1))
+            target = os.path.join(a.to, dest, "curve.json")
+            if not os.path.exists(target):
+                atomic_write_json(c, target)
+                print(f"{name}: -> {target}")
+                break
+            old = json.load(open(target))
+            if _build_key(old) == _build_key(c) and old.get("command") == c.get("command"):
+                same = "identical" if old == c else "differs from this copy (reeval or --resume); left as it is"
+                print(f"{name}: already in {target} ({same})")
+                break
+    return 0
+
+
 def _name_builds(curves):
     """The curves, each with its "dataset" named apart where one dataset id has runs on more than one build of
     it (other reference scores or data score: the dataset was rebuilt on another machine or with other package
@@ -484,6 +515,10 @@ def _parser():
                                                    'budget, e.g. "cpql --set lr=0.001"')
     g.add_argument("--budget-s", type=float, default=None, help="where the configuration's runs have several budgets")
     g.set_defaults(fn=gain)
+    k = sub.add_parser("collect", help="copy finished runs into a results folder, never overwriting one")
+    k.add_argument("--from", dest="src", required=True, help="a run --out folder")
+    k.add_argument("--to", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
+    k.set_defaults(fn=collect)
     e = sub.add_parser("reeval", help="a finished run's final evaluation again, with more episodes")
     e.add_argument("--curve", required=True, help="the run's curve.json (rewritten in place, atomically)")
     e.add_argument("--ckpt", required=True, help="the run's checkpoint.pt (its run/ folder's)")

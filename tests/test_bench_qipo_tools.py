@@ -139,6 +139,48 @@ def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path, caps
         T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql", "--budget-s", "40"])
 
 
+def test_time_to_score_collect_copies_finished_runs_and_never_overwrites(tmp_path, capsys):
+    """collect: a finished run goes to <to>/<run>; the same run already there is left as it is, even when its
+    results copy differs (reeval rewrote it); a run of the same name on another build of the dataset goes to
+    <run>-rebuilt, then -rebuilt2; an unfinished run is named and skipped; an empty --from is refused."""
+    def curve(ref_max, data, score, final=True):
+        f = {"tag": "final", "step": 5, "cpu_s": 1.0, "normalized": score, "normalized_se": 0.0, "episodes": 1,
+             "per_episode": [score]}
+        c = {"algo": "cpql", "dataset": "d/w/v0", "seed": 0, "budget_s": 10, "behaviour_normalized": data,
+             "ref": [0.0, ref_max], "command": "run --algo cpql --seed 0 --dataset d/w/v0", "points": [f]}
+        return dict(c, final=f) if final else c
+    src, to = tmp_path / "out", tmp_path / "results"
+
+    def put(name, c):
+        os.makedirs(src / name, exist_ok=True)
+        json.dump(c, open(src / name / "curve.json", "w"))
+    with pytest.raises(SystemExit, match="no runs in"):
+        T.main(["collect", "--from", str(src), "--to", str(to)])
+    put("cpql-s0", curve(100.0, 50.0, 70.0))
+    put("cpql-s1", curve(100.0, 50.0, 60.0, final=False))
+    T.main(["collect", "--from", str(src), "--to", str(to)])
+    out = capsys.readouterr().out
+    assert json.load(open(to / "cpql-s0" / "curve.json")) == curve(100.0, 50.0, 70.0)
+    assert "cpql-s1: not finished" in out and not (to / "cpql-s1").exists()
+    # the results copy re-evaluated in place: collect again leaves it
+    kept = dict(curve(100.0, 50.0, 70.0), reeval_commands=["reeval ..."])
+    json.dump(kept, open(to / "cpql-s0" / "curve.json", "w"))
+    T.main(["collect", "--from", str(src), "--to", str(to)])
+    assert "left as it is" in capsys.readouterr().out
+    assert json.load(open(to / "cpql-s0" / "curve.json")) == kept
+    # the same run name on a rebuilt dataset (other reference max and data score), twice
+    put("cpql-s0", curve(101.0, 51.0, 71.0))
+    T.main(["collect", "--from", str(src), "--to", str(to)])
+    put("cpql-s0", curve(102.0, 52.0, 72.0))
+    T.main(["collect", "--from", str(src), "--to", str(to)])
+    assert json.load(open(to / "cpql-s0" / "curve.json")) == kept
+    assert json.load(open(to / "cpql-s0-rebuilt" / "curve.json"))["ref"] == [0.0, 101.0]
+    assert json.load(open(to / "cpql-s0-rebuilt2" / "curve.json"))["ref"] == [0.0, 102.0]
+    T.main(["collect", "--from", str(src), "--to", str(to)])
+    assert "already in" in capsys.readouterr().out and sorted(os.listdir(to)) == ["cpql-s0", "cpql-s0-rebuilt",
+                                                                                   "cpql-s0-rebuilt2"]
+
+
 def test_time_to_score_report_points_reeval_at_the_folder_the_run_command_makes(tmp_path):
     """A reeval line recorded with a run folder of an older naming is shown with the checkpoint path the run
     command listed above it creates today; a command that does not parse is shown as recorded."""
