@@ -129,6 +129,11 @@ def run(a):
     name = run_name(a.algo, a.preset, a.set, a.dataset, a.seed, a.stage1_only)
     out = os.path.join(a.out, name)
     old = _resumable(a, out) if a.resume else None   # checked before the dataset loads
+    if old is None and any(os.path.exists(os.path.join(out, *f)) for f in (("curve.json",), ("run", "checkpoint.pt"))):
+        # the trainer would start over in it: the finished run's curve and checkpoint overwritten, its logs mixed
+        raise SystemExit(f"{out} already holds a run of these arguments (curve.json or run/checkpoint.pt): "
+                         f"--resume continues a finished one to a larger --budget-s; to run it again, pass another "
+                         f"--out or remove that folder yourself")
     torch.set_num_threads(1)
     ds = load_minari(a.dataset)
     build = _dataset_build(ds)

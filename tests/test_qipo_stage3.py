@@ -237,6 +237,34 @@ def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_pat
     assert c["final_episodes"] == 7 and c["config"]["eval_episodes"] == 3
 
 
+def test_time_to_score_run_never_starts_over_on_an_existing_run(tmp_path, monkeypatch):
+    """The same run command again, without --resume, is refused before anything loads or trains: the trainer
+    would have started over in the folder (the finished run's curve.json and checkpoint overwritten, its CSV
+    logs mixed with the new run's). A folder with only a checkpoint (a run killed before its first curve
+    point) is refused too."""
+    calls = []
+    monkeypatch.setattr(T, "QIPO", _fake_qipo(calls))
+    monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
+    args = ["run", "--algo", "qipo", "--dataset", "d/x/v0", "--episodes", "2", "--final-episodes", "2",
+            "--out", str(tmp_path)]
+    T.main(args)
+    run = tmp_path / "qipo-cpu-quick-x-s0"
+    before, n = (run / "curve.json").read_bytes(), len(calls)
+    monkeypatch.setattr(T, "load_minari", lambda _id: pytest.fail("loaded the dataset"))
+    with pytest.raises(SystemExit, match="already holds a run of these arguments"):
+        T.main(args)
+    assert (run / "curve.json").read_bytes() == before and len(calls) == n
+    (run / "curve.json").unlink()
+    (run / "run").mkdir()
+    (run / "run" / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        T.main(args)
+    assert (run / "run" / "checkpoint.pt").read_bytes() == b"x" and len(calls) == n
+    monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
+    T.main(args[:-1] + [str(tmp_path / "elsewhere")])   # another --out runs
+    assert len(calls) > n
+
+
 def test_time_to_score_records_what_it_ran_with_and_resumes_only_on_the_same_build(tmp_path, monkeypatch):
     """A curve keeps the software stamp of each leg (start, --resume) and its dataset's; a --resume on a rebuilt
     dataset (other reference scores or data score: made on another machine) is refused before anything runs,
