@@ -316,31 +316,40 @@ def report(a):
 
 def collect(a):
     """Copy the finished runs of a run --out (``<src>/<run>/curve.json``) into a results folder (``--to``), where
-    report and gain read them. Nothing there is overwritten: a run already there (same command, same dataset build)
-    is left as it is, even when it differs (reeval rewrites the results copy in place); a folder of that name that
-    holds a run on another build of the dataset (a rebuilt dataset gives the same run name) sends the new run to
-    ``<run>-rebuilt`` (``-rebuilt2``, ... when those are taken by yet other builds). Prints what it did per run."""
+    report and gain read them. Nothing there is overwritten. A folder's name says the run's arguments; within it:
+    the same dataset build and budget is the same run, left as it is even when it differs (reeval rewrites the
+    results copy in place); the same build and another budget (a run continued with --resume) goes to
+    ``<run>-<budget>s`` beside it; another build of the dataset (rebuilt elsewhere: the same run name) goes to
+    ``<run>-rebuilt`` (``-rebuilt2``, ... for yet other builds). Prints what it did per run."""
     src = sorted(glob.glob(os.path.join(a.src, "*", "curve.json")))
     if not src:
         raise SystemExit(f"--from: no runs in {a.src} (expected {a.src}/<run>/curve.json, as `run --out` writes)")
+
+    def load(dest):
+        path = os.path.join(a.to, dest, "curve.json")
+        return path, (json.load(open(path)) if os.path.exists(path) else None)
+
     for path in src:
         c = json.load(open(path))
         name = os.path.basename(os.path.dirname(path))
         if "final" not in c:
             print(f"{name}: not finished (no final evaluation), not collected")
             continue
-        for k in range(1, 1000):
-            dest = name if k == 1 else f"{name}-rebuilt" + ("" if k == 2 else str(k - 1))
-            target = os.path.join(a.to, dest, "curve.json")
-            if not os.path.exists(target):
-                atomic_write_json(c, target)
-                print(f"{name}: -> {target}")
+        k = 0
+        while True:   # the folder of this build: the first that is free or holds a run on the same build
+            dest = name if k == 0 else f"{name}-rebuilt" + ("" if k == 1 else str(k))
+            target, old = load(dest)
+            if old is None or _build_key(old) == _build_key(c):
                 break
-            old = json.load(open(target))
-            if _build_key(old) == _build_key(c) and old.get("command") == c.get("command"):
-                same = "identical" if old == c else "differs from this copy (reeval or --resume); left as it is"
-                print(f"{name}: already in {target} ({same})")
-                break
+            k += 1
+        if old is not None and old.get("budget_s") != c.get("budget_s"):
+            target, old = load(f"{dest}-{c.get('budget_s'):g}s")
+        if old is None:
+            atomic_write_json(c, target)
+            print(f"{name}: -> {target}")
+        else:
+            same = "identical" if old == c else "differs from this copy (a reeval there?); left as it is"
+            print(f"{name}: already in {target} ({same})")
     return 0
 
 

@@ -142,7 +142,8 @@ def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path, caps
 def test_time_to_score_collect_copies_finished_runs_and_never_overwrites(tmp_path, capsys):
     """collect: a finished run goes to <to>/<run>; the same run already there is left as it is, even when its
     results copy differs (reeval rewrote it); a run of the same name on another build of the dataset goes to
-    <run>-rebuilt, then -rebuilt2; an unfinished run is named and skipped; an empty --from is refused."""
+    <run>-rebuilt, then -rebuilt2; a longer budget of a run goes beside it (<run>-<budget>s); an unfinished run
+    is named and skipped; an empty --from is refused."""
     def curve(ref_max, data, score, final=True):
         f = {"tag": "final", "step": 5, "cpu_s": 1.0, "normalized": score, "normalized_se": 0.0, "episodes": 1,
              "per_episode": [score]}
@@ -179,6 +180,11 @@ def test_time_to_score_collect_copies_finished_runs_and_never_overwrites(tmp_pat
     T.main(["collect", "--from", str(src), "--to", str(to)])
     assert "already in" in capsys.readouterr().out and sorted(os.listdir(to)) == ["cpql-s0", "cpql-s0-rebuilt",
                                                                                    "cpql-s0-rebuilt2"]
+    # a run continued to a larger budget (--resume) goes beside the shorter one, on its build
+    put("cpql-s0", dict(curve(101.0, 51.0, 75.0), budget_s=40))
+    T.main(["collect", "--from", str(src), "--to", str(to)])
+    assert json.load(open(to / "cpql-s0-rebuilt-40s" / "curve.json"))["final"]["normalized"] == 75.0
+    assert json.load(open(to / "cpql-s0-rebuilt" / "curve.json"))["final"]["normalized"] == 71.0
 
 
 def test_time_to_score_report_points_reeval_at_the_folder_the_run_command_makes(tmp_path):
