@@ -84,8 +84,8 @@ def _resumable(a, out):
         raise SystemExit(f"--resume: no finished run to continue in {out} (needs curve.json and run/checkpoint.pt)")
     c = json.load(open(path))
     if "final" not in c:
-        raise SystemExit(f"--resume: {path} has no final evaluation (the run did not finish); start it again "
-                         f"without --resume")
+        raise SystemExit(f"--resume: {path} has no final evaluation (the run did not finish); to start it again, "
+                         f"pass another --out or remove {out} yourself")
     if c.get("stage1_only"):
         raise SystemExit("--resume: a --stage1-only run ends with stage 1; there is nothing to continue")
     if a.budget_s <= c["final"]["cpu_s"]:

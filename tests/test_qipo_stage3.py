@@ -254,9 +254,15 @@ def test_time_to_score_run_never_starts_over_on_an_existing_run(tmp_path, monkey
     with pytest.raises(SystemExit, match="already holds a run of these arguments"):
         T.main(args)
     assert (run / "curve.json").read_bytes() == before and len(calls) == n
-    (run / "curve.json").unlink()
+    # an unfinished run (killed after its behaviour point): refused both ways, each saying what to do
+    unfinished = {k: v for k, v in json.loads(before).items() if k != "final"}
+    (run / "curve.json").write_text(json.dumps(unfinished))
     (run / "run").mkdir()
     (run / "run" / "checkpoint.pt").write_bytes(b"x")
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit, match="another --out or remove"):
+            T.main(args + extra)
+    (run / "curve.json").unlink()
     with pytest.raises(SystemExit, match="already holds a run"):
         T.main(args)
     assert (run / "run" / "checkpoint.pt").read_bytes() == b"x" and len(calls) == n
