@@ -111,8 +111,13 @@ def _build_key(c) -> tuple:
     return tuple(None if v is None else round(float(v), 6) for v in (*ref, c.get("behaviour_normalized")))
 
 
+def _curve_paths(out):
+    """Every run's curve in a run --out or results folder: <out>/<run>/curve.json, sorted."""
+    return sorted(glob.glob(os.path.join(out, "*", "curve.json")))
+
+
 def _load_curves(out):
-    return [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*", "curve.json")))]
+    return [json.load(open(p)) for p in _curve_paths(out)]
 
 
 def run(a):
@@ -321,7 +326,7 @@ def collect(a):
     results copy in place); the same build and another budget (a run continued with --resume) goes to
     ``<run>-<budget>s`` beside it; another build of the dataset (rebuilt elsewhere: the same run name) goes to
     ``<run>-rebuilt`` (``-rebuilt2``, ... for yet other builds). Prints what it did per run."""
-    src = sorted(glob.glob(os.path.join(a.src, "*", "curve.json")))
+    src = _curve_paths(a.src)
     if not src:
         raise SystemExit(f"--from: no runs in {a.src} (expected {a.src}/<run>/curve.json, as `run --out` writes)")
 

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import pickle
+import platform
 import shutil
 import tempfile
 import warnings
@@ -244,7 +245,6 @@ def software_stamp() -> str:
     cpu <model name>" (a package that is not installed reads "absent"). MuJoCo rollouts are chaotic: the same
     agent, seed and command on another CPU or with other versions of these packages gives a slightly different
     dataset (other returns, other reference scores), so what made it is kept beside it."""
-    import platform
     from importlib import metadata
 
     def version(name):
@@ -259,8 +259,6 @@ def software_stamp() -> str:
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor() / machine(), else "unknown".
     The one reading of it: datasets' and runs' stamps and the benchmarks' result files all use this."""
-    import platform
-
     try:
         with open("/proc/cpuinfo") as fh:
             for ln in fh:
