@@ -64,11 +64,23 @@ def run_name(algo, preset, sets, dataset, seed, stage1_only=False) -> str:
     """The run's folder: algo[-preset][-key_value...][-stage1]-env-sSEED[-kind], kind the dataset's name without
     its version ("qipo/halfcheetah/medium-a2c-v0" -> halfcheetah-s0-medium-a2c), so runs of one env's datasets
     never share a folder."""
-    parts = dataset.split("/")
-    kind = re.sub(r"(^|-)v\d+$", "", parts[-1]) if len(parts) >= 3 else ""
+    kind = _dataset_kind(dataset)
     tail = "".join(f"-{kv.replace('=', '_')}" for kv in sets) + ("-stage1" if stage1_only else "")
     head = f"cpql{tail}" if algo == "cpql" else f"{algo}-{preset}{tail}"
     return f"{head}-{dataset_env(dataset)}-s{seed}" + (f"-{kind}" if kind else "")
+
+
+def _dataset_kind(dataset) -> str:
+    """The dataset's name without its version, the last part of a run's folder ("qipo/halfcheetah/medium-a2c-v0"
+    -> "medium-a2c"); "" for an id that is not namespaced."""
+    parts = dataset.split("/")
+    return re.sub(r"(^|-)v\d+$", "", parts[-1]) if len(parts) >= 3 else ""
+
+
+def _older_name(name, dataset):
+    """The folder the same run had before folder names ended with the dataset's kind (b128512), or None."""
+    kind = _dataset_kind(dataset)
+    return name[:-len(kind) - 1] if kind and name.endswith(f"-{kind}") else None
 
 
 def dataset_env(dataset) -> str:
@@ -325,7 +337,9 @@ def collect(a):
     the same dataset build and budget is the same run, left as it is even when it differs (reeval rewrites the
     results copy in place); the same build and another budget (a run continued with --resume) goes to
     ``<run>-<budget>s`` beside it; another build of the dataset (rebuilt elsewhere: the same run name) goes to
-    ``<run>-rebuilt`` (``-rebuilt2``, ... for yet other builds). Prints what it did per run."""
+    ``<run>-rebuilt`` (``-rebuilt2``, ... for yet other builds). A run whose folder had an older name (without the
+    dataset's kind: ``qipo-cpu-30min-walker2d-s0`` for ``...-walker2d-s0-noisy-sac``) counts as the run of that
+    name. Prints what it did per run."""
     src = _curve_paths(a.src)
     if not src:
         raise SystemExit(f"--from: no runs in {a.src} (expected {a.src}/<run>/curve.json, as `run --out` writes)")
@@ -340,10 +354,14 @@ def collect(a):
         if "final" not in c:
             print(f"{name}: not finished (no final evaluation), not collected")
             continue
-        k = 0
+        k, older = 0, _older_name(name, c.get("dataset", ""))
         while True:   # the folder of this build: the first that is free or holds a run on the same build
             dest = name if k == 0 else f"{name}-rebuilt" + ("" if k == 1 else str(k))
             target, old = load(dest)
+            if k == 0 and old is None and older is not None:  # the run may sit under its folder's older name
+                t, o = load(older)
+                if o is not None and o.get("dataset") == c.get("dataset"):
+                    dest, target, old = older, t, o
             if old is None or _build_key(old) == _build_key(c):
                 break
             k += 1

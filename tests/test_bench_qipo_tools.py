@@ -187,6 +187,35 @@ def test_time_to_score_collect_copies_finished_runs_and_never_overwrites(tmp_pat
     assert json.load(open(to / "cpql-s0-rebuilt" / "curve.json"))["final"]["normalized"] == 71.0
 
 
+def test_time_to_score_collect_knows_a_runs_older_folder_name(tmp_path, capsys):
+    """A run kept under its folder's older name (without the dataset's kind) holds that run's first build: a
+    rebuilt run goes to <run>-rebuilt, the same build is found there; an older-named folder of another dataset
+    of the env is not that run."""
+    def curve(dataset, ref_max, score):
+        f = {"tag": "final", "step": 5, "cpu_s": 1.0, "normalized": score, "normalized_se": 0.0, "episodes": 1}
+        return {"algo": "cpql", "dataset": dataset, "seed": 0, "budget_s": 10, "behaviour_normalized": 30.0,
+                "ref": [0.0, ref_max], "command": "run", "points": [f], "final": f}
+    src, to = tmp_path / "out", tmp_path / "results"
+    ns, med = "q/walker2d/noisy-sac-v0", "q/walker2d/medium-ppo-v0"
+    assert T.run_name("cpql", None, [], ns, 0) == "cpql-walker2d-s0-noisy-sac"
+    os.makedirs(to / "cpql-walker2d-s0")
+    json.dump(curve(ns, 100.0, 70.0), open(to / "cpql-walker2d-s0" / "curve.json", "w"))
+    for name, c in (("cpql-walker2d-s0-noisy-sac", curve(ns, 101.0, 71.0)),
+                    ("cpql-walker2d-s0-medium-ppo", curve(med, 100.0, 60.0))):
+        os.makedirs(src / name)
+        json.dump(c, open(src / name / "curve.json", "w"))
+    T.main(["collect", "--from", str(src), "--to", str(to)])
+    assert json.load(open(to / "cpql-walker2d-s0-noisy-sac-rebuilt" / "curve.json"))["ref"] == [0.0, 101.0]
+    assert json.load(open(to / "cpql-walker2d-s0-medium-ppo" / "curve.json"))["dataset"] == med
+    assert json.load(open(to / "cpql-walker2d-s0" / "curve.json"))["ref"] == [0.0, 100.0]
+    assert not (to / "cpql-walker2d-s0-noisy-sac").exists()
+    capsys.readouterr()
+    json.dump(curve(ns, 100.0, 70.0), open(src / "cpql-walker2d-s0-noisy-sac" / "curve.json", "w"))
+    T.main(["collect", "--from", str(src), "--to", str(to)])
+    assert f"already in {to / 'cpql-walker2d-s0' / 'curve.json'} (identical)" in capsys.readouterr().out
+    assert not (to / "cpql-walker2d-s0-noisy-sac").exists()
+
+
 def test_time_to_score_report_points_reeval_at_the_folder_the_run_command_makes(tmp_path):
     """A reeval line recorded with a run folder of an older naming is shown with the checkpoint path the run
     command listed above it creates today; a command that does not parse is shown as recorded."""
