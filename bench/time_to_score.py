@@ -525,7 +525,11 @@ def _parser():
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--budget-s", type=float, default=1800.0, help="train CPU seconds")
     r.add_argument("--wall-limit-s", type=float, default=None, help="also stop after this many wall seconds")
-    r.add_argument("--eval-every", type=int, default=1000)
+    r.add_argument("--eval-every", type=int, default=1000,
+                   help="evaluate with --episodes episodes at every global step that is a multiple of this; QIPO "
+                        "only inside stage 3, as the official code (its behaviour model once, at the end of stage "
+                        "1): cpu-30min's stage 3 is steps 16,000-18,000, so 2000 gives no point there besides the "
+                        "final, 500 three")
     r.add_argument("--episodes", type=int, default=5, help="episodes of each evaluation during training")
     r.add_argument("--final-episodes", type=int, default=30,
                    help="episodes of the final evaluation and of QIPO's behaviour-model evaluation (Walker2d: "
