@@ -7,7 +7,7 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
         --budget-s 600 --out bench/results/tts
     python bench/time_to_score.py run ... --budget-s 3600 --resume    # a finished run continued to a larger budget
     python bench/time_to_score.py collect --from OUT --to bench/results/tts   # finished runs into the results
-    python bench/time_to_score.py report --out bench/results/tts      # table + plot from every run there
+    python bench/time_to_score.py report --out bench/results/tts      # table + two plots from every run there
     python bench/time_to_score.py gain --dataset ID --label "cpql --set lr=0.001"   # gain over the data, pooled
     python bench/time_to_score.py reeval --curve bench/results/tts/<run>/curve.json \
         --ckpt <out>/<run>/run/checkpoint.pt --episodes 30   # a run's final evaluation again, with more episodes
@@ -285,6 +285,7 @@ def report(a):
              "were shared with other jobs: wall time was ~3-5x the CPU time.", "",
              "| algorithm | dataset | behaviour (data) | seeds | steps | train CPU-s | QIPO behaviour model | final score | final episodes per seed | best evaluation on the curve |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    finals_summary = []   # one entry per finished row, for the final-scores plot
     for (algo, dataset, budget), cs in sorted(groups.items()):
         algo += budget_tag(algo, dataset, budget)
         done = [c for c in cs if "final" in c]
@@ -301,6 +302,11 @@ def report(a):
         seed_se = f" [{np.std(seed_means, ddof=1) / np.sqrt(len(seed_means)):.1f}]" if len(seed_means) > 1 else ""
         beh_s = _behaviour_cell([p for c in cs for p in c["points"]])
         best = [_best(c) for c in cs]
+        beh_pts = [p["normalized"] for c in cs for p in c["points"]
+                   if p["tag"] == "behaviour" and p["normalized"] is not None]
+        finals_summary.append({"label": algo, "dataset": dataset, "data": cs[0]["behaviour_normalized"],
+                               "mean": float(eps.mean()), "se": float(se), "seed_means": seed_means,
+                               "behaviour": float(np.mean(beh_pts)) if beh_pts else None})
         lines.append(f"| {algo} | {dataset} | {cs[0]['behaviour_normalized']:.1f} | {len(finals)} | "
                      f"{int(np.mean([f['step'] for f in finals]))} | {np.mean([f['cpu_s'] for f in finals]):.0f} | "
                      f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {'/'.join(str(f['episodes']) for f in finals)} | "
@@ -329,6 +335,47 @@ def report(a):
     path = os.path.join(a.out, "time_to_score.png")
     plot_curves(plt, curves, path, budget_tag)
     print(f"plot: {path}")
+    path = os.path.join(a.out, "final_scores.png")
+    if finals_summary:
+        plot_finals(plt, finals_summary, path)
+        print(f"plot: {path}")
+    else:
+        print("no finished run (final evaluation): no final-scores plot")
+
+
+def plot_finals(plt, rows, path):
+    """The table at a glance: one panel per dataset (build), one line per finished row (configuration and
+    budget), sorted by score. Each row: its final score, mean ± s.e. over all final episodes (bar), each seed's
+    mean (small dots) and, for QIPO, its behaviour model (black star); the data's score (dashed) and the data
+    + 20 target (dotted) as vertical lines. ``rows``: dicts with label, dataset, data, mean, se, seed_means,
+    behaviour (None for CPQL)."""
+    datasets = sorted({r["dataset"] for r in rows})
+    heights = [0.9 + 0.36 * sum(r["dataset"] == d for r in rows) for d in datasets]
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(11, sum(heights) + 0.6 * len(datasets)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, dataset in zip(axes.flat, datasets):
+        rs = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: r["mean"])
+        y = np.arange(len(rs))
+        for i, r in enumerate(rs):
+            colour = "tab:blue" if r["label"].startswith("cpql") else "tab:orange"
+            se = r["se"] if np.isfinite(r["se"]) else 0.0
+            ax.errorbar([r["mean"]], [i], xerr=[se], fmt="o", color=colour, capsize=3, markersize=5)
+            ax.plot(r["seed_means"], [i] * len(r["seed_means"]), ".", color=colour, alpha=0.5, markersize=4)
+            if r["behaviour"] is not None:
+                ax.plot([r["behaviour"]], [i], "k*", markersize=7)
+        data = rs[0]["data"]
+        ax.axvline(data, color="gray", ls="--", lw=1)
+        ax.axvline(data + 20, color="gray", ls=":", lw=1)
+        ax.set_yticks(y)
+        ax.set_yticklabels([textwrap.fill(r["label"], 75, subsequent_indent="  ") for r in rs], fontsize=7)
+        ax.set_ylim(-0.7, len(rs) - 0.3)
+        ax.set_title(f"{dataset}: final score (dashed: data {data:.1f}; dotted: data + 20)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes.flat[-1].set_xlabel("normalised score: mean ± s.e. over final episodes; dots: seed means; "
+                             "black star: QIPO behaviour model (blue CPQL, orange QIPO)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90, bbox_inches="tight")
+    os.replace(path + ".tmp.png", path)
 
 
 def collect(a):

@@ -91,6 +91,44 @@ def test_time_to_score_groups_qipo_by_preset(tmp_path):
     assert "90.0 ± " in rows["cpql (budget 40 s)"] and " | 1 | " in rows["cpql (budget 40 s)"]
 
 
+def test_time_to_score_report_plots_the_final_scores(tmp_path, monkeypatch):
+    """report also draws final_scores.png: per dataset, each finished row's final mean ± s.e. over its final
+    episodes, its seeds' means and QIPO's behaviour model, the numbers of the table's row; a run stopped before
+    its final evaluation is not drawn."""
+    pytest.importorskip("matplotlib")
+
+    def curve(algo, seed, scores, beh=None, final=True):
+        f = {"tag": "final", "step": 5, "cpu_s": 1.0, "normalized": sum(scores) / len(scores),
+             "normalized_se": 0.0, "episodes": len(scores), "per_episode": list(scores)}
+        pts = ([{"tag": "behaviour", "step": 2, "cpu_s": 0.5, "normalized": beh, "normalized_se": 0.0}]
+               if beh is not None else [])
+        c = {"algo": algo, "dataset": "d/w/v0", "seed": seed, "budget_s": 10, "behaviour_normalized": 30.0,
+             "ref": [0.0, 100.0], "command": f"run --algo {algo} --seed {seed}", "points": pts + ([f] if final else [])}
+        if algo == "qipo":
+            c["preset"] = "cpu-30min"
+        if final:
+            c["final"] = f
+        return c
+    runs = {"q0": curve("qipo", 0, [40.0, 44.0], beh=31.0), "q1": curve("qipo", 1, [50.0, 54.0], beh=35.0),
+            "c0": curve("cpql", 0, [60.0, 70.0]), "c1": curve("cpql", 1, [1.0], final=False)}
+    for name, c in runs.items():
+        os.makedirs(tmp_path / name)
+        json.dump(c, open(tmp_path / name / "curve.json", "w"))
+    seen = []
+    plot = T.plot_finals
+    monkeypatch.setattr(T, "plot_finals", lambda plt, rows, path: (seen.extend(rows), plot(plt, rows, path)))
+    T.main(["report", "--out", str(tmp_path)])
+    rows = {r["label"]: r for r in seen}
+    assert set(rows) == {"qipo cpu-30min", "cpql"}   # cpql seed 1 has no final evaluation: seed 0's row alone
+    q = rows["qipo cpu-30min"]
+    assert (q["dataset"], q["data"], q["seed_means"], q["behaviour"]) == ("d/w/v0", 30.0, [42.0, 52.0], 33.0)
+    assert q["mean"] == pytest.approx(47.0) and q["se"] == pytest.approx(math.sqrt(116.0 / 3) / 2)
+    assert rows["cpql"]["behaviour"] is None and rows["cpql"]["mean"] == pytest.approx(65.0)
+    with open(tmp_path / "final_scores.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not any(n.endswith(".tmp.png") for n in os.listdir(tmp_path))
+
+
 def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path, capsys):
     """Runs of one command on two builds of one dataset id (rebuilt on another machine: other reference scores
     and data score) are rows of their own, each named by its build and with its own data score; a dataset with
@@ -260,6 +298,7 @@ def test_time_to_score_partial_runs_show_the_behaviour_model_only_from_stage_1(t
     assert by_ds["d/c/v0"][6] == "-"
     for r in rows:
         assert "(train)" not in " | ".join(r) and r[7].startswith("not reached")
+    assert not os.path.exists(tmp_path / "final_scores.png")   # no finished run: nothing to draw
     assert by_ds["d/a/v0"][8] == "-" and by_ds["d/a/v0"][9] == "44.4 (so far) |" and by_ds["d/b/v0"][9] == "17.7 (so far) |"
 
 
