@@ -300,13 +300,12 @@ def report(a):
         se = eps.std(ddof=1) / np.sqrt(len(eps)) if len(eps) > 1 else float("nan")
         seed_means = [f["normalized"] for f in finals]
         seed_se = f" [{np.std(seed_means, ddof=1) / np.sqrt(len(seed_means)):.1f}]" if len(seed_means) > 1 else ""
-        beh_s = _behaviour_cell([p for c in cs for p in c["points"]])
+        beh = _behaviour_points([p for c in cs for p in c["points"]])
+        beh_s = _behaviour_cell(beh)
         best = [_best(c) for c in cs]
-        beh_pts = [p["normalized"] for c in cs for p in c["points"]
-                   if p["tag"] == "behaviour" and p["normalized"] is not None]
         finals_summary.append({"label": algo, "dataset": dataset, "data": cs[0]["behaviour_normalized"],
                                "mean": float(eps.mean()), "se": float(se), "seed_means": seed_means,
-                               "behaviour": float(np.mean(beh_pts)) if beh_pts else None})
+                               "behaviour": float(np.mean([p["normalized"] for p in beh])) if beh else None})
         lines.append(f"| {algo} | {dataset} | {cs[0]['behaviour_normalized']:.1f} | {len(finals)} | "
                      f"{int(np.mean([f['step'] for f in finals]))} | {np.mean([f['cpu_s'] for f in finals]):.0f} | "
                      f"{beh_s} | {eps.mean():.1f} ± {se:.1f}{seed_se} | {'/'.join(str(f['episodes']) for f in finals)} | "
@@ -374,8 +373,7 @@ def plot_finals(plt, rows, path):
     axes.flat[-1].set_xlabel("normalised score: mean ± s.e. over final episodes; dots: seed means; "
                              "black star: QIPO behaviour model (blue CPQL, orange QIPO)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90, bbox_inches="tight")
-    os.replace(path + ".tmp.png", path)
+    _save_figure(fig, path)
 
 
 def collect(a):
@@ -516,15 +514,27 @@ def plot_curves(plt, curves, path, budget_tag):
     # long configuration names are wrapped (70 characters) so that tight_layout fits the outside legends
     # and keeps each panel's title clear of the x label above it
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90, bbox_inches="tight")   # "tight": the legends outside the panels
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path):
+    """Write a report figure to path.tmp.png, then rename it into place (never a half-written plot);
+    bbox "tight" keeps the legends and labels outside the panels."""
+    fig.savefig(path + ".tmp.png", dpi=90, bbox_inches="tight")
     os.replace(path + ".tmp.png", path)
+
+
+def _behaviour_points(points):
+    """The evaluations tagged "behaviour" (QIPO's behaviour model at the end of stage 1, one per run) that
+    have a score; never a training evaluation."""
+    return [p for p in points if p["tag"] == "behaviour" and p["normalized"] is not None]
 
 
 def _behaviour_cell(points) -> str:
     """The "QIPO behaviour model" cell: the mean score of the evaluations tagged "behaviour" (the one
     at the end of QIPO's stage 1, one per run), "-" when there is none (CPQL, or a QIPO run stopped
     before stage 1 ended): a training evaluation is never shown as the behaviour model."""
-    beh = [p for p in points if p["tag"] == "behaviour" and p["normalized"] is not None]
+    beh = _behaviour_points(points)
     if not beh:
         return "-"
     return f"{np.mean([p['normalized'] for p in beh]):.1f} (at {beh[0]['cpu_s']:.0f} CPU-s)"
