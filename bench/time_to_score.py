@@ -1,4 +1,5 @@
-"""Time-to-score: normalised score against process CPU seconds on one thread, QIPO and CPQL.
+"""Time-to-score: normalised score against process CPU seconds on one thread, QIPO and CPQL (and the TD3+BC
+peer baseline, bench/peer_td3bc.py, for what the data allows a standard offline RL method).
 
 Run (one process per algorithm x dataset x seed, one torch thread each; a run stops after
 ``--budget-s`` CPU seconds of training or at the end of its schedule, then evaluates once more):
@@ -13,7 +14,8 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
         --ckpt <out>/<run>/run/checkpoint.pt --episodes 30   # a run's final evaluation again, with more episodes
 
 The datasets come from `qipo-kernels make-dataset` (bench/make_datasets.sh). CPQL uses the per-task
-"medium" defaults of the dataset's env (cpql_config_for); QIPO the preset of --preset (default "cpu-quick";
+"medium" defaults of the dataset's env (cpql_config_for); TD3+BC the paper's values (TD3BCConfig); QIPO the
+preset of --preset (default "cpu-quick";
 QIPO_PRESETS: schedule lengths, batch and lr only). Each run writes <out>/<algo>-<env>-s<seed>-<kind>/curve.json
 (QIPO: <out>/qipo-<preset>-<env>-s<seed>-<kind>/curve.json; run_name): every
 evaluation as (step, train CPU seconds, normalised mean, its s.e. over the episodes). QIPO's
@@ -48,6 +50,8 @@ from qipo_kernels.data import load_minari  # noqa: E402
 from qipo_kernels.data.rollout import existing_params, software_stamp  # noqa: E402
 from qipo_kernels.evaluation import standard_error  # noqa: E402
 
+from bench.peer_td3bc import TD3BC, TD3BCConfig  # noqa: E402
+
 
 def _scores(res):
     """The score fields of a curve point from an ``evaluate()`` result."""
@@ -66,7 +70,7 @@ def run_name(algo, preset, sets, dataset, seed, stage1_only=False) -> str:
     never share a folder."""
     kind = _dataset_kind(dataset)
     tail = "".join(f"-{kv.replace('=', '_')}" for kv in sets) + ("-stage1" if stage1_only else "")
-    head = f"cpql{tail}" if algo == "cpql" else f"{algo}-{preset}{tail}"
+    head = f"{algo}-{preset}{tail}" if algo == "qipo" else f"{algo}{tail}"
     return f"{head}-{dataset_env(dataset)}-s{seed}" + (f"-{kind}" if kind else "")
 
 
@@ -136,10 +140,11 @@ def run(a):
     if a.stage1_only and a.algo != "qipo":
         raise SystemExit("--stage1-only applies to --algo qipo only (its behaviour model)")
     env = dataset_env(a.dataset)
-    cfg_cls = CPQLConfig if a.algo == "cpql" else QIPOConfig
+    cfg_cls = {"cpql": CPQLConfig, "qipo": QIPOConfig, "td3bc": TD3BCConfig}[a.algo]
     common = dict(seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes, checkpoint_every=0, tensorboard=False)
     try:  # as `train` does: defaults, then --set, every value checked before the dataset loads or a folder is made
-        base = dataclasses.asdict(cpql_config_for(f"{env}-medium") if a.algo == "cpql" else qipo_config_for(a.preset))
+        base = dataclasses.asdict({"cpql": lambda: cpql_config_for(f"{env}-medium"), "td3bc": TD3BCConfig,
+                                   "qipo": lambda: qipo_config_for(a.preset)}[a.algo]())
         cfg = _make_config(cfg_cls, {**_parse_sets(cfg_cls, a.set, base), **common})
     except (CLIError, ValueError) as e:
         raise SystemExit(str(e)) from None
@@ -161,7 +166,7 @@ def run(a):
                          f"rebuilt (made on another machine or with other package versions); continue the run where "
                          f"its dataset is, or start a new run in another --out")
     os.makedirs(out, exist_ok=True)
-    trainer = CPQL if a.algo == "cpql" else QIPO
+    trainer = {"cpql": CPQL, "qipo": QIPO, "td3bc": TD3BC}[a.algo]
     tr = trainer(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
     if old is not None and old["final"]["step"] >= tr.total_steps:
         raise SystemExit(f"--resume: the run in {out} ended its schedule ({tr.total_steps} steps), not its budget; "
@@ -577,7 +582,8 @@ def _parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--algo", choices=["qipo", "cpql"], required=True)
+    r.add_argument("--algo", choices=["qipo", "cpql", "td3bc"], required=True,
+                   help="td3bc: the TD3+BC peer baseline (bench/peer_td3bc.py), the paper's defaults")
     r.add_argument("--dataset", required=True)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--budget-s", type=float, default=1800.0, help="train CPU seconds")
@@ -593,7 +599,7 @@ def _parser():
                         "5 episodes gave s.e. up to 14 points, bench/results/qipo_stage3_diagnosis.md)")
     r.add_argument("--preset", default="cpu-quick", help="QIPO preset (QIPO_PRESETS)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a QIPOConfig (after the preset) or CPQLConfig (after the task defaults) override; "
+                   help="a QIPOConfig (after the preset), CPQLConfig (after the task defaults) or TD3BCConfig override; "
                         "a diagnostic run, named and grouped apart")
     r.add_argument("--stage1-only", action="store_true",
                    help="QIPO: stop after stage 1 and its behaviour-model evaluation (the run's final score is that "
