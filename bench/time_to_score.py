@@ -347,6 +347,9 @@ def report(a):
         print("no finished run (final evaluation): no final-scores plot")
 
 
+ALGO_COLOURS = {"cpql": "tab:blue", "qipo": "tab:orange", "td3bc": "tab:green"}   # final_scores.png
+
+
 def plot_finals(plt, rows, path):
     """The table at a glance: one panel per dataset (build), one line per finished row (configuration and
     budget), sorted by score. Each row: its final score, mean ± s.e. over all final episodes (bar), each seed's
@@ -361,7 +364,7 @@ def plot_finals(plt, rows, path):
         rs = sorted((r for r in rows if r["dataset"] == dataset), key=lambda r: r["mean"])
         y = np.arange(len(rs))
         for i, r in enumerate(rs):
-            colour = "tab:blue" if r["label"].startswith("cpql") else "tab:orange"
+            colour = ALGO_COLOURS.get(r["label"].split()[0], "tab:gray")
             se = r["se"] if np.isfinite(r["se"]) else 0.0
             ax.errorbar([r["mean"]], [i], xerr=[se], fmt="o", color=colour, capsize=3, markersize=5)
             ax.plot(r["seed_means"], [i] * len(r["seed_means"]), ".", color=colour, alpha=0.5, markersize=4)
@@ -376,7 +379,8 @@ def plot_finals(plt, rows, path):
         ax.set_title(f"{dataset}: final score (dashed: data {data:.1f}; dotted: data + 20)", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes.flat[-1].set_xlabel("normalised score: mean ± s.e. over final episodes; dots: seed means; "
-                             "black star: QIPO behaviour model (blue CPQL, orange QIPO)", fontsize=8)
+                             "black star: QIPO behaviour model (blue CPQL, orange QIPO, green TD3+BC peer)",
+                             fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
 
