@@ -227,6 +227,19 @@ def run(a):
     print(json.dumps({k: v for k, v in curve["final"].items() if k != "per_episode"}))
 
 
+def _load_peer(path):
+    """A TD3+BC peer run's trainer from its checkpoint (the package's load_checkpoint knows its own algorithms only)."""
+    from qipo_kernels.algos.common import config_from_dict, read_checkpoint
+
+    st = read_checkpoint(path)
+    if st.get("algo") != "td3bc":
+        raise SystemExit(f"--ckpt {path} is a checkpoint of {st.get('algo')!r}, the curve's run is td3bc")
+    tr = TD3BC(load_minari(st["dataset_id"]), config_from_dict(TD3BCConfig, st["config"]),
+               out_dir=os.path.dirname(path), progress_bar=False)
+    tr.load_state_dict(st)
+    return tr
+
+
 def reeval(a):
     """Evaluate a finished run's final checkpoint again with --episodes episodes (the run's evaluation
     seeds; deterministic for a given checkpoint and episode count) and make that the curve's final point;
@@ -241,7 +254,7 @@ def reeval(a):
         raise SystemExit(f"--curve {a.curve}: the run has no final evaluation (stopped before its end)")
     if a.episodes < 2:
         raise SystemExit(f"--episodes must be >= 2 (a standard error needs two episodes), got {a.episodes}")
-    tr = load_checkpoint(a.ckpt, "cpu")
+    tr = _load_peer(a.ckpt) if c.get("algo") == "td3bc" else load_checkpoint(a.ckpt, "cpu")
     if tr.step != c["final"]["step"]:
         raise SystemExit(f"--ckpt {a.ckpt} is at step {tr.step}, the curve's final evaluation at step "
                          f"{c['final']['step']}: not this run's final checkpoint")

@@ -139,5 +139,11 @@ def test_time_to_score_runs_the_peer(demo_minari_root, tmp_path):
         T.main(args)
     with pytest.raises(SystemExit, match="unknown TD3BCConfig field 'eta'"):
         T.main(["run", "--algo", "td3bc", "--dataset", DEMO_DATASET_ID, "--set", "eta=1", "--out", str(out)])
+    # reeval: the final policy from its checkpoint again with more episodes (deterministic for a checkpoint)
+    ckpt = out / name / "run" / "checkpoint.pt"
+    T.main(["reeval", "--curve", str(out / name / "curve.json"), "--ckpt", str(ckpt), "--episodes", "3"])
+    c2 = json.load(open(out / name / "curve.json"))
+    assert c2["final"]["episodes"] == 3 and c2["final_at_train_end"]["episodes"] == 2 and c2["final"]["step"] == 60
+    assert c2["final"]["per_episode"][:2] == c["final"]["per_episode"]
     T.main(["report", "--out", str(out)])
     assert "| td3bc --set steps=60 --set hidden=32 | " + DEMO_DATASET_ID in (out / "README.md").read_text()
