@@ -107,6 +107,10 @@ class TwinCritic(nn.Module):
         x = torch.cat([obs, act], dim=-1)
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
+    def first(self, obs, act):
+        """Q1 [n] alone (the actor's objective)."""
+        return self.q1(torch.cat([obs, act], dim=-1)).squeeze(-1)
+
 
 def td3bc_targets(critic_target, actor_target, next_obs, rewards, dones, noise, cfg: TD3BCConfig):
     """The critic's regression target y [B] (no gradient). ``noise`` [B, A] is a standard normal draw,
@@ -142,7 +146,6 @@ class TD3BC(Trainer):
         self.dataset = dataset
         seed_everything(cfg.seed)
         S, A = dataset.obs_dim, dataset.act_dim
-        self.act_dim = A
         self.actor = Actor(S, A, cfg.hidden).to(self.device)
         self.critic = TwinCritic(S, A, cfg.hidden).to(self.device)
         self.actor_target = copy.deepcopy(self.actor)
@@ -171,12 +174,10 @@ class TD3BC(Trainer):
         metrics = {"critic_loss": critic_loss.detach(), "q_mean": q1.detach().mean()}
         if (self.step + 1) % cfg.policy_freq == 0:
             pi = self.actor(obs)
-            actor_loss, lam = td3bc_actor_loss(lambda a: self.critic.q1(torch.cat([obs, a], -1)).squeeze(-1),
-                                               pi, act, cfg.alpha)
+            actor_loss, lam = td3bc_actor_loss(lambda a: self.critic.first(obs, a), pi, act, cfg.alpha)
             self.optims["actor"].zero_grad(set_to_none=True)
             actor_loss.backward()
-            self.optims["actor"].step()
-            self.critic.zero_grad(set_to_none=True)   # the actor loss left gradients in the critic
+            self.optims["actor"].step()   # the critic's gradients from this loss are cleared before its next step
             polyak(self.actor_target, self.actor, cfg.tau)
             polyak(self.critic_target, self.critic, cfg.tau)
             self._last_actor = {"actor_loss": actor_loss.detach(), "lambda": lam}
