@@ -52,6 +52,12 @@ from qipo_kernels.evaluation import standard_error  # noqa: E402
 
 from bench.peer_td3bc import TD3BC, TD3BCConfig  # noqa: E402
 
+# --algo -> (trainer, config class, the config before --set from (args, env)): QIPO its --preset, CPQL the
+# env's "medium" task defaults, the TD3+BC peer the paper's values
+ALGORITHMS = {"qipo": (QIPO, QIPOConfig, lambda a, env: qipo_config_for(a.preset)),
+              "cpql": (CPQL, CPQLConfig, lambda a, env: cpql_config_for(f"{env}-medium")),
+              "td3bc": (TD3BC, TD3BCConfig, lambda a, env: TD3BCConfig())}
+
 
 def _scores(res):
     """The score fields of a curve point from an ``evaluate()`` result."""
@@ -140,11 +146,10 @@ def run(a):
     if a.stage1_only and a.algo != "qipo":
         raise SystemExit("--stage1-only applies to --algo qipo only (its behaviour model)")
     env = dataset_env(a.dataset)
-    cfg_cls = {"cpql": CPQLConfig, "qipo": QIPOConfig, "td3bc": TD3BCConfig}[a.algo]
+    trainer, cfg_cls, defaults = ALGORITHMS[a.algo]
     common = dict(seed=a.seed, eval_every=a.eval_every, eval_episodes=a.episodes, checkpoint_every=0, tensorboard=False)
     try:  # as `train` does: defaults, then --set, every value checked before the dataset loads or a folder is made
-        base = dataclasses.asdict({"cpql": lambda: cpql_config_for(f"{env}-medium"), "td3bc": TD3BCConfig,
-                                   "qipo": lambda: qipo_config_for(a.preset)}[a.algo]())
+        base = dataclasses.asdict(defaults(a, env))
         cfg = _make_config(cfg_cls, {**_parse_sets(cfg_cls, a.set, base), **common})
     except (CLIError, ValueError) as e:
         raise SystemExit(str(e)) from None
@@ -166,7 +171,6 @@ def run(a):
                          f"rebuilt (made on another machine or with other package versions); continue the run where "
                          f"its dataset is, or start a new run in another --out")
     os.makedirs(out, exist_ok=True)
-    trainer = {"cpql": CPQL, "qipo": QIPO, "td3bc": TD3BC}[a.algo]
     tr = trainer(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
     if old is not None and old["final"]["step"] >= tr.total_steps:
         raise SystemExit(f"--resume: the run in {out} ended its schedule ({tr.total_steps} steps), not its budget; "
@@ -227,19 +231,6 @@ def run(a):
     print(json.dumps({k: v for k, v in curve["final"].items() if k != "per_episode"}))
 
 
-def _load_peer(path):
-    """A TD3+BC peer run's trainer from its checkpoint (the package's load_checkpoint knows its own algorithms only)."""
-    from qipo_kernels.algos.common import config_from_dict, read_checkpoint
-
-    st = read_checkpoint(path)
-    if st.get("algo") != "td3bc":
-        raise SystemExit(f"--ckpt {path} is a checkpoint of {st.get('algo')!r}, the curve's run is td3bc")
-    tr = TD3BC(load_minari(st["dataset_id"]), config_from_dict(TD3BCConfig, st["config"]),
-               out_dir=os.path.dirname(path), progress_bar=False)
-    tr.load_state_dict(st)
-    return tr
-
-
 def reeval(a):
     """Evaluate a finished run's final checkpoint again with --episodes episodes (the run's evaluation
     seeds; deterministic for a given checkpoint and episode count) and make that the curve's final point;
@@ -254,7 +245,9 @@ def reeval(a):
         raise SystemExit(f"--curve {a.curve}: the run has no final evaluation (stopped before its end)")
     if a.episodes < 2:
         raise SystemExit(f"--episodes must be >= 2 (a standard error needs two episodes), got {a.episodes}")
-    tr = _load_peer(a.ckpt) if c.get("algo") == "td3bc" else load_checkpoint(a.ckpt, "cpu")
+    tr = load_checkpoint(a.ckpt, "cpu", algos={k: v[:2] for k, v in ALGORITHMS.items()})
+    if tr.algo != c["algo"]:
+        raise SystemExit(f"--ckpt {a.ckpt} is a checkpoint of {tr.algo!r}, the curve's run is {c['algo']!r}")
     if tr.step != c["final"]["step"]:
         raise SystemExit(f"--ckpt {a.ckpt} is at step {tr.step}, the curve's final evaluation at step "
                          f"{c['final']['step']}: not this run's final checkpoint")
@@ -599,7 +592,7 @@ def _parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--algo", choices=["qipo", "cpql", "td3bc"], required=True,
+    r.add_argument("--algo", choices=list(ALGORITHMS), required=True,
                    help="td3bc: the TD3+BC peer baseline (bench/peer_td3bc.py), the paper's defaults")
     r.add_argument("--dataset", required=True)
     r.add_argument("--seed", type=int, default=0)

@@ -141,14 +141,17 @@ def _load_dataset(dataset_id: str, device: str, reward_scale="auto", normalize_o
 
 
 def build_trainer(algo: str, cfg_dict: Dict[str, Any], out_dir: str, device: str, dataset=None, progress_bar=True,
-                  callback=None):
-    """Make the trainer of ``algo`` ("qipo" | "cpql" | "cpql-online") from a config dict."""
+                  callback=None, algos=None):
+    """Make the trainer of ``algo`` ("qipo" | "cpql" | "cpql-online") from a config dict. ``algos``: name ->
+    (trainer class, config class), default qipo_kernels.algos.ALGOS; a caller with trainers of its own (a peer
+    baseline on the package's Trainer) passes them in."""
     from .algos import ALGOS
     from .algos.common import config_from_dict
 
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {sorted(ALGOS)}, got {algo!r}")
-    cls, cfg_cls = ALGOS[algo]
+    algos = ALGOS if algos is None else algos
+    if algo not in algos:
+        raise ValueError(f"algo must be one of {sorted(algos)}, got {algo!r}")
+    cls, cfg_cls = algos[algo]
     cfg = config_from_dict(cfg_cls, cfg_dict)
     if algo == "cpql-online":
         return cls(cfg, out_dir=out_dir, device=device, progress_bar=progress_bar, callback=callback)
@@ -285,10 +288,11 @@ def _train(a, device: str, ctx) -> int:
     return 0
 
 
-def load_checkpoint(path: str, device: str = "cpu", dataset=None):
+def load_checkpoint(path: str, device: str = "cpu", dataset=None, algos=None):
     """Rebuild a trained agent from ``<dir>/checkpoint.pt`` (or a checkpoint file). Returns the trainer.
 
-    The dataset (for QIPO / CPQL) is reloaded from the id stored in the checkpoint unless given.
+    The dataset (for QIPO / CPQL) is reloaded from the id stored in the checkpoint unless given. ``algos``:
+    the trainer classes by name (build_trainer's; default the package's).
     """
     from .algos.common import read_checkpoint
 
@@ -300,7 +304,7 @@ def load_checkpoint(path: str, device: str = "cpu", dataset=None):
         if not did:
             raise ValueError(f"{p} does not name its dataset; pass dataset=")
         dataset = _load_dataset(did, device, cfg.get("reward_scale", "auto"), cfg.get("normalize_obs", True))
-    tr = build_trainer(algo, cfg, os.path.dirname(p), device, dataset, progress_bar=False)
+    tr = build_trainer(algo, cfg, os.path.dirname(p), device, dataset, progress_bar=False, algos=algos)
     tr.load_state_dict(st)
     return tr
 

@@ -145,5 +145,9 @@ def test_time_to_score_runs_the_peer(demo_minari_root, tmp_path):
     c2 = json.load(open(out / name / "curve.json"))
     assert c2["final"]["episodes"] == 3 and c2["final_at_train_end"]["episodes"] == 2 and c2["final"]["step"] == 60
     assert c2["final"]["per_episode"][:2] == c["final"]["per_episode"]
+    wrong = tmp_path / "wrong.json"   # a curve of another algorithm: its checkpoint is refused by name
+    wrong.write_text(json.dumps({**c2, "algo": "cpql"}))
+    with pytest.raises(SystemExit, match="is a checkpoint of 'td3bc', the curve's run is 'cpql'"):
+        T.main(["reeval", "--curve", str(wrong), "--ckpt", str(ckpt), "--episodes", "3"])
     T.main(["report", "--out", str(out)])
     assert "| td3bc --set steps=60 --set hidden=32 | " + DEMO_DATASET_ID in (out / "README.md").read_text()

@@ -226,7 +226,7 @@ def test_time_to_score_evaluates_behaviour_and_final_with_final_episodes(tmp_pat
     episodes on Walker2d the s.e. reached 14 points and a lucky behaviour-model reading of 51.1 stood for
     a model that scores 28.0 ± 2.8 over 50)."""
     calls = []
-    monkeypatch.setattr(T, "QIPO", _fake_qipo(calls))
+    monkeypatch.setitem(T.ALGORITHMS, "qipo", (_fake_qipo(calls), *T.ALGORITHMS["qipo"][1:]))
     monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
     T.main(["run", "--algo", "qipo", "--dataset", "d/x/v0", "--episodes", "3", "--final-episodes", "7",
             "--out", str(tmp_path)])
@@ -243,7 +243,7 @@ def test_time_to_score_run_never_starts_over_on_an_existing_run(tmp_path, monkey
     logs mixed with the new run's). A folder with only a checkpoint (a run killed before its first curve
     point) is refused too."""
     calls = []
-    monkeypatch.setattr(T, "QIPO", _fake_qipo(calls))
+    monkeypatch.setitem(T.ALGORITHMS, "qipo", (_fake_qipo(calls), *T.ALGORITHMS["qipo"][1:]))
     monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
     args = ["run", "--algo", "qipo", "--dataset", "d/x/v0", "--episodes", "2", "--final-episodes", "2",
             "--out", str(tmp_path)]
@@ -278,7 +278,7 @@ def test_time_to_score_records_what_it_ran_with_and_resumes_only_on_the_same_bui
     from qipo_kernels.data.rollout import software_stamp
 
     calls = []
-    monkeypatch.setattr(T, "QIPO", _fake_qipo(calls))
+    monkeypatch.setitem(T.ALGORITHMS, "qipo", (_fake_qipo(calls), *T.ALGORITHMS["qipo"][1:]))
     monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
     args = ["run", "--algo", "qipo", "--dataset", "d/x/v0", "--episodes", "2", "--final-episodes", "2",
             "--out", str(tmp_path)]
@@ -309,7 +309,7 @@ def test_time_to_score_stage1_only_stops_after_the_behaviour_model(tmp_path, mon
     second evaluation of the same model), keeps its checkpoint, and its final point is that evaluation; its
     folder and report label say so; CPQL refuses the flag."""
     calls = []
-    monkeypatch.setattr(T, "QIPO", _fake_qipo(calls))
+    monkeypatch.setitem(T.ALGORITHMS, "qipo", (_fake_qipo(calls), *T.ALGORITHMS["qipo"][1:]))
     monkeypatch.setattr(T, "load_minari", lambda _id: _FakeDS())
     T.main(["run", "--algo", "qipo", "--dataset", "d/x/v1", "--stage1-only", "--final-episodes", "7",
             "--out", str(tmp_path)])
