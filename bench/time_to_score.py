@@ -7,6 +7,8 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
     python bench/time_to_score.py run --algo cpql --dataset qipo/halfcheetah/noisy-sac-v0 --seed 0 \\
         --budget-s 600 --out bench/results/tts
     python bench/time_to_score.py run ... --budget-s 3600 --resume    # a finished run continued to a larger budget
+    python bench/time_to_score.py run ... --set policy_steps=12000 --budget-s 4000 \\
+        --resume-from OUT/<run>             # ... and with a longer last stage, into the folder of its new name
     python bench/time_to_score.py collect --from OUT --to bench/results/tts   # finished runs into the results
     python bench/time_to_score.py report --out bench/results/tts      # table + two plots from every run there
     python bench/time_to_score.py gain --dataset ID --label "cpql --set lr=0.001"   # gain over the data, pooled
@@ -98,22 +100,63 @@ def dataset_env(dataset) -> str:
     return dataset.split("/")[1] if dataset.count("/") >= 2 else dataset
 
 
-def _resumable(a, out):
+def _resumable(a, out, flag="--resume"):
     """--resume: the finished run in ``out`` (its curve.json with a final evaluation, and run/checkpoint.pt),
-    which this command continues to a larger --budget-s; anything else is refused by name."""
+    which this command continues to a larger --budget-s; anything else is refused by name (``flag`` names the
+    option in the message: --resume, or --resume-from for a run continued into a new folder)."""
     path, ckpt = os.path.join(out, "curve.json"), os.path.join(out, "run", "checkpoint.pt")
     if not (os.path.isfile(path) and os.path.isfile(ckpt)):
-        raise SystemExit(f"--resume: no finished run to continue in {out} (needs curve.json and run/checkpoint.pt)")
+        raise SystemExit(f"{flag}: no finished run to continue in {out} (needs curve.json and run/checkpoint.pt)")
     c = json.load(open(path))
     if "final" not in c:
-        raise SystemExit(f"--resume: {path} has no final evaluation (the run did not finish); to start it again, "
+        raise SystemExit(f"{flag}: {path} has no final evaluation (the run did not finish); to start it again, "
                          f"pass another --out or remove {out} yourself")
     if c.get("stage1_only"):
-        raise SystemExit("--resume: a --stage1-only run ends with stage 1; there is nothing to continue")
+        raise SystemExit(f"{flag}: a --stage1-only run ends with stage 1; there is nothing to continue")
     if a.budget_s <= c["final"]["cpu_s"]:
         raise SystemExit(f"--budget-s must exceed the {c['final']['cpu_s']:.0f} train CPU seconds the run has "
                          f"spent to continue it, got {a.budget_s:g}")
     return c
+
+
+def _continued_from(a, trainer, cfg, out):
+    """--resume-from DIR: the finished run in DIR (of another --set, e.g. a shorter last stage), continued in this
+    run's own folder. Refused by name, before the dataset loads, unless DIR ran the same algorithm, dataset, seed
+    and preset and its config differs from these arguments' only where the trainer lets a resumed run differ
+    (``trainer.resume_fields`` and learning rates: QIPO's policy_steps, CPQL's steps, ...)."""
+    from qipo_kernels.algos.common import config_changes
+
+    src = a.resume_from.rstrip(os.sep)
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise SystemExit(f"--resume-from: {src} is this run's own folder; continue it there with --resume")
+    old = _resumable(a, src, "--resume-from")
+    for key in ("algo", "dataset", "seed") + (("preset",) if a.algo == "qipo" else ()):
+        mine = getattr(a, key)
+        if old.get(key) != mine:
+            raise SystemExit(f"--resume-from: the run in {src} has {key} {old.get(key)!r}, these arguments "
+                             f"{mine!r}; it can only be continued with its own {key}")
+    changes = config_changes(old.get("config") or {}, cfg)
+    bad = {k: v for k, v in changes.items() if k not in trainer.resume_fields and k not in trainer.lr_fields}
+    if bad:
+        shown = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in bad.items())
+        raise SystemExit(f"--resume-from: {shown} cannot change when a run is continued (only "
+                         f"{', '.join(sorted(set(trainer.resume_fields) | set(trainer.lr_fields)))}); "
+                         f"start a new run for this configuration")
+    return old
+
+
+def _copy_run_files(src, dst):
+    """Copy the files of a run's folder (checkpoint and logs) into a new one, each through a temporary file
+    renamed into place: an interrupted copy leaves no half-written checkpoint for the trainer to resume."""
+    import shutil
+
+    os.makedirs(dst, exist_ok=True)
+    for f in sorted(os.listdir(src)):
+        s = os.path.join(src, f)
+        if os.path.isfile(s) and not f.endswith(".lock") and not f.startswith("."):
+            tmp = os.path.join(dst, f".{f}.copying")
+            shutil.copy2(s, tmp)
+            os.replace(tmp, os.path.join(dst, f))
 
 
 def _dataset_build(ds) -> dict:
@@ -155,8 +198,14 @@ def run(a):
         raise SystemExit(str(e)) from None
     name = run_name(a.algo, a.preset, a.set, a.dataset, a.seed, a.stage1_only)
     out = os.path.join(a.out, name)
+    if a.resume and a.resume_from:
+        raise SystemExit("--resume continues the run of these arguments in its own folder, --resume-from another "
+                         "run into this one: pass one of them")
     old = _resumable(a, out) if a.resume else None   # checked before the dataset loads
-    if old is None and any(os.path.exists(os.path.join(out, *f)) for f in (("curve.json",), ("run", "checkpoint.pt"))):
+    if a.resume_from:
+        old = _continued_from(a, trainer, cfg, out)
+    if (old is None or a.resume_from) and any(os.path.exists(os.path.join(out, *f))
+                                             for f in (("curve.json",), ("run", "checkpoint.pt"))):
         # the trainer would start over in it: the finished run's curve and checkpoint overwritten, its logs mixed
         raise SystemExit(f"{out} already holds a run of these arguments (curve.json or run/checkpoint.pt): "
                          f"--resume continues a finished one to a larger --budget-s; to run it again, pass another "
@@ -165,16 +214,24 @@ def run(a):
     ds = load_minari(a.dataset)
     build = _dataset_build(ds)
     if old is not None and _build_key(old) != _build_key(build):
-        raise SystemExit(f"--resume: {a.dataset} here (reference scores {build['ref']}, data score "
-                         f"{build['behaviour_normalized']}) is not the build the run in {out} trained on (reference "
+        raise SystemExit(f"{'--resume-from' if a.resume_from else '--resume'}: {a.dataset} here (reference "
+                         f"scores {build['ref']}, data score "
+                         f"{build['behaviour_normalized']}) is not the build the run in {a.resume_from or out} trained on (reference "
                          f"scores {old.get('ref')}, data score {old.get('behaviour_normalized')}): the dataset was "
                          f"rebuilt (made on another machine or with other package versions); continue the run where "
                          f"its dataset is, or start a new run in another --out")
-    os.makedirs(out, exist_ok=True)
-    tr = trainer(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)
+    tr = trainer(ds, cfg, out_dir=os.path.join(out, "run"), progress_bar=False)   # writes nothing before fit
     if old is not None and old["final"]["step"] >= tr.total_steps:
-        raise SystemExit(f"--resume: the run in {out} ended its schedule ({tr.total_steps} steps), not its budget; "
-                         f"a larger --budget-s adds nothing (a longer schedule is another run: --set ...)")
+        if a.resume_from:
+            raise SystemExit(f"--resume-from: the run in {a.resume_from} is at step {old['final']['step']}, and these "
+                             f"arguments' schedule is no longer; lengthen the last stage with --set (e.g. QIPO "
+                             f"policy_steps, CPQL steps)")
+        raise SystemExit(f"--resume: the run in {out} ended its schedule ({old['final']['step']} steps), not its "
+                         f"budget; a larger --budget-s adds nothing (a longer last stage: --resume-from {out} "
+                         f"--set ...)")
+    os.makedirs(out, exist_ok=True)
+    if a.resume_from:   # a copy of the finished run's files: the run in --resume-from stays as it was
+        _copy_run_files(os.path.join(a.resume_from, "run"), os.path.join(out, "run"))
     if old is None:
         curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
                  "budget_s": a.budget_s, "final_episodes": a.final_episodes, "stage1_only": bool(a.stage1_only),
@@ -185,6 +242,9 @@ def run(a):
         curve.update(budget_s=a.budget_s, final_episodes=a.final_episodes,
                      points=[dict(p, tag="budget_end") if p["tag"] == "final" else p for p in old["points"]],
                      resume_commands=old.get("resume_commands", []) + [a.command])
+        if a.resume_from:   # this run's arguments from here on: its name, grouping and config are the new ones
+            curve.update(set=list(a.set), config={k: v for k, v in vars(cfg).items()},
+                         continued_from=os.path.abspath(a.resume_from))
     curve["ref"] = build["ref"]
     if build["behaviour_normalized"] is not None:
         curve["behaviour_normalized"] = build["behaviour_normalized"]
@@ -618,6 +678,11 @@ def _parser():
     r.add_argument("--resume", action="store_true",
                    help="continue the finished run of these arguments in --out from its checkpoint to a larger "
                         "--budget-s; its final evaluation stays on the curve as a \"budget_end\" point")
+    r.add_argument("--resume-from", metavar="RUN_DIR", default=None,
+                   help="continue the finished run in RUN_DIR (its curve.json and run/) into the folder of these "
+                        "arguments, which may differ from its own only in what a resumed run may change: the "
+                        "last stage's length (QIPO --set policy_steps=N, CPQL/TD3+BC steps), learning rates, "
+                        "evaluation settings; RUN_DIR is copied, not changed, and its points stay on the new curve")
     r.set_defaults(fn=run)
     p = sub.add_parser("report")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))

@@ -587,3 +587,44 @@ def test_bound_dequant_reaches_every_flow_matching_step(small_ds, tmp_path, esti
     torch.testing.assert_close(m["policy_loss"], want.detach())
     with pytest.raises(ValueError, match="bound_dequant must be >= 0"):
         QIPOConfig(bound_dequant=-1.0)
+
+
+def test_time_to_score_resume_from_continues_a_run_with_a_longer_last_stage_into_a_new_folder(demo_minari_root,
+                                                                                             tmp_path):
+    """--resume-from: a finished run continued with a longer stage 3 (QIPO policy_steps) goes into the folder of
+    its new arguments; the source run's files are copied, not changed; the new curve keeps the old points (its
+    final as "budget_end"), the new set and config, and both commands; other config changes, another seed, a
+    schedule no longer than the run's, or --resume with it are refused before anything runs."""
+    base = ["run", "--algo", "qipo", "--dataset", data.DEMO_DATASET_ID, "--episodes", "1", "--final-episodes", "2",
+            "--eval-every", "0", "--set", "pretrain_steps=3", "--set", "q_steps=2", "--set", "q_support=2",
+            "--set", "pretrain_batch=16", "--set", "policy_batch=8", "--set", "num_support=2",
+            "--set", "sample_steps=2", "--set", "log_every=1", "--budget-s", "1000"]
+    src_out, new_out = tmp_path / "a", tmp_path / "b"
+    T.main(base + ["--set", "policy_steps=2", "--out", str(src_out)])
+    (src,) = list(src_out.glob("qipo-*-s0-mixed"))
+    first = json.load(open(src / "curve.json"))
+    assert first["final"]["step"] == 7
+    before = {p.name: p.read_bytes() for p in (src / "run").iterdir() if p.is_file()}
+    longer = base + ["--set", "policy_steps=5", "--out", str(new_out), "--resume-from", str(src)]
+    for extra, msg in ((["--set", "beta=1.0"], "beta 3.0 -> 1.0 cannot change"),
+                       (["--seed", "1"], "has seed 0, these arguments 1"),
+                       (["--resume"], "pass one of them")):
+        with pytest.raises(SystemExit, match=msg):
+            T.main(longer + extra)
+    with pytest.raises(SystemExit, match="schedule is no longer"):
+        T.main(base + ["--set", "policy_steps=2", "--set", "policy_lr=0.001", "--out", str(new_out),
+                       "--resume-from", str(src)])
+    assert not new_out.exists()
+    T.main(longer)
+    (run,) = list(new_out.glob("qipo-*-s0-mixed"))
+    assert "policy_steps_5" in run.name
+    c = json.load(open(run / "curve.json"))
+    assert c["final"]["step"] == 10 and c["final"]["cpu_s"] >= first["final"]["cpu_s"]   # 3 + 2 + 5 steps
+    tags = [(p["tag"], p["step"]) for p in c["points"]]
+    assert ("budget_end", 7) in tags and tags[-1] == ("final", 10)
+    assert c["config"]["policy_steps"] == 5 and "policy_steps=5" in c["set"]
+    assert c["command"] == first["command"] and "--resume-from" in c["resume_commands"][-1]
+    assert {p.name: p.read_bytes() for p in (src / "run").iterdir() if p.is_file()} == before
+    assert json.load(open(src / "curve.json")) == first
+    steps = [int(r.split(",")[0]) for r in open(run / "run" / "policy.csv").read().split()[1:]]
+    assert steps == sorted(set(steps)) and len(steps) == 5   # the copied log goes on, each step once
