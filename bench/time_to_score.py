@@ -12,6 +12,7 @@ Run (one process per algorithm x dataset x seed, one torch thread each; a run st
     python bench/time_to_score.py collect --from OUT --to bench/results/tts   # finished runs into the results
     python bench/time_to_score.py report --out bench/results/tts      # table + two plots from every run there
     python bench/time_to_score.py gain --dataset ID --label "cpql --set lr=0.001"   # gain over the data, pooled
+    python bench/time_to_score.py seeds --dataset ID --label "..." --plot P.png   # mean over seeds at each step
     python bench/time_to_score.py reeval --curve bench/results/tts/<run>/curve.json \
         --ckpt <out>/<run>/run/checkpoint.pt --episodes 30   # a run's final evaluation again, with more episodes
 
@@ -513,12 +514,9 @@ def _name_builds(curves):
     return [dict(c, dataset=name(c), build_named=name(c) != c["dataset"]) for c in curves]
 
 
-def gain(a):
-    """The final score minus each run's own data score, for the runs of one configuration (``--label``, as the
-    report's first column without a budget) on one dataset id, pooled over the builds of that id (a dataset
-    rebuilt on another machine has a slightly different data score, _name_builds): one line per run, then the
-    mean gain ± s.e. over all final episodes, [s.e. of the runs' gains]."""
-    curves = _load_curves(a.out)
+def _select_runs(a, curves):
+    """The finished runs of configuration ``a.label`` on dataset id ``a.dataset`` (every build), of budget
+    ``a.budget_s`` where the configuration's runs have several; refused by name when there are none."""
     on = [c for c in curves if c["dataset"] == a.dataset and "final" in c]
     sel = [c for c in on if _label(c) == a.label]
     if not sel:
@@ -531,6 +529,85 @@ def gain(a):
             raise SystemExit(f"--budget-s {a.budget_s:g}: the runs of {a.label!r} on {a.dataset} have budgets {budgets}")
     elif len(budgets) > 1:
         raise SystemExit(f"the runs of {a.label!r} on {a.dataset} have budgets {budgets}: pick one with --budget-s")
+    return sel
+
+
+def seeds(a):
+    """One configuration's curve averaged over its seeds, on one build of a dataset: at every step that all its
+    runs evaluated, the seeds' mean score ± the s.e. of the seeds' scores, their mean train CPU seconds and the
+    gain over the data; ``--plot PATH`` draws it (and each seed) against CPU seconds with the data and the
+    target (data + 20). What a reader needs to see how much time a configuration needs to reach a score."""
+    curves = _load_curves(a.out)
+    sel = _select_runs(a, curves)
+    builds = sorted({_build_key(c) for c in sel}, key=lambda b: (b[2] is None, b[2] or 0.0, str(b)))
+    if a.data is not None:
+        sel = [c for c in sel if c.get("behaviour_normalized") is not None
+               and round(c["behaviour_normalized"], 1) == round(a.data, 1)]
+        if not sel:
+            raise SystemExit(f"--data {a.data:g}: the runs of {a.label!r} on {a.dataset} are on builds with data "
+                             f"scores {[b[2] for b in builds]}")
+    elif len(builds) > 1:
+        raise SystemExit(f"the runs of {a.label!r} on {a.dataset} are on {len(builds)} builds of it (data scores "
+                         f"{[b[2] for b in builds]}): pick one with --data (scores of two builds are not averaged)")
+    sel = sorted(sel, key=lambda c: c["seed"])
+    data = sel[0].get("behaviour_normalized")
+    by_step = [{p["step"]: p for p in c["points"] if p["normalized"] is not None} for c in sel]
+    steps = sorted(set.intersection(*(set(d) for d in by_step)))
+    if not steps:
+        raise SystemExit(f"the runs of {a.label!r} on {a.dataset} share no evaluated step")
+    rows = []
+    for st in steps:
+        ps = [d[st] for d in by_step]
+        v = np.array([p["normalized"] for p in ps], dtype=np.float64)
+        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+        rows.append(dict(step=st, tag=ps[0]["tag"], cpu_s=float(np.mean([p["cpu_s"] for p in ps])),
+                         mean=float(v.mean()), se=float(se), each=v.tolist(),
+                         episodes=sum(int(p.get("episodes") or 0) for p in ps)))
+    head = f"{a.label} on {a.dataset}" + ("" if data is None else f" (data {data:.1f}, target {data + 20:.1f})")
+    lines = [head + f": seeds {', '.join(str(c['seed']) for c in sel)}", "",
+             "| step | point | train CPU-s (mean) | score, mean ± s.e. over seeds | each seed | gain over the data | "
+             "episodes |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = "-" if data is None else f"{r['mean'] - data:+.1f}"
+        lines.append(f"| {r['step']} | {r['tag']} | {r['cpu_s']:.0f} | {r['mean']:.1f} ± {r['se']:.1f} | "
+                     f"{' / '.join(f'{x:.1f}' for x in r['each'])} | {g} | {r['episodes']} |")
+    print("\n".join(lines))
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        for c, d in zip(sel, by_step):
+            pts = [d[k] for k in sorted(d)]
+            ax.plot([p["cpu_s"] for p in pts], [p["normalized"] for p in pts], color="tab:orange", alpha=0.3,
+                    lw=0.8, marker=".", label="each seed" if c is sel[0] else None)
+        ax.errorbar([r["cpu_s"] for r in rows], [r["mean"] for r in rows], yerr=[r["se"] for r in rows],
+                    color="tab:orange", lw=1.8, marker="o", capsize=3, label=f"mean ± s.e. over {len(sel)} seeds")
+        beh = [r for r in rows if r["tag"] == "behaviour"]
+        if beh:
+            ax.plot([r["cpu_s"] for r in beh], [r["mean"] for r in beh], "k*", markersize=11,
+                    label="behaviour model (end of stage 1)")
+        if data is not None:
+            ax.axhline(data, color="gray", ls="--", label="behaviour (data)")
+            ax.axhline(data + 20, color="gray", ls=":", label="behaviour + 20 (target)")
+        ax.set_title(textwrap.fill(head, 90), fontsize=8)
+        ax.set_xlabel("train CPU seconds (one thread)")
+        ax.set_ylabel("normalised score")
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        _save_figure(fig, a.plot)
+        print(f"wrote {a.plot}")
+
+
+def gain(a):
+    """The final score minus each run's own data score, for the runs of one configuration (``--label``, as the
+    report's first column without a budget) on one dataset id, pooled over the builds of that id (a dataset
+    rebuilt on another machine has a slightly different data score, _name_builds): one line per run, then the
+    mean gain ± s.e. over all final episodes, [s.e. of the runs' gains]."""
+    curves = _load_curves(a.out)
+    sel = _select_runs(a, curves)
     missing = [c["seed"] for c in sel if c.get("behaviour_normalized") is None]
     if missing:
         raise SystemExit(f"the runs of seeds {missing} have no data score (their dataset has no reference scores "
@@ -694,6 +771,16 @@ def _parser():
                                                    'budget, e.g. "cpql --set lr=0.001"')
     g.add_argument("--budget-s", type=float, default=None, help="where the configuration's runs have several budgets")
     g.set_defaults(fn=gain)
+    m = sub.add_parser("seeds", help="one configuration's curve averaged over its seeds (table, optional plot)")
+    m.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
+    m.add_argument("--dataset", required=True, help="the dataset id")
+    m.add_argument("--label", required=True, help="the configuration, as the report's first column without its "
+                                                   "budget")
+    m.add_argument("--budget-s", type=float, default=None, help="where the configuration's runs have several budgets")
+    m.add_argument("--data", type=float, default=None,
+                   help="the build's data score (1 decimal) where the runs are on several builds of the dataset")
+    m.add_argument("--plot", default=None, metavar="PATH.png", help="also draw it, against train CPU seconds")
+    m.set_defaults(fn=seeds)
     k = sub.add_parser("collect", help="copy finished runs into a results folder, never overwriting one")
     k.add_argument("--from", dest="src", required=True, help="a run --out folder")
     k.add_argument("--to", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))

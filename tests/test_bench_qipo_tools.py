@@ -177,6 +177,50 @@ def test_time_to_score_report_never_pools_two_builds_of_a_dataset(tmp_path, caps
         T.main(["gain", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql", "--budget-s", "40"])
 
 
+def test_time_to_score_seeds_averages_a_configuration_over_its_seeds_at_shared_steps(tmp_path, capsys):
+    """seeds: at each step every run of the configuration evaluated (a step one seed lacks is left out), the
+    mean over seeds ± the s.e. of the seeds' scores, mean CPU seconds and the gain over the data; two builds are
+    never averaged (--data picks one); --plot writes a PNG through a temporary file."""
+    def curve(seed, scores, data=30.0, ref_max=100.0, extra=None):
+        pts = [{"tag": "behaviour", "step": 10, "cpu_s": 5.0 + seed, "normalized": scores[0], "normalized_se": 1.0,
+                "episodes": 20}]
+        pts += [{"tag": "train", "step": 10 * (i + 2), "cpu_s": 10.0 * (i + 2) + seed, "normalized": v,
+                 "normalized_se": 1.0, "episodes": 5} for i, v in enumerate(scores[1:-1])]
+        pts += [{"tag": "final", "step": 10 * len(scores), "cpu_s": 10.0 * len(scores) + seed,
+                 "normalized": scores[-1], "normalized_se": 1.0, "episodes": 30, "per_episode": [0.0]}]
+        pts += extra or []
+        return {"algo": "qipo", "preset": "cpu-30min", "set": ["path=ot"], "dataset": "d/w/v0", "seed": seed,
+                "budget_s": 100, "behaviour_normalized": data, "ref": [0.0, ref_max], "command": "run",
+                "points": sorted(pts, key=lambda p: p["step"]), "final": pts[-1 - len(extra or [])]}
+    odd = [{"tag": "train", "step": 25, "cpu_s": 26.0, "normalized": 99.0, "normalized_se": 1.0, "episodes": 5}]
+    runs = {"s0": curve(0, [20.0, 40.0, 50.0]), "s1": curve(1, [30.0, 44.0, 62.0], extra=odd),
+            "s2": curve(2, [40.0, 48.0, 56.0])}
+    for name, c in runs.items():
+        os.makedirs(tmp_path / name)
+        json.dump(c, open(tmp_path / name / "curve.json", "w"))
+    args = ["seeds", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "qipo cpu-30min --set path=ot"]
+    T.main(args + ["--plot", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "(data 30.0, target 50.0): seeds 0, 1, 2" in out
+    assert "| 10 | behaviour | 6 | 30.0 ± 5.8 | 20.0 / 30.0 / 40.0 | +0.0 | 60 |" in out
+    assert "| 20 | train | 21 | 44.0 ± 2.3 | 40.0 / 44.0 / 48.0 | +14.0 | 15 |" in out
+    assert "| 30 | final | 31 | 56.0 ± 3.5 | 50.0 / 62.0 / 56.0 | +26.0 | 90 |" in out
+    assert "| 25 |" not in out   # seed 1 alone evaluated there
+    with open(tmp_path / "p.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not any(n.endswith(".tmp.png") for n in os.listdir(tmp_path))
+    os.makedirs(tmp_path / "r3")   # the same command on a rebuilt dataset
+    json.dump(curve(3, [10.0, 10.0, 10.0], data=29.0, ref_max=101.0), open(tmp_path / "r3" / "curve.json", "w"))
+    with pytest.raises(SystemExit, match=r"on 2 builds of it \(data scores \[29.0, 30.0\]\): pick one with --data"):
+        T.main(args)
+    T.main(args + ["--data", "29"])
+    assert "| 30 | final | 33 | 10.0 ± nan | 10.0 | -19.0 | 30 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--data 31: .* data scores \[29.0, 30.0\]"):
+        T.main(args + ["--data", "31"])
+    with pytest.raises(SystemExit, match="no finished run of it"):
+        T.main(["seeds", "--out", str(tmp_path), "--dataset", "d/w/v0", "--label", "cpql"])
+
+
 def test_time_to_score_collect_copies_finished_runs_and_never_overwrites(tmp_path, capsys):
     """collect: a finished run goes to <to>/<run>; the same run already there is left as it is, even when its
     results copy differs (reeval rewrote it); a run of the same name on another build of the dataset goes to
