@@ -764,19 +764,20 @@ def _parser():
     p = sub.add_parser("report")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
     p.set_defaults(fn=report)
-    g = sub.add_parser("gain", help="final score minus each run's data score, pooled over builds of one dataset")
-    g.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
-    g.add_argument("--dataset", required=True, help="the dataset id (every build of it)")
-    g.add_argument("--label", required=True, help='the configuration, as the report\'s first column without its '
-                                                   'budget, e.g. "cpql --set lr=0.001"')
-    g.add_argument("--budget-s", type=float, default=None, help="where the configuration's runs have several budgets")
+    def runs_of_one_configuration(q):   # gain's and seeds' selection (_select_runs)
+        q.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
+        q.add_argument("--dataset", required=True, help="the dataset id (every build of it)")
+        q.add_argument("--label", required=True, help='the configuration, as the report\'s first column without its '
+                                                       'budget, e.g. "cpql --set lr=0.001"')
+        q.add_argument("--budget-s", type=float, default=None,
+                       help="where the configuration's runs have several budgets")
+        return q
+
+    g = runs_of_one_configuration(sub.add_parser(
+        "gain", help="final score minus each run's data score, pooled over builds of one dataset"))
     g.set_defaults(fn=gain)
-    m = sub.add_parser("seeds", help="one configuration's curve averaged over its seeds (table, optional plot)")
-    m.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tts"))
-    m.add_argument("--dataset", required=True, help="the dataset id")
-    m.add_argument("--label", required=True, help="the configuration, as the report's first column without its "
-                                                   "budget")
-    m.add_argument("--budget-s", type=float, default=None, help="where the configuration's runs have several budgets")
+    m = runs_of_one_configuration(sub.add_parser(
+        "seeds", help="one configuration's curve averaged over its seeds (table, optional plot)"))
     m.add_argument("--data", type=float, default=None,
                    help="the build's data score (1 decimal) where the runs are on several builds of the dataset")
     m.add_argument("--plot", default=None, metavar="PATH.png", help="also draw it, against train CPU seconds")
