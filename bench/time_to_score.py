@@ -592,6 +592,8 @@ def seeds(a):
         if data is not None:
             ax.axhline(data, color="gray", ls="--", label="behaviour (data)")
             ax.axhline(data + 20, color="gray", ls=":", label="behaviour + 20 (target)")
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(min(lo, data - 3), max(hi, data + 23))   # both lines inside, clear of the frame
         ax.set_title(textwrap.fill(head, 90), fontsize=8)
         ax.set_xlabel("train CPU seconds (one thread)")
         ax.set_ylabel("normalised score")
