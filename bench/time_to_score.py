@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qipo_kernels.algos import CPQL, QIPO, StopTraining, cpql_config_for  # noqa: E402
-from qipo_kernels.algos.common import atomic_write_json  # noqa: E402
+from qipo_kernels.algos.common import atomic_copy, atomic_write_json, atomic_write_text  # noqa: E402
 from qipo_kernels.algos.cpql import CPQLConfig  # noqa: E402
 from qipo_kernels.algos.qipo import QIPOConfig, qipo_config_for  # noqa: E402
 from qipo_kernels.cli import CLIError, _make_config, _parse_sets  # noqa: E402
@@ -125,8 +125,6 @@ def _continued_from(a, trainer, cfg, out):
     run's own folder. Refused by name, before the dataset loads, unless DIR ran the same algorithm, dataset, seed
     and preset and its config differs from these arguments' only where the trainer lets a resumed run differ
     (``trainer.resume_fields`` and learning rates: QIPO's policy_steps, CPQL's steps, ...)."""
-    from qipo_kernels.algos.common import config_changes
-
     src = a.resume_from.rstrip(os.sep)
     if os.path.abspath(src) == os.path.abspath(out):
         raise SystemExit(f"--resume-from: {src} is this run's own folder; continue it there with --resume")
@@ -136,8 +134,7 @@ def _continued_from(a, trainer, cfg, out):
         if old.get(key) != mine:
             raise SystemExit(f"--resume-from: the run in {src} has {key} {old.get(key)!r}, these arguments "
                              f"{mine!r}; it can only be continued with its own {key}")
-    changes = config_changes(old.get("config") or {}, cfg)
-    bad = {k: v for k, v in changes.items() if k not in trainer.resume_fields and k not in trainer.lr_fields}
+    _, bad = trainer.resume_config_changes(old.get("config") or {}, cfg)
     if bad:
         shown = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in bad.items())
         raise SystemExit(f"--resume-from: {shown} cannot change when a run is continued (only "
@@ -147,17 +144,11 @@ def _continued_from(a, trainer, cfg, out):
 
 
 def _copy_run_files(src, dst):
-    """Copy the files of a run's folder (checkpoint and logs) into a new one, each through a temporary file
-    renamed into place: an interrupted copy leaves no half-written checkpoint for the trainer to resume."""
-    import shutil
-
-    os.makedirs(dst, exist_ok=True)
+    """Copy the files of a run's folder (checkpoint and logs; not its hidden lock and marker files) into a new
+    one, each with atomic_copy: an interrupted copy leaves no half-written checkpoint for the trainer to resume."""
     for f in sorted(os.listdir(src)):
-        s = os.path.join(src, f)
-        if os.path.isfile(s) and not f.endswith(".lock") and not f.startswith("."):
-            tmp = os.path.join(dst, f".{f}.copying")
-            shutil.copy2(s, tmp)
-            os.replace(tmp, os.path.join(dst, f))
+        if os.path.isfile(os.path.join(src, f)) and not f.startswith("."):
+            atomic_copy(os.path.join(src, f), os.path.join(dst, f))
 
 
 def _dataset_build(ds) -> dict:
@@ -237,14 +228,14 @@ def run(a):
         curve = {"algo": a.algo, "preset": a.preset if a.algo == "qipo" else None, "set": list(a.set), "dataset": a.dataset, "seed": a.seed,
                  "budget_s": a.budget_s, "final_episodes": a.final_episodes, "stage1_only": bool(a.stage1_only),
                  "behaviour_normalized": None, "points": [], "command": a.command,
-                 "config": {k: v for k, v in vars(cfg).items()}}
+                 "config": dict(vars(cfg))}
     else:  # the finished run's curve goes on; its final evaluation stays on it as a "budget_end" point
         curve = {k: v for k, v in old.items() if k != "final"}
         curve.update(budget_s=a.budget_s, final_episodes=a.final_episodes,
                      points=[dict(p, tag="budget_end") if p["tag"] == "final" else p for p in old["points"]],
                      resume_commands=old.get("resume_commands", []) + [a.command])
         if a.resume_from:   # this run's arguments from here on: its name, grouping and config are the new ones
-            curve.update(set=list(a.set), config={k: v for k, v in vars(cfg).items()},
+            curve.update(set=list(a.set), config=dict(vars(cfg)),
                          continued_from=os.path.abspath(a.resume_from))
     curve["ref"] = build["ref"]
     if build["behaviour_normalized"] is not None:
@@ -392,9 +383,7 @@ def report(a):
             if x not in listed:
                 listed.add(x)
                 lines.append(f"    {x}")
-    with open(os.path.join(a.out, "README.md") + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(a.out, "README.md") + ".tmp", os.path.join(a.out, "README.md"))
+    atomic_write_text("\n".join(lines) + "\n", os.path.join(a.out, "README.md"))
     print("\n".join(lines))
     try:
         import matplotlib

@@ -13,7 +13,8 @@ import torch
 
 from qipo_kernels import data, rundir
 from qipo_kernels.algos import CPQL, QIPO, CPQLConfig, QIPOConfig
-from qipo_kernels.algos.common import (CheckpointError, ConfigMismatch, atomic_write_json, read_checkpoint)
+from qipo_kernels.algos.common import (CheckpointError, ConfigMismatch, atomic_copy, atomic_write_json,
+                                       read_checkpoint)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,6 +69,23 @@ def test_checkpoints_load_weights_only_and_files_are_0644(tiny_ds, tmp_path):
     assert csv_mode == 0o644
     for p in ("c/checkpoint.pt", "c/summary.json", "c/config.json", "r.json"):
         assert os.stat(tmp_path / p).st_mode & 0o777 == 0o644, p
+
+
+def test_atomic_copy_is_exact_and_leaves_nothing_half_written(tmp_path):
+    """atomic_copy: the bytes of src at path (0644 under umask 022, as the other atomic writes); a copy that fails
+    leaves path as it was and no temporary file beside it."""
+    src, dst = tmp_path / "a.bin", tmp_path / "out" / "b.bin"
+    src.write_bytes(os.urandom(1000) + b"\x00tail")
+    old = os.umask(0o022)
+    try:
+        atomic_copy(str(src), str(dst))
+    finally:
+        os.umask(old)
+    assert dst.read_bytes() == src.read_bytes() and os.stat(dst).st_mode & 0o777 == 0o644
+    before = dst.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        atomic_copy(str(tmp_path / "missing"), str(dst))
+    assert dst.read_bytes() == before and os.listdir(dst.parent) == ["b.bin"]
 
 
 def test_corrupt_truncated_and_unsafe_checkpoints_are_one_line_errors(tiny_ds, tmp_path):

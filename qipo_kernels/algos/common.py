@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import sys
+import shutil
 import tempfile
 import threading
 import time
@@ -109,6 +110,16 @@ def atomic_write_text(text: str, path: str) -> str:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
+            os.fsync(f.fileno())
+    return _atomic(path, w)
+
+
+def atomic_copy(src: str, path: str) -> str:
+    """Copy file ``src`` (its bytes and times) to a temp file beside ``path``, fsync, then rename over it: an
+    interrupted copy never leaves a half-written file at ``path`` (a checkpoint a trainer would resume)."""
+    def w(tmp):
+        shutil.copy2(src, tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     return _atomic(path, w)
 
@@ -557,6 +568,13 @@ class Trainer:
         if self.verbose and self.is_main:
             print(msg, flush=True)
 
+    @classmethod
+    def resume_config_changes(cls, old: Dict[str, Any], cfg) -> tuple:
+        """(changes, bad): every field of ``cfg`` that differs from the config dict ``old`` (config_changes), and
+        those of them a resumed run may not change (not in ``resume_fields`` nor a learning rate)."""
+        changes = config_changes(old, cfg)
+        return changes, {k: v for k, v in changes.items() if k not in cls.resume_fields and k not in cls.lr_fields}
+
     def check_resume(self, st: Dict[str, Any]) -> Dict[str, tuple]:
         """Compare checkpoint ``st`` with this trainer's config and dataset; returns the changed fields that
         may change on resume, raises ConfigMismatch (one line, naming the fields and the ways forward) for
@@ -565,8 +583,7 @@ class Trainer:
         if st.get("algo") != self.algo:
             raise ConfigMismatch(f"run directory {where} holds a {st.get('algo')!r} run, not {self.algo!r}; "
                                  "pass --fresh to start over there or a new --out folder")
-        changes = config_changes(st.get("config") or {}, self.cfg)
-        bad = {k: v for k, v in changes.items() if k not in self.resume_fields and k not in self.lr_fields}
+        changes, bad = self.resume_config_changes(st.get("config") or {}, self.cfg)
         did = getattr(getattr(self, "dataset", None), "dataset_id", None)
         if st.get("dataset_id") and did and st["dataset_id"] != did:
             bad["dataset"] = (st["dataset_id"], did)
