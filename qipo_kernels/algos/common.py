@@ -19,9 +19,9 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
-import shutil
 import tempfile
 import threading
 import time
